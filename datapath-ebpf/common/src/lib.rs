@@ -1,0 +1,375 @@
+//! The ABI between Bulkhead's eBPF programs and userspace.
+//!
+//! Every map the datapath uses is named here, with its capacity and the exact
+//! byte layout of its keys and values. Multi-byte fields that take part in a
+//! longest-prefix match are stored as big-endian byte arrays, because the
+//! kernel's LPM trie compares keys bit by bit from the first byte; the
+//! constructors and getters below are the only place that converts.
+//!
+//! Types are `#[repr(C)]` with explicit padding and no `bool`, so that every
+//! byte of a key is defined (hash maps compare all bytes).
+#![no_std]
+
+pub mod map_names {
+    pub const IPCACHE: &str = "BH_IPCACHE";
+    pub const ENDPOINTS: &str = "BH_ENDPOINTS";
+    pub const CGROUP_ENDPOINTS: &str = "BH_CG_ENDPOINTS";
+    pub const LOCAL_ADDRS: &str = "BH_LOCAL_ADDRS";
+    pub const POLICY: &str = "BH_POLICY";
+    pub const CONNTRACK: &str = "BH_CONNTRACK";
+    pub const FRAGMENTS: &str = "BH_FRAGMENTS";
+    pub const DENIED_FLOWS: &str = "BH_DENIED";
+    pub const DROPS: &str = "BH_DROPS";
+    pub const VERDICTS: &str = "BH_VERDICTS";
+    pub const EVENTS: &str = "BH_EVENTS";
+    pub const EVENT_BUDGET: &str = "BH_EV_BUDGET";
+    pub const CONFIG: &str = "BH_CONFIG";
+}
+
+pub mod program_names {
+    /// TC on the host side of a pod's veth, host ingress: packets the pod sends.
+    pub const FROM_POD: &str = "bulkhead_from_pod";
+    /// TC on the host side of a pod's veth, host egress: packets to the pod.
+    pub const TO_POD: &str = "bulkhead_to_pod";
+    pub const CONNECT4: &str = "bulkhead_connect4";
+    pub const CONNECT6: &str = "bulkhead_connect6";
+    pub const SENDMSG4: &str = "bulkhead_sendmsg4";
+    pub const SENDMSG6: &str = "bulkhead_sendmsg6";
+}
+
+pub mod capacity {
+    pub const IPCACHE: u32 = 1 << 20;
+    pub const ENDPOINTS: u32 = 1 << 14;
+    pub const LOCAL_ADDRS: u32 = 1 << 15;
+    pub const POLICY: u32 = 1 << 21;
+    pub const CONNTRACK: u32 = 1 << 18;
+    pub const FRAGMENTS: u32 = 1 << 13;
+    pub const DENIED_FLOWS: u32 = 1 << 16;
+    pub const DROPS: u32 = 1 << 14;
+    pub const VERDICTS: u32 = 1 << 16;
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+    pub const CONFIG: u32 = super::CONFIG_SLOTS;
+}
+
+/// Traffic direction from the pod's point of view.
+pub const INGRESS: u8 = 0;
+pub const EGRESS: u8 = 1;
+
+/// Reserved identities. Allocated identities start at `FIRST_ALLOCATED_IDENTITY`.
+pub mod identity {
+    /// In a policy key: any peer.
+    pub const ANY: u32 = 0;
+    /// The node itself: always allowed (kubelet probes).
+    pub const HOST: u32 = 1;
+    /// Any address the ipcache does not know.
+    pub const WORLD: u32 = 2;
+    pub const FIRST_ALLOCATED: u32 = 256;
+}
+
+/// IP protocol numbers the datapath understands.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
+/// Length in bits of the parts of a policy key, in key order.
+pub mod policy_prefix {
+    /// endpoint (32) + direction (8) + identity (32): any protocol, any port.
+    pub const ANY_PROTOCOL: u32 = 72;
+    /// + protocol (8): any port of that protocol.
+    pub const ANY_PORT: u32 = 80;
+    /// + port (16).
+    pub const FULL: u32 = 96;
+}
+
+/// Why a packet was dropped (or, for the `*_SEEN` ones, counted).
+pub mod reason {
+    pub const POLICY_DENIED: u8 = 1;
+    pub const SPOOFED_SOURCE: u8 = 2;
+    pub const MALFORMED: u8 = 3;
+    pub const UNKNOWN_FRAGMENT: u8 = 4;
+    pub const NO_ENDPOINT: u8 = 5;
+    pub const POLICY_REVOKED: u8 = 6;
+    pub const ENDPOINT_FAIL_CLOSED: u8 = 7;
+    pub const UNSUPPORTED_L3: u8 = 8;
+    /// Not drops: events the rate limit kept from userspace.
+    pub const EVENT_RATE_LIMITED: u8 = 32;
+    /// Not drops: a new connection could not be stored in conntrack.
+    pub const CONNTRACK_FULL: u8 = 33;
+
+    pub const fn name(reason: u8) -> &'static str {
+        match reason {
+            POLICY_DENIED => "policy_denied",
+            SPOOFED_SOURCE => "spoofed_source",
+            MALFORMED => "malformed",
+            UNKNOWN_FRAGMENT => "unknown_fragment",
+            NO_ENDPOINT => "no_endpoint",
+            POLICY_REVOKED => "policy_revoked",
+            ENDPOINT_FAIL_CLOSED => "endpoint_fail_closed",
+            UNSUPPORTED_L3 => "unsupported_l3",
+            EVENT_RATE_LIMITED => "event_rate_limited",
+            CONNTRACK_FULL => "conntrack_full",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Policy verdicts stored in `PolicyValue::verdict`.
+pub mod verdict {
+    pub const DENY: u8 = 0;
+    pub const ALLOW: u8 = 1;
+}
+
+/// Slots of the `CONFIG` array.
+pub const CONFIG_POLICY_REVISION: u32 = 0;
+/// Events per second each CPU may send to userspace; the rest are counted.
+pub const CONFIG_EVENTS_PER_SECOND: u32 = 1;
+pub const CONFIG_SLOTS: u32 = 4;
+
+/// An IPv4 address is stored IPv4-mapped (::ffff:a.b.c.d) so one trie serves
+/// both families and an IPv6 prefix can never cover an IPv4 address.
+pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+}
+/// Prefix length of an IPv4 prefix once mapped.
+pub const IPV4_MAPPED_PREFIX: u32 = 96;
+
+/// Value of the ipcache LPM trie (key: `LpmKey<[u8; 16]>` over the address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub _pad: u32,
+}
+
+/// Value of the endpoint maps (keys: ifindex `u32`, cgroup id `u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointInfo {
+    pub endpoint_id: u32,
+    /// `ENDPOINT_FLAG_*`.
+    pub flags: u32,
+}
+/// The endpoint's policy could not be fully programmed: drop everything but
+/// node traffic rather than enforce a partial allowlist.
+pub const ENDPOINT_FLAG_FAIL_CLOSED: u32 = 1;
+
+/// Key data of the per-endpoint policy LPM trie. Field order is the order of
+/// specificity: endpoint, direction, peer identity, protocol, port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    endpoint: [u8; 4],
+    direction: u8,
+    identity: [u8; 4],
+    protocol: u8,
+    port: [u8; 2],
+}
+
+impl PolicyKey {
+    pub const fn new(endpoint: u32, direction: u8, identity: u32, protocol: u8, port: u16) -> Self {
+        Self {
+            endpoint: endpoint.to_be_bytes(),
+            direction,
+            identity: identity.to_be_bytes(),
+            protocol,
+            port: port.to_be_bytes(),
+        }
+    }
+    pub const fn endpoint(&self) -> u32 {
+        u32::from_be_bytes(self.endpoint)
+    }
+    pub const fn direction(&self) -> u8 {
+        self.direction
+    }
+    pub const fn identity(&self) -> u32 {
+        u32::from_be_bytes(self.identity)
+    }
+    pub const fn protocol(&self) -> u8 {
+        self.protocol
+    }
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// Value of the policy trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyValue {
+    /// `verdict::ALLOW` or `verdict::DENY`.
+    pub verdict: u8,
+    /// 1 when an Audit-mode rule would have denied what this entry allows.
+    pub audit: u8,
+    pub _pad: [u8; 2],
+    /// Policy and rule that decided the verdict (`policy_id` 0: no policy,
+    /// the default of an isolated or unisolated pod).
+    pub policy_id: u32,
+    pub rule: u32,
+    /// The Audit-mode policy and rule that would have denied.
+    pub audit_policy_id: u32,
+    pub audit_rule: u32,
+}
+
+/// Rule index meaning "no rule matched; denied because the pod is isolated".
+pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
+
+/// A connection as seen from one endpoint in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub endpoint: u32,
+    /// Ports in host byte order; ICMP echo uses its identifier for both.
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    /// Direction of the connection's first packet from the endpoint's view.
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConntrackValue {
+    /// Policy revision the connection was last admitted under.
+    pub revision: u64,
+    pub peer_identity: u32,
+    /// `CONNTRACK_FLAG_*`.
+    pub flags: u32,
+}
+/// Re-checked under a newer policy revision and no longer allowed: every
+/// packet of the connection, both ways, is dropped until policy allows it again.
+pub const CONNTRACK_FLAG_REVOKED: u32 = 1;
+
+/// Key of the fragment map: where a non-first IPv4/IPv6 fragment finds the
+/// ports its first fragment carried.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragmentKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragmentValue {
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u32,
+}
+
+/// Key of the per-CPU drop counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DropKey {
+    pub endpoint: u32,
+    pub direction: u8,
+    pub reason: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Key of the per-CPU connection-verdict counters (blocked and audited flows).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VerdictKey {
+    pub endpoint: u32,
+    pub policy_id: u32,
+    pub rule: u32,
+    pub direction: u8,
+    /// `EVENT_DENY` or `EVENT_AUDIT`.
+    pub kind: u8,
+    pub _pad: [u8; 2],
+}
+
+pub const EVENT_DENY: u8 = 1;
+pub const EVENT_AUDIT: u8 = 2;
+
+/// Which hook produced an event.
+pub const SOURCE_TC: u8 = 0;
+pub const SOURCE_CGROUP: u8 = 1;
+
+/// A deny or audit verdict, sent through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Event {
+    pub timestamp_ns: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub endpoint: u32,
+    pub peer_identity: u32,
+    pub policy_id: u32,
+    pub rule: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub direction: u8,
+    /// `EVENT_DENY` or `EVENT_AUDIT`.
+    pub kind: u8,
+    /// `SOURCE_TC` or `SOURCE_CGROUP`.
+    pub source: u8,
+}
+
+/// Per-CPU token bucket for events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventBudget {
+    pub window_start_ns: u64,
+    pub sent: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    // SAFETY (all impls): these types are `#[repr(C)]`, `Copy`, made only of
+    // integers and byte arrays, with every padding byte an explicit field, so
+    // any bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for IpcacheValue {}
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for ConntrackValue {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentValue {}
+    unsafe impl aya::Pod for DropKey {}
+    unsafe impl aya::Pod for VerdictKey {}
+    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for EventBudget {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<PolicyValue>(), 20);
+        assert_eq!(size_of::<FlowKey>(), 44);
+        assert_eq!(size_of::<ConntrackValue>(), 16);
+        assert_eq!(size_of::<FragmentKey>(), 40);
+        assert_eq!(size_of::<DropKey>(), 8);
+        assert_eq!(size_of::<VerdictKey>(), 16);
+        assert_eq!(size_of::<Event>(), 8 + 32 + 16 + 8);
+    }
+
+    #[test]
+    fn policy_key_orders_fields_for_prefix_matching() {
+        let key = PolicyKey::new(0x01020304, EGRESS, 0x0a0b0c0d, proto::TCP, 8080);
+        // SAFETY: PolicyKey is repr(C) of 12 bytes with alignment 1.
+        let bytes: [u8; 12] = unsafe { core::mem::transmute(key) };
+        assert_eq!(bytes, [1, 2, 3, 4, EGRESS, 0x0a, 0x0b, 0x0c, 0x0d, proto::TCP, 0x1f, 0x90]);
+        assert_eq!(key.port(), 8080);
+        assert_eq!(key.identity(), 0x0a0b0c0d);
+    }
+}

@@ -1,0 +1,65 @@
+//! Bulkhead's eBPF datapath.
+//!
+//! TC programs on the host side of every local pod's veth judge each packet
+//! against that pod's compiled allowlist (the `POLICY` trie), keep a
+//! per-endpoint conntrack so replies pass, and count and report every refusal.
+//! cgroup socket hooks apply the same egress verdicts at `connect()` and
+//! `sendmsg()` time so a denied connection fails at once with EPERM.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod parse;
+mod verdict;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
+use datapath_common::{EGRESS, INGRESS};
+
+/// Packets the pod sends (host-side veth ingress): the pod's egress.
+#[classifier]
+pub fn bulkhead_from_pod(ctx: TcContext) -> i32 {
+    verdict::judge_packet(&ctx, EGRESS)
+}
+
+/// Packets to the pod (host-side veth egress): the pod's ingress.
+#[classifier]
+pub fn bulkhead_to_pod(ctx: TcContext) -> i32 {
+    verdict::judge_packet(&ctx, INGRESS)
+}
+
+/// cgroup/connect4: 1 lets the connect() proceed, 0 fails it with EPERM.
+#[cgroup_sock_addr(connect4)]
+pub fn bulkhead_connect4(ctx: SockAddrContext) -> i32 {
+    verdict::judge_socket(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn bulkhead_connect6(ctx: SockAddrContext) -> i32 {
+    verdict::judge_socket(&ctx, true)
+}
+
+/// cgroup/sendmsg4: unconnected UDP sends, judged per destination.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn bulkhead_sendmsg4(ctx: SockAddrContext) -> i32 {
+    verdict::judge_socket(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn bulkhead_sendmsg6(ctx: SockAddrContext) -> i32 {
+    verdict::judge_socket(&ctx, true)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the BPF target cannot unwind; a panic path is never taken at
+    // run time (the verifier rejects programs that could reach it).
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,329 @@
+//! Packet parsing for the TC programs: Ethernet, IPv4 (options, fragments),
+//! IPv6 (extension-header chain, fragments), TCP, UDP, SCTP, ICMPv4/v6.
+//!
+//! Every read goes through `bpf_skb_load_bytes` (`TcContext::load`), which
+//! fails on a short packet: a truncated header is an error the caller drops,
+//! never a read past the end that the verifier would have to allow.
+
+use aya_ebpf::programs::TcContext;
+use datapath_common::{ipv4_mapped, proto, FlowKey};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ARP: u16 = 0x0806;
+
+const IPV6_HLEN: usize = 40;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_NONE: u8 = 59;
+const NEXTHDR_DEST: u8 = 60;
+/// Longest extension-header chain we walk; a longer one is dropped as
+/// malformed rather than passed unparsed.
+const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+pub enum Parsed {
+    /// ARP: passes, as Kubernetes networking needs it.
+    Arp,
+    /// An IP packet, now in the `Packet` passed in.
+    Ip,
+}
+
+/// What the datapath needs of one IP packet.
+pub struct Packet {
+    pub ipv6: bool,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub protocol: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub l4: L4,
+    pub fragment: Fragment,
+}
+
+pub enum L4 {
+    /// TCP, UDP, SCTP or a protocol without ports.
+    Plain,
+    IcmpEcho,
+    /// ICMP error about an earlier packet, quoted at this packet offset.
+    IcmpError { quote_offset: u32 },
+    /// Neighbour discovery and MLD: link-local control that always passes.
+    NeighbourDiscovery,
+    /// Another ICMP message.
+    IcmpOther,
+    /// A non-first fragment: ports come from the fragment map.
+    LaterFragment,
+}
+
+pub struct Fragment {
+    /// 0: not a fragment; 1: first fragment with more to come; 2: later fragment.
+    pub kind: u8,
+    pub id: u32,
+}
+pub const FRAG_NONE: u8 = 0;
+pub const FRAG_FIRST: u8 = 1;
+pub const FRAG_LATER: u8 = 2;
+
+/// Parse failure: the packet is malformed or truncated, or not an L3 we know.
+pub enum ParseError {
+    Malformed,
+    UnsupportedL3,
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
+    ctx.load::<T>(offset).map_err(|_| ParseError::Malformed)
+}
+
+/// Parse into `packet`, which lives in per-CPU scratch memory: the BPF stack
+/// (512 bytes) cannot hold it beside the flow keys.
+#[inline(never)]
+pub fn parse(ctx: &TcContext, packet: &mut Packet) -> Result<Parsed, ParseError> {
+    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    match ethertype {
+        ETH_P_IP => parse_ipv4(ctx, packet).map(|()| Parsed::Ip),
+        ETH_P_IPV6 => parse_ipv6(ctx, packet).map(|()| Parsed::Ip),
+        ETH_P_ARP => Ok(Parsed::Arp),
+        _ => Err(ParseError::UnsupportedL3),
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Header {
+    version_ihl: u8,
+    tos: u8,
+    total_len: [u8; 2],
+    id: [u8; 2],
+    frag: [u8; 2],
+    ttl: u8,
+    protocol: u8,
+    check: [u8; 2],
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, packet: &mut Packet) -> Result<(), ParseError> {
+    let ip = load::<Ipv4Header>(ctx, ETH_HLEN)?;
+    if ip.version_ihl >> 4 != 4 {
+        return Err(ParseError::Malformed);
+    }
+    let header_len = ((ip.version_ihl & 0x0f) as usize) * 4;
+    let total_len = u16::from_be_bytes(ip.total_len) as usize;
+    if header_len < 20 || total_len < header_len || ETH_HLEN + total_len > ctx.len() as usize {
+        return Err(ParseError::Malformed);
+    }
+    let frag = u16::from_be_bytes(ip.frag);
+    let more_fragments = frag & 0x2000 != 0;
+    let offset = frag & 0x1fff;
+    let fragment = Fragment {
+        kind: if offset != 0 {
+            FRAG_LATER
+        } else if more_fragments {
+            FRAG_FIRST
+        } else {
+            FRAG_NONE
+        },
+        id: u16::from_be_bytes(ip.id) as u32,
+    };
+    packet.ipv6 = false;
+    packet.saddr = ipv4_mapped(ip.saddr);
+    packet.daddr = ipv4_mapped(ip.daddr);
+    packet.protocol = ip.protocol;
+    packet.sport = 0;
+    packet.dport = 0;
+    packet.l4 = L4::LaterFragment;
+    packet.fragment = fragment;
+    if packet.fragment.kind == FRAG_LATER {
+        return Ok(());
+    }
+    parse_l4(ctx, ETH_HLEN + header_len, false, packet)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Header {
+    version_class_flow: [u8; 4],
+    payload_len: [u8; 2],
+    next_header: u8,
+    hop_limit: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext, packet: &mut Packet) -> Result<(), ParseError> {
+    let ip = load::<Ipv6Header>(ctx, ETH_HLEN)?;
+    if ip.version_class_flow[0] >> 4 != 6 {
+        return Err(ParseError::Malformed);
+    }
+    if ETH_HLEN + IPV6_HLEN + u16::from_be_bytes(ip.payload_len) as usize > ctx.len() as usize {
+        return Err(ParseError::Malformed);
+    }
+    packet.ipv6 = true;
+    packet.saddr = ip.saddr;
+    packet.daddr = ip.daddr;
+    packet.protocol = ip.next_header;
+    packet.sport = 0;
+    packet.dport = 0;
+    packet.l4 = L4::LaterFragment;
+    packet.fragment = Fragment { kind: FRAG_NONE, id: 0 };
+    let mut offset = ETH_HLEN + IPV6_HLEN;
+    let mut next = ip.next_header;
+    let mut done = false;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let hdr = load::<[u8; 2]>(ctx, offset)?;
+                next = hdr[0];
+                offset += (hdr[1] as usize + 1) * 8;
+            }
+            NEXTHDR_AUTH => {
+                let hdr = load::<[u8; 2]>(ctx, offset)?;
+                next = hdr[0];
+                offset += (hdr[1] as usize + 2) * 4;
+            }
+            NEXTHDR_FRAGMENT => {
+                let hdr = load::<[u8; 8]>(ctx, offset)?;
+                next = hdr[0];
+                let offset_flags = u16::from_be_bytes([hdr[2], hdr[3]]);
+                packet.fragment.id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+                packet.fragment.kind = if offset_flags >> 3 != 0 {
+                    FRAG_LATER
+                } else if offset_flags & 1 != 0 {
+                    FRAG_FIRST
+                } else {
+                    FRAG_NONE
+                };
+                offset += 8;
+                if packet.fragment.kind == FRAG_LATER {
+                    packet.protocol = next;
+                    return Ok(());
+                }
+            }
+            _ => {
+                done = true;
+                break;
+            }
+        }
+    }
+    if !done {
+        return Err(ParseError::Malformed);
+    }
+    packet.protocol = next;
+    if next == NEXTHDR_NONE {
+        packet.l4 = L4::Plain;
+        return Ok(());
+    }
+    parse_l4(ctx, offset, true, packet)
+}
+
+#[inline(always)]
+fn parse_l4(ctx: &TcContext, offset: usize, ipv6: bool, packet: &mut Packet) -> Result<(), ParseError> {
+    match packet.protocol {
+        proto::TCP => {
+            // Ports, sequence numbers, data offset and flags: the fixed 20 bytes.
+            let hdr = load::<[u8; 20]>(ctx, offset)?;
+            if (hdr[12] >> 4) < 5 {
+                return Err(ParseError::Malformed);
+            }
+            packet.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+            packet.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+            packet.l4 = L4::Plain;
+        }
+        proto::UDP => {
+            let hdr = load::<[u8; 8]>(ctx, offset)?;
+            packet.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+            packet.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+            packet.l4 = L4::Plain;
+        }
+        proto::SCTP => {
+            // Common header: ports, verification tag, checksum.
+            let hdr = load::<[u8; 12]>(ctx, offset)?;
+            packet.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+            packet.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+            packet.l4 = L4::Plain;
+        }
+        proto::ICMP if !ipv6 => {
+            let hdr = load::<[u8; 8]>(ctx, offset)?;
+            match hdr[0] {
+                // echo reply, echo request
+                0 | 8 => {
+                    let id = u16::from_be_bytes([hdr[4], hdr[5]]);
+                    packet.sport = id;
+                    packet.dport = id;
+                    packet.l4 = L4::IcmpEcho;
+                }
+                // destination unreachable, time exceeded, parameter problem
+                3 | 11 | 12 => packet.l4 = L4::IcmpError { quote_offset: (offset + 8) as u32 },
+                _ => packet.l4 = L4::IcmpOther,
+            }
+        }
+        proto::ICMPV6 if ipv6 => {
+            let hdr = load::<[u8; 8]>(ctx, offset)?;
+            match hdr[0] {
+                128 | 129 => {
+                    let id = u16::from_be_bytes([hdr[4], hdr[5]]);
+                    packet.sport = id;
+                    packet.dport = id;
+                    packet.l4 = L4::IcmpEcho;
+                }
+                1..=4 => packet.l4 = L4::IcmpError { quote_offset: (offset + 8) as u32 },
+                // MLD query/report/done, router/neighbour solicitation and
+                // advertisement, redirect, MLDv2 report.
+                130..=137 | 143 => packet.l4 = L4::NeighbourDiscovery,
+                _ => packet.l4 = L4::IcmpOther,
+            }
+        }
+        _ => packet.l4 = L4::Plain,
+    }
+    Ok(())
+}
+
+/// Fill `flow` with the addresses, protocol and ports of the packet an ICMP
+/// error quotes. Extension headers in a quoted IPv6 packet are not walked:
+/// such a quote matches no flow and the error is judged on its own.
+#[inline(always)]
+pub fn quoted_flow(ctx: &TcContext, offset: usize, ipv6: bool, flow: &mut FlowKey) -> Result<(), ParseError> {
+    let (header_len, protocol) = if ipv6 {
+        let ip = load::<Ipv6Header>(ctx, offset)?;
+        if ip.version_class_flow[0] >> 4 != 6 {
+            return Err(ParseError::Malformed);
+        }
+        flow.saddr = ip.saddr;
+        flow.daddr = ip.daddr;
+        (IPV6_HLEN, ip.next_header)
+    } else {
+        let ip = load::<Ipv4Header>(ctx, offset)?;
+        let header_len = ((ip.version_ihl & 0x0f) as usize) * 4;
+        if ip.version_ihl >> 4 != 4 || header_len < 20 {
+            return Err(ParseError::Malformed);
+        }
+        flow.saddr = ipv4_mapped(ip.saddr);
+        flow.daddr = ipv4_mapped(ip.daddr);
+        (header_len, ip.protocol)
+    };
+    flow.protocol = protocol;
+    let ports_at = offset + header_len;
+    match protocol {
+        proto::TCP | proto::UDP | proto::SCTP => {
+            let hdr = load::<[u8; 4]>(ctx, ports_at)?;
+            flow.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+            flow.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+        }
+        proto::ICMP | proto::ICMPV6 => {
+            let hdr = load::<[u8; 8]>(ctx, ports_at)?;
+            let id = u16::from_be_bytes([hdr[4], hdr[5]]);
+            flow.sport = id;
+            flow.dport = id;
+        }
+        _ => {
+            flow.sport = 0;
+            flow.dport = 0;
+        }
+    }
+    Ok(())
+}

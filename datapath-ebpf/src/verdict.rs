@@ -1,0 +1,487 @@
+//! From a parsed packet (or a socket call) to a verdict: endpoint, peer
+//! identity, conntrack, policy lookup, counters and events.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    maps::{lpm_trie::Key, PerCpuHashMap},
+    programs::{SockAddrContext, TcContext},
+};
+use datapath_common::{
+    identity, ipv4_mapped, policy_prefix, proto, reason, verdict, ConntrackValue, DropKey,
+    EndpointInfo, Event, FlowKey, FragmentKey, FragmentValue, PolicyKey, PolicyValue, VerdictKey,
+    CONFIG_EVENTS_PER_SECOND, CONFIG_POLICY_REVISION, CONNTRACK_FLAG_REVOKED,
+    ENDPOINT_FLAG_FAIL_CLOSED, EVENT_AUDIT, EVENT_DENY, INGRESS, RULE_DEFAULT_DENY, SOURCE_CGROUP,
+    SOURCE_TC,
+};
+
+use crate::{
+    maps::{
+        SCRATCH, CGROUP_ENDPOINTS, CONFIG, CONNTRACK, DENIED_FLOWS, DROPS, ENDPOINTS, EVENTS, EVENT_BUDGET,
+        FRAGMENTS, IPCACHE, LOCAL_ADDRS, POLICY, VERDICTS,
+    },
+    parse::{parse, quoted_flow, Packet, ParseError, Parsed, FRAG_FIRST, FRAG_LATER, L4},
+};
+
+/// Per-CPU working memory of one TC program run.
+pub struct Scratch {
+    pub packet: Packet,
+    pub flow: FlowKey,
+}
+
+const DEFAULT_EVENTS_PER_SECOND: u64 = 1000;
+const SOCK_RAW: u32 = 3;
+/// cgroup sock_addr verdicts.
+const SOCKET_ALLOW: i32 = 1;
+const SOCKET_REFUSE: i32 = 0;
+
+#[inline(always)]
+const fn opposite(direction: u8) -> u8 {
+    direction ^ 1
+}
+
+#[inline(always)]
+pub fn judge_packet(ctx: &TcContext, direction: u8) -> i32 {
+    // SAFETY: `skb` is the context pointer the kernel passed to this program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // Fail closed: these programs are only attached to pod veths; a packet we
+    // cannot attribute to an endpoint is dropped rather than let through.
+    let Some(endpoint) = ENDPOINTS.get_ptr(ifindex) else {
+        count_drop(0, direction, reason::NO_ENDPOINT);
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: a hash-map value pointer stays valid for this program run.
+    let endpoint = unsafe { *endpoint };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        count_drop(endpoint.endpoint_id, direction, reason::MALFORMED);
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: per-CPU scratch, used by one program run at a time on this CPU.
+    let scratch = unsafe { &mut *scratch };
+    match parse(ctx, &mut scratch.packet) {
+        Ok(Parsed::Arp) => return TC_ACT_OK,
+        Ok(Parsed::Ip) => {}
+        Err(ParseError::Malformed) => {
+            count_drop(endpoint.endpoint_id, direction, reason::MALFORMED);
+            return TC_ACT_SHOT;
+        }
+        Err(ParseError::UnsupportedL3) => {
+            count_drop(endpoint.endpoint_id, direction, reason::UNSUPPORTED_L3);
+            return TC_ACT_SHOT;
+        }
+    };
+    match judge_ip(ctx, &endpoint, direction, scratch) {
+        Ok(()) => TC_ACT_OK,
+        Err(why) => {
+            count_drop(endpoint.endpoint_id, direction, why);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(never)]
+fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &mut Scratch) -> Result<(), u8> {
+    let Scratch { packet, flow } = scratch;
+    let endpoint_id = endpoint.endpoint_id;
+    if let L4::NeighbourDiscovery = packet.l4 {
+        return Ok(());
+    }
+    if direction != INGRESS {
+        match LOCAL_ADDRS.get_ptr(packet.saddr) {
+            // SAFETY: map value pointer valid for this run.
+            Some(owner) if unsafe { *owner } == endpoint_id => {}
+            _ => return Err(reason::SPOOFED_SOURCE),
+        }
+    }
+    let peer = peer_identity(if direction == INGRESS { &packet.saddr } else { &packet.daddr });
+    // Kubernetes requires a pod's own node to reach it (kubelet probes).
+    if peer == identity::HOST {
+        return Ok(());
+    }
+    if endpoint.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0 {
+        return Err(reason::ENDPOINT_FAIL_CLOSED);
+    }
+    let revision = policy_revision();
+
+    if packet.fragment.kind == FRAG_LATER {
+        let key = FragmentKey {
+            saddr: packet.saddr,
+            daddr: packet.daddr,
+            id: packet.fragment.id,
+            protocol: packet.protocol,
+            _pad: [0; 3],
+        };
+        let Some(ports) = FRAGMENTS.get_ptr(key) else {
+            return Err(reason::UNKNOWN_FRAGMENT);
+        };
+        // SAFETY: map value pointer valid for this run.
+        let ports = unsafe { *ports };
+        packet.sport = ports.sport;
+        packet.dport = ports.dport;
+    }
+
+    // One flow key, reused for each lookup: the BPF stack is 512 bytes.
+    *flow = FlowKey {
+        saddr: packet.saddr,
+        daddr: packet.daddr,
+        endpoint: endpoint_id,
+        sport: packet.sport,
+        dport: packet.dport,
+        protocol: packet.protocol,
+        direction,
+        _pad: [0; 2],
+    };
+    if let L4::IcmpError { quote_offset } = packet.l4 {
+        if quoted_flow(ctx, quote_offset as usize, packet.ipv6, flow).is_ok()
+            && related_flow_allowed(flow, direction)
+        {
+            return Ok(());
+        }
+        flow.saddr = packet.saddr;
+        flow.daddr = packet.daddr;
+        flow.sport = packet.sport;
+        flow.dport = packet.dport;
+        flow.protocol = packet.protocol;
+        flow.direction = direction;
+    }
+
+    let has_ports = matches!(packet.l4, L4::Plain | L4::LaterFragment);
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&*flow) {
+        let port = if has_ports { packet.dport } else { 0 };
+        return recheck(entry, flow, direction, peer, port, revision);
+    }
+    reverse(flow);
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&*flow) {
+        let port = if has_ports { packet.sport } else { 0 };
+        return recheck(entry, flow, opposite(direction), peer, port, revision);
+    }
+    reverse(flow);
+
+    // A new flow.
+    let port = if has_ports { packet.dport } else { 0 };
+    let decision = lookup_policy(endpoint_id, direction, peer, packet.protocol, port);
+    if decision.verdict == verdict::ALLOW {
+        let entry = ConntrackValue { revision, peer_identity: peer, flags: 0 };
+        if CONNTRACK.insert(&*flow, entry, 0).is_err() {
+            count_drop(endpoint_id, direction, reason::CONNTRACK_FULL);
+        }
+        if packet.fragment.kind == FRAG_FIRST {
+            remember_fragment(packet);
+        }
+        if decision.audit != 0 {
+            report(flow, peer, &Reported { kind: EVENT_AUDIT, source: SOURCE_TC, policy_id: decision.audit_policy_id, rule: decision.audit_rule });
+        }
+        return Ok(());
+    }
+    refuse_new_flow(flow, peer, &decision, revision, SOURCE_TC);
+    Err(reason::POLICY_DENIED)
+}
+
+/// Turn a flow key into the key of the same connection seen the other way.
+#[inline(always)]
+fn reverse(flow: &mut FlowKey) {
+    core::mem::swap(&mut flow.saddr, &mut flow.daddr);
+    core::mem::swap(&mut flow.sport, &mut flow.dport);
+    flow.direction = opposite(flow.direction);
+}
+
+#[inline(never)]
+fn remember_fragment(packet: &Packet) {
+    let key = FragmentKey {
+        saddr: packet.saddr,
+        daddr: packet.daddr,
+        id: packet.fragment.id,
+        protocol: packet.protocol,
+        _pad: [0; 3],
+    };
+    let ports = FragmentValue { sport: packet.sport, dport: packet.dport, _pad: 0 };
+    let _ = FRAGMENTS.insert(&key, ports, 0);
+}
+
+/// An existing connection: admitted under `entry.revision`. When policy has
+/// changed since, the connection's first direction is judged again, so a
+/// revoked allow cuts live connections instead of lingering.
+#[inline(always)]
+fn recheck(
+    entry: *mut ConntrackValue,
+    flow: &FlowKey,
+    original_direction: u8,
+    peer: u32,
+    port: u16,
+    revision: u64,
+) -> Result<(), u8> {
+    // SAFETY: a conntrack value pointer stays valid for this program run;
+    // concurrent writers only store whole revisions and flags.
+    let entry = unsafe { &mut *entry };
+    if entry.revision == revision {
+        return if entry.flags & CONNTRACK_FLAG_REVOKED != 0 {
+            Err(reason::POLICY_REVOKED)
+        } else {
+            Ok(())
+        };
+    }
+    let decision = lookup_policy(flow.endpoint, original_direction, peer, flow.protocol, port);
+    entry.revision = revision;
+    entry.peer_identity = peer;
+    if decision.verdict == verdict::ALLOW {
+        entry.flags = 0;
+        Ok(())
+    } else {
+        entry.flags = CONNTRACK_FLAG_REVOKED;
+        report(flow, peer, &Reported { kind: EVENT_DENY, source: SOURCE_TC, policy_id: decision.policy_id, rule: decision.rule });
+        Err(reason::POLICY_REVOKED)
+    }
+}
+
+/// An ICMP error passes when it is about a connection conntrack admitted,
+/// whichever side started it. `flow` holds the quoted packet's tuple.
+#[inline(always)]
+fn related_flow_allowed(flow: &mut FlowKey, direction: u8) -> bool {
+    // The quoted packet travelled the other way: as the first direction of a
+    // flow started from there, or as a reply within a flow started here.
+    flow.direction = opposite(direction);
+    if let Some(entry) = CONNTRACK.get_ptr(&*flow) {
+        // SAFETY: map value pointer valid for this run.
+        return unsafe { (*entry).flags } & CONNTRACK_FLAG_REVOKED == 0;
+    }
+    reverse(flow);
+    if let Some(entry) = CONNTRACK.get_ptr(&*flow) {
+        // SAFETY: map value pointer valid for this run.
+        return unsafe { (*entry).flags } & CONNTRACK_FLAG_REVOKED == 0;
+    }
+    false
+}
+
+/// Count and report a refused flow once: retransmissions of the same flow
+/// under the same policy revision are dropped silently.
+#[inline(never)]
+fn refuse_new_flow(flow: &FlowKey, peer: u32, decision: &PolicyValue, revision: u64, source: u8) {
+    if let Some(seen) = DENIED_FLOWS.get_ptr(flow) {
+        // SAFETY: map value pointer valid for this run.
+        if unsafe { *seen } == revision {
+            return;
+        }
+    }
+    let _ = DENIED_FLOWS.insert(flow, revision, 0);
+    report(flow, peer, &Reported { kind: EVENT_DENY, source, policy_id: decision.policy_id, rule: decision.rule });
+}
+
+/// The policy entry for one flow: the peer's own entries first, then the
+/// "any peer" ones. Within each, the trie picks the most specific protocol
+/// and port prefix. No entry at all is a deny: fail closed.
+#[inline(always)]
+pub fn lookup_policy(endpoint: u32, direction: u8, peer: u32, protocol: u8, port: u16) -> PolicyValue {
+    let key = Key::new(policy_prefix::FULL, PolicyKey::new(endpoint, direction, peer, protocol, port));
+    if let Some(value) = POLICY.get(&key) {
+        return *value;
+    }
+    let key = Key::new(
+        policy_prefix::FULL,
+        PolicyKey::new(endpoint, direction, identity::ANY, protocol, port),
+    );
+    if let Some(value) = POLICY.get(&key) {
+        return *value;
+    }
+    PolicyValue {
+        verdict: verdict::DENY,
+        audit: 0,
+        _pad: [0; 2],
+        policy_id: 0,
+        rule: RULE_DEFAULT_DENY,
+        audit_policy_id: 0,
+        audit_rule: 0,
+    }
+}
+
+#[inline(always)]
+fn peer_identity(address: &[u8; 16]) -> u32 {
+    match IPCACHE.get(Key::new(128, *address)) {
+        Some(value) => value.identity,
+        None => identity::WORLD,
+    }
+}
+
+#[inline(always)]
+fn policy_revision() -> u64 {
+    match CONFIG.get(CONFIG_POLICY_REVISION) {
+        Some(revision) => *revision,
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn bump<K>(map: &PerCpuHashMap<K, u64>, key: &K) {
+    match map.get_ptr_mut(key) {
+        // SAFETY: per-CPU value: no other writer on this CPU during the run.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            let _ = map.insert(key, 1, 0);
+        }
+    }
+}
+
+#[inline(always)]
+fn count_drop(endpoint: u32, direction: u8, why: u8) {
+    bump(&DROPS, &DropKey { endpoint, direction, reason: why, _pad: [0; 2] });
+}
+
+/// What `report` says of a flow (a struct: BPF functions take at most five arguments).
+#[derive(Clone, Copy)]
+struct Reported {
+    kind: u8,
+    source: u8,
+    policy_id: u32,
+    rule: u32,
+}
+
+/// Count a deny or audit verdict of one flow and send an event, within the
+/// per-CPU event budget so a flood cannot starve userspace.
+#[inline(never)]
+fn report(flow: &FlowKey, peer: u32, verdict: &Reported) {
+    let Reported { kind, source, policy_id, rule } = *verdict;
+    bump(
+        &VERDICTS,
+        &VerdictKey {
+            endpoint: flow.endpoint,
+            policy_id,
+            rule,
+            direction: flow.direction,
+            kind,
+            _pad: [0; 2],
+        },
+    );
+    if !take_event_budget() {
+        count_drop(flow.endpoint, flow.direction, reason::EVENT_RATE_LIMITED);
+        return;
+    }
+    let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
+        count_drop(flow.endpoint, flow.direction, reason::EVENT_RATE_LIMITED);
+        return;
+    };
+    // Written in place: an Event on the stack would not fit beside the caller's.
+    slot.write(Event {
+        // SAFETY: a helper without preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        endpoint: flow.endpoint,
+        peer_identity: peer,
+        policy_id,
+        rule,
+        sport: flow.sport,
+        dport: flow.dport,
+        protocol: flow.protocol,
+        direction: flow.direction,
+        kind,
+        source,
+    });
+    slot.submit(0);
+}
+
+#[inline(always)]
+fn take_event_budget() -> bool {
+    let limit = match CONFIG.get(CONFIG_EVENTS_PER_SECOND) {
+        Some(limit) if *limit != 0 => *limit,
+        _ => DEFAULT_EVENTS_PER_SECOND,
+    };
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU value, one writer per CPU; a helper without preconditions.
+    let (budget, now) = unsafe { (&mut *budget, bpf_ktime_get_ns()) };
+    if now.wrapping_sub(budget.window_start_ns) >= 1_000_000_000 {
+        budget.window_start_ns = now;
+        budget.sent = 0;
+    }
+    if budget.sent >= limit {
+        return false;
+    }
+    budget.sent += 1;
+    true
+}
+
+/// Egress verdict at connect()/sendmsg() time. Allows (1) or refuses with
+/// EPERM (0). Anything this hook cannot judge completely is allowed here and
+/// judged by the TC program on the pod's veth, which sees every packet:
+/// raw sockets (their ports are in the payload), protocols other than TCP
+/// and UDP, and sockets of cgroups that are no pod of ours.
+#[inline(always)]
+pub fn judge_socket(ctx: &SockAddrContext, ipv6: bool) -> i32 {
+    // SAFETY: `sock_addr` is the context pointer the kernel passed in.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ == SOCK_RAW {
+        return SOCKET_ALLOW;
+    }
+    let protocol = sa.protocol as u8;
+    if protocol != proto::TCP && protocol != proto::UDP {
+        return SOCKET_ALLOW;
+    }
+    // SAFETY: a helper without preconditions.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    let Some(endpoint) = CGROUP_ENDPOINTS.get_ptr(cgroup) else {
+        return SOCKET_ALLOW;
+    };
+    // SAFETY: map value pointer valid for this run.
+    let endpoint = unsafe { *endpoint };
+    let daddr = if ipv6 {
+        let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+        let mut bytes = [0u8; 16];
+        // The words hold the address in network byte order as laid out in memory.
+        bytes[0..4].copy_from_slice(&words[0].to_ne_bytes());
+        bytes[4..8].copy_from_slice(&words[1].to_ne_bytes());
+        bytes[8..12].copy_from_slice(&words[2].to_ne_bytes());
+        bytes[12..16].copy_from_slice(&words[3].to_ne_bytes());
+        bytes
+    } else {
+        ipv4_mapped(sa.user_ip4.to_ne_bytes())
+    };
+    if is_loopback(&daddr) {
+        return SOCKET_ALLOW;
+    }
+    if let Some(owner) = LOCAL_ADDRS.get_ptr(daddr) {
+        // SAFETY: map value pointer valid for this run.
+        if unsafe { *owner } == endpoint.endpoint_id {
+            return SOCKET_ALLOW; // a pod talking to itself never leaves it
+        }
+    }
+    let peer = peer_identity(&daddr);
+    if peer == identity::HOST {
+        return SOCKET_ALLOW;
+    }
+    let port = u16::from_be(sa.user_port as u16);
+    let flow = FlowKey {
+        saddr: [0; 16],
+        daddr,
+        endpoint: endpoint.endpoint_id,
+        sport: 0,
+        dport: port,
+        protocol,
+        direction: datapath_common::EGRESS,
+        _pad: [0; 2],
+    };
+    let decision = if endpoint.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0 {
+        PolicyValue {
+            verdict: verdict::DENY,
+            audit: 0,
+            _pad: [0; 2],
+            policy_id: 0,
+            rule: RULE_DEFAULT_DENY,
+            audit_policy_id: 0,
+            audit_rule: 0,
+        }
+    } else {
+        lookup_policy(endpoint.endpoint_id, datapath_common::EGRESS, peer, protocol, port)
+    };
+    if decision.verdict == verdict::ALLOW {
+        // Audit verdicts are reported by TC, which sees the flow's first packet.
+        return SOCKET_ALLOW;
+    }
+    refuse_new_flow(&flow, peer, &decision, policy_revision(), SOURCE_CGROUP);
+    SOCKET_REFUSE
+}
+
+#[inline(always)]
+fn is_loopback(address: &[u8; 16]) -> bool {
+    let v4_mapped = address[..10] == [0; 10] && address[10] == 0xff && address[11] == 0xff;
+    (v4_mapped && address[12] == 127) || *address == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+}
