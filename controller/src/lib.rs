@@ -1,1 +1,8 @@
+//! Bulkhead: label-based connection policies compiled into per-pod eBPF
+//! allowlists.
+//!
+//! - [`policy`]: the pure core — selectors, identities, compile, diff. No I/O.
+//! - [`dataplane`]: the only code touching the kernel (aya).
 
+pub mod dataplane;
+pub mod packet;

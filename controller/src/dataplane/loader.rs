@@ -1,0 +1,411 @@
+//! Loading, pinning, attaching and map I/O.
+//!
+//! Maps are pinned by name under the pin directory and programs' links under
+//! `links/`; a restarted agent loads the object again, which reuses every
+//! pinned map as it is, and finds existing links by their pin path, so the
+//! datapath keeps enforcing while no agent runs.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, MapData, MapError, PerCpuHashMap, RingBuf,
+    },
+    programs::{
+        links::{CgroupAttachMode, FdLink, PinnedLink},
+        CgroupSockAddr, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+    },
+    Ebpf, EbpfLoader,
+};
+use datapath_common::{
+    map_names, program_names, DropKey, EndpointInfo, Event, IpcacheValue, PolicyKey, PolicyValue,
+    VerdictKey, CONFIG_EVENTS_PER_SECOND, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED,
+};
+
+/// The eBPF object built by build.rs.
+static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-datapath"));
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/bulkhead";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("mounting bpffs at {path}: {source}")]
+    MountBpffs { path: String, source: std::io::Error },
+    #[error("creating pin directory {path}: {source}")]
+    PinDir { path: String, source: std::io::Error },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {name} is full ({source}): the endpoints concerned fail closed")]
+    MapFull { name: &'static str, source: MapError },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("interface {interface}: {source}")]
+    Interface { interface: String, source: aya::programs::ProgramError },
+    #[error("cgroup {path}: {source}")]
+    Cgroup { path: String, source: std::io::Error },
+    #[error("attaching {program} to {target}: {source}")]
+    Attach { program: &'static str, target: String, source: aya::programs::ProgramError },
+    #[error("pinning link {path}: {reason}")]
+    Pin { path: String, reason: String },
+}
+
+/// Dropped packets per (endpoint, direction, reason), summed over CPUs.
+pub type DropCount = BTreeMap<DropKey, u64>;
+/// Blocked and audited connections per (endpoint, policy, rule, direction, kind).
+pub type VerdictCount = BTreeMap<VerdictKey, u64>;
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    ipcache: LpmTrie<MapData, [u8; 16], IpcacheValue>,
+    endpoints: HashMap<MapData, u32, EndpointInfo>,
+    cgroup_endpoints: HashMap<MapData, u64, EndpointInfo>,
+    local_addrs: HashMap<MapData, [u8; 16], u32>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    drops: PerCpuHashMap<MapData, DropKey, u64>,
+    verdicts: PerCpuHashMap<MapData, VerdictKey, u64>,
+    config: Array<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError> {
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+/// Mount bpffs at /sys/fs/bpf when nothing BPF is mounted there yet.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
+    let root = Path::new("/sys/fs/bpf");
+    if !pin_dir.starts_with(root) {
+        return Ok(());
+    }
+    let mounted = nix_statfs_magic(root).map(|magic| magic == BPF_FS_MAGIC).unwrap_or(false);
+    if mounted {
+        return Ok(());
+    }
+    fs::create_dir_all(root).map_err(|source| DatapathError::MountBpffs { path: root.display().to_string(), source })?;
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+        .map_err(|source| DatapathError::MountBpffs { path: root.display().to_string(), source })?;
+    if !status.success() {
+        return Err(DatapathError::MountBpffs {
+            path: root.display().to_string(),
+            source: std::io::Error::other(format!("mount exited with {status}")),
+        });
+    }
+    Ok(())
+}
+
+fn nix_statfs_magic(path: &Path) -> std::io::Result<i64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: c_path is NUL-terminated and buf is a properly sized statfs.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), buf.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statfs succeeded and filled the buffer.
+    Ok(unsafe { buf.assume_init() }.f_type as i64)
+}
+
+impl Datapath {
+    /// Load the programs, reusing maps already pinned under `pin_dir`.
+    pub fn load(pin_dir: impl AsRef<Path>) -> Result<Self, DatapathError> {
+        let pin_dir = pin_dir.as_ref().to_path_buf();
+        ensure_bpffs(&pin_dir)?;
+        for dir in [pin_dir.clone(), pin_dir.join("links")] {
+            fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.display().to_string(), source })?;
+        }
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pin_dir).load(DATAPATH_OBJECT)?;
+        for name in [program_names::FROM_POD, program_names::TO_POD] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingMap(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            program.load().map_err(|source| DatapathError::Program { name, source })?;
+        }
+        for name in [program_names::CONNECT4, program_names::CONNECT6, program_names::SENDMSG4, program_names::SENDMSG6] {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingMap(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            program.load().map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let ipcache = take(&mut ebpf, map_names::IPCACHE)?;
+        let endpoints = take(&mut ebpf, map_names::ENDPOINTS)?;
+        let cgroup_endpoints = take(&mut ebpf, map_names::CGROUP_ENDPOINTS)?;
+        let local_addrs = take(&mut ebpf, map_names::LOCAL_ADDRS)?;
+        let policy = take(&mut ebpf, map_names::POLICY)?;
+        let drops = take(&mut ebpf, map_names::DROPS)?;
+        let verdicts = take(&mut ebpf, map_names::VERDICTS)?;
+        let config = take(&mut ebpf, map_names::CONFIG)?;
+        let events = Some(take(&mut ebpf, map_names::EVENTS)?);
+        Ok(Self { ebpf, pin_dir, ipcache, endpoints, cgroup_endpoints, local_addrs, policy, drops, verdicts, config, events })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    fn link_pin(&self, target: &str, program: &str) -> PathBuf {
+        let target = target.trim_start_matches('/').replace('/', "_");
+        self.pin_dir.join("links").join(format!("{target}.{program}"))
+    }
+
+    /// Attach both TC programs to the host side of a pod's veth. A link
+    /// already pinned for it (a previous agent's) is kept as it is.
+    pub fn attach_interface(&mut self, interface: &str) -> Result<(), AttachError> {
+        for (name, attach_type) in [(program_names::FROM_POD, TcAttachType::Ingress), (program_names::TO_POD, TcAttachType::Egress)] {
+            let pin = self.link_pin(interface, name);
+            if pin.exists() {
+                continue;
+            }
+            let program: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .expect("loaded in Datapath::load")
+                .try_into()
+                .expect("loaded as SchedClassifier");
+            let link_id = program
+                .attach(interface, attach_type)
+                .map_err(|source| AttachError::Interface { interface: interface.to_string(), source })?;
+            let link = program
+                .take_link(link_id)
+                .map_err(|source| AttachError::Attach { program: name, target: interface.to_string(), source })?;
+            let link = FdLink::try_from(link).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: e.to_string() })?;
+            link.pin(&pin).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: e.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// Detach from an interface by removing the pinned links.
+    pub fn detach_interface(&mut self, interface: &str) -> Result<(), AttachError> {
+        for name in [program_names::FROM_POD, program_names::TO_POD] {
+            unpin_link(&self.link_pin(interface, name))?;
+        }
+        Ok(())
+    }
+
+    /// Attach the socket hooks to a pod's cgroup (a cgroup v2 directory).
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), AttachError> {
+        let target = cgroup.display().to_string();
+        let dir = fs::File::open(cgroup).map_err(|source| AttachError::Cgroup { path: target.clone(), source })?;
+        for name in [program_names::CONNECT4, program_names::CONNECT6, program_names::SENDMSG4, program_names::SENDMSG6] {
+            let pin = self.link_pin(&target, name);
+            if pin.exists() {
+                continue;
+            }
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .expect("loaded in Datapath::load")
+                .try_into()
+                .expect("loaded as CgroupSockAddr");
+            let link_id = program
+                .attach(dir.as_fd(), CgroupAttachMode::AllowMultiple)
+                .map_err(|source| AttachError::Attach { program: name, target: target.clone(), source })?;
+            let link = program
+                .take_link(link_id)
+                .map_err(|source| AttachError::Attach { program: name, target: target.clone(), source })?;
+            let link = FdLink::try_from(link).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: e.to_string() })?;
+            link.pin(&pin).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: e.to_string() })?;
+        }
+        Ok(())
+    }
+
+    pub fn detach_cgroup(&mut self, cgroup: &Path) -> Result<(), AttachError> {
+        let target = cgroup.display().to_string();
+        for name in [program_names::CONNECT4, program_names::CONNECT6, program_names::SENDMSG4, program_names::SENDMSG6] {
+            unpin_link(&self.link_pin(&target, name))?;
+        }
+        Ok(())
+    }
+
+    pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), DatapathError> {
+        self.endpoints.insert(ifindex, info, 0).map_err(|source| full_or(map_names::ENDPOINTS, source))
+    }
+
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        ignore_missing(map_names::ENDPOINTS, self.endpoints.remove(&ifindex))
+    }
+
+    pub fn set_cgroup_endpoint(&mut self, cgroup_id: u64, info: EndpointInfo) -> Result<(), DatapathError> {
+        self.cgroup_endpoints.insert(cgroup_id, info, 0).map_err(|source| full_or(map_names::CGROUP_ENDPOINTS, source))
+    }
+
+    pub fn remove_cgroup_endpoint(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
+        ignore_missing(map_names::CGROUP_ENDPOINTS, self.cgroup_endpoints.remove(&cgroup_id))
+    }
+
+    /// Mark every interface and cgroup of an endpoint fail-closed: its policy
+    /// could not be programmed completely.
+    pub fn fail_closed(&mut self, endpoint_id: u32) -> Result<(), DatapathError> {
+        let closed = EndpointInfo { endpoint_id, flags: ENDPOINT_FLAG_FAIL_CLOSED };
+        let ifindexes: Vec<u32> = self.endpoints.iter().filter_map(Result::ok).filter(|(_, info)| info.endpoint_id == endpoint_id).map(|(k, _)| k).collect();
+        for ifindex in ifindexes {
+            self.set_endpoint(ifindex, closed)?;
+        }
+        let cgroups: Vec<u64> = self.cgroup_endpoints.iter().filter_map(Result::ok).filter(|(_, info)| info.endpoint_id == endpoint_id).map(|(k, _)| k).collect();
+        for cgroup in cgroups {
+            self.set_cgroup_endpoint(cgroup, closed)?;
+        }
+        Ok(())
+    }
+
+    pub fn set_local_address(&mut self, address: [u8; 16], endpoint_id: u32) -> Result<(), DatapathError> {
+        self.local_addrs.insert(address, endpoint_id, 0).map_err(|source| full_or(map_names::LOCAL_ADDRS, source))
+    }
+
+    pub fn remove_local_address(&mut self, address: [u8; 16]) -> Result<(), DatapathError> {
+        ignore_missing(map_names::LOCAL_ADDRS, self.local_addrs.remove(&address))
+    }
+
+    pub fn set_ipcache(&mut self, prefix_len: u32, address: [u8; 16], identity: u32) -> Result<(), DatapathError> {
+        let value = IpcacheValue { identity, _pad: 0 };
+        self.ipcache.insert(&Key::new(prefix_len, address), value, 0).map_err(|source| full_or(map_names::IPCACHE, source))
+    }
+
+    pub fn remove_ipcache(&mut self, prefix_len: u32, address: [u8; 16]) -> Result<(), DatapathError> {
+        ignore_missing(map_names::IPCACHE, self.ipcache.remove(&Key::new(prefix_len, address)))
+    }
+
+    pub fn set_policy(&mut self, prefix_len: u32, key: PolicyKey, value: PolicyValue) -> Result<(), DatapathError> {
+        self.policy.insert(&Key::new(prefix_len, key), value, 0).map_err(|source| full_or(map_names::POLICY, source))
+    }
+
+    pub fn remove_policy(&mut self, prefix_len: u32, key: PolicyKey) -> Result<(), DatapathError> {
+        ignore_missing(map_names::POLICY, self.policy.remove(&Key::new(prefix_len, key)))
+    }
+
+    /// Every policy entry now in the map (for adoption and tests).
+    pub fn policy_entries(&self) -> Vec<(u32, PolicyKey, PolicyValue)> {
+        self.policy.iter().filter_map(Result::ok).map(|(key, value)| (key.prefix_len(), key.data(), value)).collect()
+    }
+
+    pub fn policy_revision(&self) -> u64 {
+        self.config.get(&CONFIG_POLICY_REVISION, 0).unwrap_or(0)
+    }
+
+    /// Tell the datapath policy changed: every existing connection is judged
+    /// again on its next packet.
+    pub fn bump_policy_revision(&mut self) -> Result<u64, DatapathError> {
+        let next = self.policy_revision() + 1;
+        self.config.set(CONFIG_POLICY_REVISION, next, 0).map_err(|source| DatapathError::Map { name: map_names::CONFIG, source })?;
+        Ok(next)
+    }
+
+    pub fn set_events_per_second(&mut self, limit: u64) -> Result<(), DatapathError> {
+        self.config.set(CONFIG_EVENTS_PER_SECOND, limit, 0).map_err(|source| DatapathError::Map { name: map_names::CONFIG, source })
+    }
+
+    pub fn drops(&self) -> DropCount {
+        let mut out = DropCount::new();
+        for (key, values) in self.drops.iter().filter_map(Result::ok) {
+            *out.entry(key).or_default() += values.iter().sum::<u64>();
+        }
+        out
+    }
+
+    pub fn verdicts(&self) -> VerdictCount {
+        let mut out = VerdictCount::new();
+        for (key, values) in self.verdicts.iter().filter_map(Result::ok) {
+            *out.entry(key).or_default() += values.iter().sum::<u64>();
+        }
+        out
+    }
+
+    /// Drain the event ring buffer.
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        if let Some(ring) = self.events.as_mut() {
+            while let Some(item) = ring.next() {
+                if item.len() >= std::mem::size_of::<Event>() {
+                    // SAFETY: the kernel side writes exactly one `Event` per
+                    // record; read_unaligned copes with any alignment.
+                    out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+                }
+            }
+        }
+        out
+    }
+
+    /// Take the ring buffer out to poll it from an async task.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Run a TC program once on a crafted packet (BPF_PROG_TEST_RUN): the
+    /// program sees loopback (ifindex 1) as its interface.
+    pub fn test_run(&self, program: &'static str, packet: &[u8], repeat: u32) -> Result<(i32, Duration), DatapathError> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(program)
+            .ok_or(DatapathError::MissingMap(program))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name: program, source })?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat.max(1);
+        let result = program.test_run(opts).map_err(|source| DatapathError::Program { name: "test_run", source })?;
+        Ok((result.return_value as i32, result.duration))
+    }
+
+    /// Remove every pin this datapath owns: links (detaching the programs) and maps.
+    pub fn unpin_all(pin_dir: impl AsRef<Path>) -> std::io::Result<()> {
+        let pin_dir = pin_dir.as_ref();
+        if !pin_dir.exists() {
+            return Ok(());
+        }
+        fs::remove_dir_all(pin_dir)
+    }
+}
+
+fn unpin_link(pin: &Path) -> Result<(), AttachError> {
+    if !pin.exists() {
+        return Ok(());
+    }
+    let link = PinnedLink::from_pin(pin).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: e.to_string() })?;
+    // Dropping the unpinned link closes its last fd: the kernel detaches it.
+    drop(link.unpin().map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: e.to_string() })?);
+    Ok(())
+}
+
+/// E2BIG/ENOMEM/ENOSPC on insert: the map is full.
+fn full_or(name: &'static str, source: MapError) -> DatapathError {
+    let full = matches!(&source, MapError::SyscallError(e) if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM | libc::ENOSPC)));
+    if full {
+        DatapathError::MapFull { name, source }
+    } else {
+        DatapathError::Map { name, source }
+    }
+}
+
+fn ignore_missing(name: &'static str, result: Result<(), MapError>) -> Result<(), DatapathError> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(DatapathError::Map { name, source }),
+    }
+}

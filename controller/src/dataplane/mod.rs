@@ -1,0 +1,7 @@
+//! The only code that touches the kernel's BPF objects: loading and pinning
+//! the programs and maps, attaching to pod veths and cgroups, and writing the
+//! compiled policy state into the maps.
+
+mod loader;
+
+pub use loader::{AttachError, Datapath, DatapathError, DropCount, VerdictCount, DEFAULT_PIN_DIR};
