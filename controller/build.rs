@@ -3,10 +3,6 @@
 
 use anyhow::Context as _;
 
-/// The toolchain that compiles the eBPF crate must use the same LLVM major
-/// version as bpf-linker (22): pinned, never a floating channel
-/// (../shared/design/toolchain.md).
-const EBPF_TOOLCHAIN: &str = "1.95.0";
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
@@ -18,10 +14,14 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed={root_dir}/common/src");
     // Stable rustc builds `core` for the BPF target only with bootstrap on;
     // aya-build then adds `-Z build-std=core`.
-    // SAFETY-free: build scripts are single-threaded at this point.
     std::env::set_var("RUSTC_BOOTSTRAP", "1");
+    // The eBPF crate is compiled by the toolchain building this crate, pinned
+    // by rust-toolchain.toml: its LLVM must be bpf-linker's (22), which
+    // `cargo xtask setup` checks. Never a floating channel.
+    println!("cargo:rerun-if-env-changed=RUSTUP_TOOLCHAIN");
+    let toolchain = std::env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "1.95.0".to_string());
     aya_build::build_ebpf(
         [aya_build::Package { name: "datapath-ebpf", root_dir, ..Default::default() }],
-        aya_build::Toolchain::Custom(EBPF_TOOLCHAIN),
+        aya_build::Toolchain::Custom(&toolchain),
     )
 }

@@ -1,1 +1,297 @@
+//! The `bulkhead.io/v1alpha1` custom resources (../shared/design/api.md).
+//!
+//! Validation lives in the structural OpenAPI schema (enums, ranges,
+//! required fields) and in the compiler's own checks, never in CEL, so the
+//! CRDs load on a Kubernetes 1.20 API server.
 
+use k8s_openapi::apimachinery::pkg::{
+    apis::meta::v1::{Condition, LabelSelector},
+    util::intstr::IntOrString,
+};
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "bulkhead.io";
+pub const VERSION: &str = "v1alpha1";
+
+/// The application team's allowlist: NetworkPolicy semantics, plus `mode`.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "bulkhead.io",
+    version = "v1alpha1",
+    kind = "ConnectionPolicy",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "cpol",
+    printcolumn(name = "MODE", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(name = "SELECTED", type_ = "integer", json_path = ".status.selectedPods"),
+    printcolumn(name = "READY", type_ = "string", json_path = ".status.conditions[?(@.type==\"Programmed\")].status"),
+    printcolumn(name = "AGE", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPolicySpec {
+    /// Pods of this namespace the policy applies to; `{}` selects all.
+    pub pod_selector: LabelSelector,
+    /// Directions this policy isolates. Left out: Ingress, plus Egress when
+    /// `egress` rules are given (as NetworkPolicy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_types: Option<Vec<PolicyType>>,
+    /// Enforce (default) or Audit.
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<IngressRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<EgressRule>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+pub enum PolicyType {
+    Ingress,
+    Egress,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IngressRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Vec<Peer>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PortSpec>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Vec<Peer>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PortSpec>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Peer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_block: Option<IpBlock>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IpBlock {
+    pub cidr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub except: Option<Vec<String>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortSpec {
+    /// TCP (default), UDP or SCTP.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// A number or the name of a container port of the destination pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<IntOrString>,
+    /// With a numeric `port`: the inclusive end of a range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub end_port: Option<i32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+pub enum Protocol {
+    #[default]
+    TCP,
+    UDP,
+    SCTP,
+}
+
+/// The operator's guardrails (AdminNetworkPolicy / BaselineAdminNetworkPolicy shape).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "bulkhead.io",
+    version = "v1alpha1",
+    kind = "ClusterConnectionPolicy",
+    status = "PolicyStatus",
+    shortname = "ccpol",
+    printcolumn(name = "TIER", type_ = "string", json_path = ".spec.tier"),
+    printcolumn(name = "PRIORITY", type_ = "integer", json_path = ".spec.priority"),
+    printcolumn(name = "MODE", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(name = "SELECTED", type_ = "integer", json_path = ".status.selectedPods"),
+    printcolumn(name = "READY", type_ = "string", json_path = ".status.conditions[?(@.type==\"Programmed\")].status"),
+    printcolumn(name = "AGE", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterConnectionPolicySpec {
+    /// Admin (default): evaluated before ConnectionPolicies; Baseline: after.
+    #[serde(default)]
+    pub tier: Tier,
+    /// Lower first within the tier; ties broken by name.
+    #[schemars(range(min = 0, max = 1000))]
+    pub priority: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Subject>,
+    /// Enforce (default) or Audit.
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<ClusterIngressRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<ClusterEgressRule>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+pub enum Tier {
+    #[default]
+    Admin,
+    Baseline,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Subject {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Action {
+    Allow,
+    Deny,
+    Pass,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterIngressRule {
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Vec<Peer>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PortSpec>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterEgressRule {
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Vec<Peer>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PortSpec>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selected_pods: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The CRD manifests as written to manifests/crds/: (file name, YAML).
+pub fn manifests() -> Vec<(&'static str, String)> {
+    let yaml = |crd| serde_yaml::to_string(&crd).expect("a CRD serializes");
+    vec![
+        ("connectionpolicies.bulkhead.io.yaml", yaml(ConnectionPolicy::crd())),
+        ("clusterconnectionpolicies.bulkhead.io.yaml", yaml(ClusterConnectionPolicy::crd())),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_crd_manifests_are_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds");
+        for (file, yaml) in manifests() {
+            let committed = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+            assert!(committed == yaml, "manifests/crds/{file} is stale: run `cargo xtask crds`");
+        }
+    }
+
+    #[test]
+    fn schema_is_structural_without_cel() {
+        for (file, yaml) in manifests() {
+            assert!(!yaml.contains("x-kubernetes-validations"), "{file} uses CEL, which a 1.20 API server rejects");
+        }
+        let crd = serde_json::to_value(ClusterConnectionPolicy::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(spec["properties"]["priority"]["minimum"], 0.0);
+        assert_eq!(spec["properties"]["priority"]["maximum"], 1000.0);
+        assert!(spec["required"].as_array().unwrap().contains(&"priority".into()));
+        let tier = &spec["properties"]["tier"]["enum"];
+        assert_eq!(tier, &serde_json::json!(["Admin", "Baseline"]));
+    }
+
+    #[test]
+    fn api_md_examples_parse() {
+        let policy: ConnectionPolicy = serde_yaml::from_str(
+            r#"
+apiVersion: bulkhead.io/v1alpha1
+kind: ConnectionPolicy
+metadata: {name: payment-from-gateway, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: payment-service}}
+  policyTypes: [Ingress, Egress]
+  mode: Enforce
+  ingress:
+    - from:
+        - podSelector: {matchLabels: {app: api-gateway}}
+          namespaceSelector: {matchLabels: {team: edge}}
+        - ipBlock: {cidr: 203.0.113.0/24, except: [203.0.113.128/25]}
+      ports:
+        - {protocol: TCP, port: 8080}
+        - {protocol: TCP, port: 9000, endPort: 9100}
+        - {protocol: TCP, port: http}
+  egress:
+    - to: [{podSelector: {matchLabels: {app: postgres}}}]
+      ports: [{protocol: TCP, port: 5432}]
+"#,
+        )
+        .unwrap();
+        assert_eq!(policy.spec.ingress.unwrap()[0].ports.as_ref().unwrap()[1].end_port, Some(9100));
+        let cluster: ClusterConnectionPolicy = serde_yaml::from_str(
+            r#"
+apiVersion: bulkhead.io/v1alpha1
+kind: ClusterConnectionPolicy
+metadata: {name: default-deny-shop}
+spec:
+  tier: Baseline
+  priority: 100
+  subject:
+    namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: shop}}
+    podSelector: {}
+  mode: Audit
+  ingress:
+    - {action: Allow, from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]}
+    - {action: Deny}
+  egress:
+    - {action: Allow, to: [{ipBlock: {cidr: 10.96.0.10/32}}], ports: [{protocol: UDP, port: 53}]}
+    - {action: Deny}
+"#,
+        )
+        .unwrap();
+        assert_eq!(cluster.spec.tier, Tier::Baseline);
+        assert_eq!(cluster.spec.egress.unwrap()[1].action, Action::Deny);
+    }
+}
