@@ -6,3 +6,5 @@
 
 pub mod dataplane;
 pub mod packet;
+pub mod policy;
+pub mod source;

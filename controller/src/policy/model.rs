@@ -1,0 +1,169 @@
+//! What the compiler reads: namespaces, pods and policy objects, as plain
+//! values. The Kubernetes and local-file sources both produce a `Snapshot`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
+
+use bulkhead_crds::{ClusterConnectionPolicy, ConnectionPolicy, Protocol};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use super::selector::Labels;
+
+/// The label every namespace carries, as the API server adds it.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+impl Namespace {
+    pub fn new(name: &str, labels: Labels) -> Self {
+        let mut labels = labels;
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.to_string());
+        Self { name: name.to_string(), labels }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PodRef {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self { namespace: namespace.to_string(), name: name.to_string() }
+    }
+}
+
+impl fmt::Display for PodRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<ContainerPort>,
+    pub node_name: Option<String>,
+}
+
+impl Pod {
+    pub fn pod_ref(&self) -> PodRef {
+        PodRef::new(&self.namespace, &self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PolicyKind {
+    ClusterConnectionPolicy,
+    ConnectionPolicy,
+    NetworkPolicy,
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PolicyKind::ClusterConnectionPolicy => "ClusterConnectionPolicy",
+            PolicyKind::ConnectionPolicy => "ConnectionPolicy",
+            PolicyKind::NetworkPolicy => "NetworkPolicy",
+        })
+    }
+}
+
+/// Which object: kind, namespace (empty for cluster-scoped) and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyRef {
+    pub kind: PolicyKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PolicyRef {
+    /// `namespace/name`, or `cluster/name` for cluster policies: the form
+    /// verdicts, events and metrics use.
+    pub fn qualified_name(&self) -> String {
+        if self.namespace.is_empty() {
+            format!("cluster/{}", self.name)
+        } else {
+            format!("{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+impl fmt::Display for PolicyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum PolicyObject {
+    Connection(ConnectionPolicy),
+    Cluster(ClusterConnectionPolicy),
+    Network(NetworkPolicy),
+}
+
+impl PolicyObject {
+    pub fn policy_ref(&self) -> PolicyRef {
+        let (kind, meta) = match self {
+            PolicyObject::Connection(p) => (PolicyKind::ConnectionPolicy, &p.metadata),
+            PolicyObject::Cluster(p) => (PolicyKind::ClusterConnectionPolicy, &p.metadata),
+            PolicyObject::Network(p) => (PolicyKind::NetworkPolicy, &p.metadata),
+        };
+        let namespace = if kind == PolicyKind::ClusterConnectionPolicy { String::new() } else { meta.namespace.clone().unwrap_or_else(|| "default".into()) };
+        PolicyRef { kind, namespace, name: meta.name.clone().unwrap_or_default() }
+    }
+}
+
+/// Everything the compiler needs to know about the cluster.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<PodRef, Pod>,
+    pub policies: BTreeMap<PolicyRef, PolicyObject>,
+    /// Addresses of the node itself: always allowed to and from its pods.
+    pub node_addresses: BTreeSet<IpAddr>,
+}
+
+impl Snapshot {
+    pub fn add_namespace(&mut self, namespace: Namespace) {
+        self.namespaces.insert(namespace.name.clone(), namespace);
+    }
+
+    pub fn add_pod(&mut self, pod: Pod) {
+        self.pods.insert(pod.pod_ref(), pod);
+    }
+
+    pub fn add_policy(&mut self, policy: PolicyObject) {
+        self.policies.insert(policy.policy_ref(), policy);
+    }
+
+    /// Labels of a namespace; a namespace known only from its pods has just its name label.
+    pub fn namespace_labels(&self, name: &str) -> Labels {
+        match self.namespaces.get(name) {
+            Some(ns) => ns.labels.clone(),
+            None => Namespace::new(name, Labels::new()).labels,
+        }
+    }
+}
