@@ -7,4 +7,5 @@
 pub mod dataplane;
 pub mod packet;
 pub mod policy;
+pub mod scenario;
 pub mod source;

@@ -1,1 +1,281 @@
-fn main(){}
+//! `bulkhead`: check, explain and compile policies; benchmarks.
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::{bail, Context, Result};
+use bulkhead::{
+    policy::{self, compile::protocol_number, lookup, DesiredState, PodRef, Snapshot},
+    scenario::{self, Scenario},
+    source::manifest::{self, Object},
+};
+use bulkhead_crds::Protocol;
+use clap::{Parser, Subcommand, ValueEnum};
+use datapath_common::{identity, policy_prefix, verdict, EGRESS, INGRESS, RULE_DEFAULT_DENY};
+
+mod bench;
+
+#[derive(Parser)]
+#[command(name = "bulkhead", about = "Kubernetes network microsegmentation with eBPF", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer every probe of scenario directories from the compiled state.
+    Check { dirs: Vec<PathBuf> },
+    /// The verdict of each hop of one connection, and what decided it.
+    Explain {
+        dir: PathBuf,
+        #[arg(long)]
+        from: String,
+        /// namespace/pod or an IP address.
+        #[arg(long)]
+        to: String,
+        /// PORT/PROTOCOL, e.g. 80/TCP.
+        #[arg(long)]
+        port: String,
+        #[arg(long)]
+        ipv6: bool,
+    },
+    /// The per-pod allowlists.
+    Compile {
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Benchmarks (run through `cargo xtask bench`).
+    Bench { what: String },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
+    match Cli::parse().command {
+        Command::Check { dirs } => {
+            let mut failed = false;
+            for dir in dirs {
+                let scenario = Scenario::load(&dir).with_context(|| format!("loading scenario {}", dir.display()))?;
+                let report = scenario::check(&scenario)?;
+                failed |= !report.failed.is_empty();
+                println!("{}", serde_json::to_string(&report)?);
+            }
+            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        Command::Explain { dir, from, to, port, ipv6 } => {
+            let snapshot = load_dir(&dir)?;
+            explain(&snapshot, &from, &to, &port, ipv6)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compile { dir, output } => {
+            let snapshot = load_dir(&dir)?;
+            let state = policy::compile(&snapshot);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&allowlists_json(&state))?),
+                Output::Text => print_allowlists(&state),
+            }
+            for error in &state.rejected {
+                eprintln!("rejected: {error}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what } => {
+            bench::run(&what)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A scenario directory (cluster.yaml + policies.yaml) or any folder of manifests.
+fn load_dir(dir: &std::path::Path) -> Result<Snapshot> {
+    if dir.join("cluster.yaml").exists() && dir.join("expect.yaml").exists() {
+        let scenario = Scenario::load(dir)?;
+        let mut snapshot = scenario.snapshot.clone();
+        if dir.join("policies.yaml").exists() {
+            let step = scenario::Step { apply: vec!["policies.yaml".into()], ..Default::default() };
+            scenario.apply_step(&mut snapshot, &step)?;
+        }
+        return Ok(snapshot);
+    }
+    let mut snapshot = Snapshot::default();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    let mut index = 0;
+    for path in files {
+        let text = std::fs::read_to_string(&path)?;
+        for object in manifest::parse(&path.display().to_string(), &text)? {
+            match object {
+                Object::Namespace(ns) => snapshot.add_namespace(ns),
+                Object::Pod(mut pod, dual) => {
+                    if pod.ips.is_empty() {
+                        pod.ips.push(scenario::assigned_ipv4(index));
+                        if dual {
+                            pod.ips.push(scenario::assigned_ipv6(index));
+                        }
+                    }
+                    index += 1;
+                    snapshot.add_pod(pod);
+                }
+                Object::Policy(p) => snapshot.add_policy(p),
+            }
+        }
+    }
+    Ok(snapshot)
+}
+
+fn parse_port(text: &str) -> Result<(u16, Protocol)> {
+    let (port, protocol) = text.split_once('/').unwrap_or((text, "TCP"));
+    let protocol = match protocol.to_ascii_uppercase().as_str() {
+        "TCP" => Protocol::TCP,
+        "UDP" => Protocol::UDP,
+        "SCTP" => Protocol::SCTP,
+        other => bail!("--port: unknown protocol {other:?}: TCP, UDP or SCTP"),
+    };
+    Ok((port.parse().with_context(|| format!("--port: {port:?} is not a port number"))?, protocol))
+}
+
+fn explain(snapshot: &Snapshot, from: &str, to: &str, port: &str, ipv6: bool) -> Result<()> {
+    let (port, protocol) = parse_port(port)?;
+    let probe = scenario::Probe {
+        from: from.to_string(),
+        to: to.to_string(),
+        port,
+        protocol,
+        expect: scenario::Verdict::Allow,
+        family: ipv6.then_some(scenario::Family::IPv6),
+    };
+    let ((src_pod, src_ip), (dst_pod, dst_ip)) = scenario::probe_addresses(snapshot, &probe)?;
+    let state = policy::compile(snapshot);
+    for error in &state.rejected {
+        println!("note: not enforced (rejected): {error}");
+    }
+    let verdict = lookup::connection(&state, (Some(&src_pod), src_ip), (dst_pod.as_ref(), dst_ip), protocol_number(protocol), port);
+    println!("{from} ({src_ip}) -> {to} ({dst_ip})  {protocol:?}/{port}");
+    for hop in verdict.egress.iter().chain(verdict.ingress.iter()) {
+        let direction = if hop.direction == INGRESS { "ingress" } else { "egress" };
+        println!("  {direction:7} of {}: {}", hop.pod, describe_hop(&state, hop));
+    }
+    if dst_pod.is_none() {
+        println!("  {to} is outside the cluster: only the source's egress applies");
+    }
+    println!("verdict: {}", if verdict.allowed() { "ALLOW" } else { "DENY" });
+    Ok(())
+}
+
+fn describe_hop(state: &DesiredState, hop: &lookup::Hop) -> String {
+    if hop.peer_identity == identity::HOST {
+        return "allow (the pod's own node is always allowed)".into();
+    }
+    let value = hop.value;
+    let allowed = value.verdict == verdict::ALLOW;
+    let word = if allowed { "allow" } else { "deny" };
+    let audit = if value.audit != 0 {
+        let name = state.policy_names.get(&value.audit_policy_id).map(|p| p.to_string()).unwrap_or_default();
+        format!("; AUDIT: {name} rule {} would deny", value.audit_rule)
+    } else {
+        String::new()
+    };
+    match state.policy_names.get(&value.policy_id) {
+        None if allowed => format!("allow (not isolated: no policy applies){audit}"),
+        None => "deny (no policy state for this pod: fail closed)".into(),
+        Some(policy) if value.rule == RULE_DEFAULT_DENY => format!("{word} (isolated by {policy}; no rule allows it){audit}"),
+        Some(policy) => format!("{word} by {policy} rule {}{audit}", value.rule),
+    }
+}
+
+fn peer_name(state: &DesiredState, id: u32) -> String {
+    match id {
+        identity::ANY => "any peer".into(),
+        identity::HOST => "the node".into(),
+        identity::WORLD => "the world".into(),
+        id => state.identities.get(&id).map(|k| k.describe()).unwrap_or_else(|| format!("identity {id}")),
+    }
+}
+
+fn ports_text(prefix_len: u32, protocol: u8, port: u16) -> String {
+    if prefix_len == policy_prefix::ANY_PROTOCOL {
+        return "any protocol".into();
+    }
+    let name = match protocol {
+        6 => "TCP",
+        17 => "UDP",
+        132 => "SCTP",
+        _ => "?",
+    };
+    let bits = prefix_len - policy_prefix::ANY_PORT;
+    if bits == 0 {
+        return format!("{name} any port");
+    }
+    let size = 1u32 << (16 - bits);
+    if size == 1 {
+        format!("{name}/{port}")
+    } else {
+        format!("{name}/{}-{}", port, port as u32 + size - 1)
+    }
+}
+
+fn entries_of(state: &DesiredState, endpoint: u32) -> Vec<(String, String, String, String, String)> {
+    let mut out = Vec::new();
+    for ((prefix_len, key), value) in state.policy.range((0, datapath_common::PolicyKey::new(endpoint, 0, 0, 0, 0))..) {
+        if key.endpoint() != endpoint {
+            if key.endpoint() > endpoint {
+                break;
+            }
+            continue;
+        }
+        let direction = if key.direction() == EGRESS { "egress" } else { "ingress" };
+        let verdict = if value.verdict == verdict::ALLOW { if value.audit != 0 { "allow (audit: would deny)" } else { "allow" } } else { "deny" };
+        let by = match state.policy_names.get(&value.policy_id) {
+            None => "default".to_string(),
+            Some(p) if value.rule == RULE_DEFAULT_DENY => format!("{} (isolation)", p.qualified_name()),
+            Some(p) => format!("{} rule {}", p.qualified_name(), value.rule),
+        };
+        out.push((direction.into(), peer_name(state, key.identity()), ports_text(*prefix_len, key.protocol(), key.port()), verdict.into(), by));
+    }
+    out
+}
+
+fn print_allowlists(state: &DesiredState) {
+    for (pod, endpoint) in &state.endpoints {
+        let addresses: Vec<String> = endpoint.addresses.iter().map(IpAddr::to_string).collect();
+        println!("{pod}  (endpoint {}, {})", endpoint.id, addresses.join(", "));
+        for (direction, peer, ports, verdict, by) in entries_of(state, endpoint.id) {
+            println!("  {direction:7} {peer:50} {ports:22} {verdict:26} {by}");
+        }
+    }
+}
+
+fn allowlists_json(state: &DesiredState) -> serde_json::Value {
+    let pods: Vec<serde_json::Value> = state
+        .endpoints
+        .iter()
+        .map(|(pod, endpoint): (&PodRef, _)| {
+            let entries: Vec<serde_json::Value> = entries_of(state, endpoint.id)
+                .into_iter()
+                .map(|(direction, peer, ports, verdict, by)| serde_json::json!({"direction": direction, "peer": peer, "ports": ports, "verdict": verdict, "decidedBy": by}))
+                .collect();
+            serde_json::json!({"pod": pod.to_string(), "endpoint": endpoint.id, "addresses": endpoint.addresses, "entries": entries})
+        })
+        .collect();
+    let rejected: Vec<String> = state.rejected.iter().map(ToString::to_string).collect();
+    serde_json::json!({"pods": pods, "rejected": rejected})
+}

@@ -1,0 +1,54 @@
+//! Every scenario under tests/scenarios passes `bulkhead check`.
+
+use std::path::{Path, PathBuf};
+
+use bulkhead::scenario::{self, Scenario};
+
+fn scenario_dirs() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/scenarios");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("expect.yaml").exists()).collect();
+    dirs.sort();
+    dirs
+}
+
+#[test]
+fn every_scenario_passes_check() {
+    let dirs = scenario_dirs();
+    assert!(dirs.len() >= 19, "scenarios missing: {dirs:?}");
+    let mut failures = Vec::new();
+    for dir in dirs {
+        let report = scenario::check(&Scenario::load(&dir).unwrap()).unwrap();
+        assert!(report.probes > 0, "{} has no probes", report.scenario);
+        if !report.failed.is_empty() {
+            failures.push(serde_json::to_string_pretty(&report).unwrap());
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_wrong_expectation_is_reported_with_the_deciding_policy() {
+    let dir = tempdir("wrong-expectation");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/scenarios/default-deny-ingress");
+    for file in ["cluster.yaml", "policies.yaml"] {
+        std::fs::copy(source.join(file), dir.join(file)).unwrap();
+    }
+    std::fs::write(
+        dir.join("expect.yaml"),
+        "steps:\n  - apply: [policies.yaml]\n    probes:\n      - {from: y/a, to: x/a, port: 80, protocol: TCP, expect: allow}\n",
+    )
+    .unwrap();
+    let report = scenario::check(&Scenario::load(&dir).unwrap()).unwrap();
+    assert_eq!((report.probes, report.passed), (1, 0));
+    let failure = &report.failed[0];
+    assert_eq!(failure.observed, scenario::Verdict::Deny);
+    assert_eq!(failure.policy.as_deref(), Some("x/deny-all"));
+    assert!(failure.rule.as_deref().unwrap().contains("ingress"), "{:?}", failure.rule);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bulkhead-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
