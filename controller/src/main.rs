@@ -47,6 +47,26 @@ enum Command {
     },
     /// Benchmarks (run through `cargo xtask bench`).
     Bench { what: String },
+    /// Datapath maintenance.
+    Datapath {
+        #[command(subcommand)]
+        command: DatapathCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatapathCommand {
+    /// Load the programs, adopting the pinned maps and links, and hold them
+    /// until killed (what a restarted agent does before its first sync).
+    Hold {
+        #[arg(long, default_value = bulkhead::dataplane::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Detach everything and remove every pin.
+    Remove {
+        #[arg(long, default_value = bulkhead::dataplane::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -96,6 +116,17 @@ fn run() -> Result<ExitCode> {
         }
         Command::Bench { what } => {
             bench::run(&what)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Datapath { command: DatapathCommand::Hold { pin_dir } } => {
+            let datapath = bulkhead::dataplane::Datapath::load(&pin_dir)?;
+            println!("adopted {} policy entries under {}", datapath.policy_entries().len(), pin_dir.display());
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        Command::Datapath { command: DatapathCommand::Remove { pin_dir } } => {
+            bulkhead::dataplane::Datapath::unpin_all(&pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
             Ok(ExitCode::SUCCESS)
         }
     }

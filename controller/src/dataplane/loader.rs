@@ -167,9 +167,10 @@ impl Datapath {
         &self.pin_dir
     }
 
+    /// bpffs refuses names with a dot (reserved for its own files).
     fn link_pin(&self, target: &str, program: &str) -> PathBuf {
-        let target = target.trim_start_matches('/').replace('/', "_");
-        self.pin_dir.join("links").join(format!("{target}.{program}"))
+        let target = target.trim_start_matches('/').replace(['/', '.'], "_");
+        self.pin_dir.join("links").join(format!("{target}-{program}"))
     }
 
     /// Attach both TC programs to the host side of a pod's veth. A link
@@ -192,8 +193,8 @@ impl Datapath {
             let link = program
                 .take_link(link_id)
                 .map_err(|source| AttachError::Attach { program: name, target: interface.to_string(), source })?;
-            let link = FdLink::try_from(link).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: e.to_string() })?;
-            link.pin(&pin).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: e.to_string() })?;
+            let link = FdLink::try_from(link).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") })?;
+            link.pin(&pin).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") })?;
         }
         Ok(())
     }
@@ -221,14 +222,16 @@ impl Datapath {
                 .expect("loaded in Datapath::load")
                 .try_into()
                 .expect("loaded as CgroupSockAddr");
+            // Through bpf_link_create, which takes no attach flags: cgroup
+            // links always coexist with other programs on the cgroup.
             let link_id = program
-                .attach(dir.as_fd(), CgroupAttachMode::AllowMultiple)
+                .attach(dir.as_fd(), CgroupAttachMode::Single)
                 .map_err(|source| AttachError::Attach { program: name, target: target.clone(), source })?;
             let link = program
                 .take_link(link_id)
                 .map_err(|source| AttachError::Attach { program: name, target: target.clone(), source })?;
-            let link = FdLink::try_from(link).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: e.to_string() })?;
-            link.pin(&pin).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: e.to_string() })?;
+            let link = FdLink::try_from(link).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") })?;
+            link.pin(&pin).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") })?;
         }
         Ok(())
     }
@@ -295,6 +298,11 @@ impl Datapath {
 
     pub fn remove_policy(&mut self, prefix_len: u32, key: PolicyKey) -> Result<(), DatapathError> {
         ignore_missing(map_names::POLICY, self.policy.remove(&Key::new(prefix_len, key)))
+    }
+
+    /// Every ipcache entry now in the map (for adoption).
+    pub fn ipcache_entries(&self) -> Vec<(u32, [u8; 16], u32)> {
+        self.ipcache.iter().filter_map(Result::ok).map(|(key, value)| (key.prefix_len(), key.data(), value.identity)).collect()
     }
 
     /// Every policy entry now in the map (for adoption and tests).
@@ -386,9 +394,9 @@ fn unpin_link(pin: &Path) -> Result<(), AttachError> {
     if !pin.exists() {
         return Ok(());
     }
-    let link = PinnedLink::from_pin(pin).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: e.to_string() })?;
+    let link = PinnedLink::from_pin(pin).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") })?;
     // Dropping the unpinned link closes its last fd: the kernel detaches it.
-    drop(link.unpin().map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: e.to_string() })?);
+    drop(link.unpin().map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") })?);
     Ok(())
 }
 

@@ -3,5 +3,6 @@
 //! compiled policy state into the maps.
 
 mod loader;
+pub mod sync;
 
 pub use loader::{AttachError, Datapath, DatapathError, DropCount, VerdictCount, DEFAULT_PIN_DIR};

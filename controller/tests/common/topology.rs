@@ -1,0 +1,220 @@
+//! A node and its pods in network namespaces, wired as a CNI would: each pod
+//! a namespace with `eth0`, its veth peer on the node, a /32 (and /128)
+//! route to it, 169.254.1.1 and fe80::1 as the gateway; plus a cgroup per pod.
+//! Everything is named after the test's tag and removed by name on drop,
+//! pass or fail.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::IpAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
+
+pub fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn run_quiet(args: &[&str]) {
+    let _ = Command::new(args[0]).args(&args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+pub fn netprobe() -> String {
+    format!("{}/../tests/tools/netprobe.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[derive(Clone, Debug)]
+pub struct TestPod {
+    pub name: String,
+    pub netns: String,
+    pub host_interface: String,
+    pub ipv4: IpAddr,
+    pub ipv6: IpAddr,
+    pub cgroup: PathBuf,
+}
+
+pub struct Topology {
+    pub tag: String,
+    pub node_netns: String,
+    pub node_ipv4: IpAddr,
+    pub node_ipv6: IpAddr,
+    pub pods: Vec<TestPod>,
+    subnet: u8,
+    children: Vec<Child>,
+}
+
+impl Topology {
+    /// `tag`: up to 4 characters, unique per test; `subnet`: unique per test.
+    pub fn new(tag: &str, subnet: u8) -> Self {
+        assert!(tag.len() <= 4);
+        let node_netns = format!("bh-{tag}-node");
+        let mut topology = Self {
+            tag: tag.to_string(),
+            node_netns: node_netns.clone(),
+            node_ipv4: format!("10.{subnet}.0.1").parse().unwrap(),
+            node_ipv6: format!("fd00:{subnet}::1").parse().unwrap(),
+            pods: vec![],
+            subnet,
+            children: vec![],
+        };
+        topology.remove_leftovers();
+        run(&["ip", "netns", "add", &node_netns]);
+        let exec = |cmd: &[&str]| {
+            let mut args = vec!["ip", "netns", "exec", &node_netns];
+            args.extend_from_slice(cmd);
+            run(&args);
+        };
+        exec(&["ip", "link", "set", "lo", "up"]);
+        exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]);
+        // The node's own addresses (this kernel has no dummy links): on lo.
+        exec(&["ip", "addr", "add", &format!("{}/32", topology.node_ipv4), "dev", "lo"]);
+        // The pods' gateway: local, so the node answers ARP for it on every
+        // veth; link scope, so it is never a source address.
+        exec(&["ip", "addr", "add", "169.254.1.1/32", "dev", "lo", "scope", "link"]);
+        exec(&["ip", "-6", "addr", "add", &format!("{}/128", topology.node_ipv6), "dev", "lo", "nodad"]);
+        topology
+    }
+
+    /// Remove anything a previous, interrupted run of this test left.
+    fn remove_leftovers(&self) {
+        let prefix = format!("bh-{}-", self.tag);
+        if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let name = line.split_whitespace().next().unwrap_or_default();
+                if name.starts_with(&prefix) {
+                    run_quiet(&["ip", "netns", "del", name]);
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(CGROUP2_ROOT) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
+    }
+
+    pub fn node_exec(&self, cmd: &[&str]) {
+        let mut args = vec!["ip", "netns", "exec", &self.node_netns];
+        args.extend_from_slice(cmd);
+        run(&args);
+    }
+
+    pub fn add_pod(&mut self, name: &str) -> TestPod {
+        let index = self.pods.len();
+        let netns = format!("bh-{}-{name}", self.tag);
+        let host_interface = format!("bh{}{index}", self.tag);
+        let ipv4: IpAddr = format!("10.{}.1.{}", self.subnet, 10 + index).parse().unwrap();
+        let ipv6: IpAddr = format!("fd00:{}:1::{:x}", self.subnet, 10 + index).parse().unwrap();
+        run(&["ip", "netns", "add", &netns]);
+        let pod_exec = |cmd: &[&str]| {
+            let mut args = vec!["ip", "netns", "exec", &netns];
+            args.extend_from_slice(cmd);
+            run(&args);
+        };
+        pod_exec(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]);
+        self.node_exec(&["ip", "link", "add", &host_interface, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+        pod_exec(&["ip", "link", "set", "lo", "up"]);
+        pod_exec(&["ip", "link", "set", "eth0", "up"]);
+        pod_exec(&["ip", "addr", "add", &format!("{ipv4}/32"), "dev", "eth0"]);
+        pod_exec(&["ip", "-6", "addr", "add", &format!("{ipv6}/128"), "dev", "eth0", "nodad"]);
+        pod_exec(&["ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
+        pod_exec(&["ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+        pod_exec(&["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]);
+        self.node_exec(&["ip", "link", "set", &host_interface, "up"]);
+        self.node_exec(&["ip", "-6", "addr", "add", "fe80::1/64", "dev", &host_interface, "nodad"]);
+        self.node_exec(&["ip", "route", "add", &format!("{ipv4}/32"), "dev", &host_interface]);
+        self.node_exec(&["ip", "-6", "route", "add", &format!("{ipv6}/128"), "dev", &host_interface]);
+        let cgroup = PathBuf::from(CGROUP2_ROOT).join(&netns);
+        std::fs::create_dir_all(&cgroup).unwrap();
+        let pod = TestPod { name: name.to_string(), netns, host_interface, ipv4, ipv6, cgroup };
+        self.pods.push(pod.clone());
+        pod
+    }
+
+    pub fn pod(&self, name: &str) -> &TestPod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Serve `80/TCP`-style ports in a pod until the topology is dropped.
+    pub fn serve(&mut self, pod: &str, ports: &[&str]) {
+        let pod = self.pod(pod).clone();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &pod.netns, "python3", &netprobe(), "serve"])
+            .args(ports)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "listener in {}", pod.name);
+        self.children.push(child);
+    }
+
+    /// A command run inside a pod: its network namespace and its cgroup.
+    pub fn pod_command(&self, pod: &str, args: &[&str]) -> Command {
+        let pod = self.pod(pod);
+        let script = format!("echo $$ > {}/cgroup.procs && exec ip netns exec {} \"$@\"", pod.cgroup.display(), pod.netns);
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(script).arg("sh").args(args);
+        command
+    }
+
+    /// One connection attempt: "allow", "deny" (no answer) or "eperm" (refused by the socket hook).
+    pub fn probe(&self, from: &str, protocol: &str, to: IpAddr, port: u16) -> String {
+        let out = self
+            .pod_command(from, &["python3", &netprobe(), "probe", protocol, &to.to_string(), &port.to_string()])
+            .env("PROBE_TIMEOUT", "1.0")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "probe failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn ping(&self, from: &str, to: IpAddr) -> String {
+        let status = self.pod_command(from, &["ping", "-c1", "-W1", &to.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap();
+        if status.success() { "allow" } else { "deny" }.to_string()
+    }
+
+    /// Run a closure with this thread inside the node's network namespace,
+    /// where the host-side veths are.
+    pub fn enter_node(&self) {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(format!("/var/run/netns/{}", self.node_netns)).unwrap();
+        // SAFETY: setns on a valid namespace fd; affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+
+    pub fn ifindex(&self, interface: &str) -> u32 {
+        let name = std::ffi::CString::new(interface).unwrap();
+        // SAFETY: a NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(index, 0, "no interface {interface} here (call enter_node first)");
+        index
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pod in &self.pods {
+            run_quiet(&["ip", "netns", "del", &pod.netns]);
+            // Processes left in the cgroup would keep it busy; they are gone with their netns commands.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while std::fs::remove_dir(&pod.cgroup).is_err() && pod.cgroup.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        run_quiet(&["ip", "netns", "del", &self.node_netns]);
+    }
+}
