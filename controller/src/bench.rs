@@ -1,10 +1,376 @@
-//! `bulkhead bench <what>`, run by `cargo xtask bench`: numbers printed, and
-//! one JSON object on the last line.
+//! `bulkhead bench <what>`, run by `cargo xtask bench`: numbers printed as
+//! they are measured, and one JSON object on the last line.
 
-use anyhow::{bail, Result};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use bulkhead::{
+    dataplane::{sync::Programmer, Datapath},
+    packet::{PacketSpec, L4, TCP_ACK, TCP_SYN},
+    policy::{self, compile::address_key, ContainerPort, Namespace, Pod, PodRef, PolicyObject, Snapshot},
+    source::manifest::{self, Object},
+    testbed::Topology,
+};
+use bulkhead_crds::Protocol;
+use datapath_common::{identity, policy_prefix, program_names, proto, verdict, EndpointInfo, PolicyKey, PolicyValue, EGRESS, IPV4_MAPPED_PREFIX};
+use serde_json::json;
 
 pub fn run(what: &str) -> Result<()> {
     match what {
-        other => bail!("unknown benchmark {other:?}"),
+        "datapath" => datapath(),
+        "compile" => compile(),
+        other => bail!("unknown benchmark {other:?}: datapath or compile"),
     }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    values[values.len() / 2]
+}
+
+// ---------------------------------------------------------------------------
+// Datapath: BPF_PROG_TEST_RUN per-packet cost, and iperf3 through veths.
+
+const BENCH_ENDPOINT: u32 = 7;
+const POD: Ipv4Addr = Ipv4Addr::new(10, 199, 1, 10);
+const PEER: Ipv4Addr = Ipv4Addr::new(10, 199, 2, 20);
+const PEER_IDENTITY: u32 = 5000;
+
+fn allow() -> PolicyValue {
+    PolicyValue { verdict: verdict::ALLOW, audit: 0, _pad: [0; 2], policy_id: 1, rule: 0, audit_policy_id: 0, audit_rule: 0 }
+}
+
+/// Fill the policy map with `total` entries: the hot ones of the bench
+/// endpoint plus filler for other endpoints and identities; and the ipcache
+/// with one address per filler identity (for cache-cold lookups).
+fn fill(dp: &mut Datapath, total: usize) -> Result<Vec<Ipv4Addr>> {
+    dp.set_policy(policy_prefix::FULL, PolicyKey::new(BENCH_ENDPOINT, EGRESS, PEER_IDENTITY, proto::TCP, 80), allow())?;
+    let deny = PolicyValue { verdict: verdict::DENY, ..allow() };
+    dp.set_policy(policy_prefix::ANY_PROTOCOL, PolicyKey::new(BENCH_ENDPOINT, EGRESS, identity::ANY, 0, 0), deny)?;
+    let mut cold_peers = Vec::new();
+    for i in 0..total.saturating_sub(2) {
+        // Filler: many identities allowed on the bench endpoint, spread over ports.
+        let peer = 10_000 + (i / 8) as u32;
+        let port = 1000 + (i % 8) as u16;
+        dp.set_policy(policy_prefix::FULL, PolicyKey::new(BENCH_ENDPOINT, EGRESS, peer, proto::TCP, port), allow())?;
+        if i % 8 == 0 && cold_peers.len() < 100_000 {
+            let n = cold_peers.len() as u32;
+            let address = Ipv4Addr::new(10, 198, (n >> 8) as u8, n as u8);
+            dp.set_ipcache(IPV4_MAPPED_PREFIX + 32, address_key(IpAddr::V4(address)), peer)?;
+            cold_peers.push(address);
+        }
+    }
+    Ok(cold_peers)
+}
+
+fn frame(dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    PacketSpec::new(IpAddr::V4(POD), IpAddr::V4(dst), L4::Tcp { sport, dport, flags }).frame()
+}
+
+fn one_shot_ns(dp: &Datapath, frames: &[Vec<u8>]) -> Result<f64> {
+    let mut samples = Vec::with_capacity(frames.len());
+    for f in frames {
+        let (_, duration) = dp.test_run(program_names::FROM_POD, f, 1)?;
+        samples.push(duration.as_nanos() as f64);
+    }
+    Ok(median(samples))
+}
+
+fn test_run_numbers() -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    for (label, total) in [("1k", 1_000usize), ("100k", 100_000), ("1m", 1_000_000)] {
+        let pin_dir = PathBuf::from("/sys/fs/bpf/bulkhead-bench");
+        let _ = Datapath::unpin_all(&pin_dir);
+        let mut dp = Datapath::load(&pin_dir)?;
+        dp.set_endpoint(1, EndpointInfo { endpoint_id: BENCH_ENDPOINT, flags: 0 })?;
+        dp.set_local_address(address_key(IpAddr::V4(POD)), BENCH_ENDPOINT)?;
+        dp.set_ipcache(IPV4_MAPPED_PREFIX + 32, address_key(IpAddr::V4(PEER)), PEER_IDENTITY)?;
+        let started = Instant::now();
+        let cold_peers = fill(&mut dp, total)?;
+        eprintln!("  {label}: {total} policy entries written in {:.1} s", started.elapsed().as_secs_f64());
+
+        // Conntrack hit: one established flow, the same packet repeated.
+        dp.test_run(program_names::FROM_POD, &frame(PEER, 40000, 80, TCP_SYN), 1)?;
+        let ack = frame(PEER, 40000, 80, TCP_ACK);
+        let mut hits = Vec::new();
+        for _ in 0..15 {
+            let (_, d) = dp.test_run(program_names::FROM_POD, &ack, 10_000)?;
+            hits.push(d.as_nanos() as f64);
+        }
+        let ct_hit = median(hits);
+        // New allowed / denied flows: each packet a new source port, run once.
+        let new_allowed: Vec<Vec<u8>> = (0..3000).map(|i| frame(PEER, 20000 + i, 80, TCP_SYN)).collect();
+        let denied: Vec<Vec<u8>> = (0..3000).map(|i| frame(PEER, 20000 + i, 81, TCP_SYN)).collect();
+        let new_allowed = one_shot_ns(&dp, &new_allowed)?;
+        let denied = one_shot_ns(&dp, &denied)?;
+        println!("test_run {label:>4}: ct_hit {ct_hit:.0} ns  new_allowed {new_allowed:.0} ns  denied {denied:.0} ns");
+        out.insert(format!("ct_hit_{label}"), ct_hit);
+        out.insert(format!("new_allowed_{label}"), new_allowed);
+        out.insert(format!("denied_{label}"), denied);
+        if total == 1_000_000 {
+            // Cache-cold: random peers among 100k identities with entries.
+            let mut state = 0x2545f4914f6cdd1du64;
+            let cold: Vec<Vec<u8>> = (0..3000)
+                .map(|i| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let peer = cold_peers[(state % cold_peers.len() as u64) as usize];
+                    frame(peer, 30000 + i, 1000 + (state % 8) as u16, TCP_SYN)
+                })
+                .collect();
+            let cold_1m = one_shot_ns(&dp, &cold)?;
+            println!("test_run cold_1m: {cold_1m:.0} ns");
+            out.insert("cold_1m".into(), cold_1m);
+        }
+        drop(dp);
+        Datapath::unpin_all(&pin_dir)?;
+    }
+    Ok(out)
+}
+
+fn iperf_gbps(topology: &Topology, server_ip: IpAddr) -> Result<f64> {
+    let out = topology
+        .pod_command("client", &["iperf3", "-c", &server_ip.to_string(), "-t", "3", "-J"])
+        .stderr(Stdio::null())
+        .output()?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
+    let bps = report["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 result")?;
+    Ok(bps / 1e9)
+}
+
+const THROUGHPUT_POLICY: &str = r#"
+apiVersion: bulkhead.io/v1alpha1
+kind: ConnectionPolicy
+metadata: {name: iperf, namespace: bench}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {app: client}}}]
+      ports: [{port: 5201}]
+"#;
+
+fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
+    let mut topology = Topology::new("bnch", 198);
+    let client = topology.add_pod("client");
+    let server = topology.add_pod("server");
+    let mut iperf = Command::new("ip").args(["netns", "exec", &server.netns, "iperf3", "-s"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rounds = 3;
+    let mut none = Vec::new();
+    let mut with_bulkhead = Vec::new();
+    let mut with_iptables = Vec::new();
+
+    // Bulkhead: a 10k-entry policy (10k pods' identities allowed elsewhere) plus the iperf allow.
+    let mut snapshot = Snapshot::default();
+    snapshot.add_namespace(Namespace::new("bench", Default::default()));
+    for (name, pod) in [("client", &client), ("server", &server)] {
+        snapshot.add_pod(Pod {
+            namespace: "bench".into(),
+            name: name.into(),
+            labels: [("app".to_string(), name.to_string())].into(),
+            ips: vec![pod.ipv4],
+            ports: vec![ContainerPort { name: None, port: 5201, protocol: Protocol::TCP }],
+            node_name: None,
+        });
+    }
+    for object in manifest::parse("bench", THROUGHPUT_POLICY)? {
+        if let Object::Policy(p) = object {
+            snapshot.add_policy(p);
+        }
+    }
+    let desired = policy::compile(&snapshot);
+    let pin_dir = PathBuf::from("/sys/fs/bpf/bulkhead-bench-tp");
+    let _ = Datapath::unpin_all(&pin_dir);
+    topology.enter_node();
+    let mut programmer = Programmer::adopt(Datapath::load(&pin_dir)?);
+    programmer.sync(&desired)?;
+    let server_endpoint = desired.endpoints[&PodRef::new("bench", "server")].id;
+    for i in 0..10_000u32 {
+        programmer.datapath_mut().set_policy(policy_prefix::FULL, PolicyKey::new(server_endpoint, 0, 100_000 + i, proto::TCP, 8080), allow())?;
+    }
+
+    // iptables: the same allow as 10k stateless rules in the node's FORWARD
+    // chain, the matching one last (no conntrack shortcut).
+    let rules: String = (0..10_000u32)
+        .map(|i| format!("-A BHBENCH -s 10.197.{}.{}/32 -d {} -p tcp --dport 5201 -j ACCEPT\n", i / 250, i % 250, server.ipv4))
+        .chain([
+            format!("-A BHBENCH -s {} -d {} -p tcp --dport 5201 -j ACCEPT\n", client.ipv4, server.ipv4),
+            format!("-A BHBENCH -s {} -d {} -p tcp --sport 5201 -j ACCEPT\n", server.ipv4, client.ipv4),
+            "-A BHBENCH -j DROP\n".to_string(),
+        ])
+        .collect();
+    let restore = format!("*filter\n:BHBENCH - [0:0]\n{rules}COMMIT\n");
+
+    for round in 0..rounds {
+        none.push(iperf_gbps(&topology, server.ipv4)?);
+        for pod in [&client, &server] {
+            let ifindex = topology.ifindex(&pod.host_interface);
+            let endpoint = desired.endpoints[&PodRef::new("bench", if pod.name == "client" { "client" } else { "server" })].id;
+            programmer.attach_endpoint(endpoint, &pod.host_interface, ifindex, &[pod.ipv4], None)?;
+        }
+        with_bulkhead.push(iperf_gbps(&topology, server.ipv4)?);
+        for pod in [&client, &server] {
+            let ifindex = topology.ifindex(&pod.host_interface);
+            programmer.detach_endpoint(&pod.host_interface, ifindex, &[pod.ipv4], None)?;
+        }
+        let mut child = Command::new("ip").args(["netns", "exec", &topology.node_netns, "iptables-restore", "--noflush"]).stdin(Stdio::piped()).spawn()?;
+        use std::io::Write;
+        child.stdin.take().context("stdin")?.write_all(restore.as_bytes())?;
+        child.wait()?;
+        topology.node_exec(&["iptables", "-I", "FORWARD", "-j", "BHBENCH"]);
+        with_iptables.push(iperf_gbps(&topology, server.ipv4)?);
+        topology.node_exec(&["iptables", "-D", "FORWARD", "-j", "BHBENCH"]);
+        topology.node_exec(&["iptables", "-F", "BHBENCH"]);
+        topology.node_exec(&["iptables", "-X", "BHBENCH"]);
+        println!(
+            "iperf3 round {}: none {:.2} Gbit/s  bulkhead {:.2}  iptables {:.2}",
+            round + 1,
+            none[round],
+            with_bulkhead[round],
+            with_iptables[round]
+        );
+    }
+    let _ = iperf.kill();
+    let _ = iperf.wait();
+    drop(programmer);
+    Datapath::unpin_all(&pin_dir)?;
+    let mut out = BTreeMap::new();
+    out.insert("none".to_string(), median(none));
+    out.insert("bulkhead".to_string(), median(with_bulkhead));
+    out.insert("iptables".to_string(), median(with_iptables));
+    Ok(out)
+}
+
+fn datapath() -> Result<()> {
+    let test_run = test_run_numbers()?;
+    let throughput = throughput_numbers()?;
+    let ratio_none = throughput["bulkhead"] / throughput["none"];
+    let ratio_iptables = throughput["bulkhead"] / throughput["iptables"];
+    println!("throughput medians: none {:.2} Gbit/s, bulkhead {:.2} ({ratio_none:.2}x none), iptables {:.2} (bulkhead {ratio_iptables:.2}x)", throughput["none"], throughput["bulkhead"], throughput["iptables"]);
+    let round = |m: &BTreeMap<String, f64>| m.iter().map(|(k, v)| (k.clone(), json!((v * 100.0).round() / 100.0))).collect::<serde_json::Map<_, _>>();
+    println!(
+        "{}",
+        json!({
+            "test_run_ns": round(&test_run),
+            "throughput_gbps": round(&throughput),
+            "bulkhead_vs_none": (ratio_none * 100.0).round() / 100.0,
+            "bulkhead_vs_iptables": (ratio_iptables * 100.0).round() / 100.0,
+        })
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Compile: 10k pods in 500 namespaces with 2k policies of mixed shapes.
+
+fn synthetic_cluster(pods: usize, namespaces: usize, policies: usize) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    for n in 0..namespaces {
+        let labels = [("team".to_string(), format!("t{}", n % 20)), ("env".to_string(), if n % 3 == 0 { "prod" } else { "dev" }.to_string())].into();
+        snapshot.add_namespace(Namespace::new(&format!("ns{n}"), labels));
+    }
+    for i in 0..pods {
+        let ns = i % namespaces;
+        let app = (i / namespaces) % 10;
+        snapshot.add_pod(Pod {
+            namespace: format!("ns{ns}"),
+            name: format!("pod{i}"),
+            labels: [("app".to_string(), format!("app{app}")), ("tier".to_string(), ["web", "api", "db"][app % 3].to_string())].into(),
+            ips: vec![IpAddr::V4(Ipv4Addr::new(10, (100 + i / 65536) as u8, (i / 256 % 256) as u8, (i % 256) as u8))],
+            ports: vec![ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::TCP }],
+            node_name: None,
+        });
+    }
+    for p in 0..policies {
+        let ns = p % namespaces;
+        let app = p % 10;
+        let text = match p % 5 {
+            0 => format!("kind: ConnectionPolicy\napiVersion: bulkhead.io/v1alpha1\nmetadata: {{name: p{p}, namespace: ns{ns}}}\nspec:\n  podSelector: {{matchLabels: {{app: app{app}}}}}\n  ingress:\n    - from: [{{podSelector: {{matchLabels: {{tier: web}}}}}}]\n      ports: [{{port: 8080}}, {{port: 9000, endPort: 9100}}]\n"),
+            1 => format!("kind: ConnectionPolicy\napiVersion: bulkhead.io/v1alpha1\nmetadata: {{name: p{p}, namespace: ns{ns}}}\nspec:\n  podSelector: {{matchLabels: {{app: app{app}}}}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n    - from: [{{namespaceSelector: {{matchLabels: {{team: t{}}}}}}}]\n  egress:\n    - to: [{{podSelector: {{matchLabels: {{tier: db}}}}}}]\n      ports: [{{port: http}}]\n", p % 20),
+            2 => format!("kind: ConnectionPolicy\napiVersion: bulkhead.io/v1alpha1\nmetadata: {{name: p{p}, namespace: ns{ns}}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n    - to: [{{ipBlock: {{cidr: 192.0.{}.0/24, except: [192.0.{}.128/25]}}}}]\n      ports: [{{protocol: UDP, port: 53}}]\n", p % 250, p % 250),
+            3 => format!("kind: ConnectionPolicy\napiVersion: bulkhead.io/v1alpha1\nmetadata: {{name: p{p}, namespace: ns{ns}}}\nspec:\n  podSelector: {{matchExpressions: [{{key: tier, operator: In, values: [api, web]}}]}}\n  ingress:\n    - from: [{{namespaceSelector: {{matchLabels: {{env: prod}}}}, podSelector: {{matchLabels: {{app: app{app}}}}}}}]\n"),
+            _ => format!("kind: ClusterConnectionPolicy\napiVersion: bulkhead.io/v1alpha1\nmetadata: {{name: c{p}}}\nspec:\n  tier: {}\n  priority: {}\n  subject: {{namespaceSelector: {{matchLabels: {{team: t{}}}}}}}\n  ingress:\n    - {{action: Deny, from: [{{namespaceSelector: {{matchLabels: {{env: dev}}}}}}], ports: [{{port: 22}}]}}\n    - {{action: Pass, from: [{{podSelector: {{matchLabels: {{tier: web}}}}}}]}}\n", if p % 2 == 0 { "Admin" } else { "Baseline" }, p % 1000, p % 20),
+        };
+        for object in manifest::parse("bench", &text).expect("bench policy parses") {
+            if let Object::Policy(policy) = object {
+                snapshot.add_policy(policy);
+            }
+        }
+    }
+    snapshot
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
+}
+
+fn time_ms(f: impl FnOnce()) -> f64 {
+    let started = Instant::now();
+    f();
+    started.elapsed().as_secs_f64() * 1000.0
+}
+
+fn compile() -> Result<()> {
+    let snapshot = synthetic_cluster(10_000, 500, 2_000);
+    let mut full = Vec::new();
+    let mut state = None;
+    for _ in 0..5 {
+        full.push(time_ms(|| state = Some(policy::compile(&snapshot))));
+    }
+    let state = state.expect("compiled");
+    let full_ms = median(full);
+    let rss = peak_rss_mb();
+    println!("10k pods / 500 namespaces / 2k policies: full compile {full_ms:.0} ms (median of 5), {} entries, peak RSS {rss:.0} MB", state.policy.len());
+
+    // A pod's labels change: recompile and diff.
+    let mut changed = snapshot.clone();
+    let pod = changed.pods.get_mut(&PodRef::new("ns7", "pod7")).expect("pod7");
+    pod.labels.insert("tier".into(), "db".into());
+    let mut pod_change = Vec::new();
+    for _ in 0..3 {
+        pod_change.push(time_ms(|| {
+            let next = policy::compile(&changed);
+            std::hint::black_box(policy::diff(&state, &next));
+        }));
+    }
+    // A policy changes.
+    let mut changed = snapshot.clone();
+    let key = changed.policies.keys().nth(3).cloned().expect("policies");
+    if let Some(PolicyObject::Connection(p)) = changed.policies.get_mut(&key) {
+        p.spec.pod_selector = Default::default();
+    }
+    let mut policy_change = Vec::new();
+    for _ in 0..3 {
+        policy_change.push(time_ms(|| {
+            let next = policy::compile(&changed);
+            std::hint::black_box(policy::diff(&state, &next));
+        }));
+    }
+    let (pod_change_ms, policy_change_ms) = (median(pod_change), median(policy_change));
+    println!("pod label change: {pod_change_ms:.0} ms; policy change: {policy_change_ms:.0} ms (recompile + diff)");
+    drop(state);
+    let big = synthetic_cluster(150_000, 500, 2_000);
+    let full_ms_150k = time_ms(|| {
+        std::hint::black_box(policy::compile(&big));
+    });
+    println!("150k pods: full compile {full_ms_150k:.0} ms");
+    println!(
+        "{}",
+        json!({
+            "full_ms": full_ms.round(),
+            "peak_rss_mb": rss.round(),
+            "pod_change_ms": pod_change_ms.round(),
+            "policy_change_ms": policy_change_ms.round(),
+            "full_ms_150k": full_ms_150k.round(),
+        })
+    );
+    Ok(())
 }

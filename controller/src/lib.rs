@@ -9,3 +9,4 @@ pub mod packet;
 pub mod policy;
 pub mod scenario;
 pub mod source;
+pub mod testbed;

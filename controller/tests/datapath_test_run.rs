@@ -23,7 +23,7 @@ fn ip(s: &str) -> IpAddr {
 /// identity PEER_ID, and egress to PEER_ID on TCP 80, UDP 53 and SCTP 9000 is
 /// allowed, plus ingress from PEER_ID on any protocol.
 fn allowlist(name: &str) -> TestDatapath {
-    let mut dp = TestDatapath::new(name);
+    let dp = TestDatapath::new(name);
     dp.endpoint_on_loopback(7, &[POD, POD6]);
     dp.identity(PEER, PEER_ID);
     dp.identity(PEER6, PEER_ID);

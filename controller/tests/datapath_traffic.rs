@@ -22,7 +22,7 @@ use bulkhead::{
     source::manifest::{self, Object},
 };
 use bulkhead_crds::Protocol;
-use common::topology::Topology;
+use bulkhead::testbed::{self, Topology};
 use datapath_common::{DropKey, VerdictKey, EVENT_DENY, INGRESS, RULE_DEFAULT_DENY};
 
 const SERVED: [&str; 6] = ["80/TCP", "81/TCP", "80/UDP", "81/UDP", "80/SCTP", "81/SCTP"];
@@ -160,7 +160,7 @@ fn allowed_and_denied_tcp_udp_sctp_and_ping_over_both_families() {
     }
     // Traffic from the node (kubelet probes) always passes.
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &t.node_netns, "python3", &common::topology::netprobe(), "probe", "TCP", &cluster.ip("b", false).to_string(), "81"])
+        .args(["netns", "exec", &t.node_netns, "python3", &testbed::netprobe(), "probe", "TCP", &cluster.ip("b", false).to_string(), "81"])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "allow", "node -> b TCP/81");
@@ -176,7 +176,7 @@ fn a_refused_connect_with_retransmissions_counts_one_blocked_connection_and_one_
     // (after 1 s and 3 s) are dropped at b's veth.
     let out = cluster
         .topology
-        .pod_command("d", &["python3", &common::topology::netprobe(), "probe", "TCP", &b.to_string(), "80"])
+        .pod_command("d", &["python3", &testbed::netprobe(), "probe", "TCP", &b.to_string(), "80"])
         .env("PROBE_TIMEOUT", "3.5")
         .output()
         .unwrap();
@@ -202,7 +202,7 @@ fn a_revoked_allow_cuts_a_live_tcp_connection() {
     let b = cluster.ip("b", false);
     let mut hold = cluster
         .topology
-        .pod_command("a", &["python3", &common::topology::netprobe(), "hold", &b.to_string(), "80", "4"])
+        .pod_command("a", &["python3", &testbed::netprobe(), "hold", &b.to_string(), "80", "4"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

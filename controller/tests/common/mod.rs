@@ -2,8 +2,6 @@
 //! directory, removed by name when the test ends, pass or fail.
 #![allow(dead_code)]
 
-pub mod topology;
-
 use std::{cell::RefCell, net::IpAddr, path::PathBuf};
 
 use bulkhead::dataplane::Datapath;

@@ -1,4 +1,4 @@
-//! A node and its pods in network namespaces, wired as a CNI would: each pod
+//! A test bed: a node and its pods in network namespaces, wired as a CNI would: each pod
 //! a namespace with `eth0`, its veth peer on the node, a /32 (and /128)
 //! route to it, 169.254.1.1 and fe80::1 as the gateway; plus a cgroup per pod.
 //! Everything is named after the test's tag and removed by name on drop,
@@ -23,6 +23,7 @@ fn run_quiet(args: &[&str]) {
     let _ = Command::new(args[0]).args(&args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status();
 }
 
+/// The listener/prober script (tests/tools/netprobe.py) of this checkout.
 pub fn netprobe() -> String {
     format!("{}/../tests/tools/netprobe.py", env!("CARGO_MANIFEST_DIR"))
 }
@@ -52,7 +53,7 @@ impl Topology {
     pub fn new(tag: &str, subnet: u8) -> Self {
         assert!(tag.len() <= 4);
         let node_netns = format!("bh-{tag}-node");
-        let mut topology = Self {
+        let topology = Self {
             tag: tag.to_string(),
             node_netns: node_netns.clone(),
             node_ipv4: format!("10.{subnet}.0.1").parse().unwrap(),
