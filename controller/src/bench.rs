@@ -296,7 +296,13 @@ fn synthetic_cluster(pods: usize, namespaces: usize, policies: usize) -> Snapsho
             1 => format!("kind: ConnectionPolicy\napiVersion: bulkhead.io/v1alpha1\nmetadata: {{name: p{p}, namespace: ns{ns}}}\nspec:\n  podSelector: {{matchLabels: {{app: app{app}}}}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n    - from: [{{namespaceSelector: {{matchLabels: {{team: t{}}}}}}}]\n  egress:\n    - to: [{{podSelector: {{matchLabels: {{tier: db}}}}}}]\n      ports: [{{port: http}}]\n", p % 20),
             2 => format!("kind: ConnectionPolicy\napiVersion: bulkhead.io/v1alpha1\nmetadata: {{name: p{p}, namespace: ns{ns}}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n    - to: [{{ipBlock: {{cidr: 192.0.{}.0/24, except: [192.0.{}.128/25]}}}}]\n      ports: [{{protocol: UDP, port: 53}}]\n", p % 250, p % 250),
             3 => format!("kind: ConnectionPolicy\napiVersion: bulkhead.io/v1alpha1\nmetadata: {{name: p{p}, namespace: ns{ns}}}\nspec:\n  podSelector: {{matchExpressions: [{{key: tier, operator: In, values: [api, web]}}]}}\n  ingress:\n    - from: [{{namespaceSelector: {{matchLabels: {{env: prod}}}}, podSelector: {{matchLabels: {{app: app{app}}}}}}}]\n"),
-            _ => format!("kind: ClusterConnectionPolicy\napiVersion: bulkhead.io/v1alpha1\nmetadata: {{name: c{p}}}\nspec:\n  tier: {}\n  priority: {}\n  subject: {{namespaceSelector: {{matchLabels: {{team: t{}}}}}}}\n  ingress:\n    - {{action: Deny, from: [{{namespaceSelector: {{matchLabels: {{env: dev}}}}}}], ports: [{{port: 22}}]}}\n    - {{action: Pass, from: [{{podSelector: {{matchLabels: {{tier: web}}}}}}]}}\n", if p % 2 == 0 { "Admin" } else { "Baseline" }, p % 1000, p % 20),
+            _ => {
+                let tier = if p % 2 == 0 { "Admin" } else { "Baseline" };
+                let (own, other) = (format!("t{}", p % 20), format!("t{}", (p + 1) % 20));
+                let deny = format!("{{action: Deny, from: [{{namespaceSelector: {{matchLabels: {{team: {other}}}}}}}], ports: [{{port: 22}}]}}");
+                let pass = format!("{{action: Pass, from: [{{namespaceSelector: {{matchLabels: {{team: {own}}}}}, podSelector: {{matchLabels: {{tier: web}}}}}}]}}");
+                format!("kind: ClusterConnectionPolicy\napiVersion: bulkhead.io/v1alpha1\nmetadata: {{name: c{p}}}\nspec:\n  tier: {tier}\n  priority: {}\n  subject: {{namespaceSelector: {{matchLabels: {{team: {own}}}}}}}\n  ingress:\n    - {deny}\n    - {pass}\n", p % 1000)
+            }
         };
         for object in manifest::parse("bench", &text).expect("bench policy parses") {
             if let Object::Policy(policy) = object {

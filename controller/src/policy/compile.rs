@@ -124,9 +124,26 @@ struct Tables<'a> {
     named_ports: HashMap<u32, BTreeMap<(String, Protocol), u16>>,
     identities_by_namespace: HashMap<String, Vec<u32>>,
     peer_cache: std::cell::RefCell<HashMap<Peer, Rc<HashSet<u32>>>>,
+    /// Per rule (by address): the union of its peers' identities, resolved once.
+    rule_sets: std::cell::RefCell<HashMap<usize, Rc<HashSet<u32>>>>,
 }
 
 impl Tables<'_> {
+    /// Identities a rule's peers select (the rule must have peers).
+    fn rule_identities(&self, rule: &super::rules::Rule) -> Rc<HashSet<u32>> {
+        let key = rule as *const super::rules::Rule as usize;
+        if let Some(hit) = self.rule_sets.borrow().get(&key) {
+            return hit.clone();
+        }
+        let mut union = HashSet::new();
+        for peer in rule.peers.iter().flatten() {
+            union.extend(self.peer_identities(peer).iter().copied());
+        }
+        let union = Rc::new(union);
+        self.rule_sets.borrow_mut().insert(key, union.clone());
+        union
+    }
+
     fn peer_identities(&self, peer: &Peer) -> Rc<HashSet<u32>> {
         if let Some(hit) = self.peer_cache.borrow().get(peer) {
             return hit.clone();
@@ -250,6 +267,7 @@ pub fn compile(snapshot: &Snapshot) -> DesiredState {
         named_ports: HashMap::new(),
         identities_by_namespace: HashMap::new(),
         peer_cache: Default::default(),
+        rule_sets: Default::default(),
     };
     for (key, id) in &identity_ids {
         state.identities.insert(*id, key.clone());
@@ -297,22 +315,38 @@ pub fn compile(snapshot: &Snapshot) -> DesiredState {
     for policy in policies {
         state.selected_pods.insert(policy.id.clone(), 0);
     }
-    let mut class_entries: HashMap<(String, Labels, BTreeMap<(String, Protocol), u16>), Rc<Vec<(u32, u8, u32, u8, u16, PolicyValue)>>> = HashMap::new();
+    // Pods with the same selected policies (and, for ingress named ports,
+    // the same container ports) share their entries.
+    let mut class_entries: HashMap<(Vec<usize>, BTreeMap<(String, Protocol), u16>), Rc<Vec<(u32, u8, u32, u8, u16, PolicyValue)>>> = HashMap::new();
+    let mut cluster_policies = Vec::new();
+    let mut namespace_policies: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (index, policy) in policies.iter().enumerate() {
+        match &policy.subject_namespaces {
+            NamespaceScope::Same(ns) => namespace_policies.entry(ns.as_str()).or_default().push(index),
+            NamespaceScope::Selected(_) => cluster_policies.push(index),
+        }
+    }
     for (pod_ref, pod) in &snapshot.pods {
         let ns_labels = &namespace_labels[pod.namespace.as_str()];
         let named = &pod_named_ports[pod_ref];
-        let class = (pod.namespace.clone(), pod.labels.clone(), named.clone());
+        let mut selected: Vec<usize> = cluster_policies
+            .iter()
+            .chain(namespace_policies.get(pod.namespace.as_str()).into_iter().flatten())
+            .copied()
+            .filter(|i| selects(&policies[*i], &pod.namespace, ns_labels, &pod.labels))
+            .collect();
+        selected.sort_unstable();
         let mut chain = Chain { admin: vec![], namespace: vec![], baseline: vec![] };
-        for policy in policies {
-            if selects(policy, &pod.namespace, ns_labels, &pod.labels) {
-                *state.selected_pods.get_mut(&policy.id).expect("inserted above") += 1;
-                match policy.tier {
-                    Tier::Admin => chain.admin.push(policy),
-                    Tier::Namespace => chain.namespace.push(policy),
-                    Tier::Baseline => chain.baseline.push(policy),
-                }
+        for index in &selected {
+            let policy = &policies[*index];
+            *state.selected_pods.get_mut(&policy.id).expect("inserted above") += 1;
+            match policy.tier {
+                Tier::Admin => chain.admin.push(policy),
+                Tier::Namespace => chain.namespace.push(policy),
+                Tier::Baseline => chain.baseline.push(policy),
             }
         }
+        let class = (selected, named.clone());
         let entries = match class_entries.get(&class) {
             Some(entries) => entries.clone(),
             None => {
@@ -354,13 +388,11 @@ impl Evaluator<'_> {
         self.chain.admin.iter().chain(&self.chain.namespace).chain(&self.chain.baseline).copied()
     }
 
-    fn peer_matches(&self, peers: &Option<Vec<Peer>>, class: Class) -> bool {
-        match peers {
-            None => true,
-            Some(list) => match class {
-                None => false,
-                Some(id) => list.iter().any(|p| self.tables.peer_identities(p).contains(&id)),
-            },
+    fn peer_matches(&self, rule: &super::rules::Rule, class: Class) -> bool {
+        match (&rule.peers, class) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(_), Some(id)) => self.tables.rule_identities(rule).contains(&id),
         }
     }
 
@@ -380,7 +412,7 @@ impl Evaluator<'_> {
     }
 
     fn rule_matches(&self, rule: &super::rules::Rule, class: Class, protocol: Option<Protocol>, port: u16) -> bool {
-        if !self.peer_matches(&rule.peers, class) {
+        if !self.peer_matches(rule, class) {
             return false;
         }
         match (&rule.ports, protocol) {
@@ -451,7 +483,7 @@ impl Evaluator<'_> {
         let mut cuts: BTreeSet<u32> = BTreeSet::from([0, 65536]);
         for policy in self.all_policies() {
             for rule in &policy.rules[d] {
-                if !self.peer_matches(&rule.peers, class) {
+                if !self.peer_matches(rule, class) {
                     continue;
                 }
                 for port in rule.ports.iter().flatten() {
@@ -490,14 +522,19 @@ impl Evaluator<'_> {
     /// Append this direction's entries: (prefix length, direction, peer, protocol, port, value).
     fn entries(&self, out: &mut Vec<(u32, u8, u32, u8, u16, PolicyValue)>) {
         let d = self.direction;
-        let mut mentioned: BTreeSet<u32> = BTreeSet::new();
+        // Identity → the rules (by position in the chain) whose peers name it.
+        let mut signatures: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         let mut any_named_egress = false;
+        let mut position = 0u32;
         for policy in self.all_policies() {
             for rule in &policy.rules[d as usize] {
-                for peer in rule.peers.iter().flatten() {
-                    mentioned.extend(self.tables.peer_identities(peer).iter().copied());
+                if rule.peers.is_some() {
+                    for id in self.tables.rule_identities(rule).iter() {
+                        signatures.entry(*id).or_default().push(position);
+                    }
                 }
                 any_named_egress |= d == EGRESS && rule.ports.iter().flatten().any(|p| matches!(p, PortMatch::Named { .. }));
+                position += 1;
             }
         }
         let (any_other, any_ports) = self.function(None);
@@ -512,17 +549,8 @@ impl Evaluator<'_> {
 
         // Identities that match the same rules (and resolve named ports the
         // same way) share one verdict function.
-        let mut by_signature: HashMap<(Vec<(usize, u32)>, Option<BTreeMap<(String, Protocol), u16>>), Rc<Vec<(u32, u8, u16, PolicyValue)>>> = HashMap::new();
-        let policies: Vec<&Policy> = self.all_policies().collect();
-        for id in mentioned {
-            let mut signature = Vec::new();
-            for (pi, policy) in policies.iter().enumerate() {
-                for rule in &policy.rules[d as usize] {
-                    if rule.peers.is_some() && self.peer_matches(&rule.peers, Some(id)) {
-                        signature.push((pi, rule.index));
-                    }
-                }
-            }
+        let mut by_signature: HashMap<(Vec<u32>, Option<BTreeMap<(String, Protocol), u16>>), Rc<Vec<(u32, u8, u16, PolicyValue)>>> = HashMap::new();
+        for (id, signature) in signatures {
             let named = if any_named_egress { self.tables.named_ports.get(&id).cloned() } else { None };
             let key = (signature, named);
             let entries = match by_signature.get(&key) {
