@@ -93,13 +93,11 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
             _ => return Err(reason::SPOOFED_SOURCE),
         }
     }
-    let peer = peer_identity(if direction == INGRESS { &packet.saddr } else { &packet.daddr });
-    // Kubernetes requires a pod's own node to reach it (kubelet probes).
-    if peer == identity::HOST {
-        return Ok(());
-    }
+    // The other end of the connection, whichever way this packet goes.
+    let peer_address = if direction == INGRESS { packet.saddr } else { packet.daddr };
     if endpoint.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0 {
-        return Err(reason::ENDPOINT_FAIL_CLOSED);
+        // Only the node's own traffic (kubelet probes) passes a failed-closed endpoint.
+        return if peer_identity(&peer_address) == identity::HOST { Ok(()) } else { Err(reason::ENDPOINT_FAIL_CLOSED) };
     }
     let revision = policy_revision();
 
@@ -145,19 +143,25 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
         flow.direction = direction;
     }
 
+    // Conntrack first: an established connection needs no identity lookup.
     let has_ports = matches!(packet.l4, L4::Plain | L4::LaterFragment);
     if let Some(entry) = CONNTRACK.get_ptr_mut(&*flow) {
         let port = if has_ports { packet.dport } else { 0 };
-        return recheck(entry, flow, direction, peer, port, revision);
+        return recheck(entry, flow, direction, &peer_address, port, revision);
     }
     reverse(flow);
     if let Some(entry) = CONNTRACK.get_ptr_mut(&*flow) {
         let port = if has_ports { packet.sport } else { 0 };
-        return recheck(entry, flow, opposite(direction), peer, port, revision);
+        return recheck(entry, flow, opposite(direction), &peer_address, port, revision);
     }
     reverse(flow);
 
     // A new flow.
+    let peer = peer_identity(&peer_address);
+    // Kubernetes requires a pod's own node to reach it (kubelet probes).
+    if peer == identity::HOST {
+        return Ok(());
+    }
     let port = if has_ports { packet.dport } else { 0 };
     let decision = lookup_policy(endpoint_id, direction, peer, packet.protocol, port);
     if decision.verdict == verdict::ALLOW {
@@ -206,7 +210,7 @@ fn recheck(
     entry: *mut ConntrackValue,
     flow: &FlowKey,
     original_direction: u8,
-    peer: u32,
+    peer_address: &[u8; 16],
     port: u16,
     revision: u64,
 ) -> Result<(), u8> {
@@ -219,6 +223,10 @@ fn recheck(
         } else {
             Ok(())
         };
+    }
+    let peer = peer_identity(peer_address);
+    if peer == identity::HOST {
+        return Ok(());
     }
     let decision = lookup_policy(flow.endpoint, original_direction, peer, flow.protocol, port);
     entry.revision = revision;

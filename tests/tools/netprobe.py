@@ -4,8 +4,8 @@ network namespace.
 
   netprobe.py serve PORT/PROTO...      TCP accept, UDP echo, SCTP INIT -> INIT-ACK
   netprobe.py probe PROTO ADDR PORT    one connection attempt; prints allow/deny/eperm
-  netprobe.py hold ADDR PORT           a TCP connection that sends a byte every 50 ms
-                                       and prints each second's outcome ("ok"/"cut")
+  netprobe.py hold ADDR PORT SECONDS   a TCP connection that sends a byte every 50 ms
+                                       and prints each outcome ("ok"/"cut") with the time
 
 This kernel has no SCTP stack, so SCTP is spoken on raw sockets (protocol
 132): the prober sends an INIT with a correct CRC32c, the responder answers
@@ -183,7 +183,8 @@ def probe(proto, addr, port, timeout):
 
 
 def hold(addr, port, seconds):
-    """Keep one TCP connection busy; report each 200 ms whether echoes came back."""
+    """Keep one TCP connection busy; report each exchange as "ok|cut|closed
+    MONOTONIC_SECONDS", so a caller can tell what happened after a moment."""
     s = socket.socket(family_of(addr), socket.SOCK_STREAM)
     s.settimeout(2)
     s.connect((addr, port))
@@ -194,9 +195,10 @@ def hold(addr, port, seconds):
         try:
             s.sendall(b"y")
             got = s.recv(64)
-            print("ok" if got else "closed", flush=True)
+            status = "ok" if got else "closed"
         except (socket.timeout, OSError):
-            print("cut", flush=True)
+            status = "cut"
+        print(f"{status} {time.monotonic():.3f}", flush=True)
         time.sleep(0.05)
 
 
