@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use datapath_common::{identity, policy_prefix, verdict, EGRESS, INGRESS, RULE_DEFAULT_DENY};
 
 mod bench;
+mod demo;
 
 #[derive(Parser)]
 #[command(name = "bulkhead", about = "Kubernetes network microsegmentation with eBPF", version)]
@@ -47,6 +48,8 @@ enum Command {
     },
     /// Benchmarks (run through `cargo xtask bench`).
     Bench { what: String },
+    /// A small shop enforced end to end on this machine (needs root).
+    Demo,
     /// Datapath maintenance.
     Datapath {
         #[command(subcommand)]
@@ -116,6 +119,10 @@ fn run() -> Result<ExitCode> {
         }
         Command::Bench { what } => {
             bench::run(&what)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => {
+            demo::run()?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Datapath { command: DatapathCommand::Hold { pin_dir } } => {

@@ -26,6 +26,8 @@ enum Task {
     },
     /// Write the CRD manifests to manifests/crds/.
     Crds,
+    /// The product end to end on this machine: a small shop, its policies, a default-deny rollout.
+    Demo,
     /// Run a benchmark: `datapath` or `compile`.
     Bench { what: String },
 }
@@ -50,6 +52,10 @@ fn main() -> Result<()> {
                 println!("wrote {}", path.display());
             }
             Ok(())
+        }
+        Task::Demo => {
+            setup::run()?;
+            cargo(&["run", "--release", "-p", "bulkhead", "--", "demo"])
         }
         Task::Bench { what } => {
             setup::run()?;
