@@ -290,16 +290,19 @@ pub fn lookup_policy(endpoint: u32, direction: u8, peer: u32, protocol: u8, port
     if let Some(value) = POLICY.get(&key) {
         return *value;
     }
-    PolicyValue {
-        verdict: verdict::DENY,
-        audit: 0,
-        _pad: [0; 2],
-        policy_id: 0,
-        rule: RULE_DEFAULT_DENY,
-        audit_policy_id: 0,
-        audit_rule: 0,
-    }
+    NO_ENTRY
 }
+
+/// What an endpoint without entries (or failed closed) gets: deny.
+const NO_ENTRY: PolicyValue = PolicyValue {
+    verdict: verdict::DENY,
+    audit: 0,
+    _pad: [0; 2],
+    policy_id: 0,
+    rule: RULE_DEFAULT_DENY,
+    audit_policy_id: 0,
+    audit_rule: 0,
+};
 
 #[inline(always)]
 fn peer_identity(address: &[u8; 16]) -> u32 {
@@ -468,15 +471,7 @@ pub fn judge_socket(ctx: &SockAddrContext, ipv6: bool) -> i32 {
         _pad: [0; 2],
     };
     let decision = if endpoint.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0 {
-        PolicyValue {
-            verdict: verdict::DENY,
-            audit: 0,
-            _pad: [0; 2],
-            policy_id: 0,
-            rule: RULE_DEFAULT_DENY,
-            audit_policy_id: 0,
-            audit_rule: 0,
-        }
+        NO_ENTRY
     } else {
         lookup_policy(endpoint.endpoint_id, datapath_common::EGRESS, peer, protocol, port)
     };

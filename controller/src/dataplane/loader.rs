@@ -193,8 +193,7 @@ impl Datapath {
             let link = program
                 .take_link(link_id)
                 .map_err(|source| AttachError::Attach { program: name, target: interface.to_string(), source })?;
-            let link = FdLink::try_from(link).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") })?;
-            link.pin(&pin).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") })?;
+            pin_link(FdLink::try_from(link), &pin)?;
         }
         Ok(())
     }
@@ -230,8 +229,7 @@ impl Datapath {
             let link = program
                 .take_link(link_id)
                 .map_err(|source| AttachError::Attach { program: name, target: target.clone(), source })?;
-            let link = FdLink::try_from(link).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") })?;
-            link.pin(&pin).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") })?;
+            pin_link(FdLink::try_from(link), &pin)?;
         }
         Ok(())
     }
@@ -388,6 +386,14 @@ impl Datapath {
         }
         fs::remove_dir_all(pin_dir)
     }
+}
+
+/// Pin an attached link, so it outlives this process.
+fn pin_link<E: std::fmt::Debug>(link: Result<FdLink, E>, pin: &Path) -> Result<(), AttachError> {
+    let failed = |e: &dyn std::fmt::Debug| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") };
+    let link = link.map_err(|e| failed(&e))?;
+    link.pin(pin).map_err(|e| failed(&e))?;
+    Ok(())
 }
 
 fn unpin_link(pin: &Path) -> Result<(), AttachError> {

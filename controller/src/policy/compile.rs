@@ -424,20 +424,30 @@ impl Evaluator<'_> {
         }
     }
 
+    /// One cluster tier: the first matching rule in priority order decides;
+    /// `Pass` (or no match) leaves the tier undecided.
+    fn cluster_tier(&self, tier: &[&Policy], class: Class, protocol: Option<Protocol>, port: u16, with_audit: bool) -> Option<(bool, u32, u32)> {
+        let d = self.direction as usize;
+        for policy in tier.iter().filter(|p| with_audit || !p.audit) {
+            for rule in &policy.rules[d] {
+                if self.rule_matches(rule, class, protocol, port) {
+                    return match rule.action {
+                        Action::Allow => Some((true, self.policy_ids[&policy.id], rule.index)),
+                        Action::Deny => Some((false, self.policy_ids[&policy.id], rule.index)),
+                        Action::Pass => None,
+                    };
+                }
+            }
+        }
+        None
+    }
+
     /// Evaluation per api.md; `with_audit` also applies Audit-mode policies.
     fn evaluate(&self, class: Class, protocol: Option<Protocol>, port: u16, with_audit: bool) -> (bool, u32, u32) {
         let d = self.direction as usize;
         let active = |p: &&&Policy| with_audit || !p.audit;
-        'admin: for policy in self.chain.admin.iter().filter(active) {
-            for rule in &policy.rules[d] {
-                if self.rule_matches(rule, class, protocol, port) {
-                    match rule.action {
-                        Action::Allow => return (true, self.policy_ids[&policy.id], rule.index),
-                        Action::Deny => return (false, self.policy_ids[&policy.id], rule.index),
-                        Action::Pass => break 'admin,
-                    }
-                }
-            }
+        if let Some(decided) = self.cluster_tier(&self.chain.admin, class, protocol, port, with_audit) {
+            return decided;
         }
         let mut isolating = self.chain.namespace.iter().filter(active).filter(|p| p.isolates[d]).copied().peekable();
         if let Some(first) = isolating.peek().copied() {
@@ -450,16 +460,8 @@ impl Evaluator<'_> {
             }
             return (false, self.policy_ids[&first.id], RULE_DEFAULT_DENY);
         }
-        'baseline: for policy in self.chain.baseline.iter().filter(active) {
-            for rule in &policy.rules[d] {
-                if self.rule_matches(rule, class, protocol, port) {
-                    match rule.action {
-                        Action::Allow => return (true, self.policy_ids[&policy.id], rule.index),
-                        Action::Deny => return (false, self.policy_ids[&policy.id], rule.index),
-                        Action::Pass => break 'baseline,
-                    }
-                }
-            }
+        if let Some(decided) = self.cluster_tier(&self.chain.baseline, class, protocol, port, with_audit) {
+            return decided;
         }
         (true, 0, 0)
     }

@@ -283,7 +283,7 @@ fn peer_of(
 }
 
 /// NetworkPolicy defaulting of `policyTypes`: Ingress always, Egress when egress rules are given.
-fn isolation(ctx: &Ctx, types: Option<&[crd::PolicyType]>, has_egress_rules: bool) -> Result<[bool; 2], ValidationError> {
+fn isolation(types: Option<&[crd::PolicyType]>, has_egress_rules: bool) -> [bool; 2] {
     let mut isolates = [false; 2];
     match types {
         Some(types) if !types.is_empty() => {
@@ -299,33 +299,38 @@ fn isolation(ctx: &Ctx, types: Option<&[crd::PolicyType]>, has_egress_rules: boo
             isolates[EGRESS as usize] = has_egress_rules;
         }
     }
-    let _ = ctx;
-    Ok(isolates)
+    isolates
+}
+
+/// One rule of any kind, before validation.
+struct RuleSpec<'a> {
+    action: Action,
+    peers: Option<&'a Vec<crd::Peer>>,
+    ports: Option<&'a Vec<crd::PortSpec>>,
+}
+
+/// Validate the rules of one direction; `peers_field` is `from` or `to`.
+fn direction_rules<'a>(ctx: &Ctx, direction: &str, peers_field: &str, specs: impl Iterator<Item = RuleSpec<'a>>, cluster: bool) -> Result<Vec<Rule>, ValidationError> {
+    specs
+        .enumerate()
+        .map(|(i, spec)| {
+            let field = format!("spec.{direction}[{i}]");
+            Ok(Rule {
+                index: i as u32,
+                action: spec.action,
+                peers: crd_peers(ctx, &format!("{field}.{peers_field}"), spec.peers, cluster)?,
+                ports: rule_ports(ctx, &format!("{field}.ports"), spec.ports)?,
+            })
+        })
+        .collect()
 }
 
 fn connection_policy(ctx: &Ctx, spec: &crd::ConnectionPolicySpec) -> Result<Policy, ValidationError> {
     let subject_pods = ctx.selector("spec.podSelector", &spec.pod_selector)?;
     let has_egress = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
-    let isolates = isolation(ctx, spec.policy_types.as_deref(), has_egress)?;
-    let mut rules: [Vec<Rule>; 2] = [vec![], vec![]];
-    for (i, rule) in spec.ingress.iter().flatten().enumerate() {
-        let field = format!("spec.ingress[{i}]");
-        rules[INGRESS as usize].push(Rule {
-            index: i as u32,
-            action: Action::Allow,
-            peers: crd_peers(ctx, &format!("{field}.from"), rule.from.as_ref(), false)?,
-            ports: rule_ports(ctx, &format!("{field}.ports"), rule.ports.as_ref())?,
-        });
-    }
-    for (i, rule) in spec.egress.iter().flatten().enumerate() {
-        let field = format!("spec.egress[{i}]");
-        rules[EGRESS as usize].push(Rule {
-            index: i as u32,
-            action: Action::Allow,
-            peers: crd_peers(ctx, &format!("{field}.to"), rule.to.as_ref(), false)?,
-            ports: rule_ports(ctx, &format!("{field}.ports"), rule.ports.as_ref())?,
-        });
-    }
+    let isolates = isolation(spec.policy_types.as_deref(), has_egress);
+    let ingress = spec.ingress.iter().flatten().map(|r| RuleSpec { action: Action::Allow, peers: r.from.as_ref(), ports: r.ports.as_ref() });
+    let egress = spec.egress.iter().flatten().map(|r| RuleSpec { action: Action::Allow, peers: r.to.as_ref(), ports: r.ports.as_ref() });
     Ok(Policy {
         id: ctx.policy.clone(),
         tier: Tier::Namespace,
@@ -334,8 +339,46 @@ fn connection_policy(ctx: &Ctx, spec: &crd::ConnectionPolicySpec) -> Result<Poli
         subject_namespaces: NamespaceScope::Same(ctx.policy.namespace.clone()),
         subject_pods,
         isolates,
-        rules,
+        rules: [direction_rules(ctx, "ingress", "from", ingress, false)?, direction_rules(ctx, "egress", "to", egress, false)?],
     })
+}
+
+/// A NetworkPolicy rule in the CRDs' shape (the same fields, with the
+/// protocol validated), so both kinds share one validation.
+fn network_rule(ctx: &Ctx, field: &str, peers: Option<&Vec<NetworkPolicyPeer>>, ports: Option<&Vec<NetworkPolicyPort>>) -> Result<(Option<Vec<crd::Peer>>, Option<Vec<crd::PortSpec>>), ValidationError> {
+    let peers = peers.map(|list| {
+        list.iter()
+            .map(|p| crd::Peer {
+                pod_selector: p.pod_selector.clone(),
+                namespace_selector: p.namespace_selector.clone(),
+                ip_block: p.ip_block.as_ref().map(|b| crd::IpBlock { cidr: b.cidr.clone(), except: b.except.clone() }),
+            })
+            .collect()
+    });
+    let ports = match ports {
+        None => None,
+        Some(list) => Some(
+            list.iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let protocol = match p.protocol.as_deref() {
+                        None | Some("TCP") => Protocol::TCP,
+                        Some("UDP") => Protocol::UDP,
+                        Some("SCTP") => Protocol::SCTP,
+                        Some(other) => {
+                            return Err(ctx.err(format!("{field}.ports[{i}].protocol"), Reason::InvalidProtocol, format!("unknown protocol {other:?}: TCP, UDP or SCTP")))
+                        }
+                    };
+                    Ok(crd::PortSpec { protocol, port: p.port.clone(), end_port: p.end_port })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    Ok((peers, ports))
+}
+
+fn allow_rule((peers, ports): &(Option<Vec<crd::Peer>>, Option<Vec<crd::PortSpec>>)) -> RuleSpec<'_> {
+    RuleSpec { action: Action::Allow, peers: peers.as_ref(), ports: ports.as_ref() }
 }
 
 fn network_policy(ctx: &Ctx, spec: Option<&k8s_openapi::api::networking::v1::NetworkPolicySpec>) -> Result<Policy, ValidationError> {
@@ -359,62 +402,9 @@ fn network_policy(ctx: &Ctx, spec: Option<&k8s_openapi::api::networking::v1::Net
         ),
     };
     let has_egress = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
-    let isolates = isolation(ctx, types.as_deref(), has_egress)?;
-    let np_peers = |field: &str, peers: Option<&Vec<NetworkPolicyPeer>>| -> Result<Option<Vec<Peer>>, ValidationError> {
-        let Some(list) = peers.filter(|l| !l.is_empty()) else { return Ok(None) };
-        list.iter()
-            .enumerate()
-            .map(|(i, p)| {
-                peer_of(
-                    ctx,
-                    &format!("{field}[{i}]"),
-                    p.pod_selector.as_ref(),
-                    p.namespace_selector.as_ref(),
-                    p.ip_block.as_ref().map(|b| (b.cidr.as_str(), b.except.clone().unwrap_or_default())),
-                    false,
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
-    };
-    let np_ports = |field: &str, ports: Option<&Vec<NetworkPolicyPort>>| -> Result<Option<Vec<PortMatch>>, ValidationError> {
-        let Some(list) = ports.filter(|l| !l.is_empty()) else { return Ok(None) };
-        list.iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let field = format!("{field}[{i}]");
-                let protocol = match p.protocol.as_deref() {
-                    None | Some("TCP") => Protocol::TCP,
-                    Some("UDP") => Protocol::UDP,
-                    Some("SCTP") => Protocol::SCTP,
-                    Some(other) => {
-                        return Err(ctx.err(format!("{field}.protocol"), Reason::InvalidProtocol, format!("unknown protocol {other:?}: TCP, UDP or SCTP")))
-                    }
-                };
-                ctx.port(&field, protocol, p.port.as_ref(), p.end_port)
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
-    };
-    let mut rules: [Vec<Rule>; 2] = [vec![], vec![]];
-    for (i, rule) in spec.ingress.iter().flatten().enumerate() {
-        let field = format!("spec.ingress[{i}]");
-        rules[INGRESS as usize].push(Rule {
-            index: i as u32,
-            action: Action::Allow,
-            peers: np_peers(&format!("{field}.from"), rule.from.as_ref())?,
-            ports: np_ports(&format!("{field}.ports"), rule.ports.as_ref())?,
-        });
-    }
-    for (i, rule) in spec.egress.iter().flatten().enumerate() {
-        let field = format!("spec.egress[{i}]");
-        rules[EGRESS as usize].push(Rule {
-            index: i as u32,
-            action: Action::Allow,
-            peers: np_peers(&format!("{field}.to"), rule.to.as_ref())?,
-            ports: np_ports(&format!("{field}.ports"), rule.ports.as_ref())?,
-        });
-    }
+    let isolates = isolation(types.as_deref(), has_egress);
+    let ingress: Vec<_> = spec.ingress.iter().flatten().enumerate().map(|(i, r)| network_rule(ctx, &format!("spec.ingress[{i}]"), r.from.as_ref(), r.ports.as_ref())).collect::<Result<_, _>>()?;
+    let egress: Vec<_> = spec.egress.iter().flatten().enumerate().map(|(i, r)| network_rule(ctx, &format!("spec.egress[{i}]"), r.to.as_ref(), r.ports.as_ref())).collect::<Result<_, _>>()?;
     Ok(Policy {
         id: ctx.policy.clone(),
         tier: Tier::Namespace,
@@ -423,7 +413,10 @@ fn network_policy(ctx: &Ctx, spec: Option<&k8s_openapi::api::networking::v1::Net
         subject_namespaces: NamespaceScope::Same(ctx.policy.namespace.clone()),
         subject_pods,
         isolates,
-        rules,
+        rules: [
+            direction_rules(ctx, "ingress", "from", ingress.iter().map(allow_rule), false)?,
+            direction_rules(ctx, "egress", "to", egress.iter().map(allow_rule), false)?,
+        ],
     })
 }
 
@@ -445,25 +438,8 @@ fn cluster_policy(ctx: &Ctx, spec: &crd::ClusterConnectionPolicySpec) -> Result<
         crd::Action::Deny => Action::Deny,
         crd::Action::Pass => Action::Pass,
     };
-    let mut rules: [Vec<Rule>; 2] = [vec![], vec![]];
-    for (i, rule) in spec.ingress.iter().flatten().enumerate() {
-        let field = format!("spec.ingress[{i}]");
-        rules[INGRESS as usize].push(Rule {
-            index: i as u32,
-            action: action(rule.action),
-            peers: crd_peers(ctx, &format!("{field}.from"), rule.from.as_ref(), true)?,
-            ports: rule_ports(ctx, &format!("{field}.ports"), rule.ports.as_ref())?,
-        });
-    }
-    for (i, rule) in spec.egress.iter().flatten().enumerate() {
-        let field = format!("spec.egress[{i}]");
-        rules[EGRESS as usize].push(Rule {
-            index: i as u32,
-            action: action(rule.action),
-            peers: crd_peers(ctx, &format!("{field}.to"), rule.to.as_ref(), true)?,
-            ports: rule_ports(ctx, &format!("{field}.ports"), rule.ports.as_ref())?,
-        });
-    }
+    let ingress = spec.ingress.iter().flatten().map(|r| RuleSpec { action: action(r.action), peers: r.from.as_ref(), ports: r.ports.as_ref() });
+    let egress = spec.egress.iter().flatten().map(|r| RuleSpec { action: action(r.action), peers: r.to.as_ref(), ports: r.ports.as_ref() });
     Ok(Policy {
         id: ctx.policy.clone(),
         tier: match spec.tier {
@@ -475,7 +451,7 @@ fn cluster_policy(ctx: &Ctx, spec: &crd::ClusterConnectionPolicySpec) -> Result<
         subject_namespaces,
         subject_pods,
         isolates: [false; 2],
-        rules,
+        rules: [direction_rules(ctx, "ingress", "from", ingress, true)?, direction_rules(ctx, "egress", "to", egress, true)?],
     })
 }
 
