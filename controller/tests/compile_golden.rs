@@ -345,3 +345,31 @@ fn a_new_pod_with_known_labels_reuses_its_identity() {
     let after = policy::compile(&snap);
     assert_eq!(before.identities, after.identities, "no new identity for a pod with known labels");
 }
+
+#[test]
+fn a_named_port_to_every_peer_resolves_on_each_pod_that_names_it() {
+    // Found by the property test: with no `to`, the destinations still need
+    // entries of their own, since "any peer" resolves no port name.
+    let state = policy::compile(&snapshot(
+        r#"
+kind: ClusterConnectionPolicy
+apiVersion: bulkhead.io/v1alpha1
+metadata: {name: no-https-out}
+spec:
+  priority: 1
+  subject: {podSelector: {matchLabels: {app: db}}}
+  egress:
+    - {action: Deny, ports: [{port: https}]}
+"#,
+    ));
+    assert_entries(
+        &state,
+        "shop/db",
+        &[
+            "ingress any all -> allow default",
+            "egress any all -> allow default",
+            "egress shop{app=pay} tcp/8443/16 -> deny cluster/no-https-out#0",
+            "egress edge{app=gw} tcp/8080/16 -> deny cluster/no-https-out#0",
+        ],
+    );
+}

@@ -534,6 +534,19 @@ impl Evaluator<'_> {
                     for id in self.tables.rule_identities(rule).iter() {
                         signatures.entry(*id).or_default().push(position);
                     }
+                } else if d == EGRESS {
+                    // "Every peer" with a named port: the port exists only on
+                    // the peers that name it, so those need entries of their
+                    // own ("any peer" resolves no name).
+                    for port in rule.ports.iter().flatten() {
+                        if let PortMatch::Named { protocol, name } = port {
+                            for (id, ports) in &self.tables.named_ports {
+                                if ports.contains_key(&(name.clone(), *protocol)) {
+                                    signatures.entry(*id).or_default().push(position);
+                                }
+                            }
+                        }
+                    }
                 }
                 any_named_egress |= d == EGRESS && rule.ports.iter().flatten().any(|p| matches!(p, PortMatch::Named { .. }));
                 position += 1;
