@@ -182,6 +182,7 @@ fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
             ips: vec![pod.ipv4],
             ports: vec![ContainerPort { name: None, port: 5201, protocol: Protocol::TCP }],
             node_name: None,
+            uid: None,
         });
     }
     for object in manifest::parse("bench", THROUGHPUT_POLICY)? {
@@ -290,6 +291,7 @@ fn synthetic_cluster(pods: usize, namespaces: usize, policies: usize) -> Snapsho
             ips: vec![IpAddr::V4(Ipv4Addr::new(10, (100 + i / 65536) as u8, (i / 256 % 256) as u8, (i % 256) as u8))],
             ports: vec![ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::TCP }],
             node_name: None,
+            uid: None,
         });
     }
     for p in 0..policies {

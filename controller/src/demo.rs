@@ -177,6 +177,7 @@ pub fn run() -> Result<()> {
             ips: vec![pod.ipv4],
             ports: vec![ContainerPort { name: Some("http".into()), port, protocol: Protocol::TCP }],
             node_name: Some("demo-node".into()),
+            uid: None,
         });
         println!("  pod {ns}/{name:<16} {}  serving TCP {port}", pod.ipv4);
     }

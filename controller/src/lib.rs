@@ -4,6 +4,7 @@
 //! - [`policy`]: the pure core — selectors, identities, compile, diff. No I/O.
 //! - [`dataplane`]: the only code touching the kernel (aya).
 
+pub mod agent;
 pub mod dataplane;
 pub mod packet;
 pub mod policy;

@@ -14,6 +14,7 @@ use datapath_common::{identity, policy_prefix, verdict, EGRESS, INGRESS, RULE_DE
 
 mod bench;
 mod demo;
+mod probe;
 
 #[derive(Parser)]
 #[command(name = "bulkhead", about = "Kubernetes network microsegmentation with eBPF", version)]
@@ -46,8 +47,12 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// The node agent: follow the objects, compile, keep the datapath in step.
+    Agent(AgentArgs),
     /// Benchmarks (run through `cargo xtask bench`).
     Bench { what: String },
+    /// Scenario directories with real traffic through the agent (needs root).
+    Probe { dirs: Vec<PathBuf> },
     /// A small shop enforced end to end on this machine (needs root).
     Demo,
     /// Datapath maintenance.
@@ -55,6 +60,35 @@ enum Command {
         #[command(subcommand)]
         command: DatapathCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// `dir:<path>` (a folder of manifests, or a scenario directory) or `kubernetes`.
+    #[arg(long, default_value = "dir:/etc/bulkhead/objects")]
+    source: String,
+    /// This node's name: pods with this `spec.nodeName` are enforced here.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    #[arg(long, default_value = bulkhead::dataplane::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Where kubelet's pod cgroups are; the cgroup v2 mount when left out.
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+    /// Serves /metrics, /healthz, /readyz and /debug/{state,events}.
+    #[arg(long, default_value = "0.0.0.0:9464")]
+    metrics_address: std::net::SocketAddr,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Deny/audit events per second and CPU sent to the log; the rest are counted only.
+    #[arg(long)]
+    events_per_second: Option<u64>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -117,10 +151,15 @@ fn run() -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Agent(args) => {
+            agent(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench { what } => {
             bench::run(&what)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Probe { dirs } => Ok(if probe::run(&dirs)? { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
         Command::Demo => {
             demo::run()?;
             Ok(ExitCode::SUCCESS)
@@ -136,6 +175,72 @@ fn run() -> Result<ExitCode> {
             bulkhead::dataplane::Datapath::unpin_all(&pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn agent(args: AgentArgs) -> Result<()> {
+    use bulkhead::agent::{self, Agent, Config, Shared};
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
+    }
+    let node_name = match args.node_name {
+        Some(name) => name,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname for --node-name")?.trim().to_string(),
+    };
+    let mut config = Config::new(&node_name, args.pin_dir);
+    config.cgroup_root = Some(args.cgroup_root.unwrap_or_else(default_cgroup_root));
+    config.events_per_second = args.events_per_second;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let (updates, received) = tokio::sync::mpsc::channel(1024);
+        let source = match args.source.split_once(':') {
+            Some(("dir", path)) => {
+                config.unscheduled_pods_are_local = true;
+                let source = bulkhead::source::dir::DirSource::new(path);
+                anyhow::ensure!(source.root().is_dir(), "--source: {path} is not a directory");
+                tokio::spawn(bulkhead::source::dir::run(source, updates))
+            }
+            _ => bail!("--source: {:?} is neither dir:<path> nor kubernetes", args.source),
+        };
+        let shared = std::sync::Arc::new(Shared::new());
+        let agent = Agent::new(config, shared.clone())?;
+        let address = agent::http::serve(args.metrics_address, shared).await.with_context(|| format!("serving metrics on {}", args.metrics_address))?;
+        tracing::info!(source = %args.source, node = %node_name, metrics = %address, "agent started");
+        tokio::select! {
+            () = agent.run(received) => bail!("the source stopped"),
+            result = source => match result {
+                Ok(Ok(())) => bail!("the source stopped"),
+                Ok(Err(error)) => Err(error.context("the source failed")),
+                Err(error) => Err(anyhow::anyhow!("the source task: {error}")),
+            },
+            _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = terminated() => Ok(()),
+        }
+    })?;
+    // The pinned programs and maps stay: enforcement outlives the agent, and the next one adopts them.
+    tracing::info!("stopped; the datapath stays pinned and enforcing");
+    Ok(())
+}
+
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut signal) => {
+            signal.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// The cgroup v2 hierarchy: /sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host.
+fn default_cgroup_root() -> PathBuf {
+    let root = PathBuf::from("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        root
+    } else {
+        root.join("unified")
     }
 }
 

@@ -104,6 +104,23 @@ pub fn assigned_ipv6(index: usize) -> IpAddr {
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, (1 + index / 200) as u16, (10 + index % 200) as u16))
 }
 
+/// Give pods without `status.podIPs` the runners' addresses, by their order
+/// in cluster.yaml: IPv4, and IPv6 too when the pod asks for it.
+pub fn assign_addresses(objects: &mut [Object]) {
+    let pods = objects.iter_mut().filter_map(|o| match o {
+        Object::Pod(pod, dual) => Some((pod, *dual)),
+        _ => None,
+    });
+    for (index, (pod, dual)) in pods.enumerate() {
+        if pod.ips.is_empty() {
+            pod.ips.push(assigned_ipv4(index));
+            if dual {
+                pod.ips.push(assigned_ipv6(index));
+            }
+        }
+    }
+}
+
 impl Scenario {
     pub fn load(dir: &Path) -> Result<Self> {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -111,21 +128,15 @@ impl Scenario {
         let cluster = std::fs::read_to_string(&cluster_path).with_context(|| format!("reading {}", cluster_path.display()))?;
         let mut snapshot = Snapshot::default();
         let mut dual_stack = Vec::new();
-        let mut index = 0;
-        for object in manifest::parse(&cluster_path.display().to_string(), &cluster)? {
+        let mut objects = manifest::parse(&cluster_path.display().to_string(), &cluster)?;
+        assign_addresses(&mut objects);
+        for object in objects {
             match object {
                 Object::Namespace(ns) => snapshot.add_namespace(ns),
-                Object::Pod(mut pod, dual) => {
-                    if pod.ips.is_empty() {
-                        pod.ips.push(assigned_ipv4(index));
-                        if dual {
-                            pod.ips.push(assigned_ipv6(index));
-                        }
-                    }
+                Object::Pod(pod, dual) => {
                     if dual {
                         dual_stack.push(pod.pod_ref());
                     }
-                    index += 1;
                     snapshot.add_pod(pod);
                 }
                 Object::Policy(p) => snapshot.add_policy(p),

@@ -36,6 +36,9 @@ pub struct TestPod {
     pub ipv4: IpAddr,
     pub ipv6: IpAddr,
     pub cgroup: PathBuf,
+    /// What the pod's manifest gives as `metadata.uid`: its cgroup is
+    /// `pod<uid>` under the topology's kubepods folder, as kubelet names it.
+    pub uid: String,
 }
 
 pub struct Topology {
@@ -44,6 +47,8 @@ pub struct Topology {
     pub node_ipv4: IpAddr,
     pub node_ipv6: IpAddr,
     pub pods: Vec<TestPod>,
+    /// Where the pods' cgroups are (the agent's `--cgroup-root`).
+    pub kubepods: PathBuf,
     subnet: u8,
     children: Vec<Child>,
 }
@@ -59,10 +64,12 @@ impl Topology {
             node_ipv4: format!("10.{subnet}.0.1").parse().unwrap(),
             node_ipv6: format!("fd00:{subnet}::1").parse().unwrap(),
             pods: vec![],
+            kubepods: PathBuf::from(CGROUP2_ROOT).join(format!("bh-{tag}-kubepods")),
             subnet,
             children: vec![],
         };
         topology.remove_leftovers();
+        std::fs::create_dir_all(&topology.kubepods).unwrap();
         run(&["ip", "netns", "add", &node_netns]);
         let exec = |cmd: &[&str]| {
             let mut args = vec!["ip", "netns", "exec", &node_netns];
@@ -94,6 +101,11 @@ impl Topology {
         if let Ok(entries) = std::fs::read_dir(CGROUP2_ROOT) {
             for entry in entries.flatten() {
                 if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    for child in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+                        if child.file_type().is_ok_and(|t| t.is_dir()) {
+                            let _ = std::fs::remove_dir(child.path());
+                        }
+                    }
                     let _ = std::fs::remove_dir(entry.path());
                 }
             }
@@ -108,10 +120,16 @@ impl Topology {
 
     pub fn add_pod(&mut self, name: &str) -> TestPod {
         let index = self.pods.len();
-        let netns = format!("bh-{}-{name}", self.tag);
-        let host_interface = format!("bh{}{index}", self.tag);
         let ipv4: IpAddr = format!("10.{}.1.{}", self.subnet, 10 + index).parse().unwrap();
         let ipv6: IpAddr = format!("fd00:{}:1::{:x}", self.subnet, 10 + index).parse().unwrap();
+        self.add_pod_at(name, ipv4, ipv6)
+    }
+
+    /// A pod with the given addresses.
+    pub fn add_pod_at(&mut self, name: &str, ipv4: IpAddr, ipv6: IpAddr) -> TestPod {
+        let index = self.pods.len();
+        let netns = format!("bh-{}-{name}", self.tag);
+        let host_interface = format!("bh{}{index}", self.tag);
         run(&["ip", "netns", "add", &netns]);
         let pod_exec = |cmd: &[&str]| {
             let mut args = vec!["ip", "netns", "exec", &netns];
@@ -131,9 +149,10 @@ impl Topology {
         self.node_exec(&["ip", "-6", "addr", "add", "fe80::1/64", "dev", &host_interface, "nodad"]);
         self.node_exec(&["ip", "route", "add", &format!("{ipv4}/32"), "dev", &host_interface]);
         self.node_exec(&["ip", "-6", "route", "add", &format!("{ipv6}/128"), "dev", &host_interface]);
-        let cgroup = PathBuf::from(CGROUP2_ROOT).join(&netns);
+        let uid = format!("{}-{index}", self.tag);
+        let cgroup = self.kubepods.join(format!("pod{uid}"));
         std::fs::create_dir_all(&cgroup).unwrap();
-        let pod = TestPod { name: name.to_string(), netns, host_interface, ipv4, ipv6, cgroup };
+        let pod = TestPod { name: name.to_string(), netns, host_interface, ipv4, ipv6, cgroup, uid };
         self.pods.push(pod.clone());
         pod
     }
@@ -216,6 +235,7 @@ impl Drop for Topology {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        let _ = std::fs::remove_dir(&self.kubepods);
         run_quiet(&["ip", "netns", "del", &self.node_netns]);
     }
 }

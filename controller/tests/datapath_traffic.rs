@@ -75,6 +75,7 @@ impl Cluster {
                 ips: vec![pod.ipv4, pod.ipv6],
                 ports: vec![ContainerPort { name: Some("http".into()), port: 80, protocol: Protocol::TCP }],
                 node_name: Some("node".into()),
+                uid: None,
             });
         }
         snapshot.node_addresses = [topology.node_ipv4, topology.node_ipv6].into();

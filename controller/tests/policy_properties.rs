@@ -431,7 +431,7 @@ fn pod(index: usize) -> impl Strategy<Value = Pod> {
             if app == "db" {
                 ports.push(ContainerPort { name: Some("metrics".into()), port: 81, protocol: crd::Protocol::UDP });
             }
-            Pod { namespace: ns.into(), name: format!("pod{index}"), labels, ips, ports, node_name: None }
+            Pod { namespace: ns.into(), name: format!("pod{index}"), labels, ips, ports, node_name: None, uid: None }
         })
 }
 

@@ -134,6 +134,7 @@ fn an_invalid_policy_is_left_out_and_the_rest_compiles_as_before() {
         ips: vec!["10.0.0.1".parse().unwrap()],
         ports: vec![],
         node_name: None,
+        uid: None,
     });
     let before = policy::compile(&snapshot);
     for object in manifest::parse("bad", &connection("  podSelector: {}\n  ingress:\n    - ports: [{port: 70000}]\n")).unwrap() {

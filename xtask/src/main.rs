@@ -28,6 +28,11 @@ enum Task {
     Crds,
     /// The product end to end on this machine: a small shop, its policies, a default-deny rollout.
     Demo,
+    /// Scenario directories with real traffic through the agent (needs root).
+    Probe {
+        #[arg(required = true)]
+        dirs: Vec<String>,
+    },
     /// Run a benchmark: `datapath` or `compile`.
     Bench { what: String },
 }
@@ -56,6 +61,12 @@ fn main() -> Result<()> {
         Task::Demo => {
             setup::run()?;
             cargo(&["run", "--release", "-p", "bulkhead", "--", "demo"])
+        }
+        Task::Probe { dirs } => {
+            setup::run()?;
+            let mut args = vec!["run", "--release", "-p", "bulkhead", "--", "probe"];
+            args.extend(dirs.iter().map(String::as_str));
+            cargo(&args)
         }
         Task::Bench { what } => {
             setup::run()?;

@@ -261,7 +261,23 @@ impl Datapath {
     /// Mark every interface and cgroup of an endpoint fail-closed: its policy
     /// could not be programmed completely.
     pub fn fail_closed(&mut self, endpoint_id: u32) -> Result<(), DatapathError> {
-        let closed = EndpointInfo { endpoint_id, flags: ENDPOINT_FLAG_FAIL_CLOSED };
+        self.set_endpoint_flags(endpoint_id, ENDPOINT_FLAG_FAIL_CLOSED)
+    }
+
+    /// Endpoints a previous agent left failed closed.
+    pub fn failed_closed_endpoints(&self) -> std::collections::BTreeSet<u32> {
+        let interfaces = self.endpoints.iter().filter_map(Result::ok).map(|(_, info)| info);
+        let cgroups = self.cgroup_endpoints.iter().filter_map(Result::ok).map(|(_, info)| info);
+        interfaces.chain(cgroups).filter(|info| info.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0).map(|info| info.endpoint_id).collect()
+    }
+
+    /// Enforce an endpoint's allowlist again once all of it is in the maps.
+    pub fn reopen(&mut self, endpoint_id: u32) -> Result<(), DatapathError> {
+        self.set_endpoint_flags(endpoint_id, 0)
+    }
+
+    fn set_endpoint_flags(&mut self, endpoint_id: u32, flags: u32) -> Result<(), DatapathError> {
+        let closed = EndpointInfo { endpoint_id, flags };
         let ifindexes: Vec<u32> = self.endpoints.iter().filter_map(Result::ok).filter(|(_, info)| info.endpoint_id == endpoint_id).map(|(k, _)| k).collect();
         for ifindex in ifindexes {
             self.set_endpoint(ifindex, closed)?;

@@ -16,6 +16,8 @@ pub struct SyncReport {
     pub operations: usize,
     /// Endpoints failed closed because a map was full, with the error.
     pub failed_closed: Vec<(u32, String)>,
+    /// Endpoints failed closed before whose allowlist is now complete.
+    pub reopened: Vec<u32>,
 }
 
 pub struct Programmer {
@@ -36,7 +38,8 @@ impl Programmer {
         for (prefix_len, address, identity) in datapath.ipcache_entries() {
             programmed.ipcache.insert((prefix_len, address), identity);
         }
-        Self { datapath, programmed, failed_closed: BTreeSet::new() }
+        let failed_closed = datapath.failed_closed_endpoints();
+        Self { datapath, programmed, failed_closed }
     }
 
     pub fn datapath(&self) -> &Datapath {
@@ -47,6 +50,10 @@ impl Programmer {
         &mut self.datapath
     }
 
+    pub fn failed_closed(&self) -> &BTreeSet<u32> {
+        &self.failed_closed
+    }
+
     pub fn programmed(&self) -> &DesiredState {
         &self.programmed
     }
@@ -55,6 +62,7 @@ impl Programmer {
     pub fn sync(&mut self, desired: &DesiredState) -> Result<SyncReport, DatapathError> {
         let ops = policy::diff(&self.programmed, desired);
         let mut report = SyncReport { operations: ops.len(), ..Default::default() };
+        let mut still_incomplete = BTreeSet::new();
         for op in &ops {
             let result = match op {
                 MapOp::PolicyUpsert((prefix_len, key), value) => self.datapath.set_policy(*prefix_len, *key, *value),
@@ -69,6 +77,7 @@ impl Programmer {
                     // whose entry did not fit drops everything but node traffic.
                     if let MapOp::PolicyUpsert((_, key), _) = op {
                         let endpoint = key.endpoint();
+                        still_incomplete.insert(endpoint);
                         if self.failed_closed.insert(endpoint) {
                             self.datapath.fail_closed(endpoint)?;
                         }
@@ -80,6 +89,14 @@ impl Programmer {
                 Err(error) => return Err(error),
             }
         }
+        // An endpoint whose entries all went in this time is whole again
+        // (the entries that did not fit before were retried by this diff).
+        let complete: Vec<u32> = self.failed_closed.difference(&still_incomplete).copied().collect();
+        for endpoint in complete {
+            self.datapath.reopen(endpoint)?;
+            self.failed_closed.remove(&endpoint);
+            report.reopened.push(endpoint);
+        }
         if !ops.is_empty() {
             self.datapath.bump_policy_revision()?;
         }
@@ -89,7 +106,9 @@ impl Programmer {
     /// Enforce on a local pod: its addresses (anti-spoofing), its host-side
     /// veth, and its cgroup when known. Policy entries must be synced first.
     pub fn attach_endpoint(&mut self, endpoint_id: u32, interface: &str, ifindex: u32, addresses: &[IpAddr], cgroup: Option<&Path>) -> Result<(), EndpointError> {
-        let info = EndpointInfo { endpoint_id, flags: 0 };
+        // An endpoint whose allowlist did not fit starts closed, not open.
+        let flags = if self.failed_closed.contains(&endpoint_id) { datapath_common::ENDPOINT_FLAG_FAIL_CLOSED } else { 0 };
+        let info = EndpointInfo { endpoint_id, flags };
         for address in addresses {
             self.datapath.set_local_address(address_key(*address), endpoint_id)?;
         }

@@ -62,6 +62,8 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     pub ports: Vec<ContainerPort>,
     pub node_name: Option<String>,
+    /// `metadata.uid`: how the agent finds the pod's cgroup.
+    pub uid: Option<String>,
 }
 
 impl Pod {
@@ -125,6 +127,15 @@ pub enum PolicyObject {
 }
 
 impl PolicyObject {
+    /// `metadata.generation`: which version of the spec a status speaks of.
+    pub fn generation(&self) -> Option<i64> {
+        match self {
+            PolicyObject::Connection(p) => p.metadata.generation,
+            PolicyObject::Cluster(p) => p.metadata.generation,
+            PolicyObject::Network(p) => p.metadata.generation,
+        }
+    }
+
     pub fn policy_ref(&self) -> PolicyRef {
         let (kind, meta) = match self {
             PolicyObject::Connection(p) => (PolicyKind::ConnectionPolicy, &p.metadata),

@@ -112,7 +112,7 @@ fn pod_of(pod: core::Pod) -> Result<(Pod, bool), String> {
         .is_some_and(|v| v.split(',').any(|f| f.trim() == "IPv6"));
     let labels: BTreeMap<String, String> = pod.metadata.labels.unwrap_or_default();
     let node_name = pod.spec.and_then(|s| s.node_name);
-    Ok((Pod { namespace, name, labels, ips, ports, node_name }, dual))
+    Ok((Pod { namespace, name, labels, ips, ports, node_name, uid: pod.metadata.uid }, dual))
 }
 
 #[cfg(test)]

@@ -1,0 +1,605 @@
+//! `bulkhead agent`: one per node. A source (the API server or a folder)
+//! feeds `Update`s into one loop that owns the snapshot and the datapath:
+//! changes are gathered for a moment, compiled, and the difference written
+//! to the pinned maps; local pods get the programs on their veth and cgroup.
+//! The same loop reads the datapath's counters and events into metrics and
+//! logs. Only this loop touches the datapath, so writes never interleave.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    net::{IpAddr, Ipv6Addr},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use datapath_common::{reason as drop_reason, Event, EVENT_AUDIT, INGRESS, RULE_DEFAULT_DENY, SOURCE_CGROUP};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::{
+    dataplane::{sync::Programmer, Datapath, DropCount, VerdictCount},
+    policy::{self, rules, DesiredState, PodRef, PolicyObject, PolicyRef, Snapshot},
+    source::{self, Change, Object, ObjectKey, ObjectKind, Update},
+};
+
+pub mod host;
+pub mod http;
+pub mod metrics;
+
+use host::{Host, HostInterface};
+use metrics::Metrics;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_name: String,
+    pub pin_dir: PathBuf,
+    /// Where kubelet's pod cgroups are (none: no socket hooks).
+    pub cgroup_root: Option<PathBuf>,
+    /// Pods without `spec.nodeName` are this node's: a folder describes one node.
+    pub unscheduled_pods_are_local: bool,
+    /// Quiet time that ends a burst of changes.
+    pub debounce: Duration,
+    /// The longest a change waits for a burst to end.
+    pub max_delay: Duration,
+    /// Deny and audit events per second and CPU (the rest are only counted).
+    pub events_per_second: Option<u64>,
+}
+
+impl Config {
+    pub fn new(node_name: &str, pin_dir: PathBuf) -> Self {
+        Self {
+            node_name: node_name.to_string(),
+            pin_dir,
+            cgroup_root: None,
+            unscheduled_pods_are_local: false,
+            debounce: Duration::from_millis(5),
+            max_delay: Duration::from_millis(50),
+            events_per_second: None,
+        }
+    }
+}
+
+/// One deny or audit event, with names instead of numbers.
+#[derive(Clone, Debug, Serialize)]
+pub struct EventRecord {
+    pub verdict: &'static str,
+    pub direction: &'static str,
+    /// `namespace/pod` of the endpoint that judged it.
+    pub pod: String,
+    pub source: String,
+    pub destination: String,
+    pub protocol: String,
+    pub policy: String,
+    pub rule: Option<u32>,
+    /// `tc` (a packet on the veth) or `connect` (the socket hook).
+    pub hook: &'static str,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StateView {
+    pub ready: bool,
+    /// The source revision (a folder's content digest) the datapath holds.
+    pub revision: Option<String>,
+    pub syncs: u64,
+    /// Local pods and the interface each is enforced on.
+    pub endpoints: BTreeMap<String, String>,
+    /// Local pods not enforced yet (no veth found yet).
+    pub waiting: Vec<String>,
+    pub failed_closed: Vec<String>,
+    pub rejected: Vec<String>,
+    /// Accepted policies with their `metadata.generation` and selected pods.
+    pub policies: BTreeMap<String, PolicyView>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PolicyView {
+    pub generation: Option<i64>,
+    pub selected_pods: usize,
+}
+
+/// What the HTTP endpoints read.
+pub struct Shared {
+    pub metrics: Metrics,
+    ready: AtomicBool,
+    heartbeat: Mutex<Instant>,
+    state: Mutex<StateView>,
+    events: Mutex<VecDeque<EventRecord>>,
+}
+
+const RECENT_EVENTS: usize = 512;
+const HOUSEKEEPING: Duration = Duration::from_millis(200);
+/// The loop is stuck when it has not ticked for this long.
+const STUCK: Duration = Duration::from_secs(10);
+
+impl Shared {
+    pub fn new() -> Self {
+        Self {
+            metrics: Metrics::new(),
+            ready: AtomicBool::new(false),
+            heartbeat: Mutex::new(Instant::now()),
+            state: Mutex::new(StateView::default()),
+            events: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn health(&self) -> Result<(), String> {
+        let since = self.heartbeat.lock().expect("heartbeat lock").elapsed();
+        if since > STUCK {
+            return Err(format!("the agent loop has not run for {since:?}"));
+        }
+        Ok(())
+    }
+
+    pub fn state(&self) -> StateView {
+        self.state.lock().expect("state lock").clone()
+    }
+
+    pub fn state_json(&self) -> String {
+        serde_json::to_string_pretty(&self.state()).expect("serializable state")
+    }
+
+    pub fn events_json(&self) -> String {
+        let events = self.events.lock().expect("events lock");
+        serde_json::to_string_pretty(&*events).expect("serializable events")
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A local pod the programs are attached for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Attached {
+    endpoint_id: u32,
+    interface: HostInterface,
+    addresses: Vec<IpAddr>,
+    cgroup: Option<PathBuf>,
+}
+
+struct Pending {
+    first_observed: Instant,
+    last_change: Instant,
+}
+
+pub struct Agent {
+    config: Config,
+    shared: Arc<Shared>,
+    host: Host,
+    programmer: Programmer,
+    snapshot: Snapshot,
+    /// Invalid policy objects, with why; their last good version (if any) stays in `snapshot`.
+    rejected: BTreeMap<PolicyRef, rules::ValidationError>,
+    state: DesiredState,
+    pods_by_endpoint: HashMap<u32, PodRef>,
+    pods_by_address: HashMap<IpAddr, PodRef>,
+    attached: BTreeMap<PodRef, Attached>,
+    /// Local pods whose veth is not there yet.
+    waiting: BTreeSet<PodRef>,
+    source_synced: bool,
+    pending: Option<Pending>,
+    /// The source revision of the newest update taken.
+    revision: Option<String>,
+    /// The last sync failed; try again at the next tick.
+    retry: bool,
+    counted_verdicts: VerdictCount,
+    counted_drops: DropCount,
+    syncs: u64,
+}
+
+impl Agent {
+    /// Load (or adopt) the datapath pinned under `config.pin_dir`.
+    pub fn new(config: Config, shared: Arc<Shared>) -> anyhow::Result<Self> {
+        let mut datapath = Datapath::load(&config.pin_dir)?;
+        if let Some(limit) = config.events_per_second {
+            datapath.set_events_per_second(limit)?;
+        }
+        let programmer = Programmer::adopt(datapath);
+        let host = Host::new(config.cgroup_root.clone())?;
+        for (map, capacity) in [
+            ("policy", datapath_common::capacity::POLICY),
+            ("ipcache", datapath_common::capacity::IPCACHE),
+            ("endpoints", datapath_common::capacity::ENDPOINTS),
+            ("local_addresses", datapath_common::capacity::LOCAL_ADDRS),
+        ] {
+            shared.metrics.map_capacity.with_label_values(&[map]).set(capacity as i64);
+        }
+        Ok(Self {
+            config,
+            shared,
+            host,
+            programmer,
+            snapshot: Snapshot::default(),
+            rejected: BTreeMap::new(),
+            state: DesiredState::default(),
+            pods_by_endpoint: HashMap::new(),
+            pods_by_address: HashMap::new(),
+            attached: BTreeMap::new(),
+            waiting: BTreeSet::new(),
+            source_synced: false,
+            pending: None,
+            revision: None,
+            retry: false,
+            counted_verdicts: VerdictCount::new(),
+            counted_drops: DropCount::new(),
+            syncs: 0,
+        })
+    }
+
+    /// Run until the source closes its channel.
+    pub async fn run(mut self, mut updates: mpsc::Receiver<Update>) {
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.pending.as_ref().filter(|_| self.source_synced).map(|p| (p.last_change + self.config.debounce).min(p.first_observed + self.config.max_delay));
+            let due = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                update = updates.recv() => match update {
+                    Some(update) => self.take(update),
+                    None => return,
+                },
+                () = due => self.reconcile().await,
+                _ = housekeeping.tick() => self.housekeeping().await,
+            }
+        }
+    }
+
+    fn take(&mut self, update: Update) {
+        let now = Instant::now();
+        match &mut self.pending {
+            Some(pending) => {
+                pending.first_observed = pending.first_observed.min(update.observed);
+                pending.last_change = now;
+            }
+            None => self.pending = Some(Pending { first_observed: update.observed, last_change: now }),
+        }
+        if update.revision.is_some() {
+            self.revision = update.revision;
+        }
+        for change in update.changes {
+            match change {
+                Change::Synced => self.source_synced = true,
+                Change::Applied(Object::Policy(policy)) => {
+                    if let Some(policy) = self.validated(policy) {
+                        self.snapshot.add_policy(policy);
+                    }
+                }
+                Change::Relisted(ObjectKind::Policy(kind), objects) => {
+                    let mut kept = Vec::new();
+                    let mut listed = BTreeSet::new();
+                    for object in objects {
+                        let Object::Policy(policy) = object else { continue };
+                        listed.insert(policy.policy_ref());
+                        if let Some(policy) = self.validated(policy) {
+                            kept.push(Object::Policy(policy));
+                        }
+                    }
+                    self.rejected.retain(|key, _| key.kind != kind || listed.contains(key));
+                    source::apply(&mut self.snapshot, Change::Relisted(ObjectKind::Policy(kind), kept));
+                }
+                Change::Deleted(ObjectKey::Policy(key)) => {
+                    self.rejected.remove(&key);
+                    self.snapshot.policies.remove(&key);
+                }
+                other => source::apply(&mut self.snapshot, other),
+            }
+        }
+    }
+
+    /// The version of a policy to enforce: itself when valid; when not, the
+    /// last good version already in the snapshot (or nothing), so an invalid
+    /// update changes nothing in the datapath.
+    fn validated(&mut self, policy: PolicyObject) -> Option<PolicyObject> {
+        let key = policy.policy_ref();
+        match rules::normalize(&policy) {
+            Ok(_) => {
+                if self.rejected.remove(&key).is_some() {
+                    tracing::info!(policy = %key, "policy accepted again");
+                }
+                Some(policy)
+            }
+            Err(error) => {
+                let previous = self.snapshot.policies.get(&key).cloned();
+                if self.rejected.get(&key) != Some(&error) {
+                    tracing::error!(
+                        policy = %key, field = %error.field, reason = %error.reason, error = %error.message,
+                        kept_last_good = previous.is_some(),
+                        "policy rejected; what it enforced before stays enforced"
+                    );
+                }
+                self.rejected.insert(key, error);
+                previous
+            }
+        }
+    }
+
+    fn is_local(&self, node_name: Option<&str>) -> bool {
+        match node_name {
+            Some(node) => node == self.config.node_name,
+            None => self.config.unscheduled_pods_are_local,
+        }
+    }
+
+    async fn reconcile(&mut self) {
+        let Some(pending) = self.pending.take() else { return };
+        match self.host.node_addresses().await {
+            Ok(addresses) => self.snapshot.node_addresses = addresses,
+            Err(error) => tracing::warn!(%error, "cannot read the node's addresses; keeping the last known"),
+        }
+        let started = Instant::now();
+        let desired = policy::compile(&self.snapshot);
+        self.shared.metrics.compile_seconds.observe(started.elapsed().as_secs_f64());
+
+        let local: BTreeMap<PodRef, &policy::compile::Endpoint> = desired.endpoints.iter().filter(|(_, e)| self.is_local(e.node_name.as_deref())).map(|(p, e)| (p.clone(), e)).collect();
+        let local_ids: BTreeSet<u32> = local.values().map(|e| e.id).collect();
+        let local_state = DesiredState {
+            ipcache: desired.ipcache.clone(),
+            policy: desired.policy.iter().filter(|((_, key), _)| local_ids.contains(&key.endpoint())).map(|(k, v)| (*k, *v)).collect(),
+            ..Default::default()
+        };
+
+        // Pods gone, moved or renumbered lose their programs before their entries go.
+        let stale: Vec<PodRef> = self
+            .attached
+            .iter()
+            .filter(|(pod, attached)| local.get(*pod).is_none_or(|e| e.id != attached.endpoint_id || e.addresses != attached.addresses))
+            .map(|(pod, _)| pod.clone())
+            .collect();
+        for pod in stale {
+            self.detach(&pod);
+        }
+        self.waiting.retain(|pod| local.contains_key(pod));
+
+        let started = Instant::now();
+        let synced = self.programmer.sync(&local_state);
+        self.shared.metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
+        let ok = match synced {
+            Ok(report) => {
+                for (endpoint, error) in &report.failed_closed {
+                    let pod = desired.endpoint_by_id(*endpoint).map(|p| p.to_string()).unwrap_or_default();
+                    tracing::error!(%pod, endpoint, %error, "datapath map full: the pod is failed closed (only node traffic passes) until its allowlist fits");
+                    self.shared.metrics.sync_errors.with_label_values(&["map_full"]).inc();
+                }
+                for endpoint in &report.reopened {
+                    let pod = desired.endpoint_by_id(*endpoint).map(|p| p.to_string()).unwrap_or_default();
+                    tracing::info!(%pod, endpoint, "allowlist complete again: the pod is enforced normally");
+                }
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, "datapath sync failed; retrying");
+                self.shared.metrics.sync_errors.with_label_values(&["sync"]).inc();
+                false
+            }
+        };
+        self.pods_by_endpoint = desired.endpoints.iter().map(|(p, e)| (e.id, p.clone())).collect();
+        self.pods_by_address = desired.endpoints.iter().flat_map(|(p, e)| e.addresses.iter().map(move |a| (*a, p.clone()))).collect();
+        self.state = desired;
+        self.attach_missing().await;
+        if !ok {
+            self.retry = true;
+            return;
+        }
+        self.retry = false;
+        self.syncs += 1;
+        self.shared.metrics.policy_convergence.observe(pending.first_observed.elapsed().as_secs_f64());
+        self.publish();
+        if !self.shared.ready.swap(true, Ordering::Relaxed) {
+            tracing::info!(endpoints = self.attached.len(), policies = self.snapshot.policies.len(), "first full sync in the datapath: ready");
+        }
+    }
+
+    /// Attach the programs for local pods that do not have them yet.
+    async fn attach_missing(&mut self) {
+        let local: Vec<(PodRef, u32, Vec<IpAddr>)> = self
+            .state
+            .endpoints
+            .iter()
+            .filter(|(pod, e)| self.is_local(e.node_name.as_deref()) && !self.attached.contains_key(*pod) && !e.addresses.is_empty())
+            .map(|(pod, e)| (pod.clone(), e.id, e.addresses.clone()))
+            .collect();
+        for (pod, endpoint_id, addresses) in local {
+            let interface = match self.host.interface_to(addresses[0]).await {
+                Ok(Some(interface)) => interface,
+                Ok(None) => {
+                    if self.waiting.insert(pod.clone()) {
+                        tracing::debug!(%pod, address = %addresses[0], "no veth routes to the pod yet; waiting");
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(%pod, %error, "route lookup failed");
+                    continue;
+                }
+            };
+            let uid = self.snapshot.pods.get(&pod).and_then(|p| p.uid.clone());
+            let cgroup = uid.as_deref().and_then(|uid| self.host.cgroup_of(uid));
+            match self.programmer.attach_endpoint(endpoint_id, &interface.name, interface.ifindex, &addresses, cgroup.as_deref()) {
+                Ok(()) => {
+                    tracing::info!(%pod, interface = %interface.name, cgroup = ?cgroup, endpoint = endpoint_id, "enforcing");
+                    self.waiting.remove(&pod);
+                    self.attached.insert(pod, Attached { endpoint_id, interface, addresses, cgroup });
+                }
+                Err(error) => {
+                    tracing::error!(%pod, interface = %interface.name, %error, "cannot attach the datapath to the pod");
+                    self.shared.metrics.sync_errors.with_label_values(&["attach"]).inc();
+                    self.waiting.insert(pod);
+                }
+            }
+        }
+        self.shared.metrics.endpoints.set(self.attached.len() as i64);
+    }
+
+    fn detach(&mut self, pod: &PodRef) {
+        let Some(attached) = self.attached.remove(pod) else { return };
+        match self.programmer.detach_endpoint(&attached.interface.name, attached.interface.ifindex, &attached.addresses, attached.cgroup.as_deref()) {
+            Ok(()) => tracing::info!(%pod, interface = %attached.interface.name, "no longer enforcing: the pod left this node"),
+            Err(error) => {
+                tracing::warn!(%pod, interface = %attached.interface.name, %error, "detaching left something behind");
+                self.shared.metrics.sync_errors.with_label_values(&["detach"]).inc();
+            }
+        }
+    }
+
+    async fn housekeeping(&mut self) {
+        *self.shared.heartbeat.lock().expect("heartbeat lock") = Instant::now();
+        self.read_datapath();
+        if self.retry && self.pending.is_none() {
+            self.pending = Some(Pending { first_observed: Instant::now(), last_change: Instant::now() });
+        }
+        if !self.waiting.is_empty() && self.shared.is_ready() {
+            let before = self.attached.len();
+            self.attach_missing().await;
+            if self.attached.len() != before {
+                self.publish();
+            }
+        }
+    }
+
+    /// Counters into metrics, events into logs.
+    fn read_datapath(&mut self) {
+        let events = self.programmer.datapath_mut().drain_events();
+        for event in &events {
+            let record = self.describe(event);
+            self.shared.metrics.events_received.with_label_values(&[record.verdict]).inc();
+            if record.verdict == "audit" {
+                tracing::info!(
+                    verdict = record.verdict, direction = record.direction, pod = %record.pod, source = %record.source,
+                    destination = %record.destination, protocol = %record.protocol, policy = %record.policy, rule = ?record.rule, hook = record.hook,
+                    "connection would be denied (audit)"
+                );
+            } else {
+                tracing::warn!(
+                    verdict = record.verdict, direction = record.direction, pod = %record.pod, source = %record.source,
+                    destination = %record.destination, protocol = %record.protocol, policy = %record.policy, rule = ?record.rule, hook = record.hook,
+                    "connection denied"
+                );
+            }
+            let mut recent = self.shared.events.lock().expect("events lock");
+            if recent.len() == RECENT_EVENTS {
+                recent.pop_front();
+            }
+            recent.push_back(record);
+        }
+
+        let verdicts = self.programmer.datapath().verdicts();
+        for (key, count) in &verdicts {
+            let before = self.counted_verdicts.get(key).copied().unwrap_or(0);
+            if *count <= before {
+                continue;
+            }
+            let pod = self.pods_by_endpoint.get(&key.endpoint).cloned().unwrap_or_else(|| PodRef::new("", ""));
+            let policy = self.state.policy_names.get(&key.policy_id).map(PolicyRef::qualified_name).unwrap_or_default();
+            let labels = [direction_name(key.direction), pod.namespace.as_str(), pod.name.as_str(), policy.as_str()];
+            let metric = if key.kind == EVENT_AUDIT { &self.shared.metrics.audit_denied_connections } else { &self.shared.metrics.blocked_connections };
+            metric.with_label_values(&labels).inc_by(count - before);
+        }
+        self.counted_verdicts = verdicts;
+
+        let drops = self.programmer.datapath().drops();
+        for (key, count) in &drops {
+            let before = self.counted_drops.get(key).copied().unwrap_or(0);
+            if *count > before {
+                self.shared.metrics.dropped_packets.with_label_values(&[direction_name(key.direction), drop_reason::name(key.reason)]).inc_by(count - before);
+            }
+        }
+        self.counted_drops = drops;
+    }
+
+    fn describe(&self, event: &Event) -> EventRecord {
+        let pod = self.pods_by_endpoint.get(&event.endpoint).map(PodRef::to_string).unwrap_or_else(|| format!("endpoint {}", event.endpoint));
+        let name = |address: [u8; 16], port: u16| {
+            let address = event_address(address);
+            match self.pods_by_address.get(&address) {
+                Some(pod) => format!("{pod} ({address}:{port})"),
+                None => format!("{address}:{port}"),
+            }
+        };
+        let policy = self.state.policy_names.get(&event.policy_id).map(PolicyRef::qualified_name).unwrap_or_default();
+        let cgroup = event.source == SOURCE_CGROUP;
+        EventRecord {
+            verdict: if event.kind == EVENT_AUDIT { "audit" } else { "deny" },
+            direction: direction_name(event.direction),
+            pod: pod.clone(),
+            source: if cgroup { pod } else { name(event.saddr, event.sport) },
+            destination: name(event.daddr, event.dport),
+            protocol: protocol_name(event.protocol).to_string(),
+            policy,
+            rule: (event.rule != RULE_DEFAULT_DENY).then_some(event.rule),
+            hook: if cgroup { "connect" } else { "tc" },
+        }
+    }
+
+    fn publish(&self) {
+        let failed = self.programmer.failed_closed();
+        let view = StateView {
+            ready: true,
+            revision: self.revision.clone(),
+            syncs: self.syncs,
+            endpoints: self.attached.iter().map(|(p, a)| (p.to_string(), a.interface.name.clone())).collect(),
+            waiting: self.waiting.iter().map(PodRef::to_string).collect(),
+            failed_closed: self.pods_by_endpoint.iter().filter(|(id, _)| failed.contains(id)).map(|(_, p)| p.to_string()).collect(),
+            rejected: self.rejected.values().map(|e| e.to_string()).collect(),
+            policies: self
+                .snapshot
+                .policies
+                .iter()
+                .filter(|(key, _)| !self.rejected.contains_key(*key))
+                .map(|(key, object)| {
+                    let view = PolicyView { generation: object.generation(), selected_pods: self.state.selected_pods.get(key).copied().unwrap_or(0) };
+                    (key.to_string(), view)
+                })
+                .collect(),
+        };
+        let metrics = &self.shared.metrics;
+        metrics.endpoints_failed_closed.set(view.failed_closed.len() as i64);
+        metrics.policies_rejected.set(self.rejected.len() as i64);
+        let programmed = self.programmer.programmed();
+        metrics.map_entries.with_label_values(&["policy"]).set(programmed.policy.len() as i64);
+        metrics.map_entries.with_label_values(&["ipcache"]).set(programmed.ipcache.len() as i64);
+        metrics.map_entries.with_label_values(&["endpoints"]).set(self.attached.len() as i64);
+        metrics.map_entries.with_label_values(&["local_addresses"]).set(self.attached.values().map(|a| a.addresses.len()).sum::<usize>() as i64);
+        *self.shared.state.lock().expect("state lock") = view;
+    }
+}
+
+fn direction_name(direction: u8) -> &'static str {
+    if direction == INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    }
+}
+
+/// Event addresses are IPv6, IPv4 mapped into it.
+fn event_address(address: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(address);
+    v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
+}
+
+fn protocol_name(number: u8) -> &'static str {
+    use datapath_common::proto;
+    match number {
+        proto::TCP => "TCP",
+        proto::UDP => "UDP",
+        proto::SCTP => "SCTP",
+        proto::ICMP => "ICMP",
+        proto::ICMPV6 => "ICMPv6",
+        _ => "other",
+    }
+}

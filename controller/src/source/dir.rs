@@ -1,0 +1,291 @@
+//! `--source dir:<path>`: the same objects as the API server would give,
+//! read from YAML files and followed with inotify. Each scan turns what
+//! changed on disk into `Applied`/`Deleted` changes — the shape of watch
+//! events — so a file edit takes the path a watch event takes.
+//!
+//! Two layouts: a scenario directory (scenario.md: it has `expect.yaml`) is
+//! followed through its `cluster.yaml` and `policies.yaml`, pods without
+//! addresses getting the ones the scenario runners give them; any other
+//! folder is followed through every `*.yaml`/`*.yml` file in it, recursively.
+//! A file that stops parsing keeps the objects it last gave: bad input never
+//! changes what is enforced.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+
+use super::{manifest, Change, Object, ObjectKey, Update};
+use crate::{policy::identity::stable_hash, scenario};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    Scenario,
+    Manifests,
+}
+
+struct FileState {
+    content_hash: u64,
+    /// The objects of the last version that parsed.
+    objects: Vec<Object>,
+}
+
+pub struct DirSource {
+    root: PathBuf,
+    layout: Layout,
+    files: BTreeMap<PathBuf, FileState>,
+    /// Which file and which version of it each object came from.
+    origins: BTreeMap<ObjectKey, (PathBuf, u64)>,
+}
+
+/// What one scan found.
+pub struct Scan {
+    pub changes: Vec<Change>,
+    pub revision: String,
+    /// Files that did not parse, with why; their last good objects stay.
+    pub errors: Vec<String>,
+}
+
+impl DirSource {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
+        let layout = if root.join("expect.yaml").is_file() { Layout::Scenario } else { Layout::Manifests };
+        Self { root, layout, files: BTreeMap::new(), origins: BTreeMap::new() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Read the folder again and say what changed since the last scan.
+    pub fn scan(&mut self) -> std::io::Result<Scan> {
+        let mut errors = Vec::new();
+        let mut seen = BTreeMap::new();
+        for path in followed_files(&self.root, self.layout)? {
+            let text = match std::fs::read(&path) {
+                Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                // Removed between the listing and the read.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let content_hash = stable_hash(&text);
+            let unchanged = self.files.get(&path).is_some_and(|f| f.content_hash == content_hash);
+            if !unchanged {
+                match self.parse(&path, &text) {
+                    Ok(objects) => {
+                        self.files.insert(path.clone(), FileState { content_hash, objects });
+                    }
+                    Err(error) => {
+                        errors.push(error);
+                        let objects = self.files.remove(&path).map(|f| f.objects).unwrap_or_default();
+                        self.files.insert(path.clone(), FileState { content_hash, objects });
+                    }
+                }
+            }
+            seen.insert(path, content_hash);
+        }
+        self.files.retain(|path, _| seen.contains_key(path));
+
+        // Later files win for an object defined twice, as a later `kubectl apply` would.
+        let mut current: BTreeMap<ObjectKey, (&Object, (PathBuf, u64))> = BTreeMap::new();
+        for (path, file) in &self.files {
+            for object in &file.objects {
+                current.insert(object.key(), (object, (path.clone(), file.content_hash)));
+            }
+        }
+        let mut changes = Vec::new();
+        for key in self.origins.keys() {
+            if !current.contains_key(key) {
+                changes.push(Change::Deleted(key.clone()));
+            }
+        }
+        for (key, (object, origin)) in &current {
+            if self.origins.get(key) != Some(origin) {
+                changes.push(Change::Applied((*object).clone()));
+            }
+        }
+        self.origins = current.into_iter().map(|(key, (_, origin))| (key, origin)).collect();
+        Ok(Scan { changes, revision: revision_of(&self.root, &seen), errors })
+    }
+
+    fn parse(&self, path: &Path, text: &str) -> Result<Vec<Object>, String> {
+        let mut objects = manifest::parse(&path.display().to_string(), text).map_err(|e| e.to_string())?;
+        if self.layout == Layout::Scenario && path.file_name().is_some_and(|n| n == "cluster.yaml") {
+            scenario::assign_addresses(&mut objects);
+        }
+        Ok(objects)
+    }
+}
+
+fn is_manifest(path: &Path) -> bool {
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    // Hidden files are editors' and writers' temporaries, renamed into place when complete.
+    !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
+}
+
+fn followed_files(root: &Path, layout: Layout) -> std::io::Result<Vec<PathBuf>> {
+    if layout == Layout::Scenario {
+        return Ok(["cluster.yaml", "policies.yaml"].iter().map(|f| root.join(f)).filter(|p| p.is_file()).collect());
+    }
+    let mut out = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let file_type = entry.file_type()?;
+            if file_type.is_dir() && !entry.file_name().to_string_lossy().starts_with('.') {
+                pending.push(path);
+            } else if is_manifest(&path) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn revision_of(root: &Path, files: &BTreeMap<PathBuf, u64>) -> String {
+    let mut text = String::new();
+    for (path, hash) in files {
+        let relative = path.strip_prefix(root).unwrap_or(path);
+        text.push_str(&format!("{}={hash:016x};", relative.display()));
+    }
+    format!("{:016x}", stable_hash(&text))
+}
+
+/// The revision an agent following `root` reports once it has enforced the
+/// folder's present content.
+pub fn revision(root: &Path) -> std::io::Result<String> {
+    Ok(DirSource::new(root).scan()?.revision)
+}
+
+/// How long a burst of file events is gathered before a scan: an editor's
+/// write, rename and chmod arrive as one change.
+const SETTLE: Duration = Duration::from_millis(3);
+/// A scan now and then, in case inotify lost events (its queue overflowed).
+const RESCAN: Duration = Duration::from_secs(10);
+
+/// Scan once, report it with `Synced`, then follow the folder until `updates` closes.
+pub async fn run(mut source: DirSource, updates: mpsc::Sender<Update>) -> anyhow::Result<()> {
+    use notify::Watcher;
+    let (wake, mut woken) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = wake.send(Instant::now());
+        }
+    })?;
+    watcher.watch(source.root(), notify::RecursiveMode::Recursive)?;
+
+    let observed = Instant::now();
+    let first = source.scan()?;
+    report_errors(&first.errors);
+    let mut changes = first.changes;
+    changes.push(Change::Synced);
+    if updates.send(Update { changes, observed, revision: Some(first.revision) }).await.is_err() {
+        return Ok(());
+    }
+    loop {
+        let observed = match tokio::time::timeout(RESCAN, woken.recv()).await {
+            Ok(Some(at)) => at,
+            Ok(None) => return Ok(()),
+            Err(_) => Instant::now(),
+        };
+        tokio::time::sleep(SETTLE).await;
+        while woken.try_recv().is_ok() {}
+        let scan = match source.scan() {
+            Ok(scan) => scan,
+            Err(error) => {
+                tracing::error!(folder = %source.root().display(), %error, "cannot read the policy folder; what is enforced stays");
+                continue;
+            }
+        };
+        report_errors(&scan.errors);
+        if updates.send(Update { changes: scan.changes, observed, revision: Some(scan.revision) }).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+fn report_errors(errors: &[String]) {
+    for error in errors {
+        tracing::error!(%error, "manifest rejected; the objects it last gave stay enforced");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("bulkhead-dir-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    const POLICY: &str = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  ingress: []\n";
+
+    fn kinds(changes: &[Change]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|c| match c {
+                Change::Applied(o) => format!("applied {:?}", o.key()),
+                Change::Deleted(k) => format!("deleted {k:?}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn edits_become_watch_shaped_changes_and_a_bad_file_keeps_its_objects() {
+        let dir = temp_dir("edits");
+        std::fs::write(dir.join("p.yaml"), POLICY).unwrap();
+        std::fs::write(dir.join("notes.txt"), "not followed").unwrap();
+        let mut source = DirSource::new(&dir);
+        let first = source.scan().unwrap();
+        assert_eq!(first.changes.len(), 1, "{:?}", kinds(&first.changes));
+        assert_eq!(first.revision, revision(&dir).unwrap(), "a fresh reader computes the same revision");
+
+        let again = source.scan().unwrap();
+        assert!(again.changes.is_empty(), "nothing changed: {:?}", kinds(&again.changes));
+        assert_eq!(again.revision, first.revision);
+
+        std::fs::write(dir.join("p.yaml"), POLICY.replace("ingress: []", "ingress: [{}]")).unwrap();
+        let edited = source.scan().unwrap();
+        assert_eq!(kinds(&edited.changes).len(), 1);
+        assert!(kinds(&edited.changes)[0].starts_with("applied"));
+        assert_ne!(edited.revision, first.revision);
+
+        std::fs::write(dir.join("p.yaml"), "kind: ConnectionPolicy\nmetadata: {name: p, namespace: x}\nspec: {podSelector: 7}\n").unwrap();
+        let broken = source.scan().unwrap();
+        assert!(broken.changes.is_empty(), "a bad file changes nothing: {:?}", kinds(&broken.changes));
+        assert!(broken.errors[0].contains("p.yaml") && broken.errors[0].contains("spec.podSelector"), "{:?}", broken.errors);
+
+        std::fs::remove_file(dir.join("p.yaml")).unwrap();
+        let removed = source.scan().unwrap();
+        assert_eq!(kinds(&removed.changes), vec!["deleted Policy(PolicyRef { kind: ConnectionPolicy, namespace: \"x\", name: \"p\" })".to_string()]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_scenario_folder_follows_its_cluster_and_first_policies_only() {
+        let dir = temp_dir("scenario");
+        std::fs::write(dir.join("expect.yaml"), "steps: []\n").unwrap();
+        std::fs::write(dir.join("cluster.yaml"), "kind: Pod\nmetadata: {name: a, namespace: x}\nspec: {containers: []}\n").unwrap();
+        std::fs::write(dir.join("policies.yaml"), POLICY).unwrap();
+        std::fs::write(dir.join("step2.yaml"), POLICY.replace("name: p", "name: q")).unwrap();
+        let scan = DirSource::new(&dir).scan().unwrap();
+        let keys = kinds(&scan.changes);
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        let pod = scan.changes.iter().find_map(|c| match c {
+            Change::Applied(Object::Pod(p, _)) => Some(p.clone()),
+            _ => None,
+        });
+        assert_eq!(pod.unwrap().ips, vec![scenario::assigned_ipv4(0)], "the runners' addresses");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
