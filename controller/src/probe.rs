@@ -9,10 +9,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{Read, Write},
     net::IpAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -135,9 +134,9 @@ fn run_scenario(dir: &Path) -> Result<ProbeReport> {
     let mut snapshot = scenario.snapshot.clone();
     write_objects(&bed.work, &snapshot, &uids)?;
     let log = std::fs::File::create(std::env::temp_dir().join("bulkhead-probe-agent.log"))?;
-    let agent = Command::new("ip")
-        .args(["netns", "exec", &bed.topology.node_netns])
-        .arg(std::env::current_exe()?)
+    let agent = bed
+        .topology
+        .node_command(std::env::current_exe()?)
         .args(["agent", "--node-name", "probe-node", "--pin-dir", PIN_DIR, "--metrics-address", AGENT_ADDRESS])
         .arg(format!("--source=dir:{}", bed.work.display()))
         .arg(format!("--cgroup-root={}", bed.topology.kubepods.display()))
@@ -262,29 +261,12 @@ fn write_if_changed(path: &Path, text: &str) -> Result<()> {
 }
 
 /// GET a path from the agent, which listens inside the node's namespace.
-pub fn agent_get(topology: &Topology, path: &str) -> Result<String> {
-    let node_netns = topology.node_netns.clone();
-    let path = path.to_string();
-    std::thread::spawn(move || -> Result<String> {
-        use std::os::fd::AsRawFd;
-        let netns = std::fs::File::open(format!("/var/run/netns/{node_netns}"))?;
-        // SAFETY: setns on a valid namespace fd; affects only this thread.
-        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns: {}", std::io::Error::last_os_error());
-        }
-        let mut stream = std::net::TcpStream::connect(AGENT_ADDRESS)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (head, body) = response.split_once("\r\n\r\n").context("an HTTP response")?;
-        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-            bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
-        }
-        Ok(body.to_string())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the request thread panicked"))?
+fn agent_get(topology: &Topology, path: &str) -> Result<String> {
+    match topology.node_http_get(AGENT_ADDRESS, path) {
+        Ok((200, body)) => Ok(body),
+        Ok((status, body)) => bail!("GET {path}: {status} {body}"),
+        Err(error) => bail!("GET {path}: {error}"),
+    }
 }
 
 /// Wait until the agent has the folder's present content in the datapath

@@ -212,6 +212,40 @@ impl Topology {
         assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
     }
 
+    /// An HTTP GET to a server listening inside the node's namespace (the
+    /// agent's metrics address): the status code and the body.
+    pub fn node_http_get(&self, address: &str, path: &str) -> std::io::Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let netns = std::fs::File::open(format!("/var/run/netns/{}", self.node_netns))?;
+        let (address, path) = (address.to_string(), path.to_string());
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid namespace fd; affects only this thread.
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut stream = std::net::TcpStream::connect(&address)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("not an HTTP response"))?;
+            let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| std::io::Error::other("no HTTP status"))?;
+            Ok((status, body.to_string()))
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("the request thread panicked"))?
+    }
+
+    /// A command run in the node's network namespace only. Unlike `ip netns
+    /// exec`, which also gives it a mount namespace with a fresh /sys, it
+    /// sees the host's bpffs and cgroup mounts — as an agent on a node does.
+    pub fn node_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net=/var/run/netns/{}", self.node_netns)).arg("--").arg(program);
+        command
+    }
+
     pub fn ifindex(&self, interface: &str) -> u32 {
         let name = std::ffi::CString::new(interface).unwrap();
         // SAFETY: a NUL-terminated name.

@@ -480,13 +480,13 @@ impl Agent {
             if record.verdict == "audit" {
                 tracing::info!(
                     verdict = record.verdict, direction = record.direction, pod = %record.pod, source = %record.source,
-                    destination = %record.destination, protocol = %record.protocol, policy = %record.policy, rule = ?record.rule, hook = record.hook,
+                    destination = %record.destination, protocol = %record.protocol, policy = %record.policy, rule = %rule_text(record.rule), hook = record.hook,
                     "connection would be denied (audit)"
                 );
             } else {
                 tracing::warn!(
                     verdict = record.verdict, direction = record.direction, pod = %record.pod, source = %record.source,
-                    destination = %record.destination, protocol = %record.protocol, policy = %record.policy, rule = ?record.rule, hook = record.hook,
+                    destination = %record.destination, protocol = %record.protocol, policy = %record.policy, rule = %rule_text(record.rule), hook = record.hook,
                     "connection denied"
                 );
             }
@@ -601,5 +601,12 @@ fn protocol_name(number: u8) -> &'static str {
         proto::ICMP => "ICMP",
         proto::ICMPV6 => "ICMPv6",
         _ => "other",
+    }
+}
+
+fn rule_text(rule: Option<u32>) -> String {
+    match rule {
+        Some(rule) => rule.to_string(),
+        None => "none (the pod is isolated and no rule allows)".to_string(),
     }
 }

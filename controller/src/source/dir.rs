@@ -29,8 +29,9 @@ enum Layout {
 
 struct FileState {
     content_hash: u64,
-    /// The objects of the last version that parsed.
+    /// The objects of the last version that parsed, and that version's hash.
     objects: Vec<Object>,
+    parsed_hash: u64,
 }
 
 pub struct DirSource {
@@ -76,12 +77,12 @@ impl DirSource {
             if !unchanged {
                 match self.parse(&path, &text) {
                     Ok(objects) => {
-                        self.files.insert(path.clone(), FileState { content_hash, objects });
+                        self.files.insert(path.clone(), FileState { content_hash, objects, parsed_hash: content_hash });
                     }
                     Err(error) => {
                         errors.push(error);
-                        let objects = self.files.remove(&path).map(|f| f.objects).unwrap_or_default();
-                        self.files.insert(path.clone(), FileState { content_hash, objects });
+                        let (objects, parsed_hash) = self.files.remove(&path).map(|f| (f.objects, f.parsed_hash)).unwrap_or_default();
+                        self.files.insert(path.clone(), FileState { content_hash, objects, parsed_hash });
                     }
                 }
             }
@@ -93,7 +94,7 @@ impl DirSource {
         let mut current: BTreeMap<ObjectKey, (&Object, (PathBuf, u64))> = BTreeMap::new();
         for (path, file) in &self.files {
             for object in &file.objects {
-                current.insert(object.key(), (object, (path.clone(), file.content_hash)));
+                current.insert(object.key(), (object, (path.clone(), file.parsed_hash)));
             }
         }
         let mut changes = Vec::new();
