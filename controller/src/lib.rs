@@ -10,4 +10,5 @@ pub mod packet;
 pub mod policy;
 pub mod scenario;
 pub mod source;
+pub mod status;
 pub mod testbed;

@@ -49,6 +49,12 @@ enum Command {
     },
     /// The node agent: follow the objects, compile, keep the datapath in step.
     Agent(AgentArgs),
+    /// The status writer: policy conditions, selectedPods and Events (one replica per cluster).
+    Controller {
+        /// Where the agents' report Leases are.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "bulkhead-system")]
+        agent_namespace: String,
+    },
     /// Benchmarks (run through `cargo xtask bench`).
     Bench { what: String },
     /// Scenario directories with real traffic through the agent (needs root).
@@ -80,6 +86,9 @@ struct AgentArgs {
     metrics_address: std::net::SocketAddr,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Kubernetes mode: the namespace of this node's report Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "bulkhead-system")]
+    report_namespace: String,
     /// Deny/audit events per second and CPU sent to the log; the rest are counted only.
     #[arg(long)]
     events_per_second: Option<u64>,
@@ -155,6 +164,19 @@ fn run() -> Result<ExitCode> {
             agent(args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Controller { agent_namespace } => {
+            init_logging(LogFormat::Text);
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            runtime.block_on(async move {
+                let client = kube::Client::try_default().await.context("connecting to the API server (kubeconfig or in-cluster)")?;
+                tokio::select! {
+                    result = bulkhead::status::run_controller(client, agent_namespace) => result,
+                    _ = tokio::signal::ctrl_c() => Ok(()),
+                    _ = terminated() => Ok(()),
+                }
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench { what } => {
             bench::run(&what)?;
             Ok(ExitCode::SUCCESS)
@@ -180,12 +202,7 @@ fn run() -> Result<ExitCode> {
 
 fn agent(args: AgentArgs) -> Result<()> {
     use bulkhead::agent::{self, Agent, Config, Shared};
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,netlink_packet_route=error"));
-    match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
-    }
+    init_logging(args.log_format);
     let node_name = match args.node_name {
         Some(name) => name,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname for --node-name")?.trim().to_string(),
@@ -196,6 +213,7 @@ fn agent(args: AgentArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let (updates, received) = tokio::sync::mpsc::channel(1024);
+        let mut reporter = None;
         let source = match args.source.split_once(':') {
             Some(("dir", path)) => {
                 config.unscheduled_pods_are_local = true;
@@ -203,10 +221,18 @@ fn agent(args: AgentArgs) -> Result<()> {
                 anyhow::ensure!(source.root().is_dir(), "--source: {path} is not a directory");
                 tokio::spawn(bulkhead::source::dir::run(source, updates))
             }
+            _ if args.source == "kubernetes" => {
+                let client = kube::Client::try_default().await.context("connecting to the API server (kubeconfig or in-cluster)")?;
+                reporter = Some((client.clone(), args.report_namespace.clone()));
+                tokio::spawn(bulkhead::source::kubernetes::run(client, updates))
+            }
             _ => bail!("--source: {:?} is neither dir:<path> nor kubernetes", args.source),
         };
         let shared = std::sync::Arc::new(Shared::new());
         let agent = Agent::new(config, shared.clone())?;
+        if let Some((client, namespace)) = reporter {
+            tokio::spawn(bulkhead::status::report_programmed(client, namespace, node_name.clone(), shared.clone()));
+        }
         let address = agent::http::serve(args.metrics_address, shared).await.with_context(|| format!("serving metrics on {}", args.metrics_address))?;
         tracing::info!(source = %args.source, node = %node_name, metrics = %address, "agent started");
         tokio::select! {
@@ -223,6 +249,15 @@ fn agent(args: AgentArgs) -> Result<()> {
     // The pinned programs and maps stay: enforcement outlives the agent, and the next one adopts them.
     tracing::info!("stopped; the datapath stays pinned and enforcing");
     Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,netlink_packet_route=error"));
+    match format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
+    }
 }
 
 async fn terminated() {

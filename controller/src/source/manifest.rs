@@ -77,7 +77,8 @@ pub fn parse(origin: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
     Ok(out)
 }
 
-fn pod_of(pod: core::Pod) -> Result<(Pod, bool), String> {
+/// A Pod object as the compiler sees it, and whether it asked for IPv6 too.
+pub fn pod_of(pod: core::Pod) -> Result<(Pod, bool), String> {
     let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = pod.metadata.name.clone().unwrap_or_default();
     let mut ports = Vec::new();

@@ -7,6 +7,7 @@ use std::time::Instant;
 use crate::policy::{PodRef, PolicyKind, PolicyRef, Snapshot};
 
 pub mod dir;
+pub mod kubernetes;
 pub mod manifest;
 
 pub use manifest::Object;

@@ -1,0 +1,152 @@
+//! `--source kubernetes`: kube-runtime watchers for Namespaces, Pods and the
+//! three policy kinds, turned into `Change`s. A watch that (re)starts lists
+//! everything again: that becomes one `Relisted`, so objects deleted while
+//! the API server was away are dropped, and nothing is dropped before the
+//! new list is complete. `Synced` follows the first complete list of every
+//! kind. A watch that fails keeps retrying with backoff while what is
+//! enforced stays as it is.
+
+use std::{
+    fmt::Debug,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use bulkhead_crds::{ClusterConnectionPolicy, ConnectionPolicy};
+use futures::StreamExt;
+use k8s_openapi::api::{core::v1 as core, networking::v1::NetworkPolicy};
+use kube::{
+    runtime::{watcher, WatchStreamExt},
+    Api, Client, Resource, ResourceExt,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use super::{manifest, Change, Object, ObjectKey, ObjectKind, Update};
+use crate::policy::{Namespace, PodRef, PolicyKind, PolicyObject};
+
+/// An object kind the source follows.
+pub trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
+    const KIND: ObjectKind;
+    /// The object as the compiler sees it; `None` when it takes no part
+    /// (a pod that has finished), `Err` when it cannot be read.
+    fn object(self) -> Result<Option<Object>, String>;
+    fn key(&self) -> ObjectKey;
+}
+
+impl Watched for core::Namespace {
+    const KIND: ObjectKind = ObjectKind::Namespace;
+    fn object(self) -> Result<Option<Object>, String> {
+        Ok(Some(Object::Namespace(Namespace::new(&self.name_any(), self.metadata.labels.unwrap_or_default()))))
+    }
+    fn key(&self) -> ObjectKey {
+        ObjectKey::Namespace(self.name_any())
+    }
+}
+
+impl Watched for core::Pod {
+    const KIND: ObjectKind = ObjectKind::Pod;
+    fn object(self) -> Result<Option<Object>, String> {
+        // A finished pod's address may already belong to another pod.
+        let phase = self.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            return Ok(None);
+        }
+        let (pod, dual) = manifest::pod_of(self)?;
+        Ok(Some(Object::Pod(pod, dual)))
+    }
+    fn key(&self) -> ObjectKey {
+        ObjectKey::Pod(PodRef::new(&self.namespace().unwrap_or_default(), &self.name_any()))
+    }
+}
+
+macro_rules! watched_policy {
+    ($type:ty, $variant:ident, $kind:ident) => {
+        impl Watched for $type {
+            const KIND: ObjectKind = ObjectKind::Policy(PolicyKind::$kind);
+            fn object(self) -> Result<Option<Object>, String> {
+                Ok(Some(Object::Policy(PolicyObject::$variant(self))))
+            }
+            fn key(&self) -> ObjectKey {
+                ObjectKey::Policy(PolicyObject::$variant(self.clone()).policy_ref())
+            }
+        }
+    };
+}
+
+watched_policy!(ConnectionPolicy, Connection, ConnectionPolicy);
+watched_policy!(ClusterConnectionPolicy, Cluster, ClusterConnectionPolicy);
+watched_policy!(NetworkPolicy, Network, NetworkPolicy);
+
+/// How many kinds `run` follows.
+const KINDS: usize = 5;
+
+/// Follow every kind until `updates` closes; returns only then.
+pub async fn run(client: Client, updates: mpsc::Sender<Update>) -> anyhow::Result<()> {
+    let listed = Arc::new(AtomicUsize::new(0));
+    tokio::select! {
+        () = follow(Api::<core::Namespace>::all(client.clone()), updates.clone(), listed.clone()) => {}
+        () = follow(Api::<core::Pod>::all(client.clone()), updates.clone(), listed.clone()) => {}
+        () = follow(Api::<ConnectionPolicy>::all(client.clone()), updates.clone(), listed.clone()) => {}
+        () = follow(Api::<ClusterConnectionPolicy>::all(client.clone()), updates.clone(), listed.clone()) => {}
+        () = follow(Api::<NetworkPolicy>::all(client), updates, listed) => {}
+    }
+    Ok(())
+}
+
+fn readable<K: Watched>(object: K) -> Option<Object> {
+    let key = object.key();
+    match object.object() {
+        Ok(object) => object,
+        Err(error) => {
+            tracing::error!(object = ?key, %error, "object cannot be read; left out");
+            None
+        }
+    }
+}
+
+/// Follow one kind; returns when the agent stops listening.
+async fn follow<K: Watched>(api: Api<K>, updates: mpsc::Sender<Update>, listed: Arc<AtomicUsize>) {
+    let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    let mut relisting: Option<(Instant, Vec<Object>)> = None;
+    let mut first_list = true;
+    while let Some(event) = events.next().await {
+        let observed = Instant::now();
+        let changes = match event {
+            Err(error) => {
+                tracing::warn!(kind = ?K::KIND, %error, "watch failed; retrying with backoff, what is enforced stays");
+                continue;
+            }
+            Ok(watcher::Event::Init) => {
+                relisting = Some((observed, Vec::new()));
+                continue;
+            }
+            Ok(watcher::Event::InitApply(object)) => {
+                if let (Some((_, buffer)), Some(object)) = (relisting.as_mut(), readable(object)) {
+                    buffer.push(object);
+                }
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => {
+                let objects = relisting.take().map(|(_, objects)| objects).unwrap_or_default();
+                tracing::info!(kind = ?K::KIND, objects = objects.len(), "listed");
+                let mut changes = vec![Change::Relisted(K::KIND, objects)];
+                if std::mem::take(&mut first_list) && listed.fetch_add(1, Ordering::SeqCst) + 1 == KINDS {
+                    changes.push(Change::Synced);
+                }
+                changes
+            }
+            Ok(watcher::Event::Apply(object)) => match readable(object.clone()) {
+                Some(readable) => vec![Change::Applied(readable)],
+                None => vec![Change::Deleted(object.key())],
+            },
+            Ok(watcher::Event::Delete(object)) => vec![Change::Deleted(object.key())],
+        };
+        if updates.send(Update { changes, observed, revision: None }).await.is_err() {
+            return;
+        }
+    }
+}
