@@ -126,7 +126,7 @@ pub async fn run_controller(client: Client, agent_namespace: String) -> anyhow::
     let (updates, mut received) = mpsc::channel::<Update>(1024);
     let source = tokio::spawn(kubernetes::run(client.clone(), updates));
     let leases: Api<Lease> = Api::namespaced(client.clone(), &agent_namespace);
-    let mut lease_events = watcher(leases, watcher::Config::default().labels(AGENT_LEASE_LABEL)).default_backoff().applied_objects().boxed();
+    let mut lease_events = watcher(leases, watcher::Config::default().labels(AGENT_LEASE_LABEL)).backoff(kubernetes::Reconnect::new()).applied_objects().boxed();
     let mut lease_objects: BTreeMap<String, Lease> = BTreeMap::new();
     let recorder = Recorder::new(client.clone(), Reporter { controller: "bulkhead-controller".into(), instance: std::env::var("POD_NAME").ok() });
     let mut snapshot = Snapshot::default();
