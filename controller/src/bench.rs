@@ -25,7 +25,8 @@ pub fn run(what: &str) -> Result<()> {
     match what {
         "datapath" => datapath(),
         "compile" => compile(),
-        other => bail!("unknown benchmark {other:?}: datapath or compile"),
+        "convergence" => convergence(),
+        other => bail!("unknown benchmark {other:?}: datapath, compile or convergence"),
     }
 }
 
@@ -385,4 +386,160 @@ fn compile() -> Result<()> {
         })
     );
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Convergence: an object change until the agent reports the datapath holds
+// it, through a followed folder and through a real API server.
+
+const CONVERGENCE_PIN_DIR: &str = "/sys/fs/bpf/bulkhead-bench-convergence";
+const CONVERGENCE_METRICS: &str = "127.0.0.1:9464";
+
+fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    values[((values.len() - 1) as f64 * p).round() as usize]
+}
+
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn agent_state(topology: &Topology) -> serde_json::Value {
+    match topology.node_http_get(CONVERGENCE_METRICS, "/debug/state") {
+        Ok((200, body)) => serde_json::from_str(&body).unwrap_or_default(),
+        _ => serde_json::Value::Null,
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting until {what}");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
+}
+
+fn convergence_policy(port: u16) -> String {
+    format!("apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {{name: server-ingress, namespace: bench}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n    - from: [{{podSelector: {{matchLabels: {{app: client}}}}}}]\n      ports: [{{protocol: TCP, port: {port}}}]\n")
+}
+
+fn convergence() -> Result<()> {
+    let _ = Datapath::unpin_all(CONVERGENCE_PIN_DIR);
+    let mut topology = Topology::new("cvg", 183);
+    let client = topology.add_pod("client");
+    let server = topology.add_pod("server");
+    let exe = std::env::current_exe()?;
+    // In a folder a pod carries its status; through the API server a kubelet would patch it in.
+    let pod_yaml = |pod: &bulkhead::testbed::TestPod, app: &str, with_status: bool| {
+        let status = format!("status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n", ip = pod.ipv4);
+        format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {app}, namespace: bench, labels: {{app: {app}}}}}\nspec: {{nodeName: bench-node, containers: [{{name: main, image: none}}]}}\n{}", if with_status { status.as_str() } else { "" })
+    };
+    let cluster = |with_status: bool| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n{}{}", pod_yaml(&client, "client", with_status), pod_yaml(&server, "server", with_status));
+
+    // Through a folder.
+    let folder = std::env::temp_dir().join("bulkhead-bench-convergence");
+    let _ = std::fs::remove_dir_all(&folder);
+    std::fs::create_dir_all(&folder)?;
+    let write = |name: &str, text: &str| -> Result<()> {
+        let temporary = folder.join(format!(".{name}.tmp"));
+        std::fs::write(&temporary, text)?;
+        std::fs::rename(&temporary, folder.join(name))?;
+        Ok(())
+    };
+    write("cluster.yaml", &cluster(true))?;
+    write("policy.yaml", &convergence_policy(1000))?;
+    let agent = Killed(
+        topology
+            .node_command(&exe)
+            .args(["agent", "--node-name", "bench-node", "--pin-dir", CONVERGENCE_PIN_DIR, "--metrics-address", CONVERGENCE_METRICS])
+            .arg(format!("--source=dir:{}", folder.display()))
+            .env("RUST_LOG", "warn,netlink_packet_route=error")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    wait_for("the agent enforces both pods", Duration::from_secs(30), || agent_state(&topology)["endpoints"].as_object().is_some_and(|e| e.len() == 2))?;
+    let mut dir_ms = Vec::new();
+    for round in 0..100u16 {
+        let started = Instant::now();
+        write("policy.yaml", &convergence_policy(1001 + round))?;
+        let revision = bulkhead::source::dir::revision(&folder)?;
+        wait_for("the folder change is enforced", Duration::from_secs(10), || agent_state(&topology)["revision"] == revision.as_str())?;
+        dir_ms.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&folder);
+    let (dir_p50, dir_p99) = (percentile(dir_ms.clone(), 0.5), percentile(dir_ms, 0.99));
+    println!("dir: change -> enforced p50 {dir_p50:.1} ms, p99 {dir_p99:.1} ms (100 changes)");
+
+    // Through a real API server, running inside the node's namespace.
+    let plane = bulkhead::testbed::apiserver::ControlPlane::start(&topology.node_netns, "cvg");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in ["manifests/crds/connectionpolicies.bulkhead.io.yaml", "manifests/crds/clusterconnectionpolicies.bulkhead.io.yaml", "manifests/deploy/namespace.yaml"] {
+        plane.apply(&std::fs::read_to_string(root.join(file))?);
+    }
+    let established = plane.kubectl(&["wait", "--for", "condition=established", "--timeout=60s", "crd/connectionpolicies.bulkhead.io"]);
+    anyhow::ensure!(established.status.success(), "CRDs not established");
+    plane.apply(&cluster(false));
+    for (name, pod) in [("client", &client), ("server", &server)] {
+        let status = format!("{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\"podIPs\":[{{\"ip\":\"{ip}\"}}]}}}}", ip = pod.ipv4);
+        let out = plane.kubectl(&["patch", "pod", name, "-n", "bench", "--subresource=status", "--type=merge", "-p", &status]);
+        anyhow::ensure!(out.status.success(), "patching pod status: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    plane.apply(&convergence_policy(1000));
+    let _ = Datapath::unpin_all(CONVERGENCE_PIN_DIR);
+    let agent = Killed(
+        plane
+            .command_as("admin", &exe)
+            .args(["agent", "--source=kubernetes", "--node-name", "bench-node", "--pin-dir", CONVERGENCE_PIN_DIR, "--metrics-address", CONVERGENCE_METRICS])
+            .env("RUST_LOG", "warn,netlink_packet_route=error")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    wait_for("the agent enforces both pods", Duration::from_secs(30), || agent_state(&topology)["endpoints"].as_object().is_some_and(|e| e.len() == 2))?;
+    // The bench's own client talks to the API server from the node's namespace.
+    topology.enter_node();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let api_ms = runtime.block_on(async {
+        let kubeconfig = kube::config::Kubeconfig::read_from(plane.kubeconfig("admin"))?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+        let client = kube::Client::try_from(config)?;
+        let policies: kube::Api<bulkhead_crds::ConnectionPolicy> = kube::Api::namespaced(client, "bench");
+        let mut api_ms = Vec::new();
+        for round in 0..60u16 {
+            let started = Instant::now();
+            let patch = json!({"spec": {"ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"protocol": "TCP", "port": 2000 + round}]}]}});
+            let updated = policies.patch("server-ingress", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
+            let generation = updated.metadata.generation.context("a generation")?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let state = agent_state(&topology);
+                if state["policies"]["ConnectionPolicy bench/server-ingress"]["generation"] == generation {
+                    break;
+                }
+                anyhow::ensure!(Instant::now() < deadline, "generation {generation} not enforced in 10 s");
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            api_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        anyhow::Ok(api_ms)
+    })?;
+    drop(agent);
+    drop(plane);
+    let _ = Datapath::unpin_all(CONVERGENCE_PIN_DIR);
+    let (api_p50, api_p99) = (percentile(api_ms.clone(), 0.5), percentile(api_ms, 0.99));
+    println!("api: change -> enforced p50 {api_p50:.1} ms, p99 {api_p99:.1} ms (60 changes)");
+    println!("{}", json!({"dir_p50_ms": round2(dir_p50), "dir_p99_ms": round2(dir_p99), "api_p50_ms": round2(api_p50), "api_p99_ms": round2(api_p99)}));
+    Ok(())
+}
+
+fn round2(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
 }

@@ -242,7 +242,10 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
                 last = Some(programmed);
                 renewed = std::time::Instant::now();
             }
-            Err(error) => tracing::warn!(%error, lease = %name, "reporting to the API server failed; retrying"),
+            Err(error) => {
+                tracing::warn!(%error, lease = %name, "reporting to the API server failed; retrying");
+                tokio::time::sleep(RENEW / 2).await;
+            }
         }
     }
 }

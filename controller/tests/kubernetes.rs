@@ -8,8 +8,6 @@
 //! agent resyncs.
 
 mod common;
-#[path = "support/apiserver.rs"]
-mod apiserver;
 
 use std::{
     path::Path,
@@ -17,13 +15,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use apiserver::ControlPlane;
-use bulkhead::{dataplane::Datapath, testbed::Topology};
+use bulkhead::{
+    dataplane::Datapath,
+    testbed::{apiserver::ControlPlane, Topology},
+};
 
 const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-test-kubernetes";
 const NODE: &str = "node-k8s";
 
-struct Process(Child, &'static str);
+struct Process(Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -113,7 +113,7 @@ fn kubernetes_mode_follows_the_api_server() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let _agent = Process(agent, "agent");
+    let _agent = Process(agent);
     let controller = plane
         .command_as("controller", env!("CARGO_BIN_EXE_bulkhead"))
         .args(["controller", "--agent-namespace", "bulkhead-system"])
@@ -121,7 +121,7 @@ fn kubernetes_mode_follows_the_api_server() {
         .stderr(std::fs::File::create(plane.dir.join("controller.log")).unwrap())
         .spawn()
         .unwrap();
-    let _controller = Process(controller, "controller");
+    let _controller = Process(controller);
     let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let ready = || topology.node_http_get("127.0.0.1:9464", "/readyz").map(|(s, _)| s == 200).unwrap_or(false);
     eventually("the agent is ready", Duration::from_secs(30), ready);

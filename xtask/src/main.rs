@@ -33,7 +33,7 @@ enum Task {
         #[arg(required = true)]
         dirs: Vec<String>,
     },
-    /// Run a benchmark: `datapath` or `compile`.
+    /// Run a benchmark: `datapath`, `compile` or `convergence`.
     Bench { what: String },
 }
 
@@ -71,8 +71,8 @@ fn main() -> Result<()> {
         Task::Bench { what } => {
             setup::run()?;
             match what.as_str() {
-                "datapath" | "compile" => cargo(&["run", "--release", "-p", "bulkhead", "--", "bench", &what]),
-                other => bail!("unknown benchmark {other:?}: datapath or compile"),
+                "datapath" | "compile" | "convergence" => cargo(&["run", "--release", "-p", "bulkhead", "--", "bench", &what]),
+                other => bail!("unknown benchmark {other:?}: datapath, compile or convergence"),
             }
         }
     }

@@ -341,6 +341,7 @@ impl Agent {
             Ok(addresses) => self.snapshot.node_addresses = addresses,
             Err(error) => tracing::warn!(%error, "cannot read the node's addresses; keeping the last known"),
         }
+        tracing::debug!(waited_ms = pending.first_observed.elapsed().as_secs_f64() * 1e3, "reconciling");
         let started = Instant::now();
         let desired = policy::compile(&self.snapshot);
         self.shared.metrics.compile_seconds.observe(started.elapsed().as_secs_f64());

@@ -175,7 +175,8 @@ pub async fn run(mut source: DirSource, updates: mpsc::Sender<Update>) -> anyhow
     use notify::Watcher;
     let (wake, mut woken) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Reads are events too (our own scans among them): only changes wake us.
+        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             let _ = wake.send(Instant::now());
         }
     })?;
@@ -195,6 +196,7 @@ pub async fn run(mut source: DirSource, updates: mpsc::Sender<Update>) -> anyhow
             Ok(None) => return Ok(()),
             Err(_) => Instant::now(),
         };
+        tracing::debug!(after_ms = observed.elapsed().as_secs_f64() * 1e3, "folder changed");
         tokio::time::sleep(SETTLE).await;
         while woken.try_recv().is_ok() {}
         let scan = match source.scan() {

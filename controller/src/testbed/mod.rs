@@ -4,6 +4,8 @@
 //! Everything is named after the test's tag and removed by name on drop,
 //! pass or fail.
 
+pub mod apiserver;
+
 use std::{
     io::{BufRead, BufReader},
     net::IpAddr,

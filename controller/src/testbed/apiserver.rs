@@ -6,8 +6,6 @@
 //! the agent's and the controller's service accounts, which get only what
 //! manifests/deploy/rbac.yaml grants them. Everything is removed on drop.
 
-#![allow(dead_code)]
-
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -36,6 +34,7 @@ impl ControlPlane {
     /// Build (once) and start etcd and kube-apiserver inside `netns`.
     pub fn start(netns: &str, tag: &str) -> Self {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools/kube-apiserver-build.sh");
+        assert!(script.exists(), "{} is part of the checkout", script.display());
         let built = run_ok(Command::new("bash").arg(&script).stderr(Stdio::inherit()));
         let apiserver_bin = PathBuf::from(built.lines().last().expect("the build script prints the folder")).join("kube-apiserver");
         let dir = std::env::temp_dir().join(format!("bulkhead-apiserver-{tag}"));
