@@ -1,21 +1,21 @@
 //! `bulkhead demo` (run by `cargo xtask demo`): a small shop on this
-//! machine — pods as network namespaces, the example policies of
-//! manifests/examples compiled and synced into the real datapath — with a
-//! verdict table of real connection attempts, the blocked-connection
-//! counters, the deny log, and a default-deny rollout: Audit, then Enforce.
+//! machine — pods as network namespaces behind a node namespace — enforced by
+//! the real agent in its embedded default mode, following a folder of
+//! manifests: the example policies of manifests/examples are copied in, and
+//! the default-deny rollout is two more file edits (Audit, then Enforce).
+//! Shows a verdict table of real connection attempts, the agent's own
+//! /metrics counters and its deny/audit log.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
-
-use anyhow::{Context, Result};
-use bulkhead_crds::Protocol;
-use datapath_common::{EVENT_AUDIT, EVENT_DENY, INGRESS, RULE_DEFAULT_DENY, SOURCE_CGROUP};
-
-use bulkhead::{
-    dataplane::{sync::Programmer, Datapath},
-    policy::{self, ContainerPort, DesiredState, Namespace, Pod, PodRef, Snapshot},
-    source::manifest::{self, Object},
-    testbed::Topology,
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
 };
+
+use anyhow::{bail, Context, Result};
+
+use bulkhead::{dataplane::Datapath, source::dir, testbed::Topology};
 
 const GREEN: &str = "\x1b[32m";
 const RED: &str = "\x1b[31m";
@@ -23,6 +23,9 @@ const YELLOW: &str = "\x1b[33m";
 const BOLD: &str = "\x1b[1m";
 const DIM: &str = "\x1b[2m";
 const RESET: &str = "\x1b[0m";
+
+const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-demo";
+const AGENT: &str = "127.0.0.1:9464";
 
 /// (namespace, pod, app label, served port)
 const PODS: [(&str, &str, &str, u16); 5] = [
@@ -45,43 +48,60 @@ const PROBES: [(&str, &str, u16); 8] = [
     ("frontend", "outside", 443),
 ];
 
-fn examples_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples")
-}
-
-fn load_policies(snapshot: &mut Snapshot, file: &str, replace: Option<(&str, &str)>) -> Result<()> {
-    let path = examples_dir().join(file);
-    let mut text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    if let Some((from, to)) = replace {
-        text = text.replace(from, to);
-    }
-    for object in manifest::parse(&path.display().to_string(), &text)? {
-        if let Object::Policy(p) = object {
-            snapshot.add_policy(p);
-        }
-    }
-    Ok(())
-}
-
 struct Demo {
     topology: Topology,
-    snapshot: Snapshot,
-    programmer: Programmer,
-    state: DesiredState,
-    pin_dir: PathBuf,
-    namespace_of: BTreeMap<String, String>,
+    folder: PathBuf,
+    agent: Option<Child>,
+    events_shown: usize,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        let _ = Datapath::unpin_all(PIN_DIR);
+        let _ = std::fs::remove_dir_all(&self.folder);
+    }
 }
 
 impl Demo {
-    fn enforce(&mut self) -> Result<()> {
-        let desired = policy::compile(&self.snapshot);
-        for error in &desired.rejected {
-            println!("{RED}rejected{RESET} {error}");
-        }
-        let report = self.programmer.sync(&desired)?;
-        println!("{DIM}synced {} map operations into the datapath{RESET}", report.operations);
-        self.state = desired;
+    fn namespace_of(pod: &str) -> Option<&'static str> {
+        PODS.iter().find(|p| p.1 == pod).map(|p| p.0)
+    }
+
+    /// Put a file into the followed folder as an editor would: whole, renamed into place.
+    fn put(&self, name: &str, text: &str) -> Result<()> {
+        let temporary = self.folder.join(format!(".{name}.tmp"));
+        std::fs::write(&temporary, text)?;
+        std::fs::rename(&temporary, self.folder.join(name))?;
         Ok(())
+    }
+
+    fn agent_get(&self, path: &str) -> Result<String> {
+        match self.topology.node_http_get(AGENT, path) {
+            Ok((200, body)) => Ok(body),
+            Ok((status, body)) => bail!("GET {path}: {status} {body}"),
+            Err(e) => bail!("GET {path}: {e}"),
+        }
+    }
+
+    /// Wait until the agent holds the folder's present content.
+    fn enforced(&self) -> Result<()> {
+        let revision = dir::revision(&self.folder)?;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if let Ok(body) = self.agent_get("/debug/state") {
+                let state: serde_json::Value = serde_json::from_str(&body)?;
+                if state["revision"] == revision.as_str() && state["endpoints"].as_object().is_some_and(|e| e.len() == PODS.len()) {
+                    println!("{DIM}the agent enforces it {:.0} ms after the edit{RESET}", started.elapsed().as_secs_f64() * 1e3);
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("the agent did not enforce the folder in 30 s")
     }
 
     fn address(&self, pod: &str) -> IpAddr {
@@ -98,7 +118,7 @@ impl Demo {
                 "eperm" => format!("{RED}DENY{RESET}  {DIM}(refused at connect(): EPERM){RESET}"),
                 _ => format!("{RED}DENY{RESET}  {DIM}(dropped on the wire){RESET}"),
             };
-            let qualify = |p: &str| match self.namespace_of.get(p) {
+            let qualify = |p: &str| match Self::namespace_of(p) {
                 Some(ns) => format!("{ns}/{p}"),
                 None => format!("{p} host"),
             };
@@ -106,120 +126,97 @@ impl Demo {
         }
     }
 
-    fn pod_of(&self, endpoint: u32) -> String {
-        self.state.endpoint_by_id(endpoint).map(PodRef::to_string).unwrap_or_else(|| format!("endpoint {endpoint}"))
-    }
-
-    fn policy_of(&self, id: u32, rule: u32) -> String {
-        let name = self.state.policy_names.get(&id).map(|p| p.qualified_name()).unwrap_or_else(|| "no policy".into());
-        if rule == RULE_DEFAULT_DENY {
-            format!("{name} (isolated, no rule allows)")
-        } else {
-            format!("{name} rule {rule}")
+    fn counters_and_log(&mut self) -> Result<()> {
+        // Counters reach /metrics at the agent's next read of the datapath.
+        std::thread::sleep(Duration::from_millis(300));
+        println!("\n{BOLD}from the agent's /metrics{RESET}");
+        for line in self.agent_get("/metrics")?.lines() {
+            if line.starts_with("bulkhead_blocked_connections_total{") || line.starts_with("bulkhead_audit_denied_connections_total{") {
+                println!("  {line}");
+            }
         }
-    }
-
-    fn counters_and_log(&mut self) {
-        println!("\n{BOLD}bulkhead_blocked_connections_total / bulkhead_audit_denied_connections_total{RESET}");
-        let verdicts = self.programmer.datapath().verdicts();
-        for (key, count) in &verdicts {
-            let metric = if key.kind == EVENT_DENY { "bulkhead_blocked_connections_total" } else { "bulkhead_audit_denied_connections_total" };
-            let direction = if key.direction == INGRESS { "ingress" } else { "egress" };
-            let pod = self.pod_of(key.endpoint);
-            let policy = self.state.policy_names.get(&key.policy_id).map(|p| p.qualified_name()).unwrap_or_default();
-            println!("  {metric}{{direction=\"{direction}\",pod=\"{pod}\",policy=\"{policy}\"}} {count}");
+        let events: Vec<serde_json::Value> = serde_json::from_str(&self.agent_get("/debug/events")?)?;
+        if events.len() > self.events_shown {
+            println!("\n{BOLD}the agent's deny and audit log{RESET}");
         }
-        let events = self.programmer.datapath_mut().drain_events();
-        if !events.is_empty() {
-            println!("\n{BOLD}deny and audit log{RESET}");
-        }
-        for event in events {
-            let (color, word) = if event.kind == EVENT_AUDIT { (YELLOW, "AUDIT") } else { (RED, "DENY ") };
-            let direction = if event.direction == INGRESS { "ingress" } else { "egress" };
-            let address = |a: [u8; 16]| {
-                let v6 = std::net::Ipv6Addr::from(a);
-                v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
+        for event in &events[self.events_shown.min(events.len())..] {
+            let text = |k: &str| event[k].as_str().unwrap_or_default().to_string();
+            let (color, word) = if text("verdict") == "audit" { (YELLOW, "AUDIT") } else { (RED, "DENY ") };
+            let source = if text("hook") == "connect" { "connect()".to_string() } else { text("source") };
+            let by = match event["rule"].as_u64() {
+                Some(rule) => format!("{} rule {rule}", text("policy")),
+                None => format!("{} (isolated, no rule allows)", text("policy")),
             };
-            let source = if event.source == SOURCE_CGROUP { "connect()".to_string() } else { format!("{}:{}", address(event.saddr), event.sport) };
-            println!(
-                "  {color}{word}{RESET} {} {direction}: {source} -> {}:{}  by {}",
-                self.pod_of(event.endpoint),
-                address(event.daddr),
-                event.dport,
-                self.policy_of(event.policy_id, event.rule)
-            );
+            println!("  {color}{word}{RESET} {} {}: {source} -> {}  by {by}", text("pod"), text("direction"), text("destination"));
         }
+        self.events_shown = events.len();
+        Ok(())
     }
 }
 
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = Datapath::unpin_all(&self.pin_dir);
-    }
+fn example(file: &str) -> Result<String> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples").join(file);
+    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
 }
 
 pub fn run() -> Result<()> {
-    println!("{BOLD}Bulkhead demo{RESET}: a shop in network namespaces, enforced by the real eBPF datapath\n");
+    println!("{BOLD}Bulkhead demo{RESET}: a shop in network namespaces, enforced by the agent and its eBPF datapath\n");
     let mut topology = Topology::new("demo", 190);
-    let mut snapshot = Snapshot::default();
-    let mut namespace_of = BTreeMap::new();
-    for ns in ["shop", "intruder"] {
-        snapshot.add_namespace(Namespace::new(ns, Default::default()));
-    }
+    let mut cluster = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: intruder}\n");
     for (ns, name, app, port) in PODS {
         let pod = topology.add_pod(name);
         topology.serve(name, &[&format!("{port}/TCP")]);
-        namespace_of.insert(name.to_string(), ns.to_string());
-        snapshot.add_pod(Pod {
-            namespace: ns.into(),
-            name: name.into(),
-            labels: [("app".to_string(), app.to_string())].into(),
-            ips: vec![pod.ipv4],
-            ports: vec![ContainerPort { name: Some("http".into()), port, protocol: Protocol::TCP }],
-            node_name: Some("demo-node".into()),
-            uid: None,
-        });
+        cluster.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: \"{uid}\", labels: {{app: {app}}}}}\nspec:\n  nodeName: demo-node\n  containers: [{{name: main, image: {app}, ports: [{{name: http, containerPort: {port}}}]}}]\nstatus: {{podIPs: [{{ip: \"{ip}\"}}]}}\n",
+            uid = pod.uid,
+            ip = pod.ipv4
+        ));
         println!("  pod {ns}/{name:<16} {}  serving TCP {port}", pod.ipv4);
     }
     let outside = topology.add_pod("outside");
     topology.serve("outside", &["443/TCP"]);
     println!("  outside host          {}  serving TCP 443", outside.ipv4);
-    snapshot.node_addresses = [topology.node_ipv4].into();
 
-    let pin_dir = PathBuf::from("/sys/fs/bpf/bulkhead-demo");
-    let _ = Datapath::unpin_all(&pin_dir);
-    topology.enter_node();
-    let programmer = Programmer::adopt(Datapath::load(&pin_dir)?);
-    let mut demo = Demo { topology, snapshot, programmer, state: DesiredState::default(), pin_dir, namespace_of };
+    let folder = std::env::temp_dir().join("bulkhead-demo-objects");
+    let _ = std::fs::remove_dir_all(&folder);
+    std::fs::create_dir_all(&folder)?;
+    let _ = Datapath::unpin_all(PIN_DIR);
+    let mut demo = Demo { topology, folder, agent: None, events_shown: 0 };
+    demo.put("cluster.yaml", &cluster)?;
 
-    println!("\n{BOLD}1. The example policies{RESET} (manifests/examples): payment-service only from api-gateway on TCP 8080, postgres only from payment-service, api-gateway only from frontend");
+    println!("\n{BOLD}1. The agent follows {} (its embedded default: a folder of manifests){RESET}", demo.folder.display());
+    println!("   with the example policies of manifests/examples: payment-service only from api-gateway on TCP 8080, postgres only from payment-service, api-gateway only from frontend");
     for file in ["payment-from-gateway.yaml", "postgres-from-payment.yaml", "gateway-from-frontend.yaml"] {
-        load_policies(&mut demo.snapshot, file, None)?;
+        demo.put(file, &example(file)?)?;
     }
-    demo.enforce()?;
-    for pod in demo.topology.pods.clone() {
-        if pod.name == "outside" {
-            continue;
-        }
-        let ns = &demo.namespace_of[&pod.name];
-        let endpoint = demo.state.endpoints[&PodRef::new(ns, &pod.name)].id;
-        let ifindex = demo.topology.ifindex(&pod.host_interface);
-        demo.programmer.attach_endpoint(endpoint, &pod.host_interface, ifindex, &[pod.ipv4], Some(&pod.cgroup))?;
-    }
+    let log = std::fs::File::create(std::env::temp_dir().join("bulkhead-demo-agent.log"))?;
+    let agent = demo
+        .topology
+        .node_command(std::env::current_exe()?)
+        .args(["agent", "--node-name", "demo-node", "--pin-dir", PIN_DIR, "--metrics-address", AGENT])
+        .arg(format!("--source=dir:{}", demo.folder.display()))
+        .arg(format!("--cgroup-root={}", demo.topology.kubepods.display()))
+        .env("RUST_LOG", "warn,netlink_packet_route=error")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting the agent")?;
+    demo.agent = Some(agent);
+    demo.enforced()?;
     demo.table("Verdicts of real connection attempts");
-    demo.counters_and_log();
+    demo.counters_and_log()?;
 
-    println!("\n{BOLD}2. Default-deny rollout for namespace shop, step 1: a Baseline Deny in Audit{RESET}");
-    load_policies(&mut demo.snapshot, "default-deny-shop.yaml", None)?;
-    demo.enforce()?;
+    println!("\n{BOLD}2. Default-deny rollout for namespace shop, step 1: a Baseline Deny in Audit{RESET} {DIM}(default-deny-shop.yaml into the folder){RESET}");
+    demo.put("default-deny-shop.yaml", &example("default-deny-shop.yaml")?)?;
+    demo.enforced()?;
     demo.table("Verdicts with default-deny-shop in Audit: nothing changes");
-    demo.counters_and_log();
+    demo.counters_and_log()?;
 
-    println!("\n{BOLD}3. Step 2: the audit log looked right — default-deny-shop switched to Enforce{RESET}");
-    load_policies(&mut demo.snapshot, "default-deny-shop.yaml", Some(("mode: Audit", "mode: Enforce")))?;
-    demo.enforce()?;
+    println!("\n{BOLD}3. Step 2: the audit log looked right — default-deny-shop switched to Enforce{RESET} {DIM}(one edit: mode: Enforce){RESET}");
+    demo.put("default-deny-shop.yaml", &example("default-deny-shop.yaml")?.replace("mode: Audit", "mode: Enforce"))?;
+    demo.enforced()?;
     demo.table("Verdicts with default-deny-shop enforced");
-    demo.counters_and_log();
-    println!("\n{DIM}cleaning up: namespaces, links, cgroups and pins{RESET}");
+    demo.counters_and_log()?;
+    println!("\n{DIM}cleaning up: the agent, namespaces, links, cgroups and pins{RESET}");
     Ok(())
 }

@@ -187,7 +187,8 @@ pub async fn run(mut source: DirSource, updates: mpsc::Sender<Update>) -> anyhow
     report_errors(&first.errors);
     let mut changes = first.changes;
     changes.push(Change::Synced);
-    if updates.send(Update { changes, observed, revision: Some(first.revision) }).await.is_err() {
+    let mut revision = first.revision;
+    if updates.send(Update { changes, observed, revision: Some(revision.clone()) }).await.is_err() {
         return Ok(());
     }
     loop {
@@ -207,6 +208,11 @@ pub async fn run(mut source: DirSource, updates: mpsc::Sender<Update>) -> anyhow
             }
         };
         report_errors(&scan.errors);
+        // Events that changed no byte (a touch, a file we do not follow) change nothing.
+        if scan.changes.is_empty() && scan.revision == revision {
+            continue;
+        }
+        revision = scan.revision.clone();
         if updates.send(Update { changes: scan.changes, observed, revision: Some(scan.revision) }).await.is_err() {
             return Ok(());
         }
