@@ -92,6 +92,7 @@ impl Demo {
         let revision = dir::revision(&self.folder)?;
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(30) {
+            bulkhead::testbed::interrupted()?;
             if let Ok(body) = self.agent_get("/debug/state") {
                 let state: serde_json::Value = serde_json::from_str(&body)?;
                 if state["revision"] == revision.as_str() && state["endpoints"].as_object().is_some_and(|e| e.len() == PODS.len()) {
@@ -108,7 +109,8 @@ impl Demo {
         self.topology.pod(pod).ipv4
     }
 
-    fn table(&self, title: &str) {
+    fn table(&self, title: &str) -> Result<()> {
+        bulkhead::testbed::interrupted()?;
         println!("\n{BOLD}{title}{RESET}");
         println!("  {:<22} {:<22} {:>6}   verdict", "from", "to", "port");
         for (from, to, port) in PROBES {
@@ -124,6 +126,7 @@ impl Demo {
             };
             println!("  {:<22} {:<22} {:>6}   {shown}", qualify(from), qualify(to), port);
         }
+        Ok(())
     }
 
     fn counters_and_log(&mut self) -> Result<()> {
@@ -160,6 +163,7 @@ fn example(file: &str) -> Result<String> {
 }
 
 pub fn run() -> Result<()> {
+    bulkhead::testbed::catch_interrupts();
     println!("{BOLD}Bulkhead demo{RESET}: a shop in network namespaces, enforced by the agent and its eBPF datapath\n");
     let mut topology = Topology::new("demo", 190);
     let mut cluster = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: intruder}\n");
@@ -203,19 +207,19 @@ pub fn run() -> Result<()> {
         .context("starting the agent")?;
     demo.agent = Some(agent);
     demo.enforced()?;
-    demo.table("Verdicts of real connection attempts");
+    demo.table("Verdicts of real connection attempts")?;
     demo.counters_and_log()?;
 
     println!("\n{BOLD}2. Default-deny rollout for namespace shop, step 1: a Baseline Deny in Audit{RESET} {DIM}(default-deny-shop.yaml into the folder){RESET}");
     demo.put("default-deny-shop.yaml", &example("default-deny-shop.yaml")?)?;
     demo.enforced()?;
-    demo.table("Verdicts with default-deny-shop in Audit: nothing changes");
+    demo.table("Verdicts with default-deny-shop in Audit: nothing changes")?;
     demo.counters_and_log()?;
 
     println!("\n{BOLD}3. Step 2: the audit log looked right — default-deny-shop switched to Enforce{RESET} {DIM}(one edit: mode: Enforce){RESET}");
     demo.put("default-deny-shop.yaml", &example("default-deny-shop.yaml")?.replace("mode: Audit", "mode: Enforce"))?;
     demo.enforced()?;
-    demo.table("Verdicts with default-deny-shop enforced");
+    demo.table("Verdicts with default-deny-shop enforced")?;
     demo.counters_and_log()?;
     println!("\n{DIM}cleaning up: the agent, namespaces, links, cgroups and pins{RESET}");
     Ok(())

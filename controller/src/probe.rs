@@ -54,8 +54,10 @@ struct ProbeFailure {
 
 /// Run every scenario; true when all passed.
 pub fn run(dirs: &[PathBuf]) -> Result<bool> {
+    bulkhead::testbed::catch_interrupts();
     let mut all_passed = true;
     for dir in dirs {
+        bulkhead::testbed::interrupted()?;
         let report = run_scenario(dir).with_context(|| format!("probing {}", dir.display()))?;
         all_passed &= report.failed.is_empty() && report.disagreements_with_check == 0;
         println!("{}", serde_json::to_string(&report)?);
@@ -149,6 +151,7 @@ fn run_scenario(dir: &Path) -> Result<ProbeReport> {
 
     let mut report = ProbeReport { scenario: scenario.name.clone(), probes: 0, passed: 0, failed: vec![], disagreements_with_check: 0 };
     for (step_index, step) in scenario.steps.iter().enumerate() {
+        bulkhead::testbed::interrupted()?;
         scenario.apply_step(&mut snapshot, step)?;
         for pod in snapshot.pods.keys() {
             if !names.contains_key(pod) {
@@ -275,6 +278,7 @@ fn wait_until_enforced(bed: &Bed, revision: &str, pods: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = String::new();
     while Instant::now() < deadline {
+        bulkhead::testbed::interrupted()?;
         if let Ok(body) = agent_get(&bed.topology, "/debug/state") {
             let state: serde_json::Value = serde_json::from_str(&body)?;
             let enforced = state["endpoints"].as_object().map_or(0, |e| e.len());
@@ -297,6 +301,7 @@ fn probe_all(topology: &Topology, snapshot: &Snapshot, names: &BTreeMap<PodRef, 
     }
     let mut verdicts = Vec::new();
     for chunk in jobs.chunks(PARALLEL) {
+        bulkhead::testbed::interrupted()?;
         let answers: Vec<String> = std::thread::scope(|scope| {
             let handles: Vec<_> = chunk.iter().map(|(from, protocol, to, port)| scope.spawn(move || topology.probe(from, protocol, *to, *port))).collect();
             handles.into_iter().map(|h| h.join().unwrap_or_else(|_| "error".into())).collect()

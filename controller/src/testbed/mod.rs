@@ -16,6 +16,30 @@ use std::{
 
 pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn note_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Turn Ctrl-C and SIGTERM into a flag that `interrupted` reports, so a
+/// runner stops at its next check and its drops remove what it set up
+/// (the default action would kill it with everything left behind).
+pub fn catch_interrupts() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(signal, note_interrupt as *const () as libc::sighandler_t) };
+    }
+}
+
+/// An error once Ctrl-C or SIGTERM arrived.
+pub fn interrupted() -> std::io::Result<()> {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted; cleaning up"));
+    }
+    Ok(())
+}
+
 pub fn run(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
