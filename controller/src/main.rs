@@ -86,6 +86,10 @@ struct AgentArgs {
     metrics_address: std::net::SocketAddr,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Seconds a workload's egress destinations are learned before a new one
+    /// counts as an anomaly (bulkhead_egress_anomalies_total); 0 turns it off.
+    #[arg(long, default_value_t = 600)]
+    egress_learning_seconds: u64,
     /// Kubernetes mode: the namespace of this node's report Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "bulkhead-system")]
     report_namespace: String,
@@ -210,6 +214,7 @@ fn agent(args: AgentArgs) -> Result<()> {
     let mut config = Config::new(&node_name, args.pin_dir);
     config.cgroup_root = Some(args.cgroup_root.unwrap_or_else(default_cgroup_root));
     config.events_per_second = args.events_per_second;
+    config.egress_learning = (args.egress_learning_seconds > 0).then(|| std::time::Duration::from_secs(args.egress_learning_seconds));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let (updates, received) = tokio::sync::mpsc::channel(1024);

@@ -24,9 +24,14 @@ struct Agent {
 
 impl Agent {
     fn start(topology: &Topology, folder: &Path, log: &Path) -> Self {
+        Self::start_with(topology, folder, log, PIN_DIR, &[])
+    }
+
+    fn start_with(topology: &Topology, folder: &Path, log: &Path, pin_dir: &str, extra: &[&str]) -> Self {
         let child = topology
             .node_command(env!("CARGO_BIN_EXE_bulkhead"))
-            .args(["agent", "--node-name", "node-a", "--pin-dir", PIN_DIR])
+            .args(["agent", "--node-name", "node-a", "--pin-dir", pin_dir])
+            .args(extra)
             .arg(format!("--source=dir:{}", folder.display()))
             .arg(format!("--cgroup-root={}", topology.kubepods.display()))
             .arg(format!("--metrics-address={METRICS}"))
@@ -55,11 +60,11 @@ impl Drop for Agent {
     }
 }
 
-struct Cleanup(PathBuf);
+struct Cleanup(PathBuf, &'static str);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = Datapath::unpin_all(PIN_DIR);
+        let _ = Datapath::unpin_all(self.1);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -103,7 +108,7 @@ fn the_agent_enforces_a_folder_and_follows_its_edits() {
     let folder = std::env::temp_dir().join("bulkhead-test-agent-objects");
     let _ = std::fs::remove_dir_all(&folder);
     std::fs::create_dir_all(&folder).unwrap();
-    let _cleanup = Cleanup(folder.clone());
+    let _cleanup = Cleanup(folder.clone(), PIN_DIR);
     let _ = Datapath::unpin_all(PIN_DIR);
     let log = folder.join("agent.log.txt");
 
@@ -215,4 +220,47 @@ fn the_probe_runner_passes_every_scenario_and_agrees_with_check() {
         assert_eq!(probed["passed"], probed["probes"], "{probed}");
         assert_eq!(probed["disagreements_with_check"], 0, "{probed}");
     }
+}
+
+#[test]
+fn egress_outside_the_learned_baseline_is_counted_once() {
+    assert!(common::require_root(), "not root");
+    const PINS: &str = "/sys/fs/bpf/bulkhead-test-anomaly";
+    let folder = std::env::temp_dir().join("bulkhead-test-anomaly-objects");
+    let _ = std::fs::remove_dir_all(&folder);
+    std::fs::create_dir_all(&folder).unwrap();
+    let _cleanup = Cleanup(folder.clone(), PINS);
+    let _ = Datapath::unpin_all(PINS);
+    let log = std::env::temp_dir().join("bulkhead-test-anomaly-agent.log");
+    let _ = std::fs::remove_file(&log);
+
+    let mut topology = Topology::new("anm", 184);
+    let web = topology.add_pod("web");
+    let db = topology.add_pod("db");
+    let cache = topology.add_pod("cache");
+    topology.serve("db", &["5432/TCP"]);
+    topology.serve("cache", &["6379/TCP"]);
+    let mut cluster = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n".to_string();
+    for (pod, app, port) in [(&web, "web", 80), (&db, "db", 5432), (&cache, "cache", 6379)] {
+        cluster.push_str(&pod_yaml(&pod.name, app, &pod.uid, &pod.ipv4.to_string(), port));
+    }
+    write(&folder.join("cluster.yaml"), &cluster);
+
+    let learning = Duration::from_secs(4);
+    let agent = Agent::start_with(&topology, &folder, &log, PINS, &["--egress-learning-seconds", "4"]);
+    eventually("the agent is ready", Duration::from_secs(20), || get(&topology, "/readyz").0 == 200);
+    let learning_ends = Instant::now() + learning;
+    // Learned: web talks to db.
+    assert_eq!(topology.probe("web", "TCP", db.ipv4, 5432), "allow");
+    std::thread::sleep(learning_ends.saturating_duration_since(Instant::now()) + Duration::from_millis(500));
+
+    let anomalies = "bulkhead_egress_anomalies_total{namespace=\"shop\",workload=\"web\"}";
+    assert_eq!(topology.probe("web", "TCP", db.ipv4, 5432), "allow");
+    assert_eq!(topology.probe("web", "TCP", cache.ipv4, 6379), "allow");
+    eventually("the new destination is one anomaly", Duration::from_secs(5), || metric(&get(&topology, "/metrics").1, anomalies) == Some(1.0));
+    assert_eq!(topology.probe("web", "TCP", cache.ipv4, 6379), "allow");
+    assert_eq!(topology.probe("web", "TCP", db.ipv4, 5432), "allow");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(metric(&get(&topology, "/metrics").1, anomalies), Some(1.0), "known destinations are not anomalies: {}", agent.log());
+    assert!(agent.log().contains("outside the workload's learned baseline") && agent.log().contains("shop/cache"), "{}", agent.log());
 }

@@ -10,8 +10,8 @@ use aya_ebpf::{
 use datapath_common::{
     identity, ipv4_mapped, policy_prefix, proto, reason, verdict, ConntrackValue, DropKey,
     EndpointInfo, Event, FlowKey, FragmentKey, FragmentValue, PolicyKey, PolicyValue, VerdictKey,
-    CONFIG_EVENTS_PER_SECOND, CONFIG_POLICY_REVISION, CONNTRACK_FLAG_REVOKED,
-    ENDPOINT_FLAG_FAIL_CLOSED, EVENT_AUDIT, EVENT_DENY, INGRESS, RULE_DEFAULT_DENY, SOURCE_CGROUP,
+    CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, CONNTRACK_FLAG_REVOKED,
+    ENDPOINT_FLAG_FAIL_CLOSED, EVENT_AUDIT, EVENT_DENY, EVENT_NEW_FLOW, INGRESS, RULE_DEFAULT_DENY, SOURCE_CGROUP,
     SOURCE_TC,
 };
 
@@ -174,6 +174,8 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
         }
         if decision.audit != 0 {
             report(flow, peer, &Reported { kind: EVENT_AUDIT, source: SOURCE_TC, policy_id: decision.audit_policy_id, rule: decision.audit_rule });
+        } else if direction == datapath_common::EGRESS && flow_events_enabled() {
+            send_event(flow, peer, &Reported { kind: EVENT_NEW_FLOW, source: SOURCE_TC, policy_id: decision.policy_id, rule: decision.rule });
         }
         return Ok(());
     }
@@ -349,7 +351,7 @@ struct Reported {
 /// per-CPU event budget so a flood cannot starve userspace.
 #[inline(never)]
 fn report(flow: &FlowKey, peer: u32, verdict: &Reported) {
-    let Reported { kind, source, policy_id, rule } = *verdict;
+    let Reported { kind, policy_id, rule, .. } = *verdict;
     bump(
         &VERDICTS,
         &VerdictKey {
@@ -361,6 +363,18 @@ fn report(flow: &FlowKey, peer: u32, verdict: &Reported) {
             _pad: [0; 2],
         },
     );
+    send_event(flow, peer, verdict);
+}
+
+#[inline(always)]
+fn flow_events_enabled() -> bool {
+    matches!(CONFIG.get(CONFIG_FLOW_EVENTS), Some(enabled) if *enabled != 0)
+}
+
+/// Send an event within the per-CPU budget; what the budget keeps back is counted.
+#[inline(never)]
+fn send_event(flow: &FlowKey, peer: u32, verdict: &Reported) {
+    let Reported { kind, source, policy_id, rule } = *verdict;
     if !take_event_budget() {
         count_drop(flow.endpoint, flow.direction, reason::EVENT_RATE_LIMITED);
         return;

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use datapath_common::{reason as drop_reason, Event, EVENT_AUDIT, INGRESS, RULE_DEFAULT_DENY, SOURCE_CGROUP};
+use datapath_common::{reason as drop_reason, Event, EGRESS, EVENT_AUDIT, EVENT_NEW_FLOW, INGRESS, RULE_DEFAULT_DENY, SOURCE_CGROUP};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -26,10 +26,12 @@ use crate::{
     source::{self, Change, Object, ObjectKey, ObjectKind, Update},
 };
 
+pub mod baseline;
 pub mod host;
 pub mod http;
 pub mod metrics;
 
+use baseline::{Destination, EgressBaselines, Workload};
 use host::{Host, HostInterface};
 use metrics::Metrics;
 
@@ -47,6 +49,10 @@ pub struct Config {
     pub max_delay: Duration,
     /// Deny and audit events per second and CPU (the rest are only counted).
     pub events_per_second: Option<u64>,
+    /// How long a workload's egress destinations are learned before a new
+    /// one counts as an anomaly; `None` turns the baselines (and the
+    /// datapath's new-flow events) off.
+    pub egress_learning: Option<Duration>,
 }
 
 impl Config {
@@ -59,6 +65,7 @@ impl Config {
             debounce: Duration::from_millis(5),
             max_delay: Duration::from_millis(50),
             events_per_second: None,
+            egress_learning: Some(Duration::from_secs(600)),
         }
     }
 }
@@ -195,6 +202,7 @@ pub struct Agent {
     counted_verdicts: VerdictCount,
     counted_drops: DropCount,
     syncs: u64,
+    baselines: Option<EgressBaselines>,
 }
 
 impl Agent {
@@ -204,6 +212,8 @@ impl Agent {
         if let Some(limit) = config.events_per_second {
             datapath.set_events_per_second(limit)?;
         }
+        datapath.set_flow_events(config.egress_learning.is_some())?;
+        let baselines = config.egress_learning.map(EgressBaselines::new);
         let programmer = Programmer::adopt(datapath);
         let host = Host::new(config.cgroup_root.clone())?;
         for (map, capacity) in [
@@ -233,6 +243,7 @@ impl Agent {
             counted_verdicts: VerdictCount::new(),
             counted_drops: DropCount::new(),
             syncs: 0,
+            baselines,
         })
     }
 
@@ -392,6 +403,10 @@ impl Agent {
         self.pods_by_address = desired.endpoints.iter().flat_map(|(p, e)| e.addresses.iter().map(move |a| (*a, p.clone()))).collect();
         self.state = desired;
         self.attach_missing().await;
+        if let Some(baselines) = self.baselines.as_mut() {
+            let present = self.attached.keys().filter_map(|p| self.snapshot.pods.get(p)).map(Workload::of).collect();
+            baselines.retain(&present);
+        }
         if !ok {
             self.retry = true;
             return;
@@ -434,6 +449,9 @@ impl Agent {
                 Ok(()) => {
                     tracing::info!(%pod, interface = %interface.name, cgroup = ?cgroup, endpoint = endpoint_id, "enforcing");
                     self.waiting.remove(&pod);
+                    if let (Some(baselines), Some(object)) = (self.baselines.as_mut(), self.snapshot.pods.get(&pod)) {
+                        baselines.start(&Workload::of(object), Instant::now());
+                    }
                     self.attached.insert(pod, Attached { endpoint_id, interface, addresses, cgroup });
                 }
                 Err(error) => {
@@ -476,6 +494,12 @@ impl Agent {
     fn read_datapath(&mut self) {
         let events = self.programmer.datapath_mut().drain_events();
         for event in &events {
+            if event.direction == EGRESS {
+                self.check_baseline(event);
+            }
+            if event.kind == EVENT_NEW_FLOW {
+                continue;
+            }
             let record = self.describe(event);
             self.shared.metrics.events_received.with_label_values(&[record.verdict]).inc();
             if record.verdict == "audit" {
@@ -520,6 +544,30 @@ impl Agent {
             }
         }
         self.counted_drops = drops;
+    }
+
+    /// An egress connection (allowed, denied or audited) against its workload's baseline.
+    fn check_baseline(&mut self, event: &Event) {
+        let Some(baselines) = self.baselines.as_mut() else { return };
+        let Some(pod) = self.pods_by_endpoint.get(&event.endpoint).and_then(|p| self.snapshot.pods.get(p)) else { return };
+        let workload = Workload::of(pod);
+        let address = event_address(event.daddr);
+        let peer = match self.pods_by_address.get(&address).and_then(|p| self.snapshot.pods.get(p)) {
+            Some(peer) => {
+                let peer = Workload::of(peer);
+                format!("{}/{}", peer.namespace, peer.name)
+            }
+            None => address.to_string(),
+        };
+        let destination = Destination { peer, protocol: event.protocol, port: event.dport };
+        if baselines.observe(&workload, destination.clone(), Instant::now()) {
+            self.shared.metrics.egress_anomalies.with_label_values(&[workload.namespace.as_str(), workload.name.as_str()]).inc();
+            tracing::warn!(
+                namespace = %workload.namespace, workload = %workload.name, pod = %pod.pod_ref(), destination = %destination.peer,
+                protocol = protocol_name(destination.protocol), port = destination.port,
+                "egress to a destination outside the workload's learned baseline"
+            );
+        }
     }
 
     fn describe(&self, event: &Event) -> EventRecord {

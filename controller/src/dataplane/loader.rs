@@ -26,7 +26,7 @@ use aya::{
 };
 use datapath_common::{
     map_names, program_names, DropKey, EndpointInfo, Event, IpcacheValue, PolicyKey, PolicyValue,
-    VerdictKey, CONFIG_EVENTS_PER_SECOND, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED,
+    VerdictKey, CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED,
 };
 
 /// The eBPF object built by build.rs.
@@ -338,6 +338,11 @@ impl Datapath {
 
     pub fn set_events_per_second(&mut self, limit: u64) -> Result<(), DatapathError> {
         self.config.set(CONFIG_EVENTS_PER_SECOND, limit, 0).map_err(|source| DatapathError::Map { name: map_names::CONFIG, source })
+    }
+
+    /// Send an event for every new allowed egress flow (the egress baseline's input).
+    pub fn set_flow_events(&mut self, enabled: bool) -> Result<(), DatapathError> {
+        self.config.set(CONFIG_FLOW_EVENTS, u64::from(enabled), 0).map_err(|source| DatapathError::Map { name: map_names::CONFIG, source })
     }
 
     pub fn drops(&self) -> DropCount {

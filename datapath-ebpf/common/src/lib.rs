@@ -127,6 +127,10 @@ pub mod verdict {
 pub const CONFIG_POLICY_REVISION: u32 = 0;
 /// Events per second each CPU may send to userspace; the rest are counted.
 pub const CONFIG_EVENTS_PER_SECOND: u32 = 1;
+/// Non-zero: every new allowed egress flow sends an `EVENT_NEW_FLOW` event
+/// (within the same budget), from which the agent learns each workload's
+/// egress baseline.
+pub const CONFIG_FLOW_EVENTS: u32 = 2;
 pub const CONFIG_SLOTS: u32 = 4;
 
 /// An IPv4 address is stored IPv4-mapped (::ffff:a.b.c.d) so one trie serves
@@ -291,6 +295,8 @@ pub struct VerdictKey {
 
 pub const EVENT_DENY: u8 = 1;
 pub const EVENT_AUDIT: u8 = 2;
+/// A new allowed egress flow (only when `CONFIG_FLOW_EVENTS` is set; not counted as a verdict).
+pub const EVENT_NEW_FLOW: u8 = 3;
 
 /// Which hook produced an event.
 pub const SOURCE_TC: u8 = 0;
