@@ -393,7 +393,6 @@ fn compile() -> Result<()> {
 // it, through a followed folder and through a real API server.
 
 const CONVERGENCE_PIN_DIR: &str = "/sys/fs/bpf/bulkhead-bench-convergence";
-const CONVERGENCE_METRICS: &str = "127.0.0.1:9464";
 
 fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
     values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
@@ -406,13 +405,6 @@ impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-fn agent_state(topology: &Topology) -> serde_json::Value {
-    match topology.node_http_get(CONVERGENCE_METRICS, "/debug/state") {
-        Ok((200, body)) => serde_json::from_str(&body).unwrap_or_default(),
-        _ => serde_json::Value::Null,
     }
 }
 
@@ -448,30 +440,25 @@ fn convergence() -> Result<()> {
     let folder = std::env::temp_dir().join("bulkhead-bench-convergence");
     let _ = std::fs::remove_dir_all(&folder);
     std::fs::create_dir_all(&folder)?;
-    let write = |name: &str, text: &str| -> Result<()> {
-        let temporary = folder.join(format!(".{name}.tmp"));
-        std::fs::write(&temporary, text)?;
-        std::fs::rename(&temporary, folder.join(name))?;
-        Ok(())
-    };
+    let write = |name: &str, text: &str| bulkhead::testbed::write_atomically(&folder.join(name), text);
     write("cluster.yaml", &cluster(true))?;
     write("policy.yaml", &convergence_policy(1000))?;
     let agent = Killed(
         topology
             .node_command(&exe)
-            .args(["agent", "--node-name", "bench-node", "--pin-dir", CONVERGENCE_PIN_DIR, "--metrics-address", CONVERGENCE_METRICS])
+            .args(["agent", "--node-name", "bench-node", "--pin-dir", CONVERGENCE_PIN_DIR, "--metrics-address", bulkhead::testbed::AGENT_ADDRESS])
             .arg(format!("--source=dir:{}", folder.display()))
             .env("RUST_LOG", "warn,netlink_packet_route=error")
             .stdout(Stdio::null())
             .spawn()?,
     );
-    wait_for("the agent enforces both pods", Duration::from_secs(30), || agent_state(&topology)["endpoints"].as_object().is_some_and(|e| e.len() == 2))?;
+    wait_for("the agent enforces both pods", Duration::from_secs(30), || topology.agent_state()["endpoints"].as_object().is_some_and(|e| e.len() == 2))?;
     let mut dir_ms = Vec::new();
     for round in 0..100u16 {
         let started = Instant::now();
         write("policy.yaml", &convergence_policy(1001 + round))?;
         let revision = bulkhead::source::dir::revision(&folder)?;
-        wait_for("the folder change is enforced", Duration::from_secs(10), || agent_state(&topology)["revision"] == revision.as_str())?;
+        wait_for("the folder change is enforced", Duration::from_secs(10), || topology.agent_state()["revision"] == revision.as_str())?;
         dir_ms.push(started.elapsed().as_secs_f64() * 1e3);
     }
     drop(agent);
@@ -498,12 +485,12 @@ fn convergence() -> Result<()> {
     let agent = Killed(
         plane
             .command_as("admin", &exe)
-            .args(["agent", "--source=kubernetes", "--node-name", "bench-node", "--pin-dir", CONVERGENCE_PIN_DIR, "--metrics-address", CONVERGENCE_METRICS])
+            .args(["agent", "--source=kubernetes", "--node-name", "bench-node", "--pin-dir", CONVERGENCE_PIN_DIR, "--metrics-address", bulkhead::testbed::AGENT_ADDRESS])
             .env("RUST_LOG", "warn,netlink_packet_route=error")
             .stdout(Stdio::null())
             .spawn()?,
     );
-    wait_for("the agent enforces both pods", Duration::from_secs(30), || agent_state(&topology)["endpoints"].as_object().is_some_and(|e| e.len() == 2))?;
+    wait_for("the agent enforces both pods", Duration::from_secs(30), || topology.agent_state()["endpoints"].as_object().is_some_and(|e| e.len() == 2))?;
     // The bench's own client talks to the API server from the node's namespace.
     topology.enter_node();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -520,7 +507,7 @@ fn convergence() -> Result<()> {
             let generation = updated.metadata.generation.context("a generation")?;
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
-                let state = agent_state(&topology);
+                let state = topology.agent_state();
                 if state["policies"]["ConnectionPolicy bench/server-ingress"]["generation"] == generation {
                     break;
                 }

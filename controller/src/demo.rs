@@ -15,7 +15,11 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use bulkhead::{dataplane::Datapath, source::dir, testbed::Topology};
+use bulkhead::{
+    dataplane::Datapath,
+    source::dir,
+    testbed::{self, Topology, AGENT_ADDRESS},
+};
 
 const GREEN: &str = "\x1b[32m";
 const RED: &str = "\x1b[31m";
@@ -25,7 +29,6 @@ const DIM: &str = "\x1b[2m";
 const RESET: &str = "\x1b[0m";
 
 const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-demo";
-const AGENT: &str = "127.0.0.1:9464";
 
 /// (namespace, pod, app label, served port)
 const PODS: [(&str, &str, &str, u16); 5] = [
@@ -73,18 +76,7 @@ impl Demo {
 
     /// Put a file into the followed folder as an editor would: whole, renamed into place.
     fn put(&self, name: &str, text: &str) -> Result<()> {
-        let temporary = self.folder.join(format!(".{name}.tmp"));
-        std::fs::write(&temporary, text)?;
-        std::fs::rename(&temporary, self.folder.join(name))?;
-        Ok(())
-    }
-
-    fn agent_get(&self, path: &str) -> Result<String> {
-        match self.topology.node_http_get(AGENT, path) {
-            Ok((200, body)) => Ok(body),
-            Ok((status, body)) => bail!("GET {path}: {status} {body}"),
-            Err(e) => bail!("GET {path}: {e}"),
-        }
+        Ok(testbed::write_atomically(&self.folder.join(name), text)?)
     }
 
     /// Wait until the agent holds the folder's present content.
@@ -92,13 +84,10 @@ impl Demo {
         let revision = dir::revision(&self.folder)?;
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(30) {
-            bulkhead::testbed::interrupted()?;
-            if let Ok(body) = self.agent_get("/debug/state") {
-                let state: serde_json::Value = serde_json::from_str(&body)?;
-                if state["revision"] == revision.as_str() && state["endpoints"].as_object().is_some_and(|e| e.len() == PODS.len()) {
-                    println!("{DIM}the agent enforces it {:.0} ms after the edit{RESET}", started.elapsed().as_secs_f64() * 1e3);
-                    return Ok(());
-                }
+            testbed::interrupted()?;
+            if testbed::agent_holds(&self.topology.agent_state(), &revision, PODS.len()) {
+                println!("{DIM}the agent enforces it {:.0} ms after the edit{RESET}", started.elapsed().as_secs_f64() * 1e3);
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -110,7 +99,7 @@ impl Demo {
     }
 
     fn table(&self, title: &str) -> Result<()> {
-        bulkhead::testbed::interrupted()?;
+        testbed::interrupted()?;
         println!("\n{BOLD}{title}{RESET}");
         println!("  {:<22} {:<22} {:>6}   verdict", "from", "to", "port");
         for (from, to, port) in PROBES {
@@ -133,12 +122,12 @@ impl Demo {
         // Counters reach /metrics at the agent's next read of the datapath.
         std::thread::sleep(Duration::from_millis(300));
         println!("\n{BOLD}from the agent's /metrics{RESET}");
-        for line in self.agent_get("/metrics")?.lines() {
+        for line in self.topology.agent_get("/metrics")?.lines() {
             if line.starts_with("bulkhead_blocked_connections_total{") || line.starts_with("bulkhead_audit_denied_connections_total{") {
                 println!("  {line}");
             }
         }
-        let events: Vec<serde_json::Value> = serde_json::from_str(&self.agent_get("/debug/events")?)?;
+        let events: Vec<serde_json::Value> = serde_json::from_str(&self.topology.agent_get("/debug/events")?)?;
         if events.len() > self.events_shown {
             println!("\n{BOLD}the agent's deny and audit log{RESET}");
         }
@@ -163,7 +152,7 @@ fn example(file: &str) -> Result<String> {
 }
 
 pub fn run() -> Result<()> {
-    bulkhead::testbed::catch_interrupts();
+    testbed::catch_interrupts();
     println!("{BOLD}Bulkhead demo{RESET}: a shop in network namespaces, enforced by the agent and its eBPF datapath\n");
     let mut topology = Topology::new("demo", 190);
     let mut cluster = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: intruder}\n");
@@ -197,7 +186,7 @@ pub fn run() -> Result<()> {
     let agent = demo
         .topology
         .node_command(std::env::current_exe()?)
-        .args(["agent", "--node-name", "demo-node", "--pin-dir", PIN_DIR, "--metrics-address", AGENT])
+        .args(["agent", "--node-name", "demo-node", "--pin-dir", PIN_DIR, "--metrics-address", AGENT_ADDRESS])
         .arg(format!("--source=dir:{}", demo.folder.display()))
         .arg(format!("--cgroup-root={}", demo.topology.kubepods.display()))
         .env("RUST_LOG", "warn,netlink_packet_route=error")

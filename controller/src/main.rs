@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use bulkhead::{
     policy::{self, compile::protocol_number, lookup, DesiredState, PodRef, Snapshot},
     scenario::{self, Scenario},
-    source::manifest::{self, Object},
+    source::manifest,
 };
 use bulkhead_crds::Protocol;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -302,25 +302,14 @@ fn load_dir(dir: &std::path::Path) -> Result<Snapshot> {
         .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
         .collect();
     files.sort();
-    let mut index = 0;
+    let mut objects = Vec::new();
     for path in files {
         let text = std::fs::read_to_string(&path)?;
-        for object in manifest::parse(&path.display().to_string(), &text)? {
-            match object {
-                Object::Namespace(ns) => snapshot.add_namespace(ns),
-                Object::Pod(mut pod, dual) => {
-                    if pod.ips.is_empty() {
-                        pod.ips.push(scenario::assigned_ipv4(index));
-                        if dual {
-                            pod.ips.push(scenario::assigned_ipv6(index));
-                        }
-                    }
-                    index += 1;
-                    snapshot.add_pod(pod);
-                }
-                Object::Policy(p) => snapshot.add_policy(p),
-            }
-        }
+        objects.extend(manifest::parse(&path.display().to_string(), &text)?);
+    }
+    scenario::assign_addresses(&mut objects);
+    for object in objects {
+        bulkhead::source::apply(&mut snapshot, bulkhead::source::Change::Applied(object));
     }
     Ok(snapshot)
 }

@@ -21,14 +21,13 @@ use bulkhead::{
     policy::{PodRef, PolicyObject, Snapshot},
     scenario::{self, Failure, Probe, Scenario, Verdict},
     source::dir,
-    testbed::Topology,
+    testbed::{self, Topology, AGENT_ADDRESS},
 };
 use bulkhead_crds::Protocol;
 use serde::Serialize;
 
 const TAG: &str = "prb";
 const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-probe";
-const AGENT_ADDRESS: &str = "127.0.0.1:9464";
 /// Probes run at once.
 const PARALLEL: usize = 8;
 
@@ -54,10 +53,10 @@ struct ProbeFailure {
 
 /// Run every scenario; true when all passed.
 pub fn run(dirs: &[PathBuf]) -> Result<bool> {
-    bulkhead::testbed::catch_interrupts();
+    testbed::catch_interrupts();
     let mut all_passed = true;
     for dir in dirs {
-        bulkhead::testbed::interrupted()?;
+        testbed::interrupted()?;
         let report = run_scenario(dir).with_context(|| format!("probing {}", dir.display()))?;
         all_passed &= report.failed.is_empty() && report.disagreements_with_check == 0;
         println!("{}", serde_json::to_string(&report)?);
@@ -151,7 +150,7 @@ fn run_scenario(dir: &Path) -> Result<ProbeReport> {
 
     let mut report = ProbeReport { scenario: scenario.name.clone(), probes: 0, passed: 0, failed: vec![], disagreements_with_check: 0 };
     for (step_index, step) in scenario.steps.iter().enumerate() {
-        bulkhead::testbed::interrupted()?;
+        testbed::interrupted()?;
         scenario.apply_step(&mut snapshot, step)?;
         for pod in snapshot.pods.keys() {
             if !names.contains_key(pod) {
@@ -257,35 +256,19 @@ fn write_if_changed(path: &Path, text: &str) -> Result<()> {
     if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
         return Ok(());
     }
-    let temporary = path.with_file_name(format!(".{}.tmp", path.file_name().unwrap_or_default().to_string_lossy()));
-    std::fs::write(&temporary, text)?;
-    std::fs::rename(&temporary, path)?;
-    Ok(())
-}
-
-/// GET a path from the agent, which listens inside the node's namespace.
-fn agent_get(topology: &Topology, path: &str) -> Result<String> {
-    match topology.node_http_get(AGENT_ADDRESS, path) {
-        Ok((200, body)) => Ok(body),
-        Ok((status, body)) => bail!("GET {path}: {status} {body}"),
-        Err(error) => bail!("GET {path}: {error}"),
-    }
+    Ok(testbed::write_atomically(path, text)?)
 }
 
 /// Wait until the agent has the folder's present content in the datapath
 /// and every pod attached.
 fn wait_until_enforced(bed: &Bed, revision: &str, pods: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut last = String::new();
+    let mut last = serde_json::Value::Null;
     while Instant::now() < deadline {
-        bulkhead::testbed::interrupted()?;
-        if let Ok(body) = agent_get(&bed.topology, "/debug/state") {
-            let state: serde_json::Value = serde_json::from_str(&body)?;
-            let enforced = state["endpoints"].as_object().map_or(0, |e| e.len());
-            if state["revision"] == revision && enforced == pods {
-                return Ok(());
-            }
-            last = body;
+        testbed::interrupted()?;
+        last = bed.topology.agent_state();
+        if testbed::agent_holds(&last, revision, pods) {
+            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -301,7 +284,7 @@ fn probe_all(topology: &Topology, snapshot: &Snapshot, names: &BTreeMap<PodRef, 
     }
     let mut verdicts = Vec::new();
     for chunk in jobs.chunks(PARALLEL) {
-        bulkhead::testbed::interrupted()?;
+        testbed::interrupted()?;
         let answers: Vec<String> = std::thread::scope(|scope| {
             let handles: Vec<_> = chunk.iter().map(|(from, protocol, to, port)| scope.spawn(move || topology.probe(from, protocol, *to, *port))).collect();
             handles.into_iter().map(|h| h.join().unwrap_or_else(|_| "error".into())).collect()
@@ -320,7 +303,7 @@ fn probe_all(topology: &Topology, snapshot: &Snapshot, names: &BTreeMap<PodRef, 
 /// The agent's recent events about a probe's connection.
 fn events_for(bed: &Bed, snapshot: &Snapshot, probe: &Probe) -> Result<Vec<serde_json::Value>> {
     let ((_, _), (_, dst_ip)) = scenario::probe_addresses(snapshot, probe)?;
-    let events: Vec<serde_json::Value> = serde_json::from_str(&agent_get(&bed.topology, "/debug/events")?)?;
+    let events: Vec<serde_json::Value> = serde_json::from_str(&bed.topology.agent_get("/debug/events")?)?;
     let wanted = format!("{dst_ip}:{}", probe.port);
     Ok(events.into_iter().filter(|e| e["destination"].as_str().is_some_and(|d| d.contains(&wanted))).collect())
 }

@@ -20,7 +20,7 @@ use crate::{
         lookup::{self, ConnectionVerdict},
         DesiredState, Pod, PodRef, PolicyKind, PolicyRef, Snapshot,
     },
-    source::manifest::{self, Object},
+    source::{self, manifest, Change, Object},
 };
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -161,11 +161,7 @@ impl Scenario {
             let path = self.dir.join(file);
             let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
             for object in manifest::parse(&path.display().to_string(), &text)? {
-                match object {
-                    Object::Policy(p) => snapshot.add_policy(p),
-                    Object::Namespace(ns) => snapshot.add_namespace(ns),
-                    Object::Pod(pod, _) => snapshot.add_pod(pod),
-                }
+                source::apply(snapshot, Change::Applied(object));
             }
         }
         for object in &step.delete {

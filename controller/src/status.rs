@@ -253,16 +253,12 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::manifest::{self, Object};
+    use crate::source::manifest;
 
     fn snapshot(text: &str) -> Snapshot {
         let mut snapshot = Snapshot::default();
         for object in manifest::parse("test", text).unwrap() {
-            match object {
-                Object::Policy(p) => snapshot.add_policy(p),
-                Object::Pod(p, _) => snapshot.add_pod(p),
-                Object::Namespace(n) => snapshot.add_namespace(n),
-            }
+            source::apply(&mut snapshot, source::Change::Applied(object));
         }
         snapshot
     }

@@ -12,9 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bulkhead::{dataplane::Datapath, testbed::Topology};
+use bulkhead::{
+    dataplane::Datapath,
+    testbed::{Topology, AGENT_ADDRESS as METRICS},
+};
 
-const METRICS: &str = "127.0.0.1:9464";
 const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-test-agent";
 
 struct Agent {
@@ -97,9 +99,7 @@ fn pod_yaml(name: &str, app: &str, uid: &str, ip: &str, port: u16) -> String {
 const DB_FROM_API: &str = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: db-from-api, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n    - from: [{podSelector: {matchLabels: {app: api}}}]\n      ports: [{protocol: TCP, port: 5432}]\n";
 
 fn write(path: &Path, text: &str) {
-    let temporary = path.with_file_name(format!(".{}.tmp", path.file_name().unwrap().to_string_lossy()));
-    std::fs::write(&temporary, text).unwrap();
-    std::fs::rename(&temporary, path).unwrap();
+    bulkhead::testbed::write_atomically(path, text).unwrap();
 }
 
 #[test]

@@ -98,6 +98,13 @@ pub struct PolicyRef {
 }
 
 impl PolicyRef {
+    /// The reference of an object of `kind` with this metadata (cluster
+    /// policies have no namespace; others default to `default`).
+    pub fn of(kind: PolicyKind, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        let namespace = if kind == PolicyKind::ClusterConnectionPolicy { String::new() } else { meta.namespace.clone().unwrap_or_else(|| "default".into()) };
+        PolicyRef { kind, namespace, name: meta.name.clone().unwrap_or_default() }
+    }
+
     /// `namespace/name`, or `cluster/name` for cluster policies: the form
     /// verdicts, events and metrics use.
     pub fn qualified_name(&self) -> String {
@@ -142,8 +149,7 @@ impl PolicyObject {
             PolicyObject::Cluster(p) => (PolicyKind::ClusterConnectionPolicy, &p.metadata),
             PolicyObject::Network(p) => (PolicyKind::NetworkPolicy, &p.metadata),
         };
-        let namespace = if kind == PolicyKind::ClusterConnectionPolicy { String::new() } else { meta.namespace.clone().unwrap_or_else(|| "default".into()) };
-        PolicyRef { kind, namespace, name: meta.name.clone().unwrap_or_default() }
+        PolicyRef::of(kind, meta)
     }
 }
 

@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use super::{manifest, Change, Object, ObjectKey, ObjectKind, Update};
-use crate::policy::{Namespace, PodRef, PolicyKind, PolicyObject};
+use crate::policy::{Namespace, PodRef, PolicyKind, PolicyObject, PolicyRef};
 
 /// An object kind the source follows.
 pub trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
@@ -71,7 +71,7 @@ macro_rules! watched_policy {
                 Ok(Some(Object::Policy(PolicyObject::$variant(self))))
             }
             fn key(&self) -> ObjectKey {
-                ObjectKey::Policy(PolicyObject::$variant(self.clone()).policy_ref())
+                ObjectKey::Policy(PolicyRef::of(PolicyKind::$kind, &self.metadata))
             }
         }
     };

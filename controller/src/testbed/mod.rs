@@ -16,6 +16,23 @@ use std::{
 
 pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
 
+/// Where agents the test bed runs serve /metrics and /debug, inside the node's namespace.
+pub const AGENT_ADDRESS: &str = "127.0.0.1:9464";
+
+/// Put a file in place whole: written under a hidden name, then renamed, so
+/// an agent following the folder never reads half of it.
+pub fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let temporary = path.with_file_name(format!(".{}.tmp", path.file_name().unwrap_or_default().to_string_lossy()));
+    std::fs::write(&temporary, text)?;
+    std::fs::rename(&temporary, path)
+}
+
+/// Whether an agent's `/debug/state` says it holds a folder's `revision`
+/// with `pods` local pods attached.
+pub fn agent_holds(state: &serde_json::Value, revision: &str, pods: usize) -> bool {
+    state["revision"] == revision && state["endpoints"].as_object().is_some_and(|e| e.len() == pods)
+}
+
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 extern "C" fn note_interrupt(_: libc::c_int) {
@@ -270,6 +287,19 @@ impl Topology {
         let mut command = Command::new("nsenter");
         command.arg(format!("--net=/var/run/netns/{}", self.node_netns)).arg("--").arg(program);
         command
+    }
+
+    /// GET a path from the node's agent (at `AGENT_ADDRESS`); anything but 200 is an error.
+    pub fn agent_get(&self, path: &str) -> std::io::Result<String> {
+        match self.node_http_get(AGENT_ADDRESS, path)? {
+            (200, body) => Ok(body),
+            (status, body) => Err(std::io::Error::other(format!("GET {path}: {status} {body}"))),
+        }
+    }
+
+    /// The agent's `/debug/state`, or null while it does not answer.
+    pub fn agent_state(&self) -> serde_json::Value {
+        self.agent_get("/debug/state").ok().and_then(|body| serde_json::from_str(&body).ok()).unwrap_or_default()
     }
 
     pub fn ifindex(&self, interface: &str) -> u32 {
