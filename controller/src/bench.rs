@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use bulkhead::{
     dataplane::{sync::Programmer, Datapath},
     packet::{PacketSpec, L4, TCP_ACK, TCP_SYN},
-    policy::{self, compile::address_key, ContainerPort, Namespace, Pod, PodRef, PolicyObject, Snapshot},
+    policy::{self, compile::address_key, ContainerPort, Namespace, Pod, PodRef, PolicyKind, PolicyObject, PolicyRef, Snapshot},
     source::manifest::{self, Object},
     testbed::Topology,
 };
@@ -320,6 +320,24 @@ fn synthetic_cluster(pods: usize, namespaces: usize, policies: usize) -> Snapsho
     snapshot
 }
 
+/// Change a policy with `edit` and back, 20 times over, timing each incremental update.
+fn alternate(compiler: &mut policy::Compiler, snapshot: &mut Snapshot, key: &PolicyRef, edit: impl Fn(&mut PolicyObject)) -> Vec<f64> {
+    let original = snapshot.policies[key].clone();
+    (0..20)
+        .map(|round| {
+            let mut object = original.clone();
+            if round % 2 == 0 {
+                edit(&mut object);
+            }
+            snapshot.add_policy(object);
+            time_ms(|| {
+                compiler.update(snapshot, &[policy::Changed::Policy(key.clone())]);
+                std::hint::black_box(compiler.take_ops());
+            })
+        })
+        .collect()
+}
+
 fn peak_rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
@@ -343,32 +361,40 @@ fn compile() -> Result<()> {
     let rss = peak_rss_mb();
     println!("10k pods / 500 namespaces / 2k policies: full compile {full_ms:.0} ms (median of 5), {} entries, peak RSS {rss:.0} MB", state.policy.len());
 
-    // A pod's labels change: recompile and diff.
+    // One pod's labels change, then change back, 20 times over: each an
+    // incremental update of a compiler that holds the whole cluster, until
+    // it hands out the map operations.
+    let mut compiler = policy::Compiler::new(&snapshot);
     let mut changed = snapshot.clone();
-    let pod = changed.pods.get_mut(&PodRef::new("ns7", "pod7")).expect("pod7");
-    pod.labels.insert("tier".into(), "db".into());
+    let pod_ref = PodRef::new("ns7", "pod7");
     let mut pod_change = Vec::new();
-    for _ in 0..3 {
+    for round in 0..20 {
+        let tier = if round % 2 == 0 { "db" } else { "web" };
+        changed.pods.get_mut(&pod_ref).expect("pod7").labels.insert("tier".into(), tier.into());
         pod_change.push(time_ms(|| {
-            let next = policy::compile(&changed);
-            std::hint::black_box(policy::diff(&state, &next));
+            compiler.update(&changed, &[policy::Changed::Pod(pod_ref.clone())]);
+            std::hint::black_box(compiler.take_ops());
         }));
     }
-    // A policy changes.
-    let mut changed = snapshot.clone();
-    let key = changed.policies.keys().nth(3).cloned().expect("policies");
-    if let Some(PolicyObject::Connection(p)) = changed.policies.get_mut(&key) {
-        p.spec.pod_selector = Default::default();
-    }
-    let mut policy_change = Vec::new();
-    for _ in 0..3 {
-        policy_change.push(time_ms(|| {
-            let next = policy::compile(&changed);
-            std::hint::black_box(policy::diff(&state, &next));
-        }));
-    }
-    let (pod_change_ms, policy_change_ms) = (median(pod_change), median(policy_change));
-    println!("pod label change: {pod_change_ms:.0} ms; policy change: {policy_change_ms:.0} ms (recompile + diff)");
+    // One policy's pod selector changes (to every pod of its namespace), and back.
+    let key = PolicyRef { kind: PolicyKind::ConnectionPolicy, namespace: "ns3".into(), name: "p3".into() };
+    let policy_change = alternate(&mut compiler, &mut changed, &key, |object| {
+        if let PolicyObject::Connection(p) = object {
+            p.spec.pod_selector = Default::default();
+        }
+    });
+    // A cluster policy whose subject is 25 namespaces (500 pods) changes priority, and back.
+    let key = PolicyRef { kind: PolicyKind::ClusterConnectionPolicy, namespace: String::new(), name: "c4".into() };
+    let cluster_policy_change = alternate(&mut compiler, &mut changed, &key, |object| {
+        if let PolicyObject::Cluster(p) = object {
+            p.spec.priority += 1;
+        }
+    });
+    anyhow::ensure!(compiler.full_compiles() == 1, "the changes were meant to be incremental, yet {} full compiles ran", compiler.full_compiles() - 1);
+    anyhow::ensure!(compiler.state() == &policy::compile(&changed), "the incremental state differs from a fresh compile");
+    drop(compiler);
+    let (pod_change_ms, policy_change_ms, cluster_policy_change_ms) = (median(pod_change), median(policy_change), median(cluster_policy_change));
+    println!("incremental update + map operations, median of 20: pod label change {pod_change_ms:.2} ms; policy change {policy_change_ms:.2} ms; cluster policy change (500 pods) {cluster_policy_change_ms:.2} ms");
     drop(state);
     let big = synthetic_cluster(150_000, 500, 2_000);
     let full_ms_150k = time_ms(|| {
@@ -380,8 +406,9 @@ fn compile() -> Result<()> {
         json!({
             "full_ms": full_ms.round(),
             "peak_rss_mb": rss.round(),
-            "pod_change_ms": pod_change_ms.round(),
-            "policy_change_ms": policy_change_ms.round(),
+            "pod_change_ms": round2(pod_change_ms),
+            "policy_change_ms": round2(policy_change_ms),
+            "cluster_policy_change_ms": round2(cluster_policy_change_ms),
             "full_ms_150k": full_ms_150k.round(),
         })
     );

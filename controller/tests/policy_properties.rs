@@ -598,3 +598,109 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Incremental compile: change by change, the same state a fresh compile gives.
+
+#[derive(Clone, Debug)]
+enum Step {
+    /// Pod i takes the labels and ports of the other snapshot's pod i.
+    Relabel(usize),
+    /// A new pod (named `extra<k>`) with the address of pod k: addresses are reused.
+    AddReusing(usize),
+    DeletePod(usize),
+    /// The other snapshot's policy j is applied (same name and namespace: a change).
+    ApplyPolicy(usize),
+    DeletePolicy(usize),
+    ToggleProdY,
+    /// Pod i's first address becomes (or stops being) a node address.
+    ToggleNodeAddress(usize),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0..8usize).prop_map(Step::Relabel),
+        1 => (0..8usize).prop_map(Step::AddReusing),
+        1 => (0..8usize).prop_map(Step::DeletePod),
+        3 => (0..6usize).prop_map(Step::ApplyPolicy),
+        1 => (0..6usize).prop_map(Step::DeletePolicy),
+        1 => Just(Step::ToggleProdY),
+        1 => (0..8usize).prop_map(Step::ToggleNodeAddress),
+    ]
+}
+
+/// Apply a step to `snapshot`; what changed, for the compiler.
+fn take_step(snapshot: &mut Snapshot, other: &Snapshot, step: &Step) -> Option<policy::Changed> {
+    let nth_pod = |s: &Snapshot, i: usize| s.pods.keys().nth(i % s.pods.len().max(1)).cloned();
+    match step {
+        Step::Relabel(i) => {
+            let pod_ref = nth_pod(snapshot, *i)?;
+            let source = other.pods.values().nth(i % other.pods.len())?;
+            let pod = snapshot.pods.get_mut(&pod_ref)?;
+            pod.labels = source.labels.clone();
+            pod.ports = source.ports.clone();
+            Some(policy::Changed::Pod(pod_ref))
+        }
+        Step::AddReusing(k) => {
+            let source = snapshot.pods.values().nth(k % snapshot.pods.len().max(1))?.clone();
+            let model = other.pods.values().nth(k % other.pods.len())?;
+            let pod = Pod { name: format!("extra{k}"), labels: model.labels.clone(), namespace: model.namespace.clone(), ..source };
+            let pod_ref = pod.pod_ref();
+            snapshot.add_pod(pod);
+            Some(policy::Changed::Pod(pod_ref))
+        }
+        Step::DeletePod(i) => {
+            let pod_ref = nth_pod(snapshot, *i)?;
+            snapshot.pods.remove(&pod_ref);
+            Some(policy::Changed::Pod(pod_ref))
+        }
+        Step::ApplyPolicy(j) => {
+            let object = other.policies.values().nth(*j)?.clone();
+            let policy_ref = object.policy_ref();
+            snapshot.add_policy(object);
+            Some(policy::Changed::Policy(policy_ref))
+        }
+        Step::DeletePolicy(j) => {
+            let policy_ref = snapshot.policies.keys().nth(*j)?.clone();
+            snapshot.policies.remove(&policy_ref);
+            Some(policy::Changed::Policy(policy_ref))
+        }
+        Step::ToggleProdY => {
+            let mut labels = snapshot.namespace_labels("y");
+            labels.remove("kubernetes.io/metadata.name");
+            if labels.remove("env").is_none() {
+                labels.insert("env".into(), "prod".into());
+            }
+            snapshot.add_namespace(Namespace::new("y", labels));
+            Some(policy::Changed::Namespace("y".into()))
+        }
+        Step::ToggleNodeAddress(i) => {
+            let address = *snapshot.pods.values().nth(i % snapshot.pods.len().max(1))?.ips.first()?;
+            if !snapshot.node_addresses.remove(&address) {
+                snapshot.node_addresses.insert(address);
+            }
+            Some(policy::Changed::NodeAddresses)
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    #[test]
+    fn incremental_updates_equal_a_fresh_compile(a in snapshot(), other in snapshot(), steps in prop::collection::vec(step(), 1..8), batch in 1..3usize) {
+        let mut compiler = policy::Compiler::new(&a);
+        let mut programmed = policy::compile(&a);
+        let mut snapshot = a.clone();
+        for chunk in steps.chunks(batch) {
+            let changed: Vec<policy::Changed> = chunk.iter().filter_map(|s| take_step(&mut snapshot, &other, s)).collect();
+            compiler.update(&snapshot, &changed);
+            let fresh = policy::compile(&snapshot);
+            prop_assert_eq!(compiler.state(), &fresh, "after {:?}", chunk);
+            // The operations it hands out bring the maps there too.
+            policy::apply(&mut programmed, &compiler.take_ops());
+            prop_assert_eq!(&programmed.policy, &fresh.policy);
+            prop_assert_eq!(&programmed.ipcache, &fresh.ipcache);
+        }
+    }
+}

@@ -1,28 +1,41 @@
 //! `compile(snapshot) → DesiredState`: the ipcache, the endpoints and every
-//! per-endpoint policy entry, in the datapath's key format.
+//! per-endpoint policy entry, in the datapath's key format; and `Compiler`,
+//! which keeps what a compile learned (identities, the selector cache, the
+//! entries of each class of pods) so that a change of one pod or one policy
+//! costs work in proportion to what it touches, not to the cluster.
 //!
-//! For each endpoint and direction the verdict is a function of (peer
-//! identity, protocol, port). It is evaluated on the elementary port
-//! intervals the rules induce, then written as LPM entries so that the
-//! datapath's lookup — the peer's own entries first, then "any peer", the
-//! most specific protocol/port prefix within each — returns exactly it.
+//! Pods that share a namespace's policies — the same selected policies and
+//! the same named ports — form a class; a class's entries are computed once
+//! (`evaluate`) and stamped onto each member's endpoint id.
+//!
+//! Incremental updates give exactly what a fresh compile of the new snapshot
+//! gives (the property tests hold them to it). The few changes that would
+//! renumber what other objects hold — a new set of ipBlock CIDRs (pod
+//! addresses change identity), changed namespace labels, or a number whose
+//! hash slot is taken — are handled by compiling everything again.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    mem,
     net::IpAddr,
     rc::Rc,
 };
 
 use bulkhead_crds::Protocol;
-use datapath_common::{identity, ipv4_mapped, policy_prefix, proto, verdict, PolicyKey, PolicyValue, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, RULE_DEFAULT_DENY};
+use datapath_common::{identity, ipv4_mapped, proto, PolicyKey, PolicyValue, EGRESS, INGRESS, IPV4_MAPPED_PREFIX};
 use ipnet::IpNet;
 
 use super::{
-    identity::{allocate, identity_hash, longest_prefix, stable_hash, IdentityKey},
-    model::{PodRef, PolicyRef, Snapshot},
-    rules::{normalize, Action, NamespaceScope, Peer, Policy, PortMatch, Tier, ValidationError},
+    diff::{MapOp, OpsPlan},
+    evaluate::{Accepted, AnyPeer, Chain, ClassEntry, EntryGroups, Evaluator},
+    identity::{identity_hash, longest_prefix, stable_hash, IdentityKey, NamedPorts, Numbering},
+    model::{Pod, PodRef, PolicyRef, Snapshot},
+    rules::{normalize, NamespaceScope, Peer, Policy, ValidationError},
     selector::Labels,
+    universe::Universe,
 };
+
+pub use super::evaluate::port_prefixes;
 
 /// An ipcache key: prefix length over the 16-byte (IPv4-mapped) address.
 pub type IpcacheKey = (u32, [u8; 16]);
@@ -80,114 +93,88 @@ impl DesiredState {
     }
 }
 
-/// A verdict and who decided it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Decision {
-    allow: bool,
-    policy: u32,
-    rule: u32,
-    /// The Audit-mode rule that would have denied this allowed connection.
-    audit: Option<(u32, u32)>,
+
+/// What changed in a snapshot since a `Compiler` last saw it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Changed {
+    Namespace(String),
+    Pod(PodRef),
+    Policy(PolicyRef),
+    NodeAddresses,
 }
 
-impl Decision {
-    fn value(&self) -> PolicyValue {
-        let (audit, audit_policy_id, audit_rule) = match self.audit {
-            Some((p, r)) => (1, p, r),
-            None => (0, 0, 0),
-        };
-        PolicyValue {
-            verdict: if self.allow { verdict::ALLOW } else { verdict::DENY },
-            audit,
-            _pad: [0; 2],
-            policy_id: self.policy,
-            rule: self.rule,
-            audit_policy_id,
-            audit_rule,
-        }
+pub fn compile(snapshot: &Snapshot) -> DesiredState {
+    Compiler::new(snapshot).into_state()
+}
+
+/// The policies a class's pods are selected by (sorted) and their named ports.
+type ClassKey = (Vec<PolicyRef>, NamedPorts);
+
+struct Class {
+    /// Indexed by direction: the "any peer" verdict function.
+    any: [AnyPeer; 2],
+    groups: EntryGroups,
+    members: BTreeMap<PodRef, u32>,
+}
+
+/// What the compiler holds of one pod.
+struct CompiledPod {
+    namespace: String,
+    labels: Labels,
+    endpoint: u32,
+    plain_identity: IdentityKey,
+    /// Each address and the identity it carries (it differs from the plain
+    /// one when the address falls in an ipBlock CIDR).
+    addresses: Vec<(IpAddr, IdentityKey)>,
+    class: ClassKey,
+}
+
+impl CompiledPod {
+    fn identity_keys(&self) -> impl Iterator<Item = &IdentityKey> {
+        std::iter::once(&self.plain_identity).chain(self.addresses.iter().map(|(_, k)| k))
     }
 }
 
-/// The selected policies of one class of pods, in evaluation order.
-struct Chain<'a> {
-    admin: Vec<&'a Policy>,
-    namespace: Vec<&'a Policy>,
-    baseline: Vec<&'a Policy>,
+/// Map keys written since the last `take_ops`, with the value each had before.
+#[derive(Default)]
+struct Touched {
+    enabled: bool,
+    policy: BTreeMap<PolicyEntryKey, Option<PolicyValue>>,
+    ipcache: BTreeMap<IpcacheKey, Option<u32>>,
 }
 
-/// Per-compile lookup tables.
-struct Tables<'a> {
-    policies: Vec<Policy>,
-    /// identity → (namespace labels, pod labels) for pod identities.
-    identity_labels: HashMap<u32, (&'a str, Labels, &'a Labels)>,
-    identity_cidr: HashMap<u32, Option<IpNet>>,
-    named_ports: HashMap<u32, BTreeMap<(String, Protocol), u16>>,
-    identities_by_namespace: HashMap<String, Vec<u32>>,
-    peer_cache: std::cell::RefCell<HashMap<Peer, Rc<HashSet<u32>>>>,
-    /// Per rule (by address): the union of its peers' identities, resolved once.
-    rule_sets: std::cell::RefCell<HashMap<usize, Rc<HashSet<u32>>>>,
+fn ref_hash<R: std::fmt::Debug>(r: &R) -> u64 {
+    stable_hash(&format!("{r:?}"))
 }
 
-impl Tables<'_> {
-    /// Identities a rule's peers select (the rule must have peers).
-    fn rule_identities(&self, rule: &super::rules::Rule) -> Rc<HashSet<u32>> {
-        let key = rule as *const super::rules::Rule as usize;
-        if let Some(hit) = self.rule_sets.borrow().get(&key) {
-            return hit.clone();
-        }
-        let mut union = HashSet::new();
-        for peer in rule.peers.iter().flatten() {
-            union.extend(self.peer_identities(peer).iter().copied());
-        }
-        let union = Rc::new(union);
-        self.rule_sets.borrow_mut().insert(key, union.clone());
-        union
+const IDENTITY_SPACE: u32 = (1 << 31) - identity::FIRST_ALLOCATED;
+
+/// Every CIDR a policy's ipBlocks mention (cidr and except), with repeats.
+fn ip_block_prefixes(policy: &Policy) -> impl Iterator<Item = IpNet> + '_ {
+    policy_peers(policy).flat_map(|peer| match peer {
+        Peer::IpBlock { cidr, except } => std::iter::once(*cidr).chain(except.iter().copied()).collect(),
+        Peer::Pods { .. } => Vec::new(),
+    })
+}
+
+fn policy_peers(policy: &Policy) -> impl Iterator<Item = &Peer> {
+    policy.rules.iter().flatten().flat_map(|rule| rule.peers.iter().flatten())
+}
+
+fn by_length<'a>(prefixes: impl Iterator<Item = &'a IpNet>) -> Vec<HashSet<IpNet>> {
+    let mut by_len = vec![HashSet::new(); 129];
+    for p in prefixes {
+        by_len[p.prefix_len() as usize].insert(*p);
     }
-
-    fn peer_identities(&self, peer: &Peer) -> Rc<HashSet<u32>> {
-        if let Some(hit) = self.peer_cache.borrow().get(peer) {
-            return hit.clone();
-        }
-        let mut out = HashSet::new();
-        match peer {
-            Peer::Pods { namespaces, pods } => {
-                let mut candidates: Vec<u32> = Vec::new();
-                match namespaces {
-                    NamespaceScope::Same(ns) => candidates.extend(self.identities_by_namespace.get(ns).into_iter().flatten()),
-                    NamespaceScope::Selected(selector) => {
-                        for ids in self.identities_by_namespace.values() {
-                            if let Some(first) = ids.first() {
-                                if selector.matches(&self.identity_labels[first].1) {
-                                    candidates.extend(ids);
-                                }
-                            }
-                        }
-                    }
-                }
-                for id in candidates {
-                    if pods.matches(self.identity_labels[&id].2) {
-                        out.insert(id);
-                    }
-                }
-            }
-            Peer::IpBlock { cidr, except } => {
-                for (id, prefix) in &self.identity_cidr {
-                    if let Some(prefix) = prefix {
-                        if cidr.contains(prefix) && !except.iter().any(|e| e.contains(prefix)) {
-                            out.insert(*id);
-                        }
-                    }
-                }
-            }
-        }
-        let out = Rc::new(out);
-        self.peer_cache.borrow_mut().insert(peer.clone(), out.clone());
-        out
-    }
+    by_len
 }
 
-fn pod_identity_key(namespace: &str, labels: &Labels, named_ports: &BTreeMap<(String, Protocol), u16>, cidr: Option<IpNet>) -> IdentityKey {
-    IdentityKey::Pod { namespace: namespace.to_string(), labels: labels.clone(), named_ports: named_ports.clone(), cidr }
+fn full_length(address: IpAddr) -> u32 {
+    if address.is_ipv4() {
+        IPV4_MAPPED_PREFIX + 32
+    } else {
+        128
+    }
 }
 
 /// Whether a policy's subject selects a pod.
@@ -199,489 +186,659 @@ fn selects(policy: &Policy, namespace: &str, namespace_labels: &Labels, pod_labe
     namespace_ok && policy.subject_pods.matches(pod_labels)
 }
 
-pub fn compile(snapshot: &Snapshot) -> DesiredState {
-    let mut state = DesiredState::default();
-
-    // Policies: validate; invalid ones are left out and reported.
-    let mut policies = Vec::new();
-    for object in snapshot.policies.values() {
-        match normalize(object) {
-            Ok(policy) => policies.push(policy),
-            Err(error) => state.rejected.push(error),
-        }
-    }
-    let refs: Vec<PolicyRef> = policies.iter().map(|p| p.id.clone()).collect();
-    let policy_numbers = allocate(refs.iter(), 1, 1 << 30, |r| stable_hash(&format!("{r:?}")));
-    for (r, id) in &policy_numbers {
-        state.policy_names.insert(*id, r.clone());
-    }
-
-    // Every CIDR an ipBlock mentions.
-    let mut prefixes = BTreeSet::new();
-    for policy in &policies {
-        for rule in policy.rules.iter().flatten() {
-            for peer in rule.peers.iter().flatten() {
-                if let Peer::IpBlock { cidr, except } = peer {
-                    prefixes.insert(*cidr);
-                    prefixes.extend(except.iter().copied());
-                }
-            }
-        }
-    }
-    let mut by_len: Vec<HashSet<IpNet>> = vec![HashSet::new(); 129];
-    for p in &prefixes {
-        by_len[p.prefix_len() as usize].insert(*p);
-    }
-
-    // Identities of pod addresses and prefixes.
-    let mut pod_named_ports: HashMap<&PodRef, BTreeMap<(String, Protocol), u16>> = HashMap::new();
-    let mut address_identity: Vec<(IpAddr, IdentityKey)> = Vec::new();
-    let mut keys = BTreeSet::new();
-    for (pod_ref, pod) in &snapshot.pods {
-        let named: BTreeMap<(String, Protocol), u16> =
-            pod.ports.iter().filter_map(|p| p.name.clone().map(|n| ((n, p.protocol), p.port))).collect();
-        // The plain identity always exists, so selectors see the pod even
-        // when all its addresses fall inside ipBlocks.
-        keys.insert(pod_identity_key(&pod.namespace, &pod.labels, &named, None));
-        for address in &pod.ips {
-            let cidr = longest_prefix(&prefixes, &by_len, *address);
-            let key = pod_identity_key(&pod.namespace, &pod.labels, &named, cidr);
-            keys.insert(key.clone());
-            address_identity.push((*address, key));
-        }
-        pod_named_ports.insert(pod_ref, named);
-    }
-    for p in &prefixes {
-        keys.insert(IdentityKey::Cidr(*p));
-    }
-    let identity_ids = allocate(keys.iter(), identity::FIRST_ALLOCATED, (1 << 31) - identity::FIRST_ALLOCATED, identity_hash);
-
-    let mut namespace_labels: HashMap<&str, Labels> = HashMap::new();
-    for pod in snapshot.pods.values() {
-        namespace_labels.entry(pod.namespace.as_str()).or_insert_with(|| snapshot.namespace_labels(&pod.namespace));
-    }
-    let mut tables = Tables {
-        policies: Vec::new(),
-        identity_labels: HashMap::new(),
-        identity_cidr: HashMap::new(),
-        named_ports: HashMap::new(),
-        identities_by_namespace: HashMap::new(),
-        peer_cache: Default::default(),
-        rule_sets: Default::default(),
+fn write_policy(state: &mut DesiredState, touched: &mut Touched, key: PolicyEntryKey, value: Option<PolicyValue>) {
+    let before = match value {
+        Some(value) => state.policy.insert(key, value),
+        None => state.policy.remove(&key),
     };
-    for (key, id) in &identity_ids {
-        state.identities.insert(*id, key.clone());
-        match key {
-            IdentityKey::Pod { namespace, labels, named_ports, cidr } => {
-                let ns_labels = namespace_labels.get(namespace.as_str()).cloned().unwrap_or_default();
-                tables.identity_labels.insert(*id, (namespace.as_str(), ns_labels, labels));
-                tables.identity_cidr.insert(*id, *cidr);
-                tables.named_ports.insert(*id, named_ports.clone());
-                tables.identities_by_namespace.entry(namespace.clone()).or_default().push(*id);
-            }
-            IdentityKey::Cidr(net) => {
-                tables.identity_cidr.insert(*id, Some(*net));
-            }
-        }
+    if touched.enabled {
+        touched.policy.entry(key).or_insert(before);
     }
-    for ids in tables.identities_by_namespace.values_mut() {
-        ids.sort_unstable();
-    }
+}
 
-    // The ipcache.
-    for net in &prefixes {
-        state.ipcache.insert(prefix_key(net), identity_ids[&IdentityKey::Cidr(*net)]);
+fn write_ipcache(state: &mut DesiredState, touched: &mut Touched, key: IpcacheKey, value: Option<u32>) {
+    let before = match value {
+        Some(value) => state.ipcache.insert(key, value),
+        None => state.ipcache.remove(&key),
+    };
+    if touched.enabled {
+        touched.ipcache.entry(key).or_insert(before);
     }
-    for (address, key) in &address_identity {
-        let full = if address.is_ipv4() { IPV4_MAPPED_PREFIX + 32 } else { 128 };
-        state.ipcache.insert((full, address_key(*address)), identity_ids[key]);
-    }
-    for address in &snapshot.node_addresses {
-        let full = if address.is_ipv4() { IPV4_MAPPED_PREFIX + 32 } else { 128 };
-        state.ipcache.insert((full, address_key(*address)), identity::HOST);
-    }
+}
 
-    // Endpoints.
-    let endpoint_ids = allocate(snapshot.pods.keys(), 1, 1 << 30, |r| stable_hash(&format!("{r:?}")));
-    for (pod_ref, pod) in &snapshot.pods {
-        state.endpoints.insert(pod_ref.clone(), Endpoint { id: endpoint_ids[pod_ref], addresses: pod.ips.clone(), node_name: pod.node_name.clone() });
+/// Write (or, with `present` false, remove) a class's entries for one endpoint.
+fn stamp(state: &mut DesiredState, touched: &mut Touched, endpoint: u32, groups: &EntryGroups, present: bool) {
+    for (peer, entries) in groups {
+        stamp_group(state, touched, endpoint, *peer, entries, present);
     }
+}
 
-    // Policy entries, computed once per class of pods that share namespace,
-    // labels and named ports, then stamped per endpoint.
-    tables.policies = policies;
-    let policies = &tables.policies;
-    let policy_ids: HashMap<&PolicyRef, u32> = policies.iter().map(|p| (&p.id, policy_numbers[&p.id])).collect();
-    for policy in policies {
-        state.selected_pods.insert(policy.id.clone(), 0);
+fn stamp_group(state: &mut DesiredState, touched: &mut Touched, endpoint: u32, peer: u32, entries: &[ClassEntry], present: bool) {
+    for (prefix_len, direction, protocol, port, value) in entries {
+        let key = (*prefix_len, PolicyKey::new(endpoint, *direction, peer, *protocol, *port));
+        write_policy(state, touched, key, present.then_some(*value));
     }
-    // Pods with the same selected policies (and, for ingress named ports,
-    // the same container ports) share their entries.
-    let mut class_entries: HashMap<(Vec<usize>, BTreeMap<(String, Protocol), u16>), Rc<Vec<(u32, u8, u32, u8, u16, PolicyValue)>>> = HashMap::new();
-    let mut cluster_policies = Vec::new();
-    let mut namespace_policies: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (index, policy) in policies.iter().enumerate() {
-        match &policy.subject_namespaces {
-            NamespaceScope::Same(ns) => namespace_policies.entry(ns.as_str()).or_default().push(index),
-            NamespaceScope::Selected(_) => cluster_policies.push(index),
-        }
-    }
-    for (pod_ref, pod) in &snapshot.pods {
-        let ns_labels = &namespace_labels[pod.namespace.as_str()];
-        let named = &pod_named_ports[pod_ref];
-        let mut selected: Vec<usize> = cluster_policies
-            .iter()
-            .chain(namespace_policies.get(pod.namespace.as_str()).into_iter().flatten())
-            .copied()
-            .filter(|i| selects(&policies[*i], &pod.namespace, ns_labels, &pod.labels))
-            .collect();
-        selected.sort_unstable();
-        let mut chain = Chain { admin: vec![], namespace: vec![], baseline: vec![] };
-        for index in &selected {
-            let policy = &policies[*index];
-            *state.selected_pods.get_mut(&policy.id).expect("inserted above") += 1;
-            match policy.tier {
-                Tier::Admin => chain.admin.push(policy),
-                Tier::Namespace => chain.namespace.push(policy),
-                Tier::Baseline => chain.baseline.push(policy),
-            }
-        }
-        let class = (selected, named.clone());
-        let entries = match class_entries.get(&class) {
-            Some(entries) => entries.clone(),
-            None => {
-                chain.admin.sort_by(|a, b| (a.priority, &a.id.name).cmp(&(b.priority, &b.id.name)));
-                chain.baseline.sort_by(|a, b| (a.priority, &a.id.name).cmp(&(b.priority, &b.id.name)));
-                chain.namespace.sort_by(|a, b| a.id.cmp(&b.id));
-                let mut entries = Vec::new();
-                for direction in [INGRESS, EGRESS] {
-                    let evaluator = Evaluator { tables: &tables, policy_ids: &policy_ids, chain: &chain, direction, own_named_ports: named };
-                    evaluator.entries(&mut entries);
+}
+
+/// Change one endpoint's entries from one class's to another's, writing
+/// only what differs.
+fn restamp(state: &mut DesiredState, touched: &mut Touched, endpoint: u32, old: &EntryGroups, new: &EntryGroups) {
+    for (peer, entries) in old {
+        match new.get(peer) {
+            Some(same) if same == entries => {}
+            Some(other) => {
+                let kept: HashSet<(u32, u8, u8, u16)> = other.iter().map(|(l, d, p, port, _)| (*l, *d, *p, *port)).collect();
+                for (prefix_len, direction, protocol, port, _) in entries {
+                    if !kept.contains(&(*prefix_len, *direction, *protocol, *port)) {
+                        write_policy(state, touched, (*prefix_len, PolicyKey::new(endpoint, *direction, *peer, *protocol, *port)), None);
+                    }
                 }
-                let entries = Rc::new(entries);
-                class_entries.insert(class, entries.clone());
-                entries
             }
+            None => stamp_group(state, touched, endpoint, *peer, entries, false),
+        }
+    }
+    for (peer, entries) in new {
+        if old.get(peer) != Some(entries) {
+            stamp_group(state, touched, endpoint, *peer, entries, true);
+        }
+    }
+}
+
+/// A compiled state and what it was made of, updatable in place.
+pub struct Compiler {
+    state: DesiredState,
+    policies: BTreeMap<PolicyRef, Rc<Accepted>>,
+    policy_numbers: Numbering<PolicyRef>,
+    /// Namespaced policies by their namespace; cluster policies under "".
+    subjects: HashMap<String, BTreeMap<PolicyRef, Rc<Accepted>>>,
+    /// ipBlock CIDRs, with how many mentions each has.
+    prefixes: BTreeMap<IpNet, usize>,
+    by_len: Vec<HashSet<IpNet>>,
+    identities: Numbering<IdentityKey>,
+    /// How many pod addresses (and plain pod identities) use each identity.
+    identity_users: HashMap<IdentityKey, usize>,
+    universe: Universe,
+    namespace_labels: BTreeMap<String, Labels>,
+    node_addresses: BTreeSet<IpAddr>,
+    endpoint_numbers: Numbering<PodRef>,
+    pods: HashMap<PodRef, CompiledPod>,
+    address_owners: HashMap<IpAddr, BTreeSet<PodRef>>,
+    classes: HashMap<ClassKey, Class>,
+    touched: Touched,
+    full_compiles: u64,
+}
+
+impl Compiler {
+    /// Compile a whole snapshot.
+    pub fn new(snapshot: &Snapshot) -> Self {
+        let mut state = DesiredState::default();
+
+        // Policies: validate; invalid ones are left out and reported.
+        let mut normalized = BTreeMap::new();
+        for object in snapshot.policies.values() {
+            match normalize(object) {
+                Ok(policy) => {
+                    normalized.insert(policy.id.clone(), policy);
+                }
+                Err(error) => state.rejected.push(error),
+            }
+        }
+        let policy_numbers = Numbering::new(normalized.keys(), 1, 1 << 30, ref_hash);
+        for (r, id) in policy_numbers.numbers() {
+            state.policy_names.insert(*id, r.clone());
+            state.selected_pods.insert(r.clone(), 0);
+        }
+        let mut prefixes = BTreeMap::new();
+        for policy in normalized.values() {
+            for net in ip_block_prefixes(policy) {
+                *prefixes.entry(net).or_insert(0) += 1;
+            }
+        }
+        let by_len = by_length(prefixes.keys());
+        let mut namespace_labels = BTreeMap::new();
+        for pod in snapshot.pods.values() {
+            if !namespace_labels.contains_key(&pod.namespace) {
+                namespace_labels.insert(pod.namespace.clone(), snapshot.namespace_labels(&pod.namespace));
+            }
+        }
+        let mut compiler = Compiler {
+            state,
+            policies: BTreeMap::new(),
+            policy_numbers,
+            subjects: HashMap::new(),
+            prefixes,
+            by_len,
+            identities: Numbering::new([].iter(), identity::FIRST_ALLOCATED, IDENTITY_SPACE, identity_hash),
+            identity_users: HashMap::new(),
+            universe: Universe::default(),
+            namespace_labels,
+            node_addresses: snapshot.node_addresses.clone(),
+            endpoint_numbers: Numbering::new(snapshot.pods.keys(), 1, 1 << 30, ref_hash),
+            pods: HashMap::new(),
+            address_owners: HashMap::new(),
+            classes: HashMap::new(),
+            touched: Touched::default(),
+            full_compiles: 1,
         };
-        let endpoint = endpoint_ids[pod_ref];
-        for (prefix_len, direction, peer, protocol, port, value) in entries.iter() {
-            state.policy.insert((*prefix_len, PolicyKey::new(endpoint, *direction, *peer, *protocol, *port)), *value);
+
+        // Identities of pod addresses and prefixes, then the selectors over them.
+        let mut planned = Vec::with_capacity(snapshot.pods.len());
+        for (pod_ref, pod) in &snapshot.pods {
+            let (plain, addresses) = compiler.identity_keys_of(pod);
+            for key in std::iter::once(&plain).chain(addresses.iter().map(|(_, k)| k)) {
+                *compiler.identity_users.entry(key.clone()).or_insert(0) += 1;
+            }
+            planned.push((pod_ref, pod, plain, addresses));
         }
-    }
-    state
-}
-
-/// Evaluates one class of pods in one direction.
-struct Evaluator<'a> {
-    tables: &'a Tables<'a>,
-    policy_ids: &'a HashMap<&'a PolicyRef, u32>,
-    chain: &'a Chain<'a>,
-    direction: u8,
-    own_named_ports: &'a BTreeMap<(String, Protocol), u16>,
-}
-
-/// A peer class: one identity, or `None` for every identity no rule names.
-type Class = Option<u32>;
-
-impl Evaluator<'_> {
-    fn all_policies(&self) -> impl Iterator<Item = &Policy> {
-        self.chain.admin.iter().chain(&self.chain.namespace).chain(&self.chain.baseline).copied()
-    }
-
-    fn peer_matches(&self, rule: &super::rules::Rule, class: Class) -> bool {
-        match (&rule.peers, class) {
-            (None, _) => true,
-            (Some(_), None) => false,
-            (Some(_), Some(id)) => self.tables.rule_identities(rule).contains(&id),
+        let mut keys: BTreeSet<&IdentityKey> = compiler.identity_users.keys().collect();
+        let cidr_keys: Vec<IdentityKey> = compiler.prefixes.keys().map(|p| IdentityKey::Cidr(*p)).collect();
+        keys.extend(&cidr_keys);
+        compiler.identities = Numbering::new(keys, identity::FIRST_ALLOCATED, IDENTITY_SPACE, identity_hash);
+        for (key, id) in compiler.identities.numbers() {
+            compiler.state.identities.insert(*id, key.clone());
+            compiler.universe.add_identity(*id, key, &compiler.namespace_labels);
         }
-    }
+        for (policy_ref, policy) in normalized {
+            let number = compiler.policy_numbers.get(&policy_ref).expect("numbered");
+            let accepted = Rc::new(Accepted::new(policy, number, &mut compiler.universe));
+            compiler.subjects.entry(subject_namespace(&accepted)).or_default().insert(policy_ref.clone(), accepted.clone());
+            compiler.policies.insert(policy_ref, accepted);
+        }
 
-    /// The port number a port match stands for against this peer class, by protocol.
-    fn resolve(&self, port: &PortMatch, class: Class) -> Option<(Protocol, u16, u16)> {
-        match port {
-            PortMatch::Range { protocol, start, end } => Some((*protocol, *start, *end)),
-            PortMatch::Named { protocol, name } => {
-                let ports = if self.direction == INGRESS {
-                    Some(self.own_named_ports)
-                } else {
-                    class.and_then(|id| self.tables.named_ports.get(&id))
-                };
-                ports.and_then(|p| p.get(&(name.clone(), *protocol))).map(|n| (*protocol, *n, *n))
+        // The ipcache: prefixes, pod addresses (a later pod wins an address
+        // two claim), then the node's own addresses.
+        for net in compiler.prefixes.keys() {
+            compiler.state.ipcache.insert(prefix_key(net), compiler.identities.get(&IdentityKey::Cidr(*net)).expect("numbered"));
+        }
+        for (pod_ref, _, _, addresses) in &planned {
+            for (address, key) in addresses {
+                compiler.state.ipcache.insert((full_length(*address), address_key(*address)), compiler.identities.get(key).expect("numbered"));
+                compiler.address_owners.entry(*address).or_default().insert((*pod_ref).clone());
             }
         }
+        for address in &snapshot.node_addresses {
+            compiler.state.ipcache.insert((full_length(*address), address_key(*address)), identity::HOST);
+        }
+
+        // Endpoints and their entries, class by class. Cluster policies'
+        // namespace selectors are matched once per namespace.
+        let mut cluster_by_namespace: HashMap<&str, Vec<(&PolicyRef, &Rc<Accepted>)>> = HashMap::new();
+        let cluster_policies = compiler.subjects.get("").cloned().unwrap_or_default();
+        for (pod_ref, pod, plain, addresses) in planned {
+            let endpoint = compiler.endpoint_numbers.get(pod_ref).expect("numbered");
+            compiler.state.endpoints.insert(pod_ref.clone(), Endpoint { id: endpoint, addresses: pod.ips.clone(), node_name: pod.node_name.clone() });
+            let namespace_cluster = cluster_by_namespace.entry(pod.namespace.as_str()).or_insert_with(|| {
+                let labels = &compiler.namespace_labels[&pod.namespace];
+                cluster_policies.iter().filter(|(_, p)| matches!(&p.subject_namespaces, NamespaceScope::Selected(s) if s.matches(labels))).collect()
+            });
+            let selected = compiler.selected_in(namespace_cluster.iter().copied().filter(|(_, p)| p.subject_pods.matches(&pod.labels)), &pod.namespace, &pod.labels);
+            let class = (selected, named_ports_of(pod));
+            compiler.join_class(pod_ref, endpoint, &class);
+            compiler.pods.insert(pod_ref.clone(), CompiledPod { namespace: pod.namespace.clone(), labels: pod.labels.clone(), endpoint, plain_identity: plain, addresses, class });
+        }
+        compiler
     }
 
-    fn rule_matches(&self, rule: &super::rules::Rule, class: Class, protocol: Option<Protocol>, port: u16) -> bool {
-        if !self.peer_matches(rule, class) {
-            return false;
-        }
-        match (&rule.ports, protocol) {
-            (None, _) => true,
-            (Some(_), None) => false,
-            (Some(ports), Some(protocol)) => ports.iter().any(|p| {
-                self.resolve(p, class).is_some_and(|(proto, start, end)| proto == protocol && start <= port && port <= end)
-            }),
-        }
+    pub fn state(&self) -> &DesiredState {
+        &self.state
     }
 
-    /// One cluster tier: the first matching rule in priority order decides;
-    /// `Pass` (or no match) leaves the tier undecided.
-    fn cluster_tier(&self, tier: &[&Policy], class: Class, protocol: Option<Protocol>, port: u16, with_audit: bool) -> Option<(bool, u32, u32)> {
-        let d = self.direction as usize;
-        for policy in tier.iter().filter(|p| with_audit || !p.audit) {
-            for rule in &policy.rules[d] {
-                if self.rule_matches(rule, class, protocol, port) {
-                    return match rule.action {
-                        Action::Allow => Some((true, self.policy_ids[&policy.id], rule.index)),
-                        Action::Deny => Some((false, self.policy_ids[&policy.id], rule.index)),
-                        Action::Pass => None,
-                    };
-                }
-            }
-        }
-        None
+    pub fn into_state(self) -> DesiredState {
+        self.state
     }
 
-    /// Evaluation per api.md; `with_audit` also applies Audit-mode policies.
-    fn evaluate(&self, class: Class, protocol: Option<Protocol>, port: u16, with_audit: bool) -> (bool, u32, u32) {
-        let d = self.direction as usize;
-        let active = |p: &&&Policy| with_audit || !p.audit;
-        if let Some(decided) = self.cluster_tier(&self.chain.admin, class, protocol, port, with_audit) {
-            return decided;
-        }
-        let mut isolating = self.chain.namespace.iter().filter(active).filter(|p| p.isolates[d]).copied().peekable();
-        if let Some(first) = isolating.peek().copied() {
-            for policy in isolating {
-                for rule in &policy.rules[d] {
-                    if self.rule_matches(rule, class, protocol, port) {
-                        return (true, self.policy_ids[&policy.id], rule.index);
-                    }
-                }
-            }
-            return (false, self.policy_ids[&first.id], RULE_DEFAULT_DENY);
-        }
-        if let Some(decided) = self.cluster_tier(&self.chain.baseline, class, protocol, port, with_audit) {
-            return decided;
-        }
-        (true, 0, 0)
+    /// How many times this compiler compiled everything (its first compile included).
+    pub fn full_compiles(&self) -> u64 {
+        self.full_compiles
     }
 
-    fn decide(&self, class: Class, protocol: Option<Protocol>, port: u16) -> Decision {
-        let (allow, policy, rule) = self.evaluate(class, protocol, port, false);
-        let mut decision = Decision { allow, policy, rule, audit: None };
-        if allow && self.all_policies().any(|p| p.audit) {
-            let (would_allow, audit_policy, audit_rule) = self.evaluate(class, protocol, port, true);
-            if !would_allow {
-                decision.audit = Some((audit_policy, audit_rule));
-            }
-        }
-        decision
-    }
-
-    /// Elementary port intervals for a protocol: boundaries of every port
-    /// match that can apply to this class.
-    fn intervals(&self, class: Class, protocol: Protocol) -> Vec<(u16, u16)> {
-        let d = self.direction as usize;
-        let mut cuts: BTreeSet<u32> = BTreeSet::from([0, 65536]);
-        for policy in self.all_policies() {
-            for rule in &policy.rules[d] {
-                if !self.peer_matches(rule, class) {
-                    continue;
-                }
-                for port in rule.ports.iter().flatten() {
-                    if let Some((proto, start, end)) = self.resolve(port, class) {
-                        if proto == protocol {
-                            cuts.insert(start as u32);
-                            cuts.insert(end as u32 + 1);
-                        }
-                    }
-                }
-            }
-        }
-        let cuts: Vec<u32> = cuts.into_iter().collect();
-        cuts.windows(2).map(|w| (w[0] as u16, (w[1] - 1) as u16)).collect()
-    }
-
-    /// The verdict function of one class: the verdict for protocols without
-    /// ports, and per port protocol the merged intervals with their verdicts.
-    fn function(&self, class: Class) -> (Decision, Vec<(Protocol, Vec<(u16, u16, Decision)>)>) {
-        let other = self.decide(class, None, 0);
-        let mut per_protocol = Vec::new();
-        for protocol in PORT_PROTOCOLS {
-            let mut merged: Vec<(u16, u16, Decision)> = Vec::new();
-            for (start, end) in self.intervals(class, protocol) {
-                let decision = self.decide(class, Some(protocol), start);
-                match merged.last_mut() {
-                    Some(last) if last.2 == decision && last.1 as u32 + 1 == start as u32 => last.1 = end,
-                    _ => merged.push((start, end, decision)),
-                }
-            }
-            per_protocol.push((protocol, merged));
-        }
-        (other, per_protocol)
-    }
-
-    /// Append this direction's entries: (prefix length, direction, peer, protocol, port, value).
-    fn entries(&self, out: &mut Vec<(u32, u8, u32, u8, u16, PolicyValue)>) {
-        let d = self.direction;
-        // Identity → the rules (by position in the chain) whose peers name it.
-        let mut signatures: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-        let mut any_named_egress = false;
-        let mut position = 0u32;
-        for policy in self.all_policies() {
-            for rule in &policy.rules[d as usize] {
-                if rule.peers.is_some() {
-                    for id in self.tables.rule_identities(rule).iter() {
-                        signatures.entry(*id).or_default().push(position);
-                    }
-                } else if d == EGRESS {
-                    // "Every peer" with a named port: the port exists only on
-                    // the peers that name it, so those need entries of their
-                    // own ("any peer" resolves no name).
-                    for port in rule.ports.iter().flatten() {
-                        if let PortMatch::Named { protocol, name } = port {
-                            for (id, ports) in &self.tables.named_ports {
-                                if ports.contains_key(&(name.clone(), *protocol)) {
-                                    signatures.entry(*id).or_default().push(position);
-                                }
-                            }
-                        }
-                    }
-                }
-                any_named_egress |= d == EGRESS && rule.ports.iter().flatten().any(|p| matches!(p, PortMatch::Named { .. }));
-                position += 1;
-            }
-        }
-        let (any_other, any_ports) = self.function(None);
-        out.push((policy_prefix::ANY_PROTOCOL, d, identity::ANY, 0, 0, any_other.value()));
-        for (protocol, intervals) in &any_ports {
-            for (start, end, decision) in intervals {
-                if *decision != any_other {
-                    push_range(out, d, identity::ANY, *protocol, *start, *end, decision.value());
-                }
-            }
-        }
-
-        // Identities that match the same rules (and resolve named ports the
-        // same way) share one verdict function.
-        let mut by_signature: HashMap<(Vec<u32>, Option<BTreeMap<(String, Protocol), u16>>), Rc<Vec<(u32, u8, u16, PolicyValue)>>> = HashMap::new();
-        for (id, signature) in signatures {
-            let named = if any_named_egress { self.tables.named_ports.get(&id).cloned() } else { None };
-            let key = (signature, named);
-            let entries = match by_signature.get(&key) {
-                Some(e) => e.clone(),
-                None => {
-                    let e = Rc::new(self.identity_entries(Some(id), &any_other, &any_ports));
-                    by_signature.insert(key, e.clone());
-                    e
+    /// Bring the compiled state to `snapshot`, which differs from the one
+    /// compiled last only in the objects named in `changed`.
+    pub fn update<'a>(&mut self, snapshot: &Snapshot, changed: impl IntoIterator<Item = &'a Changed>) {
+        self.touched.enabled = true;
+        for change in changed {
+            let done = match change {
+                Changed::Pod(pod) => self.update_pod(snapshot, pod),
+                Changed::Policy(policy) => self.update_policy(snapshot, policy),
+                Changed::Namespace(name) => self.namespace_labels.get(name).is_none_or(|labels| *labels == snapshot.namespace_labels(name)),
+                Changed::NodeAddresses => {
+                    self.update_node_addresses(&snapshot.node_addresses);
+                    true
                 }
             };
-            for (prefix_len, protocol, port, value) in entries.iter() {
-                out.push((*prefix_len, d, id, *protocol, *port, *value));
+            if !done {
+                self.rebuild(snapshot);
+                return;
             }
         }
     }
 
-    /// Entries for one identity: only where it differs from "any peer" when
-    /// that is cheaper, else its whole function.
-    fn identity_entries(&self, class: Class, any_other: &Decision, any_ports: &[(Protocol, Vec<(u16, u16, Decision)>)]) -> Vec<(u32, u8, u16, PolicyValue)> {
-        let (other, ports) = self.function(class);
-        let mut full = vec![(policy_prefix::ANY_PROTOCOL, 0u8, 0u16, other.value())];
-        for (protocol, intervals) in &ports {
-            for (start, end, decision) in intervals {
-                if *decision != other {
-                    push_prefixes(&mut full, *protocol, *start, *end, decision.value());
-                }
+    /// The map operations, in `diff`'s safe order, that turn the state as it
+    /// was at the last call into the state now.
+    pub fn take_ops(&mut self) -> Vec<MapOp> {
+        let touched = mem::take(&mut self.touched);
+        let mut plan = OpsPlan::default();
+        for (key, before) in &touched.policy {
+            plan.policy(*key, before.as_ref(), self.state.policy.get(key));
+        }
+        for (key, before) in &touched.ipcache {
+            plan.ipcache(*key, *before, self.state.ipcache.get(key).copied());
+        }
+        plan.into_ops()
+    }
+
+    /// Compile everything again, remembering what the maps held before so
+    /// `take_ops` still gives the difference.
+    fn rebuild(&mut self, snapshot: &Snapshot) {
+        let touched = mem::take(&mut self.touched);
+        let mut before_policy = mem::take(&mut self.state.policy);
+        for (key, before) in touched.policy {
+            match before {
+                Some(value) => before_policy.insert(key, value),
+                None => before_policy.remove(&key),
+            };
+        }
+        let mut before_ipcache = mem::take(&mut self.state.ipcache);
+        for (key, before) in touched.ipcache {
+            match before {
+                Some(value) => before_ipcache.insert(key, value),
+                None => before_ipcache.remove(&key),
+            };
+        }
+        let full_compiles = self.full_compiles + 1;
+        *self = Compiler::new(snapshot);
+        self.full_compiles = full_compiles;
+        let mut touched = Touched { enabled: true, ..Default::default() };
+        for (key, value) in &self.state.policy {
+            if before_policy.get(key) != Some(value) {
+                touched.policy.insert(*key, before_policy.get(key).copied());
             }
         }
-        if other != *any_other {
-            return full;
-        }
-        let mut diff = Vec::new();
-        for ((protocol, intervals), (_, any_intervals)) in ports.iter().zip(any_ports) {
-            // Walk both interval lists together over the port space.
-            let points: BTreeSet<u32> = intervals.iter().chain(any_intervals).flat_map(|(s, e, _)| [*s as u32, *e as u32 + 1]).collect();
-            let points: Vec<u32> = points.into_iter().collect();
-            let at = |list: &[(u16, u16, Decision)], port: u16| list.iter().find(|(s, e, _)| *s <= port && port <= *e).map(|x| x.2);
-            let mut run: Option<(u16, u16, Decision)> = None;
-            for w in points.windows(2) {
-                let (start, end) = (w[0] as u16, (w[1] - 1) as u16);
-                let mine = at(intervals, start);
-                if mine.is_some() && mine != at(any_intervals, start) {
-                    let mine = mine.expect("checked");
-                    match &mut run {
-                        Some(r) if r.2 == mine && r.1 as u32 + 1 == start as u32 => r.1 = end,
-                        _ => {
-                            if let Some((s, e, dd)) = run.take() {
-                                push_prefixes(&mut diff, *protocol, s, e, dd.value());
-                            }
-                            run = Some((start, end, mine));
-                        }
-                    }
-                } else if let Some((s, e, dd)) = run.take() {
-                    push_prefixes(&mut diff, *protocol, s, e, dd.value());
-                }
-            }
-            if let Some((s, e, dd)) = run.take() {
-                push_prefixes(&mut diff, *protocol, s, e, dd.value());
+        for (key, value) in before_policy {
+            if !self.state.policy.contains_key(&key) {
+                touched.policy.insert(key, Some(value));
             }
         }
-        if diff.len() <= full.len() {
-            diff
+        for (key, value) in &self.state.ipcache {
+            if before_ipcache.get(key) != Some(value) {
+                touched.ipcache.insert(*key, before_ipcache.get(key).copied());
+            }
+        }
+        for (key, value) in before_ipcache {
+            if !self.state.ipcache.contains_key(&key) {
+                touched.ipcache.insert(key, Some(value));
+            }
+        }
+        self.touched = touched;
+    }
+
+    /// A pod's plain identity and the identity of each of its addresses.
+    fn identity_keys_of(&self, pod: &Pod) -> (IdentityKey, Vec<(IpAddr, IdentityKey)>) {
+        let named_ports = named_ports_of(pod);
+        let key = |cidr| IdentityKey::Pod { namespace: pod.namespace.clone(), labels: pod.labels.clone(), named_ports: named_ports.clone(), cidr };
+        let addresses = pod.ips.iter().map(|address| (*address, key(longest_prefix(&self.by_len, *address)))).collect();
+        (key(None), addresses)
+    }
+
+    fn class_key_of(&self, pod: &Pod) -> ClassKey {
+        (self.selected_policies(&pod.namespace, &pod.labels), named_ports_of(pod))
+    }
+
+    /// The policies whose subject selects a pod, sorted.
+    fn selected_policies(&self, namespace: &str, labels: &Labels) -> Vec<PolicyRef> {
+        let namespace_labels = &self.namespace_labels[namespace];
+        let cluster = self.subjects.get("").into_iter().flatten().filter(|(_, p)| selects(p, namespace, namespace_labels, labels));
+        self.selected_in(cluster, namespace, labels)
+    }
+
+    /// `selected_policies` given the cluster policies that select the pod.
+    fn selected_in<'a>(&'a self, cluster: impl Iterator<Item = (&'a PolicyRef, &'a Rc<Accepted>)>, namespace: &str, labels: &Labels) -> Vec<PolicyRef> {
+        let namespaced = self.subjects.get(namespace).into_iter().flatten().filter(|(_, p)| p.subject_pods.matches(labels));
+        let mut selected: Vec<PolicyRef> = cluster.chain(namespaced).map(|(r, _)| r.clone()).collect();
+        selected.sort_unstable();
+        selected
+    }
+
+    fn compute_class(&self, key: &ClassKey) -> Class {
+        let chain = Chain::of(&key.0, &self.policies);
+        let mut groups = EntryGroups::new();
+        let any = [INGRESS, EGRESS].map(|direction| {
+            let evaluator = Evaluator { universe: &self.universe, chain: &chain, direction, own_named_ports: &key.1 };
+            let any = evaluator.any_peer();
+            evaluator.entries(&any, &mut groups);
+            any
+        });
+        Class { any, groups, members: BTreeMap::new() }
+    }
+
+    fn join_class(&mut self, pod_ref: &PodRef, endpoint: u32, key: &ClassKey) {
+        if !self.classes.contains_key(key) {
+            let class = self.compute_class(key);
+            self.classes.insert(key.clone(), class);
+        }
+        let Self { classes, state, touched, .. } = self;
+        let class = classes.get_mut(key).expect("inserted above");
+        class.members.insert(pod_ref.clone(), endpoint);
+        stamp(state, touched, endpoint, &class.groups, true);
+        for policy in &key.0 {
+            *state.selected_pods.get_mut(policy).expect("accepted policy") += 1;
+        }
+    }
+
+    /// Remove a pod's entries and its membership of its class.
+    fn leave_class(&mut self, pod_ref: &PodRef, endpoint: u32, key: &ClassKey) {
+        let Self { classes, state, touched, .. } = self;
+        let class = classes.get_mut(key).expect("a pod's class is cached");
+        class.members.remove(pod_ref);
+        stamp(state, touched, endpoint, &class.groups, false);
+        if class.members.is_empty() {
+            classes.remove(key);
+        }
+        for policy in &key.0 {
+            if let Some(count) = state.selected_pods.get_mut(policy) {
+                *count -= 1;
+            }
+        }
+    }
+
+    /// The ipcache entry of one pod address, as a fresh compile writes it.
+    fn refresh_address(&mut self, address: IpAddr) {
+        let key = (full_length(address), address_key(address));
+        let value = if self.node_addresses.contains(&address) {
+            Some(identity::HOST)
+        } else if let Some(owner) = self.address_owners.get(&address).and_then(|owners| owners.last()) {
+            let pod = &self.pods[owner];
+            pod.addresses.iter().find(|(a, _)| *a == address).and_then(|(_, k)| self.identities.get(k))
         } else {
-            full
+            let exact = IpNet::new(address, if address.is_ipv4() { 32 } else { 128 }).expect("full length");
+            self.prefixes.contains_key(&exact).then(|| self.identities.get(&IdentityKey::Cidr(exact))).flatten()
+        };
+        write_ipcache(&mut self.state, &mut self.touched, key, value);
+    }
+
+    fn update_node_addresses(&mut self, addresses: &BTreeSet<IpAddr>) {
+        let changed: Vec<IpAddr> = self.node_addresses.symmetric_difference(addresses).copied().collect();
+        self.node_addresses = addresses.clone();
+        for address in changed {
+            self.refresh_address(address);
         }
     }
-}
 
-fn push_range(out: &mut Vec<(u32, u8, u32, u8, u16, PolicyValue)>, d: u8, peer: u32, protocol: Protocol, start: u16, end: u16, value: PolicyValue) {
-    for (bits, base) in port_prefixes(start, end) {
-        out.push((policy_prefix::ANY_PORT + bits, d, peer, protocol_number(protocol), base, value));
-    }
-}
-
-fn push_prefixes(out: &mut Vec<(u32, u8, u16, PolicyValue)>, protocol: Protocol, start: u16, end: u16, value: PolicyValue) {
-    for (bits, base) in port_prefixes(start, end) {
-        out.push((policy_prefix::ANY_PORT + bits, protocol_number(protocol), base, value));
-    }
-}
-
-/// Cover the inclusive range `start..=end` with the fewest port prefixes:
-/// (prefix bits, base port). At most 30 for any range; the whole space is one.
-pub fn port_prefixes(start: u16, end: u16) -> Vec<(u32, u16)> {
-    let mut out = Vec::new();
-    let (mut lo, hi) = (start as u32, end as u32);
-    while lo <= hi {
-        let mut size = if lo == 0 { 1 << 16 } else { 1u32 << lo.trailing_zeros() };
-        while lo + size - 1 > hi {
-            size >>= 1;
-        }
-        out.push((16 - size.trailing_zeros(), lo as u16));
-        lo += size;
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn port_prefixes_cover_exactly() {
-        assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
-        assert_eq!(port_prefixes(80, 80), vec![(16, 80)]);
-        assert_eq!(port_prefixes(8000, 8007), vec![(13, 8000)]);
-        for (start, end) in [(1u16, 65535u16), (9000, 9100), (1, 1), (1, 65534), (32767, 32768)] {
-            let prefixes = port_prefixes(start, end);
-            assert!(prefixes.len() <= 30, "{start}-{end}: {}", prefixes.len());
-            let mut covered = 0u32;
-            for (bits, base) in &prefixes {
-                let size = 1u32 << (16 - bits);
-                assert_eq!(*base as u32 % size, 0, "aligned");
-                covered += size;
+    /// One pod created, changed or deleted. False: it needs a full compile.
+    fn update_pod(&mut self, snapshot: &Snapshot, pod_ref: &PodRef) -> bool {
+        let new = snapshot.pods.get(pod_ref);
+        if let Some(pod) = new {
+            if !self.namespace_labels.contains_key(&pod.namespace) {
+                self.namespace_labels.insert(pod.namespace.clone(), snapshot.namespace_labels(&pod.namespace));
             }
-            assert_eq!(covered, end as u32 - start as u32 + 1);
         }
-        assert_eq!(port_prefixes(1, 65534).len(), 30);
+        let planned = new.map(|pod| self.identity_keys_of(pod));
+        let old = self.pods.get(pod_ref);
+
+        // Identities that lose their last user, and new ones.
+        let mut delta: BTreeMap<&IdentityKey, i64> = BTreeMap::new();
+        for key in old.into_iter().flat_map(|p| p.identity_keys()) {
+            *delta.entry(key).or_default() -= 1;
+        }
+        if let Some((plain, addresses)) = &planned {
+            for key in std::iter::once(plain).chain(addresses.iter().map(|(_, k)| k)) {
+                *delta.entry(key).or_default() += 1;
+            }
+        }
+        let mut gone = Vec::new();
+        let mut born = Vec::new();
+        for (key, change) in &delta {
+            let users = self.identity_users.get(*key).copied().unwrap_or(0) as i64;
+            if users > 0 && users + change == 0 {
+                gone.push((*key).clone());
+            } else if users == 0 && *change > 0 {
+                born.push((*key).clone());
+            }
+        }
+        if (!gone.is_empty() && !self.identities.can_remove()) || !self.identities.can_add_all(born.iter(), identity_hash) {
+            return false;
+        }
+        let endpoint_born = old.is_none() && new.is_some();
+        let endpoint_gone = old.is_some() && new.is_none();
+        if (endpoint_born && !self.endpoint_numbers.can_add(pod_ref, ref_hash)) || (endpoint_gone && !self.endpoint_numbers.can_remove()) {
+            return false;
+        }
+        let delta: Vec<(IdentityKey, i64)> = delta.into_iter().map(|(k, d)| (k.clone(), d)).collect();
+
+        // The pod leaves its class; identities change; it joins its new class.
+        let old = self.pods.remove(pod_ref);
+        if let Some(old) = &old {
+            self.leave_class(pod_ref, old.endpoint, &old.class);
+        }
+        for (key, change) in delta {
+            let users = self.identity_users.entry(key.clone()).or_insert(0);
+            *users = (*users as i64 + change) as usize;
+            if *users == 0 {
+                self.identity_users.remove(&key);
+            }
+        }
+        for key in gone {
+            let id = self.identities.get(&key).expect("numbered");
+            self.identities.remove(&key);
+            self.state.identities.remove(&id);
+            self.universe.remove_identity(id);
+            self.drop_identity_entries(id);
+        }
+        for key in born {
+            let id = self.identities.add(&key, identity_hash);
+            self.universe.add_identity(id, &key, &self.namespace_labels);
+            self.state.identities.insert(id, key);
+            self.add_identity_entries(id);
+        }
+        let mut addresses: BTreeSet<IpAddr> = BTreeSet::new();
+        if let Some(old) = &old {
+            for (address, _) in &old.addresses {
+                addresses.insert(*address);
+                if let Some(owners) = self.address_owners.get_mut(address) {
+                    owners.remove(pod_ref);
+                    if owners.is_empty() {
+                        self.address_owners.remove(address);
+                    }
+                }
+            }
+        }
+        match (new, planned) {
+            (Some(pod), Some((plain, pod_addresses))) => {
+                let endpoint = match &old {
+                    Some(old) => old.endpoint,
+                    None => self.endpoint_numbers.add(pod_ref, ref_hash),
+                };
+                self.state.endpoints.insert(pod_ref.clone(), Endpoint { id: endpoint, addresses: pod.ips.clone(), node_name: pod.node_name.clone() });
+                for (address, _) in &pod_addresses {
+                    addresses.insert(*address);
+                    self.address_owners.entry(*address).or_default().insert(pod_ref.clone());
+                }
+                let class = self.class_key_of(pod);
+                self.join_class(pod_ref, endpoint, &class);
+                self.pods.insert(pod_ref.clone(), CompiledPod { namespace: pod.namespace.clone(), labels: pod.labels.clone(), endpoint, plain_identity: plain, addresses: pod_addresses, class });
+            }
+            _ => {
+                if old.is_some() {
+                    self.endpoint_numbers.remove(pod_ref);
+                    self.state.endpoints.remove(pod_ref);
+                }
+            }
+        }
+        for address in addresses {
+            self.refresh_address(address);
+        }
+        true
+    }
+
+    /// A new identity: every cached class with a rule naming it gets its entries.
+    fn add_identity_entries(&mut self, id: u32) {
+        let Self { policies, classes, universe, state, touched, .. } = self;
+        let naming: HashSet<&PolicyRef> = policies.iter().filter(|(_, p)| p.names_identity(universe, id)).map(|(r, _)| r).collect();
+        if naming.is_empty() {
+            return;
+        }
+        for (key, class) in classes.iter_mut() {
+            if !key.0.iter().any(|r| naming.contains(r)) {
+                continue;
+            }
+            let chain = Chain::of(&key.0, policies);
+            let mut entries = Vec::new();
+            for direction in [INGRESS, EGRESS] {
+                let evaluator = Evaluator { universe, chain: &chain, direction, own_named_ports: &key.1 };
+                if !evaluator.signature(id).is_empty() {
+                    entries.extend(evaluator.identity_entries(id, &class.any[direction as usize]));
+                }
+            }
+            if entries.is_empty() {
+                continue;
+            }
+            for endpoint in class.members.values() {
+                stamp_group(state, touched, *endpoint, id, &entries, true);
+            }
+            class.groups.insert(id, entries);
+        }
+    }
+
+    /// An identity gone: its entries leave every class.
+    fn drop_identity_entries(&mut self, id: u32) {
+        let Self { classes, state, touched, .. } = self;
+        for class in classes.values_mut() {
+            if let Some(entries) = class.groups.remove(&id) {
+                for endpoint in class.members.values() {
+                    stamp_group(state, touched, *endpoint, id, &entries, false);
+                }
+            }
+        }
+    }
+
+    /// One policy created, changed or deleted (or now invalid). False: it
+    /// needs a full compile.
+    fn update_policy(&mut self, snapshot: &Snapshot, policy_ref: &PolicyRef) -> bool {
+        let (new, error) = match snapshot.policies.get(policy_ref).map(normalize) {
+            Some(Ok(policy)) => (Some(policy), None),
+            Some(Err(error)) => (None, Some(error)),
+            None => (None, None),
+        };
+        let old = self.policies.get(policy_ref).cloned();
+        if let (Some(old), Some(new)) = (&old, &new) {
+            if old.policy == *new {
+                return true; // metadata only: nothing to compile
+            }
+        }
+        // A different set of ipBlock CIDRs gives pod addresses other identities.
+        let mut mentions: BTreeMap<IpNet, i64> = BTreeMap::new();
+        for net in old.iter().flat_map(|p| ip_block_prefixes(&p.policy)) {
+            *mentions.entry(net).or_default() -= 1;
+        }
+        for net in new.iter().flat_map(ip_block_prefixes) {
+            *mentions.entry(net).or_default() += 1;
+        }
+        for (net, change) in &mentions {
+            let count = self.prefixes.get(net).copied().unwrap_or(0) as i64;
+            if (count == 0) != (count + change == 0) {
+                return false;
+            }
+        }
+        if (old.is_none() && new.is_some() && !self.policy_numbers.can_add(policy_ref, ref_hash)) || (old.is_some() && new.is_none() && !self.policy_numbers.can_remove()) {
+            return false;
+        }
+
+        self.state.rejected.retain(|e| &e.policy != policy_ref);
+        if let Some(error) = error {
+            self.state.rejected.push(error);
+            self.state.rejected.sort_by(|a, b| a.policy.cmp(&b.policy));
+        }
+        for (net, change) in mentions {
+            let count = self.prefixes.entry(net).or_insert(0);
+            *count = (*count as i64 + change) as usize;
+        }
+        if let Some(old) = &old {
+            if let Some(subjects) = self.subjects.get_mut(&subject_namespace(old)) {
+                subjects.remove(policy_ref);
+            }
+        }
+        match new {
+            Some(policy) => {
+                let number = self.policy_numbers.add(policy_ref, ref_hash);
+                self.state.policy_names.insert(number, policy_ref.clone());
+                let accepted = Rc::new(Accepted::new(policy, number, &mut self.universe));
+                self.subjects.entry(subject_namespace(&accepted)).or_default().insert(policy_ref.clone(), accepted.clone());
+                self.policies.insert(policy_ref.clone(), accepted);
+            }
+            None => {
+                if let Some(number) = self.policy_numbers.get(policy_ref) {
+                    self.policy_numbers.remove(policy_ref);
+                    self.state.policy_names.remove(&number);
+                }
+                self.policies.remove(policy_ref);
+            }
+        }
+
+        // Classes holding the policy are stale; their pods, and the pods the
+        // new version selects, move to the classes they belong to now.
+        let stale_keys: Vec<ClassKey> = self.classes.keys().filter(|k| k.0.contains(policy_ref)).cloned().collect();
+        let stale: HashMap<ClassKey, Class> = stale_keys.into_iter().map(|k| {
+            let class = self.classes.remove(&k).expect("listed");
+            (k, class)
+        }).collect();
+        let mut moving: BTreeSet<PodRef> = stale.values().flat_map(|c| c.members.keys().cloned()).collect();
+        if let Some(policy) = self.policies.get(policy_ref) {
+            for (pod_ref, pod) in &self.pods {
+                if selects(&policy.policy, &pod.namespace, &self.namespace_labels[&pod.namespace], &pod.labels) {
+                    moving.insert(pod_ref.clone());
+                }
+            }
+        }
+        self.state.selected_pods.remove(policy_ref);
+        if self.policies.contains_key(policy_ref) {
+            self.state.selected_pods.insert(policy_ref.clone(), 0);
+        }
+        for pod_ref in &moving {
+            let pod = &self.pods[pod_ref];
+            let (endpoint, old_key) = (pod.endpoint, pod.class.clone());
+            let mut key = old_key.clone();
+            key.0.retain(|r| r != policy_ref);
+            if let Some(policy) = self.policies.get(policy_ref) {
+                if selects(&policy.policy, &pod.namespace, &self.namespace_labels[&pod.namespace], &pod.labels) {
+                    key.0.push(policy_ref.clone());
+                    key.0.sort_unstable();
+                    *self.state.selected_pods.get_mut(policy_ref).expect("inserted above") += 1;
+                }
+            }
+            if !self.classes.contains_key(&key) {
+                let class = self.compute_class(&key);
+                self.classes.insert(key.clone(), class);
+            }
+            // Only the entries that differ are written.
+            let mut cached_old = if stale.contains_key(&old_key) { None } else { self.classes.remove(&old_key) };
+            let old_class = cached_old.as_ref().or_else(|| stale.get(&old_key)).expect("a pod's class is cached or stale");
+            let Self { classes, state, touched, .. } = self;
+            let new_class = classes.get_mut(&key).expect("inserted above");
+            restamp(state, touched, endpoint, &old_class.groups, &new_class.groups);
+            new_class.members.insert(pod_ref.clone(), endpoint);
+            if let Some(mut class) = cached_old.take() {
+                class.members.remove(pod_ref);
+                if !class.members.is_empty() {
+                    self.classes.insert(old_key, class);
+                }
+            }
+            self.pods.get_mut(pod_ref).expect("moving pods exist").class = key;
+        }
+        if let Some(old) = &old {
+            old.release(&mut self.universe);
+        }
+        true
+    }
+}
+
+fn named_ports_of(pod: &Pod) -> NamedPorts {
+    pod.ports.iter().filter_map(|p| p.name.clone().map(|n| ((n, p.protocol), p.port))).collect()
+}
+
+/// The namespace a policy's subject lives in; "" for cluster policies.
+fn subject_namespace(policy: &Policy) -> String {
+    match &policy.subject_namespaces {
+        NamespaceScope::Same(ns) => ns.clone(),
+        NamespaceScope::Selected(_) => String::new(),
     }
 }

@@ -28,47 +28,69 @@ pub enum MapOp {
 }
 
 pub fn diff(old: &DesiredState, new: &DesiredState) -> Vec<MapOp> {
-    let mut deny_writes = Vec::new();
-    let mut allow_deletes = Vec::new();
-    let mut allow_writes = Vec::new();
-    let mut deny_deletes = Vec::new();
+    let mut plan = OpsPlan::default();
     for (key, value) in &new.policy {
-        if old.policy.get(key) == Some(value) {
-            continue;
-        }
-        if value.verdict == verdict::ALLOW {
-            allow_writes.push(MapOp::PolicyUpsert(*key, *value));
-        } else {
-            deny_writes.push(MapOp::PolicyUpsert(*key, *value));
-        }
+        plan.policy(*key, old.policy.get(key), Some(value));
     }
     for (key, value) in &old.policy {
-        if new.policy.contains_key(key) {
-            continue;
-        }
-        if value.verdict == verdict::ALLOW {
-            allow_deletes.push(MapOp::PolicyDelete(*key));
-        } else {
-            deny_deletes.push(MapOp::PolicyDelete(*key));
+        if !new.policy.contains_key(key) {
+            plan.policy(*key, Some(value), None);
         }
     }
-    let mut ipcache = Vec::new();
     for (key, id) in &new.ipcache {
-        if old.ipcache.get(key) != Some(id) {
-            ipcache.push(MapOp::IpcacheUpsert(*key, *id));
-        }
+        plan.ipcache(*key, old.ipcache.get(key).copied(), Some(*id));
     }
-    for key in old.ipcache.keys() {
+    for (key, id) in &old.ipcache {
         if !new.ipcache.contains_key(key) {
-            ipcache.push(MapOp::IpcacheDelete(*key));
+            plan.ipcache(*key, Some(*id), None);
         }
     }
-    let mut ops = deny_writes;
-    ops.extend(allow_deletes);
-    ops.extend(ipcache);
-    ops.extend(allow_writes);
-    ops.extend(deny_deletes);
-    ops
+    plan.into_ops()
+}
+
+/// Map changes sorted into the phases above as they are found.
+#[derive(Default)]
+pub struct OpsPlan {
+    deny_writes: Vec<MapOp>,
+    allow_deletes: Vec<MapOp>,
+    ipcache_writes: Vec<MapOp>,
+    ipcache_deletes: Vec<MapOp>,
+    allow_writes: Vec<MapOp>,
+    deny_deletes: Vec<MapOp>,
+}
+
+impl OpsPlan {
+    pub fn policy(&mut self, key: PolicyEntryKey, old: Option<&PolicyValue>, new: Option<&PolicyValue>) {
+        match (old, new) {
+            (old, Some(value)) if old != Some(value) => {
+                let phase = if value.verdict == verdict::ALLOW { &mut self.allow_writes } else { &mut self.deny_writes };
+                phase.push(MapOp::PolicyUpsert(key, *value));
+            }
+            (Some(value), None) => {
+                let phase = if value.verdict == verdict::ALLOW { &mut self.allow_deletes } else { &mut self.deny_deletes };
+                phase.push(MapOp::PolicyDelete(key));
+            }
+            _ => {}
+        }
+    }
+
+    pub fn ipcache(&mut self, key: IpcacheKey, old: Option<u32>, new: Option<u32>) {
+        match (old, new) {
+            (old, Some(id)) if old != Some(id) => self.ipcache_writes.push(MapOp::IpcacheUpsert(key, id)),
+            (Some(_), None) => self.ipcache_deletes.push(MapOp::IpcacheDelete(key)),
+            _ => {}
+        }
+    }
+
+    pub fn into_ops(self) -> Vec<MapOp> {
+        let mut ops = self.deny_writes;
+        ops.extend(self.allow_deletes);
+        ops.extend(self.ipcache_writes);
+        ops.extend(self.ipcache_deletes);
+        ops.extend(self.allow_writes);
+        ops.extend(self.deny_deletes);
+        ops
+    }
 }
 
 /// Apply operations to a state's maps (what the agent does to the kernel's).
