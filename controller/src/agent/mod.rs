@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     dataplane::{sync::Programmer, Datapath, DropCount, VerdictCount},
-    policy::{self, rules, DesiredState, PodRef, PolicyObject, PolicyRef, Snapshot},
+    policy::{self, rules, Changed, Compiler, DesiredState, PodRef, PolicyObject, PolicyRef, Snapshot},
     source::{self, Change, Object, ObjectKey, ObjectKind, Update},
 };
 
@@ -187,7 +187,11 @@ pub struct Agent {
     snapshot: Snapshot,
     /// Invalid policy objects, with why; their last good version (if any) stays in `snapshot`.
     rejected: BTreeMap<PolicyRef, rules::ValidationError>,
-    state: DesiredState,
+    /// What the snapshot compiles to, kept up to date change by change.
+    compiler: Option<Compiler>,
+    /// Objects changed since the last compile; `compile_all` after a re-list.
+    changed: BTreeSet<Changed>,
+    compile_all: bool,
     pods_by_endpoint: HashMap<u32, PodRef>,
     pods_by_address: HashMap<IpAddr, PodRef>,
     attached: BTreeMap<PodRef, Attached>,
@@ -231,7 +235,9 @@ impl Agent {
             programmer,
             snapshot: Snapshot::default(),
             rejected: BTreeMap::new(),
-            state: DesiredState::default(),
+            compiler: None,
+            changed: BTreeSet::new(),
+            compile_all: true,
             pods_by_endpoint: HashMap::new(),
             pods_by_address: HashMap::new(),
             attached: BTreeMap::new(),
@@ -283,6 +289,15 @@ impl Agent {
             self.revision = update.revision;
         }
         for change in update.changes {
+            match &change {
+                Change::Applied(object) => self.changed.insert(changed_of(object.key())),
+                Change::Deleted(key) => self.changed.insert(changed_of(key.clone())),
+                Change::Relisted(..) => {
+                    self.compile_all = true;
+                    true
+                }
+                Change::Synced => false,
+            };
             match change {
                 Change::Synced => self.source_synced = true,
                 Change::Applied(Object::Policy(policy)) => {
@@ -349,15 +364,26 @@ impl Agent {
     async fn reconcile(&mut self) {
         let Some(pending) = self.pending.take() else { return };
         match self.host.node_addresses().await {
-            Ok(addresses) => self.snapshot.node_addresses = addresses,
+            Ok(addresses) if addresses != self.snapshot.node_addresses => {
+                self.snapshot.node_addresses = addresses;
+                self.changed.insert(Changed::NodeAddresses);
+            }
+            Ok(_) => {}
             Err(error) => tracing::warn!(%error, "cannot read the node's addresses; keeping the last known"),
         }
-        tracing::debug!(waited_ms = pending.first_observed.elapsed().as_secs_f64() * 1e3, "reconciling");
+        tracing::debug!(waited_ms = pending.first_observed.elapsed().as_secs_f64() * 1e3, changed = self.changed.len(), "reconciling");
         let started = Instant::now();
-        let desired = policy::compile(&self.snapshot);
+        let compile_all = self.compile_all;
+        match self.compiler.as_mut().filter(|_| !compile_all) {
+            Some(compiler) => compiler.update(&self.snapshot, &self.changed),
+            None => self.compiler = Some(Compiler::new(&self.snapshot)),
+        }
+        self.changed.clear();
+        self.compile_all = false;
         self.shared.metrics.compile_seconds.observe(started.elapsed().as_secs_f64());
+        let desired = self.compiler.as_ref().expect("compiled above").state();
 
-        let local: BTreeMap<PodRef, &policy::compile::Endpoint> = desired.endpoints.iter().filter(|(_, e)| self.is_local(e.node_name.as_deref())).map(|(p, e)| (p.clone(), e)).collect();
+        let local: BTreeMap<PodRef, policy::compile::Endpoint> = desired.endpoints.iter().filter(|(_, e)| self.is_local(e.node_name.as_deref())).map(|(p, e)| (p.clone(), e.clone())).collect();
         let local_ids: BTreeSet<u32> = local.values().map(|e| e.id).collect();
         let local_state = DesiredState {
             ipcache: desired.ipcache.clone(),
@@ -383,12 +409,12 @@ impl Agent {
         let ok = match synced {
             Ok(report) => {
                 for (endpoint, error) in &report.failed_closed {
-                    let pod = desired.endpoint_by_id(*endpoint).map(|p| p.to_string()).unwrap_or_default();
+                    let pod = self.state().endpoint_by_id(*endpoint).map(|p| p.to_string()).unwrap_or_default();
                     tracing::error!(%pod, endpoint, %error, "datapath map full: the pod is failed closed (only node traffic passes) until its allowlist fits");
                     self.shared.metrics.sync_errors.with_label_values(&["map_full"]).inc();
                 }
                 for endpoint in &report.reopened {
-                    let pod = desired.endpoint_by_id(*endpoint).map(|p| p.to_string()).unwrap_or_default();
+                    let pod = self.state().endpoint_by_id(*endpoint).map(|p| p.to_string()).unwrap_or_default();
                     tracing::info!(%pod, endpoint, "allowlist complete again: the pod is enforced normally");
                 }
                 true
@@ -399,9 +425,10 @@ impl Agent {
                 false
             }
         };
-        self.pods_by_endpoint = desired.endpoints.iter().map(|(p, e)| (e.id, p.clone())).collect();
-        self.pods_by_address = desired.endpoints.iter().flat_map(|(p, e)| e.addresses.iter().map(move |a| (*a, p.clone()))).collect();
-        self.state = desired;
+        let endpoints = &self.state().endpoints;
+        let pods_by_endpoint = endpoints.iter().map(|(p, e)| (e.id, p.clone())).collect();
+        let pods_by_address = endpoints.iter().flat_map(|(p, e)| e.addresses.iter().map(move |a| (*a, p.clone()))).collect();
+        (self.pods_by_endpoint, self.pods_by_address) = (pods_by_endpoint, pods_by_address);
         self.attach_missing().await;
         if let Some(baselines) = self.baselines.as_mut() {
             let present = self.attached.keys().filter_map(|p| self.snapshot.pods.get(p)).map(Workload::of).collect();
@@ -420,10 +447,16 @@ impl Agent {
         }
     }
 
+    /// The compiled state (empty before the first compile).
+    fn state(&self) -> &DesiredState {
+        static EMPTY: std::sync::OnceLock<DesiredState> = std::sync::OnceLock::new();
+        self.compiler.as_ref().map(Compiler::state).unwrap_or_else(|| EMPTY.get_or_init(DesiredState::default))
+    }
+
     /// Attach the programs for local pods that do not have them yet.
     async fn attach_missing(&mut self) {
         let local: Vec<(PodRef, u32, Vec<IpAddr>)> = self
-            .state
+            .state()
             .endpoints
             .iter()
             .filter(|(pod, e)| self.is_local(e.node_name.as_deref()) && !self.attached.contains_key(*pod) && !e.addresses.is_empty())
@@ -529,7 +562,7 @@ impl Agent {
                 continue;
             }
             let pod = self.pods_by_endpoint.get(&key.endpoint).cloned().unwrap_or_else(|| PodRef::new("", ""));
-            let policy = self.state.policy_names.get(&key.policy_id).map(PolicyRef::qualified_name).unwrap_or_default();
+            let policy = self.state().policy_names.get(&key.policy_id).map(PolicyRef::qualified_name).unwrap_or_default();
             let labels = [direction_name(key.direction), pod.namespace.as_str(), pod.name.as_str(), policy.as_str()];
             let metric = if key.kind == EVENT_AUDIT { &self.shared.metrics.audit_denied_connections } else { &self.shared.metrics.blocked_connections };
             metric.with_label_values(&labels).inc_by(count - before);
@@ -579,7 +612,7 @@ impl Agent {
                 None => format!("{address}:{port}"),
             }
         };
-        let policy = self.state.policy_names.get(&event.policy_id).map(PolicyRef::qualified_name).unwrap_or_default();
+        let policy = self.state().policy_names.get(&event.policy_id).map(PolicyRef::qualified_name).unwrap_or_default();
         let cgroup = event.source == SOURCE_CGROUP;
         EventRecord {
             verdict: if event.kind == EVENT_AUDIT { "audit" } else { "deny" },
@@ -610,7 +643,7 @@ impl Agent {
                 .iter()
                 .filter(|(key, _)| !self.rejected.contains_key(*key))
                 .map(|(key, object)| {
-                    let view = PolicyView { generation: object.generation(), selected_pods: self.state.selected_pods.get(key).copied().unwrap_or(0) };
+                    let view = PolicyView { generation: object.generation(), selected_pods: self.state().selected_pods.get(key).copied().unwrap_or(0) };
                     (key.to_string(), view)
                 })
                 .collect(),
@@ -624,6 +657,14 @@ impl Agent {
         metrics.map_entries.with_label_values(&["endpoints"]).set(self.attached.len() as i64);
         metrics.map_entries.with_label_values(&["local_addresses"]).set(self.attached.values().map(|a| a.addresses.len()).sum::<usize>() as i64);
         *self.shared.state.lock().expect("state lock") = view;
+    }
+}
+
+fn changed_of(key: ObjectKey) -> Changed {
+    match key {
+        ObjectKey::Namespace(name) => Changed::Namespace(name),
+        ObjectKey::Pod(pod) => Changed::Pod(pod),
+        ObjectKey::Policy(policy) => Changed::Policy(policy),
     }
 }
 
