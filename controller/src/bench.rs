@@ -89,7 +89,7 @@ fn test_run_numbers() -> Result<BTreeMap<String, f64>> {
         let pin_dir = PathBuf::from("/sys/fs/bpf/bulkhead-bench");
         let _ = Datapath::unpin_all(&pin_dir);
         let mut dp = Datapath::load(&pin_dir)?;
-        dp.set_endpoint(1, EndpointInfo { endpoint_id: BENCH_ENDPOINT, flags: 0 })?;
+        dp.set_endpoint(1, EndpointInfo::new(BENCH_ENDPOINT, 0, &[address_key(IpAddr::V4(POD))]))?;
         dp.set_local_address(address_key(IpAddr::V4(POD)), BENCH_ENDPOINT)?;
         dp.set_ipcache(IPV4_MAPPED_PREFIX + 32, address_key(IpAddr::V4(PEER)), PEER_IDENTITY)?;
         let started = Instant::now();

@@ -137,6 +137,19 @@ fn spoofed_source_is_dropped_and_counted() {
 }
 
 #[test]
+fn addresses_beyond_the_endpoint_entry_are_checked_in_the_address_map() {
+    // The endpoint entry carries two addresses; a third is found in
+    // LOCAL_ADDRS, and one owned by another endpoint is still a spoof.
+    let dp = allowlist("spoof3");
+    dp.endpoint_on_loopback(7, &[POD, POD6, "10.244.1.99"]);
+    dp.endpoint_on_loopback(8, &["10.244.1.98"]);
+    dp.endpoint_on_loopback(7, &[POD, POD6, "10.244.1.99"]);
+    assert_eq!(dp.from_pod(&out("10.244.1.99", PEER, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_OK);
+    assert_eq!(dp.from_pod(&out("10.244.1.98", PEER, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
+    assert_eq!(dp.drops(7, EGRESS, reason::SPOOFED_SOURCE), 1);
+}
+
+#[test]
 fn ipv6_tcp_and_udp_follow_the_same_rules() {
     let dp = allowlist("v6");
     assert_eq!(dp.from_pod(&out(POD6, PEER6, L4::Tcp { sport: 40000, dport: 80, flags: TCP_SYN })), TC_ACT_OK);

@@ -13,6 +13,12 @@ use datapath_common::{
 #[map(name = "BH_IPCACHE")]
 pub static IPCACHE: LpmTrie<[u8; 16], IpcacheValue> = LpmTrie::pinned(capacity::IPCACHE, 0);
 
+/// Addresses with a full-length (/128, IPv4-mapped /32) ipcache entry. Such
+/// an entry is the most specific match there can be, so a hit here is what
+/// the trie would answer; the trie holds only shorter prefixes.
+#[map(name = "BH_IPCACHE_EX")]
+pub static IPCACHE_EXACT: HashMap<[u8; 16], IpcacheValue> = HashMap::pinned(capacity::IPCACHE_EXACT, 0);
+
 #[map(name = "BH_ENDPOINTS")]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 

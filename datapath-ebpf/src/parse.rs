@@ -1,9 +1,11 @@
 //! Packet parsing for the TC programs: Ethernet, IPv4 (options, fragments),
 //! IPv6 (extension-header chain, fragments), TCP, UDP, SCTP, ICMPv4/v6.
 //!
-//! Every read goes through `bpf_skb_load_bytes` (`TcContext::load`), which
-//! fails on a short packet: a truncated header is an error the caller drops,
-//! never a read past the end that the verifier would have to allow.
+//! Headers in the skb's linear area are read directly (bounds-checked against
+//! `data_end`, which the verifier enforces); anything beyond it, or deeper
+//! than `DIRECT_READ_LIMIT`, through `bpf_skb_load_bytes`, which fails on a
+//! short packet. Either way a truncated header is an error the caller drops,
+//! never a read past the end.
 
 use aya_ebpf::programs::TcContext;
 use datapath_common::{ipv4_mapped, proto, FlowKey};
@@ -72,8 +74,19 @@ pub enum ParseError {
     UnsupportedL3,
 }
 
+/// Direct reads only this deep, so the verifier sees a small bounded offset.
+const DIRECT_READ_LIMIT: usize = 256;
+
 #[inline(always)]
 fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
+    if offset < DIRECT_READ_LIMIT {
+        let start = ctx.data() + offset;
+        if start + core::mem::size_of::<T>() <= ctx.data_end() {
+            // SAFETY: `start..start + size_of::<T>()` lies within the linear
+            // packet data (checked just above against `data_end`).
+            return Ok(unsafe { (start as *const T).read_unaligned() });
+        }
+    }
     ctx.load::<T>(offset).map_err(|_| ParseError::Malformed)
 }
 

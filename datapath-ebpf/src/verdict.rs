@@ -18,7 +18,7 @@ use datapath_common::{
 use crate::{
     maps::{
         SCRATCH, CGROUP_ENDPOINTS, CONFIG, CONNTRACK, DENIED_FLOWS, DROPS, ENDPOINTS, EVENTS, EVENT_BUDGET,
-        FRAGMENTS, IPCACHE, LOCAL_ADDRS, POLICY, VERDICTS,
+        FRAGMENTS, IPCACHE, IPCACHE_EXACT, LOCAL_ADDRS, POLICY, VERDICTS,
     },
     parse::{parse, quoted_flow, Packet, ParseError, Parsed, FRAG_FIRST, FRAG_LATER, L4},
 };
@@ -86,7 +86,7 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     if let L4::NeighbourDiscovery = packet.l4 {
         return Ok(());
     }
-    if direction != INGRESS {
+    if direction != INGRESS && !endpoint.carries(&packet.saddr) {
         match LOCAL_ADDRS.get_ptr(packet.saddr) {
             // SAFETY: map value pointer valid for this run.
             Some(owner) if unsafe { *owner } == endpoint_id => {}
@@ -308,6 +308,10 @@ const NO_ENTRY: PolicyValue = PolicyValue {
 
 #[inline(always)]
 fn peer_identity(address: &[u8; 16]) -> u32 {
+    if let Some(value) = IPCACHE_EXACT.get_ptr(address) {
+        // SAFETY: map value pointer valid for this run.
+        return unsafe { (*value).identity };
+    }
     match IPCACHE.get(Key::new(128, *address)) {
         Some(value) => value.identity,
         None => identity::WORLD,

@@ -222,7 +222,7 @@ impl Agent {
         let host = Host::new(config.cgroup_root.clone())?;
         for (map, capacity) in [
             ("policy", datapath_common::capacity::POLICY),
-            ("ipcache", datapath_common::capacity::IPCACHE),
+            ("ipcache", datapath_common::capacity::IPCACHE + datapath_common::capacity::IPCACHE_EXACT),
             ("endpoints", datapath_common::capacity::ENDPOINTS),
             ("local_addresses", datapath_common::capacity::LOCAL_ADDRS),
         ] {

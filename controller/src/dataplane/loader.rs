@@ -70,10 +70,14 @@ pub type DropCount = BTreeMap<DropKey, u64>;
 /// Blocked and audited connections per (endpoint, policy, rule, direction, kind).
 pub type VerdictCount = BTreeMap<VerdictKey, u64>;
 
+/// Prefix length of an ipcache entry for one address (/128, or /32 IPv4-mapped).
+const FULL_ADDRESS: u32 = 128;
+
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     ipcache: LpmTrie<MapData, [u8; 16], IpcacheValue>,
+    ipcache_exact: HashMap<MapData, [u8; 16], IpcacheValue>,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
     cgroup_endpoints: HashMap<MapData, u64, EndpointInfo>,
     local_addrs: HashMap<MapData, [u8; 16], u32>,
@@ -152,6 +156,7 @@ impl Datapath {
             program.load().map_err(|source| DatapathError::Program { name, source })?;
         }
         let ipcache = take(&mut ebpf, map_names::IPCACHE)?;
+        let ipcache_exact = take(&mut ebpf, map_names::IPCACHE_EXACT)?;
         let endpoints = take(&mut ebpf, map_names::ENDPOINTS)?;
         let cgroup_endpoints = take(&mut ebpf, map_names::CGROUP_ENDPOINTS)?;
         let local_addrs = take(&mut ebpf, map_names::LOCAL_ADDRS)?;
@@ -160,7 +165,7 @@ impl Datapath {
         let verdicts = take(&mut ebpf, map_names::VERDICTS)?;
         let config = take(&mut ebpf, map_names::CONFIG)?;
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);
-        Ok(Self { ebpf, pin_dir, ipcache, endpoints, cgroup_endpoints, local_addrs, policy, drops, verdicts, config, events })
+        Ok(Self { ebpf, pin_dir, ipcache, ipcache_exact, endpoints, cgroup_endpoints, local_addrs, policy, drops, verdicts, config, events })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -276,15 +281,16 @@ impl Datapath {
         self.set_endpoint_flags(endpoint_id, 0)
     }
 
+    /// Set the fail-closed flag of an endpoint's entries, keeping the rest.
     fn set_endpoint_flags(&mut self, endpoint_id: u32, flags: u32) -> Result<(), DatapathError> {
-        let closed = EndpointInfo { endpoint_id, flags };
-        let ifindexes: Vec<u32> = self.endpoints.iter().filter_map(Result::ok).filter(|(_, info)| info.endpoint_id == endpoint_id).map(|(k, _)| k).collect();
-        for ifindex in ifindexes {
-            self.set_endpoint(ifindex, closed)?;
+        let with_flags = |info: EndpointInfo| EndpointInfo { flags: (info.flags & !ENDPOINT_FLAG_FAIL_CLOSED) | flags, ..info };
+        let interfaces: Vec<(u32, EndpointInfo)> = self.endpoints.iter().filter_map(Result::ok).filter(|(_, info)| info.endpoint_id == endpoint_id).collect();
+        for (ifindex, info) in interfaces {
+            self.set_endpoint(ifindex, with_flags(info))?;
         }
-        let cgroups: Vec<u64> = self.cgroup_endpoints.iter().filter_map(Result::ok).filter(|(_, info)| info.endpoint_id == endpoint_id).map(|(k, _)| k).collect();
-        for cgroup in cgroups {
-            self.set_cgroup_endpoint(cgroup, closed)?;
+        let cgroups: Vec<(u64, EndpointInfo)> = self.cgroup_endpoints.iter().filter_map(Result::ok).filter(|(_, info)| info.endpoint_id == endpoint_id).collect();
+        for (cgroup, info) in cgroups {
+            self.set_cgroup_endpoint(cgroup, with_flags(info))?;
         }
         Ok(())
     }
@@ -297,12 +303,20 @@ impl Datapath {
         ignore_missing(map_names::LOCAL_ADDRS, self.local_addrs.remove(&address))
     }
 
+    /// Full-length entries go to the exact-address map the datapath looks
+    /// in first, shorter prefixes to the trie.
     pub fn set_ipcache(&mut self, prefix_len: u32, address: [u8; 16], identity: u32) -> Result<(), DatapathError> {
         let value = IpcacheValue { identity, _pad: 0 };
+        if prefix_len == FULL_ADDRESS {
+            return self.ipcache_exact.insert(address, value, 0).map_err(|source| full_or(map_names::IPCACHE_EXACT, source));
+        }
         self.ipcache.insert(&Key::new(prefix_len, address), value, 0).map_err(|source| full_or(map_names::IPCACHE, source))
     }
 
     pub fn remove_ipcache(&mut self, prefix_len: u32, address: [u8; 16]) -> Result<(), DatapathError> {
+        if prefix_len == FULL_ADDRESS {
+            return ignore_missing(map_names::IPCACHE_EXACT, self.ipcache_exact.remove(&address));
+        }
         ignore_missing(map_names::IPCACHE, self.ipcache.remove(&Key::new(prefix_len, address)))
     }
 
@@ -316,7 +330,8 @@ impl Datapath {
 
     /// Every ipcache entry now in the map (for adoption).
     pub fn ipcache_entries(&self) -> Vec<(u32, [u8; 16], u32)> {
-        self.ipcache.iter().filter_map(Result::ok).map(|(key, value)| (key.prefix_len(), key.data(), value.identity)).collect()
+        let exact = self.ipcache_exact.iter().filter_map(Result::ok).map(|(address, value)| (FULL_ADDRESS, address, value.identity));
+        self.ipcache.iter().filter_map(Result::ok).map(|(key, value)| (key.prefix_len(), key.data(), value.identity)).chain(exact).collect()
     }
 
     /// Every policy entry now in the map (for adoption and tests).

@@ -108,7 +108,8 @@ impl Programmer {
     pub fn attach_endpoint(&mut self, endpoint_id: u32, interface: &str, ifindex: u32, addresses: &[IpAddr], cgroup: Option<&Path>) -> Result<(), EndpointError> {
         // An endpoint whose allowlist did not fit starts closed, not open.
         let flags = if self.failed_closed.contains(&endpoint_id) { datapath_common::ENDPOINT_FLAG_FAIL_CLOSED } else { 0 };
-        let info = EndpointInfo { endpoint_id, flags };
+        let keys: Vec<[u8; 16]> = addresses.iter().map(|a| address_key(*a)).collect();
+        let info = EndpointInfo::new(endpoint_id, flags, &keys);
         for address in addresses {
             self.datapath.set_local_address(address_key(*address), endpoint_id)?;
         }

@@ -50,7 +50,8 @@ impl TestDatapath {
     /// BPF_PROG_TEST_RUN runs a TC program with loopback (ifindex 1) as its device.
     pub fn endpoint_on_loopback(&self, endpoint_id: u32, addresses: &[&str]) {
         let mut dp = self.dp.borrow_mut();
-        dp.set_endpoint(1, EndpointInfo { endpoint_id, flags: 0 }).unwrap();
+        let keys: Vec<[u8; 16]> = addresses.iter().map(|a| address_bytes(a.parse().unwrap())).collect();
+        dp.set_endpoint(1, EndpointInfo::new(endpoint_id, 0, &keys)).unwrap();
         for a in addresses {
             dp.set_local_address(address_bytes(a.parse().unwrap()), endpoint_id).unwrap();
         }

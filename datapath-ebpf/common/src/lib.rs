@@ -12,6 +12,9 @@
 
 pub mod map_names {
     pub const IPCACHE: &str = "BH_IPCACHE";
+    /// Full-length ipcache entries (pod and node addresses): one hash
+    /// lookup instead of a trie walk for the common case.
+    pub const IPCACHE_EXACT: &str = "BH_IPCACHE_EX";
     pub const ENDPOINTS: &str = "BH_ENDPOINTS";
     pub const CGROUP_ENDPOINTS: &str = "BH_CG_ENDPOINTS";
     pub const LOCAL_ADDRS: &str = "BH_LOCAL_ADDRS";
@@ -39,6 +42,7 @@ pub mod program_names {
 
 pub mod capacity {
     pub const IPCACHE: u32 = 1 << 20;
+    pub const IPCACHE_EXACT: u32 = 1 << 20;
     pub const ENDPOINTS: u32 = 1 << 14;
     pub const LOCAL_ADDRS: u32 = 1 << 15;
     pub const POLICY: u32 = 1 << 21;
@@ -156,10 +160,38 @@ pub struct EndpointInfo {
     pub endpoint_id: u32,
     /// `ENDPOINT_FLAG_*`.
     pub flags: u32,
+    /// The pod's own addresses (IPv4-mapped), so the anti-spoofing check of
+    /// a pod's packets needs no map lookup; which slots hold one is in
+    /// `flags`. A pod with more addresses is checked against `LOCAL_ADDRS`.
+    pub addresses: [[u8; 16]; 2],
 }
 /// The endpoint's policy could not be fully programmed: drop everything but
 /// node traffic rather than enforce a partial allowlist.
 pub const ENDPOINT_FLAG_FAIL_CLOSED: u32 = 1;
+pub const ENDPOINT_FLAG_ADDRESS_0: u32 = 2;
+pub const ENDPOINT_FLAG_ADDRESS_1: u32 = 4;
+
+impl EndpointInfo {
+    /// An endpoint carrying (up to) its first two addresses.
+    pub fn new(endpoint_id: u32, flags: u32, addresses: &[[u8; 16]]) -> Self {
+        let mut info = EndpointInfo { endpoint_id, flags: flags & ENDPOINT_FLAG_FAIL_CLOSED, addresses: [[0; 16]; 2] };
+        for (slot, (address, flag)) in addresses.iter().zip([ENDPOINT_FLAG_ADDRESS_0, ENDPOINT_FLAG_ADDRESS_1]).enumerate() {
+            info.addresses[slot] = *address;
+            info.flags |= flag;
+        }
+        info
+    }
+
+    /// Whether `address` is one of the addresses carried here. (Compared as
+    /// integers: a byte-array comparison would become a `memcmp` call, which
+    /// BPF programs cannot make.)
+    #[inline(always)]
+    pub fn carries(&self, address: &[u8; 16]) -> bool {
+        let wanted = u128::from_ne_bytes(*address);
+        (self.flags & ENDPOINT_FLAG_ADDRESS_0 != 0 && u128::from_ne_bytes(self.addresses[0]) == wanted)
+            || (self.flags & ENDPOINT_FLAG_ADDRESS_1 != 0 && u128::from_ne_bytes(self.addresses[1]) == wanted)
+    }
+}
 
 /// Key data of the per-endpoint policy LPM trie. Field order is the order of
 /// specificity: endpoint, direction, peer identity, protocol, port.
