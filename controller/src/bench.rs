@@ -167,7 +167,7 @@ fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
     let server = topology.add_pod("server");
     let mut iperf = Command::new("ip").args(["netns", "exec", &server.netns, "iperf3", "-s"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     std::thread::sleep(Duration::from_millis(500));
-    let rounds = 3;
+    let rounds = 5;
     let mut none = Vec::new();
     let mut with_bulkhead = Vec::new();
     let mut with_iptables = Vec::new();
