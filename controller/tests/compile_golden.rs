@@ -373,3 +373,52 @@ spec:
         ],
     );
 }
+
+#[test]
+fn everyday_changes_are_compiled_incrementally() {
+    // A label change, a new pod, a policy edit and a deletion each update the
+    // compiler in place; only a namespace relabel compiles everything again.
+    let policy = |port: u16| {
+        format!(
+            "kind: ConnectionPolicy\napiVersion: bulkhead.io/v1alpha1\nmetadata: {{name: db-in, namespace: shop}}\nspec:\n  podSelector: {{matchLabels: {{app: db}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: pay}}}}}}], ports: [{{port: {port}}}]}}]\n"
+        )
+    };
+    let mut snap = snapshot(&policy(5432));
+    let mut compiler = policy::Compiler::new(&snap);
+    let steps: Vec<(&str, Box<dyn Fn(&mut Snapshot) -> policy::Changed>)> = vec![
+        ("relabel", Box::new(|s: &mut Snapshot| {
+            s.pods.get_mut(&policy::PodRef::new("shop", "pay")).unwrap().labels.insert("tier".into(), "api".into());
+            policy::Changed::Pod(policy::PodRef::new("shop", "pay"))
+        })),
+        ("new pod", Box::new(|s: &mut Snapshot| {
+            let mut twin = s.pods[&policy::PodRef::new("shop", "pay")].clone();
+            twin.name = "pay-2".into();
+            twin.ips = vec!["10.0.1.9".parse().unwrap()];
+            s.add_pod(twin);
+            policy::Changed::Pod(policy::PodRef::new("shop", "pay-2"))
+        })),
+        ("policy edit", Box::new(move |s: &mut Snapshot| {
+            let edited = snapshot(&policy(5433));
+            let (key, object) = edited.policies.into_iter().next().unwrap();
+            s.policies.insert(key.clone(), object);
+            policy::Changed::Policy(key)
+        })),
+        ("pod deleted", Box::new(|s: &mut Snapshot| {
+            s.pods.remove(&policy::PodRef::new("shop", "db"));
+            policy::Changed::Pod(policy::PodRef::new("shop", "db"))
+        })),
+    ];
+    for (what, step) in steps {
+        let changed = step(&mut snap);
+        compiler.update(&snap, [&changed]);
+        assert_eq!(compiler.state(), &policy::compile(&snap), "{what}");
+        assert_eq!(compiler.full_compiles(), 1, "{what} compiled everything again");
+        assert!(!compiler.take_ops().is_empty(), "{what} changed no map entry");
+    }
+    let mut shop = snap.namespaces["shop"].clone();
+    shop.labels.insert("env".into(), "prod".into());
+    snap.add_namespace(shop);
+    compiler.update(&snap, [&policy::Changed::Namespace("shop".into())]);
+    assert_eq!(compiler.full_compiles(), 2, "a relabelled namespace with pods is compiled whole");
+    assert_eq!(compiler.state(), &policy::compile(&snap));
+}
