@@ -364,7 +364,7 @@ fn compile() -> Result<()> {
     // One pod's labels change, then change back, 20 times over: each an
     // incremental update of a compiler that holds the whole cluster, until
     // it hands out the map operations.
-    let mut compiler = policy::Compiler::new(&snapshot);
+    let mut compiler = policy::Compiler::new(&snapshot).tracking_changes();
     let mut changed = snapshot.clone();
     let pod_ref = PodRef::new("ns7", "pod7");
     let mut pod_change = Vec::new();

@@ -384,7 +384,8 @@ fn everyday_changes_are_compiled_incrementally() {
         )
     };
     let mut snap = snapshot(&policy(5432));
-    let mut compiler = policy::Compiler::new(&snap);
+    let mut compiler = policy::Compiler::new(&snap).tracking_changes();
+    let mut untracked = policy::Compiler::new(&snap);
     let steps: Vec<(&str, Box<dyn Fn(&mut Snapshot) -> policy::Changed>)> = vec![
         ("relabel", Box::new(|s: &mut Snapshot| {
             s.pods.get_mut(&policy::PodRef::new("shop", "pay")).unwrap().labels.insert("tier".into(), "api".into());
@@ -411,7 +412,10 @@ fn everyday_changes_are_compiled_incrementally() {
     for (what, step) in steps {
         let changed = step(&mut snap);
         compiler.update(&snap, [&changed]);
+        untracked.update(&snap, [&changed]);
         assert_eq!(compiler.state(), &policy::compile(&snap), "{what}");
+        assert_eq!(untracked.state(), compiler.state(), "{what}");
+        assert!(untracked.take_ops().is_empty(), "a compiler not asked to track changes keeps none");
         assert_eq!(compiler.full_compiles(), 1, "{what} compiled everything again");
         assert!(!compiler.take_ops().is_empty(), "{what} changed no map entry");
     }

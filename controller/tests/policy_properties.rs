@@ -689,7 +689,7 @@ proptest! {
 
     #[test]
     fn incremental_updates_equal_a_fresh_compile(a in snapshot(), other in snapshot(), steps in prop::collection::vec(step(), 1..8), batch in 1..3usize) {
-        let mut compiler = policy::Compiler::new(&a);
+        let mut compiler = policy::Compiler::new(&a).tracking_changes();
         let mut programmed = policy::compile(&a);
         let mut snapshot = a.clone();
         for chunk in steps.chunks(batch) {

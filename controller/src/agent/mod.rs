@@ -290,14 +290,15 @@ impl Agent {
         }
         for change in update.changes {
             match &change {
-                Change::Applied(object) => self.changed.insert(changed_of(object.key())),
-                Change::Deleted(key) => self.changed.insert(changed_of(key.clone())),
-                Change::Relisted(..) => {
-                    self.compile_all = true;
-                    true
+                Change::Applied(object) => {
+                    self.changed.insert(changed_of(object.key()));
                 }
-                Change::Synced => false,
-            };
+                Change::Deleted(key) => {
+                    self.changed.insert(changed_of(key.clone()));
+                }
+                Change::Relisted(..) => self.compile_all = true,
+                Change::Synced => {}
+            }
             match change {
                 Change::Synced => self.source_synced = true,
                 Change::Applied(Object::Policy(policy)) => {

@@ -131,11 +131,17 @@ struct CompiledPod {
 
 impl CompiledPod {
     fn identity_keys(&self) -> impl Iterator<Item = &IdentityKey> {
-        std::iter::once(&self.plain_identity).chain(self.addresses.iter().map(|(_, k)| k))
+        identity_keys(&self.plain_identity, &self.addresses)
     }
 }
 
-/// Map keys written since the last `take_ops`, with the value each had before.
+/// A pod's plain identity, then its addresses' (one use each).
+fn identity_keys<'a>(plain: &'a IdentityKey, addresses: &'a [(IpAddr, IdentityKey)]) -> impl Iterator<Item = &'a IdentityKey> {
+    std::iter::once(plain).chain(addresses.iter().map(|(_, k)| k))
+}
+
+/// Map keys written since the last `take_ops`, with the value each had
+/// before; kept only when asked for (`Compiler::tracking_changes`).
 #[derive(Default)]
 struct Touched {
     enabled: bool,
@@ -204,6 +210,24 @@ fn write_ipcache(state: &mut DesiredState, touched: &mut Touched, key: IpcacheKe
     if touched.enabled {
         touched.ipcache.entry(key).or_insert(before);
     }
+}
+
+/// A map as it was before the writes recorded in `touched`.
+fn revert<K: Ord, V>(mut map: BTreeMap<K, V>, touched: BTreeMap<K, Option<V>>) -> BTreeMap<K, V> {
+    for (key, before) in touched {
+        match before {
+            Some(value) => map.insert(key, value),
+            None => map.remove(&key),
+        };
+    }
+    map
+}
+
+/// Every key whose value differs between two maps, with its value in `before`.
+fn changes_between<K: Ord + Copy, V: PartialEq + Copy>(before: &BTreeMap<K, V>, after: &BTreeMap<K, V>) -> BTreeMap<K, Option<V>> {
+    let changed = after.iter().filter(|(key, value)| before.get(*key) != Some(*value)).map(|(key, _)| (*key, before.get(key).copied()));
+    let removed = before.iter().filter(|(key, _)| !after.contains_key(*key)).map(|(key, value)| (*key, Some(*value)));
+    changed.chain(removed).collect()
 }
 
 /// Write (or, with `present` false, remove) a class's entries for one endpoint.
@@ -325,7 +349,7 @@ impl Compiler {
         let mut planned = Vec::with_capacity(snapshot.pods.len());
         for (pod_ref, pod) in &snapshot.pods {
             let (plain, addresses) = compiler.identity_keys_of(pod);
-            for key in std::iter::once(&plain).chain(addresses.iter().map(|(_, k)| k)) {
+            for key in identity_keys(&plain, &addresses) {
                 *compiler.identity_users.entry(key.clone()).or_insert(0) += 1;
             }
             planned.push((pod_ref, pod, plain, addresses));
@@ -387,6 +411,13 @@ impl Compiler {
         self.state
     }
 
+    /// Keep, from now on, what each update changes in the maps, for
+    /// `take_ops`. A user that diffs states itself (the agent) need not.
+    pub fn tracking_changes(mut self) -> Self {
+        self.touched.enabled = true;
+        self
+    }
+
     /// How many times this compiler compiled everything (its first compile included).
     pub fn full_compiles(&self) -> u64 {
         self.full_compiles
@@ -395,7 +426,6 @@ impl Compiler {
     /// Bring the compiled state to `snapshot`, which differs from the one
     /// compiled last only in the objects named in `changed`.
     pub fn update<'a>(&mut self, snapshot: &Snapshot, changed: impl IntoIterator<Item = &'a Changed>) {
-        self.touched.enabled = true;
         for change in changed {
             let done = match change {
                 Changed::Pod(pod) => self.update_pod(snapshot, pod),
@@ -414,9 +444,10 @@ impl Compiler {
     }
 
     /// The map operations, in `diff`'s safe order, that turn the state as it
-    /// was at the last call into the state now.
+    /// was at the last call (or at `tracking_changes`) into the state now.
     pub fn take_ops(&mut self) -> Vec<MapOp> {
-        let touched = mem::take(&mut self.touched);
+        let enabled = self.touched.enabled;
+        let touched = mem::replace(&mut self.touched, Touched { enabled, ..Default::default() });
         let mut plan = OpsPlan::default();
         for (key, before) in &touched.policy {
             plan.policy(*key, before.as_ref(), self.state.policy.get(key));
@@ -431,45 +462,18 @@ impl Compiler {
     /// `take_ops` still gives the difference.
     fn rebuild(&mut self, snapshot: &Snapshot) {
         let touched = mem::take(&mut self.touched);
-        let mut before_policy = mem::take(&mut self.state.policy);
-        for (key, before) in touched.policy {
-            match before {
-                Some(value) => before_policy.insert(key, value),
-                None => before_policy.remove(&key),
-            };
-        }
-        let mut before_ipcache = mem::take(&mut self.state.ipcache);
-        for (key, before) in touched.ipcache {
-            match before {
-                Some(value) => before_ipcache.insert(key, value),
-                None => before_ipcache.remove(&key),
-            };
-        }
+        let before_policy = revert(mem::take(&mut self.state.policy), touched.policy);
+        let before_ipcache = revert(mem::take(&mut self.state.ipcache), touched.ipcache);
         let full_compiles = self.full_compiles + 1;
         *self = Compiler::new(snapshot);
         self.full_compiles = full_compiles;
-        let mut touched = Touched { enabled: true, ..Default::default() };
-        for (key, value) in &self.state.policy {
-            if before_policy.get(key) != Some(value) {
-                touched.policy.insert(*key, before_policy.get(key).copied());
-            }
+        if touched.enabled {
+            self.touched = Touched {
+                enabled: true,
+                policy: changes_between(&before_policy, &self.state.policy),
+                ipcache: changes_between(&before_ipcache, &self.state.ipcache),
+            };
         }
-        for (key, value) in before_policy {
-            if !self.state.policy.contains_key(&key) {
-                touched.policy.insert(key, Some(value));
-            }
-        }
-        for (key, value) in &self.state.ipcache {
-            if before_ipcache.get(key) != Some(value) {
-                touched.ipcache.insert(*key, before_ipcache.get(key).copied());
-            }
-        }
-        for (key, value) in before_ipcache {
-            if !self.state.ipcache.contains_key(&key) {
-                touched.ipcache.insert(key, Some(value));
-            }
-        }
-        self.touched = touched;
     }
 
     /// A pod's plain identity and the identity of each of its addresses.
@@ -581,7 +585,7 @@ impl Compiler {
             *delta.entry(key).or_default() -= 1;
         }
         if let Some((plain, addresses)) = &planned {
-            for key in std::iter::once(plain).chain(addresses.iter().map(|(_, k)| k)) {
+            for key in identity_keys(plain, addresses) {
                 *delta.entry(key).or_default() += 1;
             }
         }
@@ -600,7 +604,7 @@ impl Compiler {
         }
         let endpoint_born = old.is_none() && new.is_some();
         let endpoint_gone = old.is_some() && new.is_none();
-        if (endpoint_born && !self.endpoint_numbers.can_add(pod_ref, ref_hash)) || (endpoint_gone && !self.endpoint_numbers.can_remove()) {
+        if (endpoint_born && !self.endpoint_numbers.can_add_all([pod_ref], ref_hash)) || (endpoint_gone && !self.endpoint_numbers.can_remove()) {
             return false;
         }
         let delta: Vec<(IdentityKey, i64)> = delta.into_iter().map(|(k, d)| (k.clone(), d)).collect();
@@ -739,7 +743,7 @@ impl Compiler {
                 return false;
             }
         }
-        if (old.is_none() && new.is_some() && !self.policy_numbers.can_add(policy_ref, ref_hash)) || (old.is_some() && new.is_none() && !self.policy_numbers.can_remove()) {
+        if (old.is_none() && new.is_some() && !self.policy_numbers.can_add_all([policy_ref], ref_hash)) || (old.is_some() && new.is_none() && !self.policy_numbers.can_remove()) {
             return false;
         }
 

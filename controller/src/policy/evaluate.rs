@@ -92,13 +92,7 @@ impl Accepted {
     /// Whether any rule of this policy names an identity: by a peer that
     /// selects it, or, for "every peer" egress, by a named port it has.
     pub fn names_identity(&self, universe: &Universe, id: u32) -> bool {
-        [INGRESS, EGRESS].into_iter().flat_map(|d| self.rules(d)).any(|(rule, peers)| match &rule.peers {
-            Some(_) => peers.iter().any(|peer| universe.peer_contains(*peer, id)),
-            None => rule.ports.iter().flatten().any(|port| match port {
-                PortMatch::Named { protocol, name } => universe.named_ports(id).is_some_and(|ports| ports.contains_key(&(name.clone(), *protocol))),
-                PortMatch::Range { .. } => false,
-            }),
-        })
+        [INGRESS, EGRESS].into_iter().any(|d| self.rules(d).any(|(rule, peers)| rule_names(universe, d, rule, peers, id)))
     }
 
     /// The rules of one direction, each with its peers.
@@ -112,6 +106,22 @@ impl std::ops::Deref for Accepted {
 
     fn deref(&self) -> &Policy {
         &self.policy
+    }
+}
+
+/// Whether a rule names an identity, which then needs entries of its own: a
+/// peer of the rule selects it, or the rule is "every peer" egress to a
+/// named port the identity has (the port exists only on the peers that name
+/// it, and "any peer" resolves no name).
+fn rule_names(universe: &Universe, direction: u8, rule: &Rule, peers: &[PeerId], id: u32) -> bool {
+    match &rule.peers {
+        Some(_) => peers.iter().any(|peer| universe.peer_contains(*peer, id)),
+        None => {
+            direction == EGRESS
+                && rule.ports.iter().flatten().any(|port| {
+                    matches!(port, PortMatch::Named { protocol, name } if universe.named_ports(id).is_some_and(|ports| ports.contains_key(&(name.clone(), *protocol))))
+                })
+        }
     }
 }
 
@@ -299,27 +309,12 @@ impl Evaluator<'_> {
             && self.chain.all().any(|p| p.rules[EGRESS as usize].iter().any(|r| r.ports.iter().flatten().any(|p| matches!(p, PortMatch::Named { .. }))))
     }
 
-    /// "Every peer" with a named port: the port exists only on the peers that
-    /// name it, so those need entries of their own ("any peer" resolves no name).
-    fn names_port_of(&self, rule: &Rule, id: u32) -> bool {
-        self.direction == EGRESS
-            && rule.peers.is_none()
-            && rule.ports.iter().flatten().any(|port| match port {
-                PortMatch::Named { protocol, name } => self.universe.named_ports(id).is_some_and(|ports| ports.contains_key(&(name.clone(), *protocol))),
-                PortMatch::Range { .. } => false,
-            })
-    }
-
     /// The rules (by position in the chain) that name one identity: when
     /// empty, the identity needs no entries of its own.
     pub fn signature(&self, id: u32) -> Vec<u32> {
         let mut positions = Vec::new();
         for (position, (rule, peers)) in self.chain.all().flat_map(|p| p.rules(self.direction)).enumerate() {
-            let named = match &rule.peers {
-                Some(_) => peers.iter().any(|peer| self.universe.peer_contains(*peer, id)),
-                None => self.names_port_of(rule, id),
-            };
-            if named {
+            if rule_names(self.universe, self.direction, rule, peers, id) {
                 positions.push(position as u32);
             }
         }
@@ -345,7 +340,7 @@ impl Evaluator<'_> {
                 }
                 None if self.direction == EGRESS => {
                     for id in self.universe.identities_with_named_ports() {
-                        if self.names_port_of(rule, id) {
+                        if rule_names(self.universe, self.direction, rule, peers, id) {
                             name(id);
                         }
                     }

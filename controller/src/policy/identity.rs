@@ -105,11 +105,6 @@ impl<K: Ord + Clone> Numbering<K> {
         &self.numbers
     }
 
-    /// Whether `key` can be added without renumbering (its slot is free).
-    pub fn can_add(&self, key: &K, hash: impl Fn(&K) -> u64) -> bool {
-        self.numbers.contains_key(key) || !self.taken.contains(&self.home(key, &hash))
-    }
-
     /// Whether all of `keys` can be added without renumbering: each slot is
     /// free and no two of them share one.
     pub fn can_add_all<'a>(&self, keys: impl IntoIterator<Item = &'a K>, hash: impl Fn(&K) -> u64) -> bool
