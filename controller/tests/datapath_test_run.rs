@@ -291,6 +291,78 @@ fn most_specific_port_prefix_wins_and_ranges_cover_exactly() {
 }
 
 #[test]
+fn peer_entries_come_before_any_peer_entries_whichever_map_holds_them() {
+    let dp = allowlist("peerfirst");
+    let other = "10.244.3.30";
+    dp.identity(other, 2000);
+    // Any peer may reach TCP 8080 (a full-length entry: the exact hash), but
+    // PEER_ID is denied 8080-8087 (a range: the trie). The peer's own entry wins.
+    dp.rule(7, EGRESS, identity::ANY, Some((proto::TCP, 8080, 16)), verdict::ALLOW, 50, 0);
+    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 8080, 13)), verdict::DENY, 51, 0);
+    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 47000, dport: 8080, flags: TCP_SYN })), TC_ACT_SHOT);
+    assert_eq!(dp.blocked(7, EGRESS, 51, 0), 1);
+    assert_eq!(dp.from_pod(&out(POD, other, L4::Tcp { sport: 47001, dport: 8080, flags: TCP_SYN })), TC_ACT_OK);
+    // And the other way round: the peer's exact allow beats any peer's range deny.
+    dp.rule(7, EGRESS, identity::ANY, Some((proto::TCP, 9000, 13)), verdict::DENY, 52, 0);
+    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 9001, 16)), verdict::ALLOW, 53, 0);
+    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 47002, dport: 9001, flags: TCP_SYN })), TC_ACT_OK);
+    assert_eq!(dp.from_pod(&out(POD, other, L4::Tcp { sport: 47003, dport: 9001, flags: TCP_SYN })), TC_ACT_SHOT);
+    assert_eq!(dp.blocked(7, EGRESS, 52, 0), 1);
+    // Removing the exact entry falls back to the range.
+    dp.remove_rule(7, EGRESS, PEER_ID, Some((proto::TCP, 9001, 16)));
+    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 47004, dport: 9001, flags: TCP_SYN })), TC_ACT_SHOT);
+}
+
+/// A veth with a chosen ifindex (this kernel has no dummy driver), removed
+/// by name, with its peer, when dropped.
+struct IndexedLink(&'static str);
+
+impl IndexedLink {
+    fn new(name: &'static str, ifindex: u32) -> Self {
+        let _ = std::process::Command::new("ip").args(["link", "del", name]).status();
+        let peer = format!("{name}p");
+        let status = std::process::Command::new("ip")
+            .args(["link", "add", name, "index", &ifindex.to_string(), "type", "veth", "peer", "name", &peer])
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip link add {name} index {ifindex}");
+        IndexedLink(name)
+    }
+}
+
+impl Drop for IndexedLink {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", self.0]).status();
+    }
+}
+
+#[test]
+fn endpoints_are_found_by_any_ifindex_and_gone_once_removed() {
+    let dp = TestDatapath::new("ifindex");
+    let syn = out(POD, PEER, L4::Tcp { sport: 48000, dport: 80, flags: TCP_SYN });
+    // Beyond the ifindex-indexed array: the endpoint hash answers.
+    let high = datapath_common::capacity::ENDPOINTS_BY_IFINDEX + 4464;
+    let _link = IndexedLink::new("bh-test-ix", high);
+    dp.endpoint_on(high, 8, &[POD]);
+    dp.identity(PEER, PEER_ID);
+    dp.rule(8, EGRESS, PEER_ID, Some((proto::TCP, 80, 16)), verdict::ALLOW, 60, 0);
+    assert_eq!(dp.from_pod_on(high, &syn), TC_ACT_OK);
+    assert_eq!(dp.from_pod_on(high, &out(POD, PEER, L4::Tcp { sport: 48001, dport: 81, flags: TCP_SYN })), TC_ACT_SHOT);
+    assert_eq!(dp.drops(8, EGRESS, reason::POLICY_DENIED), 1);
+    // Loopback (ifindex 1) is in the array: nothing there until set.
+    assert_eq!(dp.from_pod(&syn), TC_ACT_SHOT);
+    assert_eq!(dp.drops(0, EGRESS, reason::NO_ENDPOINT), 1);
+    dp.endpoint_on_loopback(8, &[POD]);
+    assert_eq!(dp.from_pod(&syn), TC_ACT_OK);
+    // Removed endpoints drop everything again, whichever map held them.
+    dp.dp.borrow_mut().remove_endpoint(1).unwrap();
+    dp.dp.borrow_mut().remove_endpoint(high).unwrap();
+    assert_eq!(dp.from_pod(&syn), TC_ACT_SHOT);
+    assert_eq!(dp.from_pod_on(high, &syn), TC_ACT_SHOT);
+    assert_eq!(dp.drops(0, EGRESS, reason::NO_ENDPOINT), 3);
+}
+
+#[test]
 fn revoked_allow_cuts_an_established_connection() {
     let dp = allowlist("revoke");
     let syn = out(POD, PEER, L4::Tcp { sport: 45000, dport: 80, flags: TCP_SYN });

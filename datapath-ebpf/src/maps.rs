@@ -5,35 +5,47 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use datapath_common::{
-    capacity, ConntrackValue, DropKey, EndpointInfo, EventBudget, FlowKey, FragmentKey,
-    FragmentValue, IpcacheValue, PolicyKey, PolicyValue, VerdictKey,
+    capacity, Address, ConnKey, ConntrackValue, DropKey, EndpointInfo, EventBudget, FragmentKey,
+    FragmentValue, IpcacheValue, PolicyExactKey, PolicyKey, PolicyValue, VerdictKey,
 };
 
 #[map(name = "BH_IPCACHE")]
-pub static IPCACHE: LpmTrie<[u8; 16], IpcacheValue> = LpmTrie::pinned(capacity::IPCACHE, 0);
+pub static IPCACHE: LpmTrie<Address, IpcacheValue> = LpmTrie::pinned(capacity::IPCACHE, 0);
 
 /// Addresses with a full-length (/128, IPv4-mapped /32) ipcache entry. Such
 /// an entry is the most specific match there can be, so a hit here is what
-/// the trie would answer; the trie holds only shorter prefixes.
+/// the trie would answer; the trie holds only shorter prefixes. Not
+/// preallocated: a node pays only for the addresses it knows.
 #[map(name = "BH_IPCACHE_EX")]
-pub static IPCACHE_EXACT: HashMap<[u8; 16], IpcacheValue> = HashMap::pinned(capacity::IPCACHE_EXACT, 0);
+pub static IPCACHE_EXACT: HashMap<Address, IpcacheValue> = HashMap::pinned(capacity::IPCACHE_EXACT, BPF_F_NO_PREALLOC);
 
 #[map(name = "BH_ENDPOINTS")]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
+
+/// `ENDPOINTS` again, by ifindex for small ones: see `map_names::ENDPOINTS_BY_IFINDEX`.
+#[map(name = "BH_ENDPOINTS_IX")]
+pub static ENDPOINTS_BY_IFINDEX: Array<EndpointInfo> = Array::pinned(capacity::ENDPOINTS_BY_IFINDEX, 0);
 
 #[map(name = "BH_CG_ENDPOINTS")]
 pub static CGROUP_ENDPOINTS: HashMap<u64, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
 /// Address → endpoint id of the local pod that owns it (anti-spoofing).
 #[map(name = "BH_LOCAL_ADDRS")]
-pub static LOCAL_ADDRS: HashMap<[u8; 16], u32> = HashMap::pinned(capacity::LOCAL_ADDRS, 0);
+pub static LOCAL_ADDRS: HashMap<Address, u32> = HashMap::pinned(capacity::LOCAL_ADDRS, 0);
 
+/// Policy entries with a port range, any port or any protocol. Full-length
+/// entries are in `POLICY_EXACT` only.
 #[map(name = "BH_POLICY")]
 pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
 
+/// Full-length policy entries: one peer (or any peer), protocol and port.
+#[map(name = "BH_POLICY_EX")]
+pub static POLICY_EXACT: HashMap<PolicyExactKey, PolicyValue> = HashMap::pinned(capacity::POLICY_EXACT, BPF_F_NO_PREALLOC);
+
 #[map(name = "BH_CONNTRACK")]
-pub static CONNTRACK: LruHashMap<FlowKey, ConntrackValue> =
+pub static CONNTRACK: LruHashMap<ConnKey, ConntrackValue> =
     LruHashMap::pinned(capacity::CONNTRACK, 0);
 
 #[map(name = "BH_FRAGMENTS")]
@@ -43,7 +55,7 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
 /// Flows refused recently, so retransmissions are dropped without being
 /// counted or reported again. Value: the policy revision of the refusal.
 #[map(name = "BH_DENIED")]
-pub static DENIED_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::pinned(capacity::DENIED_FLOWS, 0);
+pub static DENIED_FLOWS: LruHashMap<ConnKey, u64> = LruHashMap::pinned(capacity::DENIED_FLOWS, 0);
 
 #[map(name = "BH_DROPS")]
 pub static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::pinned(capacity::DROPS, 0);

@@ -8,25 +8,25 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext},
 };
 use datapath_common::{
-    identity, ipv4_mapped, policy_prefix, proto, reason, verdict, ConntrackValue, DropKey,
-    EndpointInfo, Event, FlowKey, FragmentKey, FragmentValue, PolicyKey, PolicyValue, VerdictKey,
-    CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, CONNTRACK_FLAG_REVOKED,
-    ENDPOINT_FLAG_FAIL_CLOSED, EVENT_AUDIT, EVENT_DENY, EVENT_NEW_FLOW, INGRESS, RULE_DEFAULT_DENY, SOURCE_CGROUP,
+    capacity, identity, policy_prefix, proto, reason, verdict, Address, ConnKey, ConntrackValue, DropKey,
+    EndpointInfo, Event, FragmentKey, FragmentValue, PolicyExactKey, PolicyKey, PolicyValue, VerdictKey,
+    CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, CONNTRACK_FLAG_REVOKED, EGRESS,
+    ENDPOINT_FLAG_FAIL_CLOSED, EVENT_AUDIT, EVENT_DENY, EVENT_NEW_FLOW, NO_ENDPOINT, RULE_DEFAULT_DENY, SOURCE_CGROUP,
     SOURCE_TC,
 };
 
 use crate::{
     maps::{
-        SCRATCH, CGROUP_ENDPOINTS, CONFIG, CONNTRACK, DENIED_FLOWS, DROPS, ENDPOINTS, EVENTS, EVENT_BUDGET,
-        FRAGMENTS, IPCACHE, IPCACHE_EXACT, LOCAL_ADDRS, POLICY, VERDICTS,
+        SCRATCH, CGROUP_ENDPOINTS, CONFIG, CONNTRACK, DENIED_FLOWS, DROPS, ENDPOINTS, ENDPOINTS_BY_IFINDEX, EVENTS, EVENT_BUDGET,
+        FRAGMENTS, IPCACHE, IPCACHE_EXACT, LOCAL_ADDRS, POLICY, POLICY_EXACT, VERDICTS,
     },
-    parse::{parse, quoted_flow, Packet, ParseError, Parsed, FRAG_FIRST, FRAG_LATER, L4},
+    parse::{parse, quoted_connection, Packet, ParseError, Parsed, FRAG_FIRST, FRAG_LATER, L4},
 };
 
 /// Per-CPU working memory of one TC program run.
 pub struct Scratch {
     pub packet: Packet,
-    pub flow: FlowKey,
+    pub conn: ConnKey,
 }
 
 const DEFAULT_EVENTS_PER_SECOND: u64 = 1000;
@@ -36,22 +36,18 @@ const SOCKET_ALLOW: i32 = 1;
 const SOCKET_REFUSE: i32 = 0;
 
 #[inline(always)]
-const fn opposite(direction: u8) -> u8 {
-    direction ^ 1
-}
-
-#[inline(always)]
 pub fn judge_packet(ctx: &TcContext, direction: u8) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel passed to this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // Fail closed: these programs are only attached to pod veths; a packet we
     // cannot attribute to an endpoint is dropped rather than let through.
-    let Some(endpoint) = ENDPOINTS.get_ptr(ifindex) else {
+    let Some(endpoint) = endpoint_of(ifindex) else {
         count_drop(0, direction, reason::NO_ENDPOINT);
         return TC_ACT_SHOT;
     };
-    // SAFETY: a hash-map value pointer stays valid for this program run.
-    let endpoint = unsafe { *endpoint };
+    // SAFETY: a hash-map value pointer stays valid for this program run; the
+    // agent replaces endpoint values whole.
+    let endpoint = unsafe { &*endpoint };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         count_drop(endpoint.endpoint_id, direction, reason::MALFORMED);
         return TC_ACT_SHOT;
@@ -70,7 +66,7 @@ pub fn judge_packet(ctx: &TcContext, direction: u8) -> i32 {
             return TC_ACT_SHOT;
         }
     };
-    match judge_ip(ctx, &endpoint, direction, scratch) {
+    match judge_ip(ctx, endpoint, direction, scratch) {
         Ok(()) => TC_ACT_OK,
         Err(why) => {
             count_drop(endpoint.endpoint_id, direction, why);
@@ -79,25 +75,37 @@ pub fn judge_packet(ctx: &TcContext, direction: u8) -> i32 {
     }
 }
 
-#[inline(never)]
+/// The endpoint behind an interface: by index in the array for small
+/// ifindexes (inlined by the verifier: no call, no hashing), else in the hash.
+#[inline(always)]
+fn endpoint_of(ifindex: u32) -> Option<*const EndpointInfo> {
+    if ifindex < capacity::ENDPOINTS_BY_IFINDEX {
+        let endpoint = ENDPOINTS_BY_IFINDEX.get_ptr(ifindex)?;
+        // SAFETY: array value pointer valid for this run.
+        return (unsafe { (*endpoint).endpoint_id } != NO_ENDPOINT).then_some(endpoint);
+    }
+    ENDPOINTS.get_ptr(ifindex)
+}
+
+#[inline(always)]
 fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &mut Scratch) -> Result<(), u8> {
-    let Scratch { packet, flow } = scratch;
+    let Scratch { packet, conn } = scratch;
     let endpoint_id = endpoint.endpoint_id;
     if let L4::NeighbourDiscovery = packet.l4 {
         return Ok(());
     }
-    if direction != INGRESS && !endpoint.carries(&packet.saddr) {
-        match LOCAL_ADDRS.get_ptr(packet.saddr) {
+    let egress = direction == EGRESS;
+    if egress && !endpoint.carries(&packet.saddr) {
+        match LOCAL_ADDRS.get_ptr(&packet.saddr) {
             // SAFETY: map value pointer valid for this run.
             Some(owner) if unsafe { *owner } == endpoint_id => {}
             _ => return Err(reason::SPOOFED_SOURCE),
         }
     }
-    // The other end of the connection, whichever way this packet goes.
-    let peer_address = if direction == INGRESS { packet.saddr } else { packet.daddr };
     if endpoint.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0 {
         // Only the node's own traffic (kubelet probes) passes a failed-closed endpoint.
-        return if peer_identity(&peer_address) == identity::HOST { Ok(()) } else { Err(reason::ENDPOINT_FAIL_CLOSED) };
+        let peer = peer_identity(if egress { &packet.daddr } else { &packet.saddr });
+        return if peer == identity::HOST { Ok(()) } else { Err(reason::ENDPOINT_FAIL_CLOSED) };
     }
     let revision = policy_revision();
 
@@ -107,9 +115,10 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
             daddr: packet.daddr,
             id: packet.fragment.id,
             protocol: packet.protocol,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         };
-        let Some(ports) = FRAGMENTS.get_ptr(key) else {
+        let Some(ports) = FRAGMENTS.get_ptr(&key) else {
             return Err(reason::UNKNOWN_FRAGMENT);
         };
         // SAFETY: map value pointer valid for this run.
@@ -118,46 +127,54 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
         packet.dport = ports.dport;
     }
 
-    // One flow key, reused for each lookup: the BPF stack is 512 bytes.
-    *flow = FlowKey {
-        saddr: packet.saddr,
-        daddr: packet.daddr,
-        endpoint: endpoint_id,
-        sport: packet.sport,
-        dport: packet.dport,
-        protocol: packet.protocol,
-        direction,
-        _pad: [0; 2],
-    };
     if let L4::IcmpError { quote_offset } = packet.l4 {
-        if quoted_flow(ctx, quote_offset as usize, packet.ipv6, flow).is_ok()
-            && related_flow_allowed(flow, direction)
-        {
-            return Ok(());
+        // The quoted packet travelled the other way: the endpoint sent it
+        // when this error comes in.
+        if quoted_connection(ctx, quote_offset as usize, packet.ipv6, !egress, conn).is_ok() {
+            conn.endpoint = endpoint_id;
+            (conn._pad, conn._pad2) = (0, 0);
+            if let Some(entry) = CONNTRACK.get_ptr(&*conn) {
+                // SAFETY: map value pointer valid for this run.
+                if unsafe { (*entry).flags } & CONNTRACK_FLAG_REVOKED == 0 {
+                    return Ok(());
+                }
+            }
         }
-        flow.saddr = packet.saddr;
-        flow.daddr = packet.daddr;
-        flow.sport = packet.sport;
-        flow.dport = packet.dport;
-        flow.protocol = packet.protocol;
-        flow.direction = direction;
     }
 
-    // Conntrack first: an established connection needs no identity lookup.
+    // The connection's key, the endpoint's side first: one lookup finds it
+    // whichever way this packet goes.
+    *conn = if egress {
+        ConnKey {
+            local: packet.saddr,
+            remote: packet.daddr,
+            endpoint: endpoint_id,
+            local_port: packet.sport,
+            remote_port: packet.dport,
+            protocol: packet.protocol,
+            _pad: 0,
+            _pad2: 0,
+        }
+    } else {
+        ConnKey {
+            local: packet.daddr,
+            remote: packet.saddr,
+            endpoint: endpoint_id,
+            local_port: packet.dport,
+            remote_port: packet.sport,
+            protocol: packet.protocol,
+            _pad: 0,
+            _pad2: 0,
+        }
+    };
+    // Ports take part in policy for these only (ICMP echo's identifier does not).
     let has_ports = matches!(packet.l4, L4::Plain | L4::LaterFragment);
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&*flow) {
-        let port = if has_ports { packet.dport } else { 0 };
-        return recheck(entry, flow, direction, &peer_address, port, revision);
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&*conn) {
+        return recheck(entry, conn, has_ports, revision);
     }
-    reverse(flow);
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&*flow) {
-        let port = if has_ports { packet.sport } else { 0 };
-        return recheck(entry, flow, opposite(direction), &peer_address, port, revision);
-    }
-    reverse(flow);
 
-    // A new flow.
-    let peer = peer_identity(&peer_address);
+    // A new connection.
+    let peer = peer_identity(&conn.remote);
     // Kubernetes requires a pod's own node to reach it (kubelet probes).
     if peer == identity::HOST {
         return Ok(());
@@ -165,30 +182,22 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     let port = if has_ports { packet.dport } else { 0 };
     let decision = lookup_policy(endpoint_id, direction, peer, packet.protocol, port);
     if decision.verdict == verdict::ALLOW {
-        let entry = ConntrackValue { revision, peer_identity: peer, flags: 0 };
-        if CONNTRACK.insert(&*flow, entry, 0).is_err() {
+        let entry = ConntrackValue { revision, peer_identity: peer, flags: 0, origin: direction, _pad: [0; 2] };
+        if CONNTRACK.insert(&*conn, &entry, 0).is_err() {
             count_drop(endpoint_id, direction, reason::CONNTRACK_FULL);
         }
         if packet.fragment.kind == FRAG_FIRST {
             remember_fragment(packet);
         }
         if decision.audit != 0 {
-            report(flow, peer, &Reported { kind: EVENT_AUDIT, source: SOURCE_TC, policy_id: decision.audit_policy_id, rule: decision.audit_rule });
-        } else if direction == datapath_common::EGRESS && flow_events_enabled() {
-            send_event(flow, peer, &Reported { kind: EVENT_NEW_FLOW, source: SOURCE_TC, policy_id: decision.policy_id, rule: decision.rule });
+            report(conn, direction, peer, &Reported { kind: EVENT_AUDIT, source: SOURCE_TC, policy_id: decision.audit_policy_id, rule: decision.audit_rule });
+        } else if egress && flow_events_enabled() {
+            send_event(conn, direction, peer, &Reported { kind: EVENT_NEW_FLOW, source: SOURCE_TC, policy_id: decision.policy_id, rule: decision.rule });
         }
         return Ok(());
     }
-    refuse_new_flow(flow, peer, &decision, revision, SOURCE_TC);
+    refuse_new_flow(conn, direction, peer, &Reported::deny(&decision, SOURCE_TC), revision);
     Err(reason::POLICY_DENIED)
-}
-
-/// Turn a flow key into the key of the same connection seen the other way.
-#[inline(always)]
-fn reverse(flow: &mut FlowKey) {
-    core::mem::swap(&mut flow.saddr, &mut flow.daddr);
-    core::mem::swap(&mut flow.sport, &mut flow.dport);
-    flow.direction = opposite(flow.direction);
 }
 
 #[inline(never)]
@@ -198,24 +207,18 @@ fn remember_fragment(packet: &Packet) {
         daddr: packet.daddr,
         id: packet.fragment.id,
         protocol: packet.protocol,
-        _pad: [0; 3],
+        _pad: 0,
+            _pad2: 0,
     };
     let ports = FragmentValue { sport: packet.sport, dport: packet.dport, _pad: 0 };
-    let _ = FRAGMENTS.insert(&key, ports, 0);
+    let _ = FRAGMENTS.insert(&key, &ports, 0);
 }
 
 /// An existing connection: admitted under `entry.revision`. When policy has
-/// changed since, the connection's first direction is judged again, so a
-/// revoked allow cuts live connections instead of lingering.
+/// changed since, the connection is judged again in the direction it was
+/// opened, so a revoked allow cuts live connections instead of lingering.
 #[inline(always)]
-fn recheck(
-    entry: *mut ConntrackValue,
-    flow: &FlowKey,
-    original_direction: u8,
-    peer_address: &[u8; 16],
-    port: u16,
-    revision: u64,
-) -> Result<(), u8> {
+fn recheck(entry: *mut ConntrackValue, conn: &ConnKey, has_ports: bool, revision: u64) -> Result<(), u8> {
     // SAFETY: a conntrack value pointer stays valid for this program run;
     // concurrent writers only store whole revisions and flags.
     let entry = unsafe { &mut *entry };
@@ -226,11 +229,18 @@ fn recheck(
             Ok(())
         };
     }
-    let peer = peer_identity(peer_address);
+    let peer = peer_identity(&conn.remote);
     if peer == identity::HOST {
         return Ok(());
     }
-    let decision = lookup_policy(flow.endpoint, original_direction, peer, flow.protocol, port);
+    let origin = entry.origin;
+    // The port the connection was opened to.
+    let port = match (has_ports, origin == EGRESS) {
+        (false, _) => 0,
+        (true, true) => conn.remote_port,
+        (true, false) => conn.local_port,
+    };
+    let decision = lookup_policy(conn.endpoint, origin, peer, conn.protocol, port);
     entry.revision = revision;
     entry.peer_identity = peer;
     if decision.verdict == verdict::ALLOW {
@@ -238,61 +248,49 @@ fn recheck(
         Ok(())
     } else {
         entry.flags = CONNTRACK_FLAG_REVOKED;
-        report(flow, peer, &Reported { kind: EVENT_DENY, source: SOURCE_TC, policy_id: decision.policy_id, rule: decision.rule });
+        report(conn, origin, peer, &Reported::deny(&decision, SOURCE_TC));
         Err(reason::POLICY_REVOKED)
     }
 }
 
-/// An ICMP error passes when it is about a connection conntrack admitted,
-/// whichever side started it. `flow` holds the quoted packet's tuple.
-#[inline(always)]
-fn related_flow_allowed(flow: &mut FlowKey, direction: u8) -> bool {
-    // The quoted packet travelled the other way: as the first direction of a
-    // flow started from there, or as a reply within a flow started here.
-    flow.direction = opposite(direction);
-    if let Some(entry) = CONNTRACK.get_ptr(&*flow) {
-        // SAFETY: map value pointer valid for this run.
-        return unsafe { (*entry).flags } & CONNTRACK_FLAG_REVOKED == 0;
-    }
-    reverse(flow);
-    if let Some(entry) = CONNTRACK.get_ptr(&*flow) {
-        // SAFETY: map value pointer valid for this run.
-        return unsafe { (*entry).flags } & CONNTRACK_FLAG_REVOKED == 0;
-    }
-    false
-}
-
-/// Count and report a refused flow once: retransmissions of the same flow
-/// under the same policy revision are dropped silently.
+/// Count and report a refused connection once: retransmissions of it under
+/// the same policy revision are dropped silently.
 #[inline(never)]
-fn refuse_new_flow(flow: &FlowKey, peer: u32, decision: &PolicyValue, revision: u64, source: u8) {
-    if let Some(seen) = DENIED_FLOWS.get_ptr(flow) {
+fn refuse_new_flow(conn: &ConnKey, direction: u8, peer: u32, refusal: &Reported, revision: u64) {
+    if let Some(seen) = DENIED_FLOWS.get_ptr(conn) {
         // SAFETY: map value pointer valid for this run.
         if unsafe { *seen } == revision {
             return;
         }
     }
-    let _ = DENIED_FLOWS.insert(flow, revision, 0);
-    report(flow, peer, &Reported { kind: EVENT_DENY, source, policy_id: decision.policy_id, rule: decision.rule });
+    let _ = DENIED_FLOWS.insert(conn, &revision, 0);
+    report(conn, direction, peer, refusal);
 }
 
-/// The policy entry for one flow: the peer's own entries first, then the
-/// "any peer" ones. Within each, the trie picks the most specific protocol
-/// and port prefix. No entry at all is a deny: fail closed.
+/// The policy entry for one connection: the peer's own entries first, then
+/// the "any peer" ones. Within each, a full-length entry (exact hash) is the
+/// most specific there can be; failing that the trie picks the most specific
+/// protocol and port prefix. No entry at all is a deny: fail closed.
 #[inline(always)]
 pub fn lookup_policy(endpoint: u32, direction: u8, peer: u32, protocol: u8, port: u16) -> PolicyValue {
-    let key = Key::new(policy_prefix::FULL, PolicyKey::new(endpoint, direction, peer, protocol, port));
-    if let Some(value) = POLICY.get(&key) {
-        return *value;
+    if let Some(value) = policy_for(endpoint, direction, peer, protocol, port) {
+        return value;
     }
-    let key = Key::new(
-        policy_prefix::FULL,
-        PolicyKey::new(endpoint, direction, identity::ANY, protocol, port),
-    );
-    if let Some(value) = POLICY.get(&key) {
-        return *value;
+    if let Some(value) = policy_for(endpoint, direction, identity::ANY, protocol, port) {
+        return value;
     }
     NO_ENTRY
+}
+
+#[inline(always)]
+fn policy_for(endpoint: u32, direction: u8, peer: u32, protocol: u8, port: u16) -> Option<PolicyValue> {
+    let exact = PolicyExactKey { endpoint, identity: peer, port, protocol, direction };
+    if let Some(value) = POLICY_EXACT.get_ptr(&exact) {
+        // SAFETY: map value pointer valid for this run.
+        return Some(unsafe { *value });
+    }
+    let key = Key::new(policy_prefix::FULL, PolicyKey::new(endpoint, direction, peer, protocol, port));
+    POLICY.get(&key).copied()
 }
 
 /// What an endpoint without entries (or failed closed) gets: deny.
@@ -307,7 +305,7 @@ const NO_ENTRY: PolicyValue = PolicyValue {
 };
 
 #[inline(always)]
-fn peer_identity(address: &[u8; 16]) -> u32 {
+fn peer_identity(address: &Address) -> u32 {
     if let Some(value) = IPCACHE_EXACT.get_ptr(address) {
         // SAFETY: map value pointer valid for this run.
         return unsafe { (*value).identity };
@@ -351,23 +349,31 @@ struct Reported {
     rule: u32,
 }
 
-/// Count a deny or audit verdict of one flow and send an event, within the
-/// per-CPU event budget so a flood cannot starve userspace.
+impl Reported {
+    #[inline(always)]
+    fn deny(decision: &PolicyValue, source: u8) -> Self {
+        Reported { kind: EVENT_DENY, source, policy_id: decision.policy_id, rule: decision.rule }
+    }
+}
+
+/// Count a deny or audit verdict of one connection, seen in `direction`, and
+/// send an event, within the per-CPU event budget so a flood cannot starve
+/// userspace.
 #[inline(never)]
-fn report(flow: &FlowKey, peer: u32, verdict: &Reported) {
+fn report(conn: &ConnKey, direction: u8, peer: u32, verdict: &Reported) {
     let Reported { kind, policy_id, rule, .. } = *verdict;
     bump(
         &VERDICTS,
         &VerdictKey {
-            endpoint: flow.endpoint,
+            endpoint: conn.endpoint,
             policy_id,
             rule,
-            direction: flow.direction,
+            direction,
             kind,
             _pad: [0; 2],
         },
     );
-    send_event(flow, peer, verdict);
+    send_event(conn, direction, peer, verdict);
 }
 
 #[inline(always)]
@@ -375,32 +381,39 @@ fn flow_events_enabled() -> bool {
     matches!(CONFIG.get(CONFIG_FLOW_EVENTS), Some(enabled) if *enabled != 0)
 }
 
-/// Send an event within the per-CPU budget; what the budget keeps back is counted.
+/// Send an event of a connection seen in `direction` (addresses and ports as
+/// a packet that way carries them), within the per-CPU budget; what the
+/// budget keeps back is counted.
 #[inline(never)]
-fn send_event(flow: &FlowKey, peer: u32, verdict: &Reported) {
+fn send_event(conn: &ConnKey, direction: u8, peer: u32, verdict: &Reported) {
     let Reported { kind, source, policy_id, rule } = *verdict;
     if !take_event_budget() {
-        count_drop(flow.endpoint, flow.direction, reason::EVENT_RATE_LIMITED);
+        count_drop(conn.endpoint, direction, reason::EVENT_RATE_LIMITED);
         return;
     }
     let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
-        count_drop(flow.endpoint, flow.direction, reason::EVENT_RATE_LIMITED);
+        count_drop(conn.endpoint, direction, reason::EVENT_RATE_LIMITED);
         return;
+    };
+    let (saddr, daddr, sport, dport) = if direction == EGRESS {
+        (conn.local, conn.remote, conn.local_port, conn.remote_port)
+    } else {
+        (conn.remote, conn.local, conn.remote_port, conn.local_port)
     };
     // Written in place: an Event on the stack would not fit beside the caller's.
     slot.write(Event {
         // SAFETY: a helper without preconditions.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        endpoint: flow.endpoint,
+        saddr,
+        daddr,
+        endpoint: conn.endpoint,
         peer_identity: peer,
         policy_id,
         rule,
-        sport: flow.sport,
-        dport: flow.dport,
-        protocol: flow.protocol,
-        direction: flow.direction,
+        sport,
+        dport,
+        protocol: conn.protocol,
+        direction,
         kind,
         source,
     });
@@ -452,22 +465,16 @@ pub fn judge_socket(ctx: &SockAddrContext, ipv6: bool) -> i32 {
     };
     // SAFETY: map value pointer valid for this run.
     let endpoint = unsafe { *endpoint };
+    // The words hold the address in network byte order as laid out in memory.
     let daddr = if ipv6 {
-        let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
-        let mut bytes = [0u8; 16];
-        // The words hold the address in network byte order as laid out in memory.
-        bytes[0..4].copy_from_slice(&words[0].to_ne_bytes());
-        bytes[4..8].copy_from_slice(&words[1].to_ne_bytes());
-        bytes[8..12].copy_from_slice(&words[2].to_ne_bytes());
-        bytes[12..16].copy_from_slice(&words[3].to_ne_bytes());
-        bytes
+        Address::from_words([sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]])
     } else {
-        ipv4_mapped(sa.user_ip4.to_ne_bytes())
+        Address::ipv4_mapped_word(sa.user_ip4)
     };
-    if is_loopback(&daddr) {
+    if daddr.is_loopback() {
         return SOCKET_ALLOW;
     }
-    if let Some(owner) = LOCAL_ADDRS.get_ptr(daddr) {
+    if let Some(owner) = LOCAL_ADDRS.get_ptr(&daddr) {
         // SAFETY: map value pointer valid for this run.
         if unsafe { *owner } == endpoint.endpoint_id {
             return SOCKET_ALLOW; // a pod talking to itself never leaves it
@@ -478,31 +485,26 @@ pub fn judge_socket(ctx: &SockAddrContext, ipv6: bool) -> i32 {
         return SOCKET_ALLOW;
     }
     let port = u16::from_be(sa.user_port as u16);
-    let flow = FlowKey {
-        saddr: [0; 16],
-        daddr,
+    // The source address and port are not chosen yet at connect() time.
+    let conn = ConnKey {
+        local: Address::UNSPECIFIED,
+        remote: daddr,
         endpoint: endpoint.endpoint_id,
-        sport: 0,
-        dport: port,
+        local_port: 0,
+        remote_port: port,
         protocol,
-        direction: datapath_common::EGRESS,
-        _pad: [0; 2],
+        _pad: 0,
+            _pad2: 0,
     };
     let decision = if endpoint.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0 {
         NO_ENTRY
     } else {
-        lookup_policy(endpoint.endpoint_id, datapath_common::EGRESS, peer, protocol, port)
+        lookup_policy(endpoint.endpoint_id, EGRESS, peer, protocol, port)
     };
     if decision.verdict == verdict::ALLOW {
         // Audit verdicts are reported by TC, which sees the flow's first packet.
         return SOCKET_ALLOW;
     }
-    refuse_new_flow(&flow, peer, &decision, policy_revision(), SOURCE_CGROUP);
+    refuse_new_flow(&conn, EGRESS, peer, &Reported::deny(&decision, SOURCE_CGROUP), policy_revision());
     SOCKET_REFUSE
-}
-
-#[inline(always)]
-fn is_loopback(address: &[u8; 16]) -> bool {
-    let v4_mapped = address[..10] == [0; 10] && address[10] == 0xff && address[11] == 0xff;
-    (v4_mapped && address[12] == 127) || *address == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
 }

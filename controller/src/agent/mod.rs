@@ -585,7 +585,7 @@ impl Agent {
         let Some(baselines) = self.baselines.as_mut() else { return };
         let Some(pod) = self.pods_by_endpoint.get(&event.endpoint).and_then(|p| self.snapshot.pods.get(p)) else { return };
         let workload = Workload::of(pod);
-        let address = event_address(event.daddr);
+        let address = event_address(event.daddr.octets());
         let peer = match self.pods_by_address.get(&address).and_then(|p| self.snapshot.pods.get(p)) {
             Some(peer) => {
                 let peer = Workload::of(peer);
@@ -619,8 +619,8 @@ impl Agent {
             verdict: if event.kind == EVENT_AUDIT { "audit" } else { "deny" },
             direction: direction_name(event.direction),
             pod: pod.clone(),
-            source: if cgroup { pod } else { name(event.saddr, event.sport) },
-            destination: name(event.daddr, event.dport),
+            source: if cgroup { pod } else { name(event.saddr.octets(), event.sport) },
+            destination: name(event.daddr.octets(), event.dport),
             protocol: protocol_name(event.protocol).to_string(),
             policy,
             rule: (event.rule != RULE_DEFAULT_DENY).then_some(event.rule),

@@ -25,8 +25,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use datapath_common::{
-    map_names, program_names, DropKey, EndpointInfo, Event, IpcacheValue, PolicyKey, PolicyValue,
-    VerdictKey, CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED,
+    capacity, map_names, policy_prefix, program_names, DropKey, EndpointInfo, Event, IpcacheValue, PolicyExactKey, PolicyKey,
+    PolicyValue, VerdictKey, CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED, NO_ENDPOINT,
 };
 
 /// The eBPF object built by build.rs.
@@ -70,6 +70,11 @@ pub type DropCount = BTreeMap<DropKey, u64>;
 /// Blocked and audited connections per (endpoint, policy, rule, direction, kind).
 pub type VerdictCount = BTreeMap<VerdictKey, u64>;
 
+/// BPF_PROG_TEST_RUN runs a TC program on loopback unless told otherwise.
+const LOOPBACK_IFINDEX: u32 = 1;
+/// `offsetof(struct __sk_buff, ifindex)`.
+const SKB_IFINDEX_OFFSET: usize = 40;
+
 /// Prefix length of an ipcache entry for one address (/128, or /32 IPv4-mapped).
 const FULL_ADDRESS: u32 = 128;
 
@@ -79,9 +84,11 @@ pub struct Datapath {
     ipcache: LpmTrie<MapData, [u8; 16], IpcacheValue>,
     ipcache_exact: HashMap<MapData, [u8; 16], IpcacheValue>,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
+    endpoints_by_ifindex: Array<MapData, EndpointInfo>,
     cgroup_endpoints: HashMap<MapData, u64, EndpointInfo>,
     local_addrs: HashMap<MapData, [u8; 16], u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    policy_exact: HashMap<MapData, PolicyExactKey, PolicyValue>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     verdicts: PerCpuHashMap<MapData, VerdictKey, u64>,
     config: Array<MapData, u64>,
@@ -158,14 +165,16 @@ impl Datapath {
         let ipcache = take(&mut ebpf, map_names::IPCACHE)?;
         let ipcache_exact = take(&mut ebpf, map_names::IPCACHE_EXACT)?;
         let endpoints = take(&mut ebpf, map_names::ENDPOINTS)?;
+        let endpoints_by_ifindex = take(&mut ebpf, map_names::ENDPOINTS_BY_IFINDEX)?;
         let cgroup_endpoints = take(&mut ebpf, map_names::CGROUP_ENDPOINTS)?;
         let local_addrs = take(&mut ebpf, map_names::LOCAL_ADDRS)?;
         let policy = take(&mut ebpf, map_names::POLICY)?;
+        let policy_exact = take(&mut ebpf, map_names::POLICY_EXACT)?;
         let drops = take(&mut ebpf, map_names::DROPS)?;
         let verdicts = take(&mut ebpf, map_names::VERDICTS)?;
         let config = take(&mut ebpf, map_names::CONFIG)?;
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);
-        Ok(Self { ebpf, pin_dir, ipcache, ipcache_exact, endpoints, cgroup_endpoints, local_addrs, policy, drops, verdicts, config, events })
+        Ok(Self { ebpf, pin_dir, ipcache, ipcache_exact, endpoints, endpoints_by_ifindex, cgroup_endpoints, local_addrs, policy, policy_exact, drops, verdicts, config, events })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -247,11 +256,21 @@ impl Datapath {
         Ok(())
     }
 
+    /// The hash is the record (adoption reads it); small ifindexes are also
+    /// written to the array the programs read first.
     pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), DatapathError> {
-        self.endpoints.insert(ifindex, info, 0).map_err(|source| full_or(map_names::ENDPOINTS, source))
+        self.endpoints.insert(ifindex, info, 0).map_err(|source| full_or(map_names::ENDPOINTS, source))?;
+        if ifindex < capacity::ENDPOINTS_BY_IFINDEX {
+            self.endpoints_by_ifindex.set(ifindex, info, 0).map_err(|source| DatapathError::Map { name: map_names::ENDPOINTS_BY_IFINDEX, source })?;
+        }
+        Ok(())
     }
 
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        if ifindex < capacity::ENDPOINTS_BY_IFINDEX {
+            let vacant = EndpointInfo::new(NO_ENDPOINT, 0, &[]);
+            self.endpoints_by_ifindex.set(ifindex, vacant, 0).map_err(|source| DatapathError::Map { name: map_names::ENDPOINTS_BY_IFINDEX, source })?;
+        }
         ignore_missing(map_names::ENDPOINTS, self.endpoints.remove(&ifindex))
     }
 
@@ -320,11 +339,19 @@ impl Datapath {
         ignore_missing(map_names::IPCACHE, self.ipcache.remove(&Key::new(prefix_len, address)))
     }
 
+    /// Full-length entries go to the exact hash the datapath looks in first
+    /// (and only there), shorter prefixes to the trie.
     pub fn set_policy(&mut self, prefix_len: u32, key: PolicyKey, value: PolicyValue) -> Result<(), DatapathError> {
+        if prefix_len == policy_prefix::FULL {
+            return self.policy_exact.insert(PolicyExactKey::from(key), value, 0).map_err(|source| full_or(map_names::POLICY_EXACT, source));
+        }
         self.policy.insert(&Key::new(prefix_len, key), value, 0).map_err(|source| full_or(map_names::POLICY, source))
     }
 
     pub fn remove_policy(&mut self, prefix_len: u32, key: PolicyKey) -> Result<(), DatapathError> {
+        if prefix_len == policy_prefix::FULL {
+            return ignore_missing(map_names::POLICY_EXACT, self.policy_exact.remove(&PolicyExactKey::from(key)));
+        }
         ignore_missing(map_names::POLICY, self.policy.remove(&Key::new(prefix_len, key)))
     }
 
@@ -336,7 +363,8 @@ impl Datapath {
 
     /// Every policy entry now in the map (for adoption and tests).
     pub fn policy_entries(&self) -> Vec<(u32, PolicyKey, PolicyValue)> {
-        self.policy.iter().filter_map(Result::ok).map(|(key, value)| (key.prefix_len(), key.data(), value)).collect()
+        let exact = self.policy_exact.iter().filter_map(Result::ok).map(|(key, value)| (policy_prefix::FULL, PolicyKey::from(key), value));
+        self.policy.iter().filter_map(Result::ok).map(|(key, value)| (key.prefix_len(), key.data(), value)).chain(exact).collect()
     }
 
     pub fn policy_revision(&self) -> u64 {
@@ -399,6 +427,11 @@ impl Datapath {
     /// Run a TC program once on a crafted packet (BPF_PROG_TEST_RUN): the
     /// program sees loopback (ifindex 1) as its interface.
     pub fn test_run(&self, program: &'static str, packet: &[u8], repeat: u32) -> Result<(i32, Duration), DatapathError> {
+        self.test_run_on(program, packet, LOOPBACK_IFINDEX, repeat)
+    }
+
+    /// `test_run` with the packet arriving on interface `ifindex`, which must exist.
+    pub fn test_run_on(&self, program: &'static str, packet: &[u8], ifindex: u32, repeat: u32) -> Result<(i32, Duration), DatapathError> {
         let program: &SchedClassifier = self
             .ebpf
             .program(program)
@@ -406,9 +439,16 @@ impl Datapath {
             .try_into()
             .map_err(|source| DatapathError::Program { name: program, source })?;
         let mut out = vec![0u8; packet.len() + 256];
+        // The context is a `struct __sk_buff` cut short after `ifindex`, the
+        // one field set: the kernel takes a shorter context and zeroes the rest.
+        let mut context = [0u8; SKB_IFINDEX_OFFSET + 4];
+        context[SKB_IFINDEX_OFFSET..].copy_from_slice(&ifindex.to_ne_bytes());
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
         opts.data_out = Some(&mut out);
+        if ifindex != LOOPBACK_IFINDEX {
+            opts.ctx_in = Some(&context);
+        }
         opts.repeat = repeat.max(1);
         let result = program.test_run(opts).map_err(|source| DatapathError::Program { name: "test_run", source })?;
         Ok((result.return_value as i32, result.duration))

@@ -49,9 +49,13 @@ impl TestDatapath {
 
     /// BPF_PROG_TEST_RUN runs a TC program with loopback (ifindex 1) as its device.
     pub fn endpoint_on_loopback(&self, endpoint_id: u32, addresses: &[&str]) {
+        self.endpoint_on(1, endpoint_id, addresses);
+    }
+
+    pub fn endpoint_on(&self, ifindex: u32, endpoint_id: u32, addresses: &[&str]) {
         let mut dp = self.dp.borrow_mut();
         let keys: Vec<[u8; 16]> = addresses.iter().map(|a| address_bytes(a.parse().unwrap())).collect();
-        dp.set_endpoint(1, EndpointInfo::new(endpoint_id, 0, &keys)).unwrap();
+        dp.set_endpoint(ifindex, EndpointInfo::new(endpoint_id, 0, &keys)).unwrap();
         for a in addresses {
             dp.set_local_address(address_bytes(a.parse().unwrap()), endpoint_id).unwrap();
         }
@@ -73,11 +77,13 @@ impl TestDatapath {
     }
 
     fn entry(&self, endpoint: u32, direction: u8, peer: u32, ports: Option<(u8, u16, u32)>, value: PolicyValue) {
-        let (prefix, key) = match ports {
-            None => (policy_prefix::ANY_PROTOCOL, PolicyKey::new(endpoint, direction, peer, 0, 0)),
-            Some((protocol, port, bits)) => (policy_prefix::ANY_PORT + bits, PolicyKey::new(endpoint, direction, peer, protocol, port)),
-        };
+        let (prefix, key) = policy_key(endpoint, direction, peer, ports);
         self.dp.borrow_mut().set_policy(prefix, key, value).unwrap();
+    }
+
+    pub fn remove_rule(&self, endpoint: u32, direction: u8, peer: u32, ports: Option<(u8, u16, u32)>) {
+        let (prefix, key) = policy_key(endpoint, direction, peer, ports);
+        self.dp.borrow_mut().remove_policy(prefix, key).unwrap();
     }
 
     pub fn bump_revision(&self) {
@@ -86,6 +92,10 @@ impl TestDatapath {
 
     pub fn fail_closed(&self, endpoint: u32) {
         self.dp.borrow_mut().fail_closed(endpoint).unwrap();
+    }
+
+    pub fn from_pod_on(&self, ifindex: u32, frame: &[u8]) -> i32 {
+        self.dp.borrow().test_run_on(program_names::FROM_POD, frame, ifindex, 1).unwrap().0
     }
 
     pub fn from_pod(&self, frame: &[u8]) -> i32 {
@@ -116,6 +126,13 @@ impl TestDatapath {
 
     pub fn events(&self) -> Vec<Event> {
         self.dp.borrow_mut().drain_events()
+    }
+}
+
+fn policy_key(endpoint: u32, direction: u8, peer: u32, ports: Option<(u8, u16, u32)>) -> (u32, PolicyKey) {
+    match ports {
+        None => (policy_prefix::ANY_PROTOCOL, PolicyKey::new(endpoint, direction, peer, 0, 0)),
+        Some((protocol, port, bits)) => (policy_prefix::ANY_PORT + bits, PolicyKey::new(endpoint, direction, peer, protocol, port)),
     }
 }
 

@@ -16,9 +16,16 @@ pub mod map_names {
     /// lookup instead of a trie walk for the common case.
     pub const IPCACHE_EXACT: &str = "BH_IPCACHE_EX";
     pub const ENDPOINTS: &str = "BH_ENDPOINTS";
+    /// The same endpoints indexed by ifindex, for interfaces numbered below
+    /// `capacity::ENDPOINTS_BY_IFINDEX`: an array lookup the verifier inlines
+    /// (no call, no hashing) on every packet. `ENDPOINTS` stays the record.
+    pub const ENDPOINTS_BY_IFINDEX: &str = "BH_ENDPOINTS_IX";
     pub const CGROUP_ENDPOINTS: &str = "BH_CG_ENDPOINTS";
     pub const LOCAL_ADDRS: &str = "BH_LOCAL_ADDRS";
     pub const POLICY: &str = "BH_POLICY";
+    /// Full-length policy entries (one peer or any peer, one protocol, one
+    /// port): one hash lookup instead of a trie walk for the common case.
+    pub const POLICY_EXACT: &str = "BH_POLICY_EX";
     pub const CONNTRACK: &str = "BH_CONNTRACK";
     pub const FRAGMENTS: &str = "BH_FRAGMENTS";
     pub const DENIED_FLOWS: &str = "BH_DENIED";
@@ -44,8 +51,10 @@ pub mod capacity {
     pub const IPCACHE: u32 = 1 << 20;
     pub const IPCACHE_EXACT: u32 = 1 << 20;
     pub const ENDPOINTS: u32 = 1 << 14;
+    pub const ENDPOINTS_BY_IFINDEX: u32 = 1 << 16;
     pub const LOCAL_ADDRS: u32 = 1 << 15;
     pub const POLICY: u32 = 1 << 21;
+    pub const POLICY_EXACT: u32 = 1 << 21;
     pub const CONNTRACK: u32 = 1 << 18;
     pub const FRAGMENTS: u32 = 1 << 13;
     pub const DENIED_FLOWS: u32 = 1 << 16;
@@ -142,6 +151,99 @@ pub const CONFIG_SLOTS: u32 = 4;
 pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
 }
+
+/// An address as the datapath keeps it in keys and values: IPv6, or IPv4
+/// mapped into IPv6 (`ipv4_mapped`), as four 32-bit words whose bytes in
+/// memory are the address's bytes in network order. Its layout is that of
+/// `[u8; 16]`, so userspace may key the same maps by byte arrays.
+///
+/// Words, not bytes, because LLVM's BPF backend cannot assume the CPU loads
+/// unaligned words: a byte array is copied one byte at a time, and compared
+/// through a `bcmp` call that a BPF program cannot make.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Hash)]
+pub struct Address {
+    words: [u32; 4],
+}
+
+/// The third word of every IPv4-mapped address: bytes 00 00 ff ff.
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl Address {
+    pub const UNSPECIFIED: Address = Address { words: [0; 4] };
+
+    pub const fn from_octets(octets: [u8; 16]) -> Self {
+        let mut words = [0u32; 4];
+        let mut i = 0;
+        while i < 4 {
+            words[i] = u32::from_ne_bytes([octets[4 * i], octets[4 * i + 1], octets[4 * i + 2], octets[4 * i + 3]]);
+            i += 1;
+        }
+        Address { words }
+    }
+
+    /// Words as they lie in memory (a packet's address fields, a socket's `user_ip6`).
+    pub const fn from_words(words: [u32; 4]) -> Self {
+        Address { words }
+    }
+
+    /// An IPv4 address given as its four bytes in memory order, as read from
+    /// a packet or a socket's `user_ip4`.
+    pub const fn ipv4_mapped_word(word: u32) -> Self {
+        Address { words: [0, 0, V4_MAPPED_WORD, word] }
+    }
+
+    pub const fn octets(&self) -> [u8; 16] {
+        let mut octets = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let bytes = self.words[i].to_ne_bytes();
+            octets[4 * i] = bytes[0];
+            octets[4 * i + 1] = bytes[1];
+            octets[4 * i + 2] = bytes[2];
+            octets[4 * i + 3] = bytes[3];
+            i += 1;
+        }
+        octets
+    }
+
+    /// 127.0.0.0/8 (mapped) or ::1.
+    #[inline(always)]
+    pub fn is_loopback(&self) -> bool {
+        let [a, b, c, d] = self.words;
+        let v4_loopback = a == 0 && b == 0 && c == V4_MAPPED_WORD && d.to_ne_bytes()[0] == 127;
+        v4_loopback || (a == 0 && b == 0 && c == 0 && d == u32::from_ne_bytes([0, 0, 0, 1]))
+    }
+}
+
+impl PartialEq for Address {
+    /// Word by word, without branches or a `bcmp` call.
+    #[inline(always)]
+    fn eq(&self, other: &Self) -> bool {
+        let [a, b, c, d] = self.words;
+        let [e, f, g, h] = other.words;
+        (a ^ e) | (b ^ f) | (c ^ g) | (d ^ h) == 0
+    }
+}
+impl Eq for Address {}
+
+impl PartialOrd for Address {
+    fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Address {
+    /// Network byte order, as addresses sort.
+    fn cmp(&self, other: &Self) -> core::cmp::Ordering {
+        self.octets().cmp(&other.octets())
+    }
+}
+
+impl core::fmt::Debug for Address {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Address({:02x?})", self.octets())
+    }
+}
 /// Prefix length of an IPv4 prefix once mapped.
 pub const IPV4_MAPPED_PREFIX: u32 = 96;
 
@@ -163,8 +265,12 @@ pub struct EndpointInfo {
     /// The pod's own addresses (IPv4-mapped), so the anti-spoofing check of
     /// a pod's packets needs no map lookup; which slots hold one is in
     /// `flags`. A pod with more addresses is checked against `LOCAL_ADDRS`.
-    pub addresses: [[u8; 16]; 2],
+    pub addresses: [Address; 2],
 }
+/// Endpoint ids start at 1: an `ENDPOINTS_BY_IFINDEX` slot holding this id
+/// holds no endpoint.
+pub const NO_ENDPOINT: u32 = 0;
+
 /// The endpoint's policy could not be fully programmed: drop everything but
 /// node traffic rather than enforce a partial allowlist.
 pub const ENDPOINT_FLAG_FAIL_CLOSED: u32 = 1;
@@ -174,22 +280,19 @@ pub const ENDPOINT_FLAG_ADDRESS_1: u32 = 4;
 impl EndpointInfo {
     /// An endpoint carrying (up to) its first two addresses.
     pub fn new(endpoint_id: u32, flags: u32, addresses: &[[u8; 16]]) -> Self {
-        let mut info = EndpointInfo { endpoint_id, flags: flags & ENDPOINT_FLAG_FAIL_CLOSED, addresses: [[0; 16]; 2] };
+        let mut info = EndpointInfo { endpoint_id, flags: flags & ENDPOINT_FLAG_FAIL_CLOSED, addresses: [Address::UNSPECIFIED; 2] };
         for (slot, (address, flag)) in addresses.iter().zip([ENDPOINT_FLAG_ADDRESS_0, ENDPOINT_FLAG_ADDRESS_1]).enumerate() {
-            info.addresses[slot] = *address;
+            info.addresses[slot] = Address::from_octets(*address);
             info.flags |= flag;
         }
         info
     }
 
-    /// Whether `address` is one of the addresses carried here. (Compared as
-    /// integers: a byte-array comparison would become a `memcmp` call, which
-    /// BPF programs cannot make.)
+    /// Whether `address` is one of the addresses carried here.
     #[inline(always)]
-    pub fn carries(&self, address: &[u8; 16]) -> bool {
-        let wanted = u128::from_ne_bytes(*address);
-        (self.flags & ENDPOINT_FLAG_ADDRESS_0 != 0 && u128::from_ne_bytes(self.addresses[0]) == wanted)
-            || (self.flags & ENDPOINT_FLAG_ADDRESS_1 != 0 && u128::from_ne_bytes(self.addresses[1]) == wanted)
+    pub fn carries(&self, address: &Address) -> bool {
+        (self.flags & ENDPOINT_FLAG_ADDRESS_0 != 0 && self.addresses[0] == *address)
+            || (self.flags & ENDPOINT_FLAG_ADDRESS_1 != 0 && self.addresses[1] == *address)
     }
 }
 
@@ -232,7 +335,39 @@ impl PolicyKey {
     }
 }
 
-/// Value of the policy trie.
+/// Key of the exact policy hash: a full-length entry (one peer identity or
+/// `identity::ANY`, one protocol, one port), which is the most specific match
+/// there can be for its peer, so a hit here is what the trie would answer.
+/// Plain integers in host byte order: no prefix is ever taken of this key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyExactKey {
+    pub endpoint: u32,
+    pub identity: u32,
+    pub port: u16,
+    pub protocol: u8,
+    pub direction: u8,
+}
+
+impl From<PolicyKey> for PolicyExactKey {
+    fn from(key: PolicyKey) -> Self {
+        PolicyExactKey {
+            endpoint: key.endpoint(),
+            identity: key.identity(),
+            port: key.port(),
+            protocol: key.protocol(),
+            direction: key.direction(),
+        }
+    }
+}
+
+impl From<PolicyExactKey> for PolicyKey {
+    fn from(key: PolicyExactKey) -> Self {
+        PolicyKey::new(key.endpoint, key.direction, key.identity, key.protocol, key.port)
+    }
+}
+
+/// Value of the policy trie and the exact policy hash.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyValue {
@@ -253,20 +388,22 @@ pub struct PolicyValue {
 /// Rule index meaning "no rule matched; denied because the pod is isolated".
 pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
 
-/// A connection as seen from one endpoint in one direction.
+/// A connection as one endpoint sees it, the endpoint's own side first: a
+/// packet either way has the same key, so one lookup finds its connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FlowKey {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+pub struct ConnKey {
+    pub local: Address,
+    pub remote: Address,
     pub endpoint: u32,
     /// Ports in host byte order; ICMP echo uses its identifier for both.
-    pub sport: u16,
-    pub dport: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
     pub protocol: u8,
-    /// Direction of the connection's first packet from the endpoint's view.
-    pub direction: u8,
-    pub _pad: [u8; 2],
+    /// Padding as two fields, not `[u8; 3]`: LLVM zeroes a 3-byte array
+    /// with a `memset` call, a bpf-to-bpf call on every packet.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
 #[repr(C)]
@@ -276,22 +413,27 @@ pub struct ConntrackValue {
     pub revision: u64,
     pub peer_identity: u32,
     /// `CONNTRACK_FLAG_*`.
-    pub flags: u32,
+    pub flags: u8,
+    /// Direction of the connection's first packet (`INGRESS` or `EGRESS`):
+    /// the direction policy admits it in.
+    pub origin: u8,
+    pub _pad: [u8; 2],
 }
 /// Re-checked under a newer policy revision and no longer allowed: every
 /// packet of the connection, both ways, is dropped until policy allows it again.
-pub const CONNTRACK_FLAG_REVOKED: u32 = 1;
+pub const CONNTRACK_FLAG_REVOKED: u8 = 1;
 
 /// Key of the fragment map: where a non-first IPv4/IPv6 fragment finds the
 /// ports its first fragment carried.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FragmentKey {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+    pub saddr: Address,
+    pub daddr: Address,
     pub id: u32,
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
 #[repr(C)]
@@ -339,8 +481,8 @@ pub const SOURCE_CGROUP: u8 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Event {
     pub timestamp_ns: u64,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+    pub saddr: Address,
+    pub daddr: Address,
     pub endpoint: u32,
     pub peer_identity: u32,
     pub policy_id: u32,
@@ -373,7 +515,9 @@ mod pod_impls {
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
-    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for PolicyExactKey {}
+    unsafe impl aya::Pod for Address {}
     unsafe impl aya::Pod for ConntrackValue {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentValue {}
@@ -393,12 +537,36 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<PolicyValue>(), 20);
-        assert_eq!(size_of::<FlowKey>(), 44);
+        assert_eq!(size_of::<ConnKey>(), 44);
+        assert_eq!(size_of::<PolicyExactKey>(), 12);
+        assert_eq!(size_of::<Address>(), 16);
         assert_eq!(size_of::<ConntrackValue>(), 16);
         assert_eq!(size_of::<FragmentKey>(), 40);
         assert_eq!(size_of::<DropKey>(), 8);
         assert_eq!(size_of::<VerdictKey>(), 16);
         assert_eq!(size_of::<Event>(), 8 + 32 + 16 + 8);
+    }
+
+    #[test]
+    fn addresses_keep_their_bytes_in_memory_order() {
+        let octets = ipv4_mapped([10, 1, 2, 3]);
+        let address = Address::from_octets(octets);
+        assert_eq!(address.octets(), octets);
+        // SAFETY: Address is repr(C) of 16 bytes.
+        let bytes: [u8; 16] = unsafe { core::mem::transmute(address) };
+        assert_eq!(bytes, octets);
+        assert_eq!(Address::ipv4_mapped_word(u32::from_ne_bytes([10, 1, 2, 3])), address);
+        assert_ne!(Address::ipv4_mapped_word(u32::from_ne_bytes([10, 1, 2, 4])), address);
+        assert!(Address::from_octets(ipv4_mapped([127, 0, 0, 1])).is_loopback());
+        assert!(Address::from_octets(core::net::Ipv6Addr::LOCALHOST.octets()).is_loopback());
+        assert!(!address.is_loopback());
+        assert!(Address::from_octets(ipv4_mapped([10, 0, 0, 9])) < Address::from_octets(ipv4_mapped([10, 0, 1, 0])));
+    }
+
+    #[test]
+    fn exact_policy_keys_round_trip() {
+        let key = PolicyKey::new(7, EGRESS, 300, proto::UDP, 53);
+        assert_eq!(PolicyKey::from(PolicyExactKey::from(key)), key);
     }
 
     #[test]
