@@ -74,6 +74,22 @@ fn frame(dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     PacketSpec::new(IpAddr::V4(POD), IpAddr::V4(dst), L4::Tcp { sport, dport, flags }).frame()
 }
 
+/// Runs per round of a repeated measurement; 15 rounds of new connections
+/// stay within the 65535 source ports.
+const NEW_FLOWS_PER_ROUND: u32 = 4000;
+const ROUNDS: u16 = 15;
+
+/// Median over rounds of BPF_PROG_TEST_RUN's mean ns per run, `repeat` runs
+/// of the packet `packet(round)` each.
+fn repeated_ns(dp: &Datapath, program: &'static str, packet: impl Fn(u16) -> Vec<u8>) -> Result<f64> {
+    let mut rounds = Vec::new();
+    for round in 0..ROUNDS {
+        let (_, duration) = dp.test_run(program, &packet(round), NEW_FLOWS_PER_ROUND)?;
+        rounds.push(duration.as_nanos() as f64);
+    }
+    Ok(median(rounds))
+}
+
 fn one_shot_ns(dp: &Datapath, frames: &[Vec<u8>]) -> Result<f64> {
     let mut samples = Vec::with_capacity(frames.len());
     for f in frames {
@@ -97,27 +113,32 @@ fn test_run_numbers() -> Result<BTreeMap<String, f64>> {
         eprintln!("  {label}: {total} policy entries written in {:.1} s", started.elapsed().as_secs_f64());
 
         // Conntrack hit: one established flow, the same packet repeated.
-        dp.test_run(program_names::FROM_POD, &frame(PEER, 40000, 80, TCP_SYN), 1)?;
-        let ack = frame(PEER, 40000, 80, TCP_ACK);
-        let mut hits = Vec::new();
-        for _ in 0..15 {
-            let (_, d) = dp.test_run(program_names::FROM_POD, &ack, 10_000)?;
-            hits.push(d.as_nanos() as f64);
-        }
-        let ct_hit = median(hits);
-        // New allowed / denied flows: each packet a new source port, run once.
-        let new_allowed: Vec<Vec<u8>> = (0..3000).map(|i| frame(PEER, 20000 + i, 80, TCP_SYN)).collect();
-        let denied: Vec<Vec<u8>> = (0..3000).map(|i| frame(PEER, 20000 + i, 81, TCP_SYN)).collect();
+        // (Source port 65535: outside the new-flow runs' ports below.)
+        dp.test_run(program_names::FROM_POD, &frame(PEER, 65535, 80, TCP_SYN), 1)?;
+        let ct_hit = repeated_ns(&dp, program_names::FROM_POD, |_| frame(PEER, 65535, 80, TCP_ACK))?;
+        // New connections, allowed and denied, with hot caches: the fixture
+        // moves the source port on by one each run, so every run is a
+        // connection conntrack has not seen (each round its own ports).
+        dp.load_bench_fixture()?;
+        let new_allowed = repeated_ns(&dp, program_names::BENCH_NEW_FLOW, |round| frame(PEER, round * NEW_FLOWS_PER_ROUND as u16, 80, TCP_SYN))?;
+        let denied = repeated_ns(&dp, program_names::BENCH_NEW_FLOW, |round| frame(PEER, round * NEW_FLOWS_PER_ROUND as u16, 81, TCP_SYN))?;
+        // The same, one new connection per BPF_PROG_TEST_RUN call: what a
+        // connection costs when it arrives with caches the syscall cooled.
+        let one_shot_allowed: Vec<Vec<u8>> = (0..3000).map(|i| frame(PEER, 61000 + i, 80, TCP_SYN)).collect();
+        let one_shot_denied: Vec<Vec<u8>> = (0..3000).map(|i| frame(PEER, 61000 + i, 81, TCP_SYN)).collect();
         // What BPF_PROG_TEST_RUN itself costs for one run: an ARP frame,
         // which the program passes right after the endpoint lookup.
         let harness = one_shot_ns(&dp, &vec![bulkhead::packet::arp_frame(); 3000])?;
-        let new_allowed = one_shot_ns(&dp, &new_allowed)?;
-        let denied = one_shot_ns(&dp, &denied)?;
-        println!("test_run {label:>4}: ct_hit {ct_hit:.0} ns  new_allowed {new_allowed:.0} ns  denied {denied:.0} ns  (one-shot harness+ARP {harness:.0} ns)");
-        out.insert(format!("one_shot_harness_{label}"), harness);
+        let one_shot_allowed = one_shot_ns(&dp, &one_shot_allowed)?;
+        let one_shot_denied = one_shot_ns(&dp, &one_shot_denied)?;
+        println!("test_run {label:>4}: ct_hit {ct_hit:.0} ns  new_allowed {new_allowed:.0} ns  denied {denied:.0} ns");
+        println!("test_run {label:>4}, one new connection per call: allowed {one_shot_allowed:.0} ns  denied {one_shot_denied:.0} ns  (harness alone, ARP: {harness:.0} ns)");
         out.insert(format!("ct_hit_{label}"), ct_hit);
         out.insert(format!("new_allowed_{label}"), new_allowed);
         out.insert(format!("denied_{label}"), denied);
+        out.insert(format!("one_shot_allowed_{label}"), one_shot_allowed);
+        out.insert(format!("one_shot_denied_{label}"), one_shot_denied);
+        out.insert(format!("one_shot_harness_{label}"), harness);
         if total == 1_000_000 {
             // Cache-cold: random peers among 100k identities with entries.
             let mut state = 0x2545f4914f6cdd1du64;
@@ -260,11 +281,21 @@ fn datapath() -> Result<()> {
     let ratio_none = throughput["bulkhead"] / throughput["none"];
     let ratio_iptables = throughput["bulkhead"] / throughput["iptables"];
     println!("throughput medians: none {:.2} Gbit/s, bulkhead {:.2} ({ratio_none:.2}x none), iptables {:.2} (bulkhead {ratio_iptables:.2}x)", throughput["none"], throughput["bulkhead"], throughput["iptables"]);
+    // Flatness: the largest over the smallest of 1k, 100k and 1M entries.
+    let mut spread = BTreeMap::new();
+    for metric in ["ct_hit", "new_allowed", "denied"] {
+        let values: Vec<f64> = ["1k", "100k", "1m"].iter().map(|size| test_run[&format!("{metric}_{size}")]).collect();
+        let max = values.iter().cloned().fold(f64::MIN, f64::max);
+        let min = values.iter().cloned().fold(f64::MAX, f64::min);
+        spread.insert(metric.to_string(), max / min);
+    }
+    println!("spread from 1k to 1M entries (largest / smallest): {}", spread.iter().map(|(k, v)| format!("{k} {v:.2}")).collect::<Vec<_>>().join(", "));
     let round = |m: &BTreeMap<String, f64>| m.iter().map(|(k, v)| (k.clone(), json!((v * 100.0).round() / 100.0))).collect::<serde_json::Map<_, _>>();
     println!(
         "{}",
         json!({
             "test_run_ns": round(&test_run),
+            "test_run_spread": round(&spread),
             "throughput_gbps": round(&throughput),
             "bulkhead_vs_none": (ratio_none * 100.0).round() / 100.0,
             "bulkhead_vs_iptables": (ratio_iptables * 100.0).round() / 100.0,

@@ -52,6 +52,25 @@ pub fn bulkhead_sendmsg6(ctx: SockAddrContext) -> i32 {
     verdict::judge_socket(&ctx, true)
 }
 
+/// Benchmark fixture, never loaded by the agent: moves the packet's source
+/// port on by one, then judges it as `bulkhead_from_pod` does. The packet
+/// persists across BPF_PROG_TEST_RUN's repeats, so every run is a connection
+/// conntrack has not seen: `repeat` runs time that many new connections with
+/// hot caches. Only IPv4 without options (the bench's packets) is moved on.
+#[classifier]
+pub fn bulkhead_bench_new_flow(ctx: TcContext) -> i32 {
+    const SOURCE_PORT_AT: usize = 14 + 20;
+    let at = ctx.data() + SOURCE_PORT_AT;
+    if at + 2 <= ctx.data_end() {
+        // SAFETY: within the packet (checked against `data_end` just above).
+        unsafe {
+            let port = at as *mut u16;
+            *port = u16::from_be(*port).wrapping_add(1).to_be();
+        }
+    }
+    verdict::judge_packet(&ctx, EGRESS)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

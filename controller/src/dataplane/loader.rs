@@ -424,6 +424,18 @@ impl Datapath {
         self.events.take()
     }
 
+    /// Load the benchmark fixture `program_names::BENCH_NEW_FLOW` (never attached).
+    pub fn load_bench_fixture(&mut self) -> Result<(), DatapathError> {
+        let name = program_names::BENCH_NEW_FLOW;
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        program.load().map_err(|source| DatapathError::Program { name, source })
+    }
+
     /// Run a TC program once on a crafted packet (BPF_PROG_TEST_RUN): the
     /// program sees loopback (ifindex 1) as its interface.
     pub fn test_run(&self, program: &'static str, packet: &[u8], repeat: u32) -> Result<(i32, Duration), DatapathError> {

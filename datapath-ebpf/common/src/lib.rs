@@ -45,6 +45,9 @@ pub mod program_names {
     pub const CONNECT6: &str = "bulkhead_connect6";
     pub const SENDMSG4: &str = "bulkhead_sendmsg4";
     pub const SENDMSG6: &str = "bulkhead_sendmsg6";
+    /// Benchmarks only: `FROM_POD` on a packet whose source port moves on by
+    /// one each run, so BPF_PROG_TEST_RUN's repeats are all new connections.
+    pub const BENCH_NEW_FLOW: &str = "bulkhead_bench_new_flow";
 }
 
 pub mod capacity {
