@@ -221,7 +221,7 @@ impl Agent {
         let programmer = Programmer::adopt(datapath);
         let host = Host::new(config.cgroup_root.clone())?;
         for (map, capacity) in [
-            ("policy", datapath_common::capacity::POLICY),
+            ("policy", datapath_common::capacity::POLICY + datapath_common::capacity::POLICY_EXACT),
             ("ipcache", datapath_common::capacity::IPCACHE + datapath_common::capacity::IPCACHE_EXACT),
             ("endpoints", datapath_common::capacity::ENDPOINTS),
             ("local_addresses", datapath_common::capacity::LOCAL_ADDRS),

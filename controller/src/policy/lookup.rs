@@ -1,5 +1,5 @@
 //! Verdicts read from a compiled state exactly as the datapath reads its
-//! maps: ipcache longest prefix for the peer's identity, then the policy trie
+//! maps: ipcache longest prefix for the peer's identity, then the policy entries
 //! with the peer's identity and, on a miss, with "any peer"; the most
 //! specific protocol/port prefix wins; no entry denies.
 
