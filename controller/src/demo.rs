@@ -9,7 +9,7 @@
 use std::{
     net::IpAddr,
     path::PathBuf,
-    process::{Child, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use bulkhead::{
     dataplane::Datapath,
     source::dir,
-    testbed::{self, Topology, AGENT_ADDRESS},
+    testbed::{self, Topology},
 };
 
 const GREEN: &str = "\x1b[32m";
@@ -182,18 +182,7 @@ pub fn run() -> Result<()> {
     for file in ["payment-from-gateway.yaml", "postgres-from-payment.yaml", "gateway-from-frontend.yaml"] {
         demo.put(file, &example(file)?)?;
     }
-    let log = std::fs::File::create(std::env::temp_dir().join("bulkhead-demo-agent.log"))?;
-    let agent = demo
-        .topology
-        .node_command(std::env::current_exe()?)
-        .args(["agent", "--node-name", "demo-node", "--pin-dir", PIN_DIR, "--metrics-address", AGENT_ADDRESS])
-        .arg(format!("--source=dir:{}", demo.folder.display()))
-        .arg(format!("--cgroup-root={}", demo.topology.kubepods.display()))
-        .env("RUST_LOG", "warn,netlink_packet_route=error")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting the agent")?;
+    let agent = demo.topology.spawn_agent("demo-node", PIN_DIR, &demo.folder, "bulkhead-demo-agent.log", "warn,netlink_packet_route=error").context("starting the agent")?;
     demo.agent = Some(agent);
     demo.enforced()?;
     demo.table("Verdicts of real connection attempts")?;

@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
@@ -21,7 +21,7 @@ use bulkhead::{
     policy::{PodRef, PolicyObject, Snapshot},
     scenario::{self, Failure, Probe, Scenario, Verdict},
     source::dir,
-    testbed::{self, Topology, AGENT_ADDRESS},
+    testbed::{self, Topology},
 };
 use bulkhead_crds::Protocol;
 use serde::Serialize;
@@ -134,18 +134,7 @@ fn run_scenario(dir: &Path) -> Result<ProbeReport> {
     // The agent follows the folder from the scenario's starting state.
     let mut snapshot = scenario.snapshot.clone();
     write_objects(&bed.work, &snapshot, &uids)?;
-    let log = std::fs::File::create(std::env::temp_dir().join("bulkhead-probe-agent.log"))?;
-    let agent = bed
-        .topology
-        .node_command(std::env::current_exe()?)
-        .args(["agent", "--node-name", "probe-node", "--pin-dir", PIN_DIR, "--metrics-address", AGENT_ADDRESS])
-        .arg(format!("--source=dir:{}", bed.work.display()))
-        .arg(format!("--cgroup-root={}", bed.topology.kubepods.display()))
-        .env("RUST_LOG", "bulkhead=info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting the agent")?;
+    let agent = bed.topology.spawn_agent("probe-node", PIN_DIR, &bed.work, "bulkhead-probe-agent.log", "bulkhead=info").context("starting the agent")?;
     bed.agent = Some(agent);
 
     let mut report = ProbeReport { scenario: scenario.name.clone(), probes: 0, passed: 0, failed: vec![], disagreements_with_check: 0 };

@@ -192,24 +192,24 @@ fn selects(policy: &Policy, namespace: &str, namespace_labels: &Labels, pod_labe
     namespace_ok && policy.subject_pods.matches(pod_labels)
 }
 
-fn write_policy(state: &mut DesiredState, touched: &mut Touched, key: PolicyEntryKey, value: Option<PolicyValue>) {
+/// Write one entry of a desired-state map, remembering (when tracking) what
+/// the key held before the first write since the last `take_ops`.
+fn write_entry<K: Ord + Copy, V: Copy>(map: &mut BTreeMap<K, V>, touched: Option<&mut BTreeMap<K, Option<V>>>, key: K, value: Option<V>) {
     let before = match value {
-        Some(value) => state.policy.insert(key, value),
-        None => state.policy.remove(&key),
+        Some(value) => map.insert(key, value),
+        None => map.remove(&key),
     };
-    if touched.enabled {
-        touched.policy.entry(key).or_insert(before);
+    if let Some(touched) = touched {
+        touched.entry(key).or_insert(before);
     }
 }
 
+fn write_policy(state: &mut DesiredState, touched: &mut Touched, key: PolicyEntryKey, value: Option<PolicyValue>) {
+    write_entry(&mut state.policy, touched.enabled.then_some(&mut touched.policy), key, value);
+}
+
 fn write_ipcache(state: &mut DesiredState, touched: &mut Touched, key: IpcacheKey, value: Option<u32>) {
-    let before = match value {
-        Some(value) => state.ipcache.insert(key, value),
-        None => state.ipcache.remove(&key),
-    };
-    if touched.enabled {
-        touched.ipcache.entry(key).or_insert(before);
-    }
+    write_entry(&mut state.ipcache, touched.enabled.then_some(&mut touched.ipcache), key, value);
 }
 
 /// A map as it was before the writes recorded in `touched`.

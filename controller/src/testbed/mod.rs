@@ -289,6 +289,20 @@ impl Topology {
         command
     }
 
+    /// Start `bulkhead agent` in the node's namespace, following the object
+    /// files in `folder`, its log in the temp directory under `log_name`.
+    pub fn spawn_agent(&self, node_name: &str, pin_dir: &str, folder: &std::path::Path, log_name: &str, rust_log: &str) -> std::io::Result<std::process::Child> {
+        let log = std::fs::File::create(std::env::temp_dir().join(log_name))?;
+        self.node_command(std::env::current_exe()?)
+            .args(["agent", "--node-name", node_name, "--pin-dir", pin_dir, "--metrics-address", AGENT_ADDRESS])
+            .arg(format!("--source=dir:{}", folder.display()))
+            .arg(format!("--cgroup-root={}", self.kubepods.display()))
+            .env("RUST_LOG", rust_log)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+    }
+
     /// GET a path from the node's agent (at `AGENT_ADDRESS`); anything but 200 is an error.
     pub fn agent_get(&self, path: &str) -> std::io::Result<String> {
         match self.node_http_get(AGENT_ADDRESS, path)? {
