@@ -385,6 +385,39 @@ fn revoked_allow_cuts_an_established_connection() {
 }
 
 #[test]
+fn a_full_conntrack_set_displaces_its_least_recently_seen_connection() {
+    let dp = allowlist("ctfull");
+    let server = "10.244.3.30";
+    dp.identity(server, 3000);
+    dp.rule(7, EGRESS, 3000, Some((proto::TCP, 0, 0)), verdict::ALLOW, 15, 0);
+    // Ports with one sum: one conntrack set whatever the seed; nine of them
+    // for eight ways. Ingress from the server is not allowed, so a reply
+    // passes only while its connection is in conntrack.
+    let ports = |i: u16| (41000 + i, 2000 - i);
+    let open = |i: u16| {
+        let (sport, dport) = ports(i);
+        dp.from_pod(&out(POD, server, L4::Tcp { sport, dport, flags: TCP_SYN }))
+    };
+    let reply = |i: u16| {
+        let (sport, dport) = ports(i);
+        dp.to_pod(&out(server, POD, L4::Tcp { sport: dport, dport: sport, flags: TCP_SYN | TCP_ACK }))
+    };
+    for i in 0..8 {
+        assert_eq!(open(i), TC_ACT_OK);
+    }
+    assert_eq!(dp.drops(7, EGRESS, reason::CONNTRACK_FULL), 0);
+    // Let the clock (jiffies) move on, then see connection 0 again.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(reply(0), TC_ACT_OK);
+    assert_eq!(open(8), TC_ACT_OK);
+    assert_eq!(dp.drops(7, EGRESS, reason::CONNTRACK_FULL), 1, "the ninth connection displaced one");
+    assert_eq!(reply(1), TC_ACT_SHOT, "connection 1, the least recently seen, was displaced");
+    for i in [0, 2, 3, 4, 5, 6, 7, 8] {
+        assert_eq!(reply(i), TC_ACT_OK, "connection {i} is still tracked");
+    }
+}
+
+#[test]
 fn audit_entries_never_drop_but_count_and_report() {
     let dp = allowlist("audit");
     dp.rule_audit(7, EGRESS, PEER_ID, Some((proto::TCP, 8443, 16)), 40, 1);

@@ -7,7 +7,11 @@
 //! `sendmsg()` time so a denied connection fails at once with EPERM.
 #![no_std]
 #![no_main]
+// Compare-and-swap (BPF_CMPXCHG), which the BPF target's atomics leave out.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
+mod conntrack;
 mod maps;
 mod parse;
 mod verdict;

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use datapath_common::{
-    capacity, Address, ConnKey, ConntrackValue, DropKey, EndpointInfo, EventBudget, FragmentKey,
+    capacity, Address, ConnKey, ConntrackSlot, ConntrackTags, DropKey, EndpointInfo, EventBudget, FragmentKey,
     FragmentValue, IpcacheValue, PolicyExactKey, PolicyKey, PolicyValue, VerdictKey,
 };
 
@@ -44,9 +44,13 @@ pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::P
 #[map(name = "BH_POLICY_EX")]
 pub static POLICY_EXACT: HashMap<PolicyExactKey, PolicyValue> = HashMap::pinned(capacity::POLICY_EXACT, BPF_F_NO_PREALLOC);
 
+/// Conntrack slots, set by set (`crate::conntrack`).
 #[map(name = "BH_CONNTRACK")]
-pub static CONNTRACK: LruHashMap<ConnKey, ConntrackValue> =
-    LruHashMap::pinned(capacity::CONNTRACK, 0);
+pub static CONNTRACK: Array<ConntrackSlot> = Array::pinned(capacity::CONNTRACK, 0);
+
+/// Conntrack tags, one entry per set (`crate::conntrack`).
+#[map(name = "BH_CT_TAGS")]
+pub static CONNTRACK_TAGS: Array<ConntrackTags> = Array::pinned(capacity::CONNTRACK_SETS, 0);
 
 #[map(name = "BH_FRAGMENTS")]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =

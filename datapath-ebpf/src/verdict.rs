@@ -16,8 +16,9 @@ use datapath_common::{
 };
 
 use crate::{
+    conntrack::{Found, Set, Stored},
     maps::{
-        SCRATCH, CGROUP_ENDPOINTS, CONFIG, CONNTRACK, DENIED_FLOWS, DROPS, ENDPOINTS, ENDPOINTS_BY_IFINDEX, EVENTS, EVENT_BUDGET,
+        SCRATCH, CGROUP_ENDPOINTS, CONFIG, DENIED_FLOWS, DROPS, ENDPOINTS, ENDPOINTS_BY_IFINDEX, EVENTS, EVENT_BUDGET,
         FRAGMENTS, IPCACHE, IPCACHE_EXACT, LOCAL_ADDRS, POLICY, POLICY_EXACT, VERDICTS,
     },
     parse::{parse, quoted_connection, Packet, ParseError, Parsed, FRAG_FIRST, FRAG_LATER, L4},
@@ -133,9 +134,8 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
         if quoted_connection(ctx, quote_offset as usize, packet.ipv6, !egress, conn).is_ok() {
             conn.endpoint = endpoint_id;
             (conn._pad, conn._pad2) = (0, 0);
-            if let Some(entry) = CONNTRACK.get_ptr(&*conn) {
-                // SAFETY: map value pointer valid for this run.
-                if unsafe { (*entry).flags } & CONNTRACK_FLAG_REVOKED == 0 {
+            if let Some(found) = Set::of(conn).and_then(|set| set.find(conn).ok()) {
+                if found.value.flags & CONNTRACK_FLAG_REVOKED == 0 {
                     return Ok(());
                 }
             }
@@ -169,9 +169,13 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     };
     // Ports take part in policy for these only (ICMP echo's identifier does not).
     let has_ports = matches!(packet.l4, L4::Plain | L4::LaterFragment);
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&*conn) {
-        return recheck(entry, conn, has_ports, revision);
-    }
+    let Some(set) = Set::of(conn) else {
+        return Err(reason::MALFORMED);
+    };
+    let vacancy = match set.find(conn) {
+        Ok(found) => return recheck(&set, &found, conn, has_ports, revision),
+        Err(vacancy) => vacancy,
+    };
 
     // A new connection.
     let peer = peer_identity(&conn.remote);
@@ -183,8 +187,9 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     let decision = lookup_policy(endpoint_id, direction, peer, packet.protocol, port);
     if decision.verdict == verdict::ALLOW {
         let entry = ConntrackValue { revision, peer_identity: peer, flags: 0, origin: direction, _pad: [0; 2] };
-        if CONNTRACK.insert(&*conn, &entry, 0).is_err() {
-            count_drop(endpoint_id, direction, reason::CONNTRACK_FULL);
+        match set.store(conn, &entry, vacancy) {
+            Stored::Free => {}
+            Stored::Displaced | Stored::NotStored => count_drop(endpoint_id, direction, reason::CONNTRACK_FULL),
         }
         if packet.fragment.kind == FRAG_FIRST {
             remember_fragment(packet);
@@ -214,14 +219,13 @@ fn remember_fragment(packet: &Packet) {
     let _ = FRAGMENTS.insert(&key, &ports, 0);
 }
 
-/// An existing connection: admitted under `entry.revision`. When policy has
-/// changed since, the connection is judged again in the direction it was
-/// opened, so a revoked allow cuts live connections instead of lingering.
+/// An existing connection: admitted under `found.value.revision`. When
+/// policy has changed since, the connection is judged again in the direction
+/// it was opened, so a revoked allow cuts live connections instead of
+/// lingering.
 #[inline(always)]
-fn recheck(entry: *mut ConntrackValue, conn: &ConnKey, has_ports: bool, revision: u64) -> Result<(), u8> {
-    // SAFETY: a conntrack value pointer stays valid for this program run;
-    // concurrent writers only store whole revisions and flags.
-    let entry = unsafe { &mut *entry };
+fn recheck(set: &Set, found: &Found, conn: &ConnKey, has_ports: bool, revision: u64) -> Result<(), u8> {
+    let entry = found.value;
     if entry.revision == revision {
         return if entry.flags & CONNTRACK_FLAG_REVOKED != 0 {
             Err(reason::POLICY_REVOKED)
@@ -241,13 +245,12 @@ fn recheck(entry: *mut ConntrackValue, conn: &ConnKey, has_ports: bool, revision
         (true, false) => conn.local_port,
     };
     let decision = lookup_policy(conn.endpoint, origin, peer, conn.protocol, port);
-    entry.revision = revision;
-    entry.peer_identity = peer;
-    if decision.verdict == verdict::ALLOW {
-        entry.flags = 0;
+    let allowed = decision.verdict == verdict::ALLOW;
+    let flags = if allowed { 0 } else { CONNTRACK_FLAG_REVOKED };
+    set.rewrite(found, &ConntrackValue { revision, peer_identity: peer, flags, ..entry });
+    if allowed {
         Ok(())
     } else {
-        entry.flags = CONNTRACK_FLAG_REVOKED;
         report(conn, origin, peer, &Reported::deny(&decision, SOURCE_TC));
         Err(reason::POLICY_REVOKED)
     }

@@ -26,7 +26,7 @@ use aya::{
 };
 use datapath_common::{
     capacity, map_names, policy_prefix, program_names, DropKey, EndpointInfo, Event, IpcacheValue, PolicyExactKey, PolicyKey,
-    PolicyValue, VerdictKey, CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED, NO_ENDPOINT,
+    PolicyValue, VerdictKey, CONFIG_CONNTRACK_SEED, CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED, NO_ENDPOINT,
 };
 
 /// The eBPF object built by build.rs.
@@ -41,6 +41,8 @@ pub enum DatapathError {
     MountBpffs { path: String, source: std::io::Error },
     #[error("creating pin directory {path}: {source}")]
     PinDir { path: String, source: std::io::Error },
+    #[error("reading the conntrack seed from /dev/urandom: {0}")]
+    Seed(std::io::Error),
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
@@ -174,6 +176,8 @@ impl Datapath {
         let verdicts = take(&mut ebpf, map_names::VERDICTS)?;
         let config = take(&mut ebpf, map_names::CONFIG)?;
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);
+        let mut config = config;
+        seed_conntrack(&mut config)?;
         Ok(Self { ebpf, pin_dir, ipcache, ipcache_exact, endpoints, endpoints_by_ifindex, cgroup_endpoints, local_addrs, policy, policy_exact, drops, verdicts, config, events })
     }
 
@@ -474,6 +478,21 @@ impl Datapath {
         }
         fs::remove_dir_all(pin_dir)
     }
+}
+
+/// Give freshly created maps a random conntrack seed. Pinned maps keep theirs:
+/// a new seed would strand every connection stored under the old one.
+fn seed_conntrack(config: &mut Array<MapData, u64>) -> Result<(), DatapathError> {
+    if config.get(&CONFIG_CONNTRACK_SEED, 0).unwrap_or(0) != 0 {
+        return Ok(());
+    }
+    let mut seed = [0u8; 8];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut seed))
+        .map_err(DatapathError::Seed)?;
+    // Zero means "not seeded yet".
+    let seed = u64::from_ne_bytes(seed) | 1;
+    config.set(CONFIG_CONNTRACK_SEED, seed, 0).map_err(|source| DatapathError::Map { name: map_names::CONFIG, source })
 }
 
 /// Pin an attached link, so it outlives this process.

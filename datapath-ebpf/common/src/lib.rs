@@ -26,7 +26,10 @@ pub mod map_names {
     /// Full-length policy entries (one peer or any peer, one protocol, one
     /// port): one hash lookup instead of a trie walk for the common case.
     pub const POLICY_EXACT: &str = "BH_POLICY_EX";
+    /// Conntrack slots, `CONNTRACK_WAYS` per set (see `ConntrackSlot`).
     pub const CONNTRACK: &str = "BH_CONNTRACK";
+    /// One `ConntrackTags` per conntrack set: what a lookup reads first.
+    pub const CONNTRACK_TAGS: &str = "BH_CT_TAGS";
     pub const FRAGMENTS: &str = "BH_FRAGMENTS";
     pub const DENIED_FLOWS: &str = "BH_DENIED";
     pub const DROPS: &str = "BH_DROPS";
@@ -58,7 +61,9 @@ pub mod capacity {
     pub const LOCAL_ADDRS: u32 = 1 << 15;
     pub const POLICY: u32 = 1 << 21;
     pub const POLICY_EXACT: u32 = 1 << 21;
-    pub const CONNTRACK: u32 = 1 << 18;
+    /// Connections: `CONNTRACK_SETS` sets of `CONNTRACK_WAYS`.
+    pub const CONNTRACK: u32 = CONNTRACK_SETS * super::CONNTRACK_WAYS as u32;
+    pub const CONNTRACK_SETS: u32 = 1 << 15;
     pub const FRAGMENTS: u32 = 1 << 13;
     pub const DENIED_FLOWS: u32 = 1 << 16;
     pub const DROPS: u32 = 1 << 14;
@@ -113,7 +118,9 @@ pub mod reason {
     pub const UNSUPPORTED_L3: u8 = 8;
     /// Not drops: events the rate limit kept from userspace.
     pub const EVENT_RATE_LIMITED: u8 = 32;
-    /// Not drops: a new connection could not be stored in conntrack.
+    /// Not drops: a new connection found its conntrack set full (or being
+    /// written by another CPU) and displaced the set's least recently seen
+    /// connection (or was not stored).
     pub const CONNTRACK_FULL: u8 = 33;
 
     pub const fn name(reason: u8) -> &'static str {
@@ -147,6 +154,10 @@ pub const CONFIG_EVENTS_PER_SECOND: u32 = 1;
 /// (within the same budget), from which the agent learns each workload's
 /// egress baseline.
 pub const CONFIG_FLOW_EVENTS: u32 = 2;
+/// The conntrack hash's seed: random, written once when the maps are created
+/// (a new seed would strand every stored connection), so nobody outside can
+/// aim connections at one set.
+pub const CONFIG_CONNTRACK_SEED: u32 = 3;
 pub const CONFIG_SLOTS: u32 = 4;
 
 /// An IPv4 address is stored IPv4-mapped (::ffff:a.b.c.d) so one trie serves
@@ -422,6 +433,71 @@ pub struct ConntrackValue {
     pub origin: u8,
     pub _pad: [u8; 2],
 }
+/// Conntrack is a set-associative table in two arrays, which the verifier
+/// inlines (no helper call, no kernel locks): a connection's set is fixed by
+/// a hash of its key; `ConntrackTags` says which of the set's ways may hold
+/// it, and the way's `ConntrackSlot` holds the key and the entry. A new
+/// connection takes a free way or displaces the set's least recently seen
+/// connection, as an LRU would.
+pub const CONNTRACK_WAYS: usize = 8;
+
+/// A tag no connection has: the way is being written.
+pub const CONNTRACK_TAG_BUSY: u64 = 2;
+/// A free way's tag. Tags of connections are odd.
+pub const CONNTRACK_TAG_FREE: u64 = 0;
+
+/// One conntrack set's tags, one cache line: a lookup miss reads nothing
+/// else. 64-bit words because the BPF target has 64-bit atomics only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackTags {
+    pub tags: [u64; CONNTRACK_WAYS],
+}
+
+/// One conntrack way: 64 bytes, one cache line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackSlot {
+    pub value: ConntrackValue,
+    pub key: ConnKey,
+    /// `bpf_jiffies64()` (low 32 bits) of the connection's last packet.
+    pub last_seen: u32,
+}
+
+/// Where a connection lives in conntrack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackPlace {
+    pub set: u32,
+    /// Odd, so never `CONNTRACK_TAG_FREE` or `CONNTRACK_TAG_BUSY`.
+    pub tag: u64,
+}
+
+const HASH_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl ConnKey {
+    /// The connection's set and tag. The set is a seeded hash of everything
+    /// but the ports, plus the ports' sum: connections a client opens one
+    /// after another to one server (Linux hands out ephemeral ports in
+    /// sequence per destination) land in neighbouring sets, whose tags share
+    /// cache lines, instead of a cold line each. The tag hashes the ports too.
+    #[inline(always)]
+    pub fn conntrack_place(&self, seed: u64) -> ConntrackPlace {
+        let [l0, l1, l2, l3] = self.local.words;
+        let [r0, r1, r2, r3] = self.remote.words;
+        let pair = |high: u32, low: u32| (u64::from(high) << 32) | u64::from(low);
+        let mut hash = seed;
+        for word in [pair(l0, l1), pair(l2, l3), pair(r0, r1), pair(r2, r3), pair(self.endpoint, u32::from(self.protocol))] {
+            hash = (hash ^ word).wrapping_mul(HASH_MULTIPLIER);
+            hash ^= hash >> 32;
+        }
+        let ports = (u32::from(self.local_port) << 16) | u32::from(self.remote_port);
+        let port_sum = u32::from(self.local_port) + u32::from(self.remote_port);
+        let set = (hash as u32).wrapping_add(port_sum) & (capacity::CONNTRACK_SETS - 1);
+        let tag = ((hash >> 32) ^ (u64::from(ports) << 32)).wrapping_mul(HASH_MULTIPLIER) | 1;
+        ConntrackPlace { set, tag }
+    }
+}
+
 /// Re-checked under a newer policy revision and no longer allowed: every
 /// packet of the connection, both ways, is dropped until policy allows it again.
 pub const CONNTRACK_FLAG_REVOKED: u8 = 1;
@@ -522,6 +598,8 @@ mod pod_impls {
     unsafe impl aya::Pod for PolicyExactKey {}
     unsafe impl aya::Pod for Address {}
     unsafe impl aya::Pod for ConntrackValue {}
+    unsafe impl aya::Pod for ConntrackSlot {}
+    unsafe impl aya::Pod for ConntrackTags {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentValue {}
     unsafe impl aya::Pod for DropKey {}
@@ -544,6 +622,8 @@ mod tests {
         assert_eq!(size_of::<PolicyExactKey>(), 12);
         assert_eq!(size_of::<Address>(), 16);
         assert_eq!(size_of::<ConntrackValue>(), 16);
+        assert_eq!(size_of::<ConntrackSlot>(), 64);
+        assert_eq!(size_of::<ConntrackTags>(), 64);
         assert_eq!(size_of::<FragmentKey>(), 40);
         assert_eq!(size_of::<DropKey>(), 8);
         assert_eq!(size_of::<VerdictKey>(), 16);
@@ -564,6 +644,62 @@ mod tests {
         assert!(Address::from_octets(core::net::Ipv6Addr::LOCALHOST.octets()).is_loopback());
         assert!(!address.is_loopback());
         assert!(Address::from_octets(ipv4_mapped([10, 0, 0, 9])) < Address::from_octets(ipv4_mapped([10, 0, 1, 0])));
+    }
+
+    fn connection(local_port: u16, remote_port: u16) -> ConnKey {
+        ConnKey {
+            local: Address::from_octets(ipv4_mapped([10, 244, 1, 10])),
+            remote: Address::from_octets(ipv4_mapped([10, 244, 2, 20])),
+            endpoint: 7,
+            local_port,
+            remote_port,
+            protocol: proto::TCP,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+
+    #[test]
+    fn conntrack_places_are_in_range_with_odd_tags() {
+        for seed in [1, 0x1234_5678_9abc_def1] {
+            for port in (0..=u16::MAX).step_by(97) {
+                let place = connection(port, 443).conntrack_place(seed);
+                assert!(place.set < capacity::CONNTRACK_SETS);
+                assert_eq!(place.tag & 1, 1, "tags are odd: never free or busy");
+            }
+        }
+    }
+
+    #[test]
+    fn consecutive_source_ports_take_neighbouring_sets_and_sums_share_one() {
+        let seed = 0x0ddc_0ffe_e15e_a5ed;
+        let first = connection(40000, 443).conntrack_place(seed);
+        for step in 1..100u16 {
+            let next = connection(40000 + step, 443).conntrack_place(seed);
+            assert_eq!(next.set, (first.set + u32::from(step)) % capacity::CONNTRACK_SETS);
+        }
+        // The same port sum: the same set, told apart by the tag.
+        let swapped = connection(40001, 442).conntrack_place(seed);
+        assert_eq!(swapped.set, first.set);
+        assert_ne!(swapped.tag, first.tag);
+    }
+
+    #[test]
+    fn conntrack_sets_spread_evenly_and_follow_the_seed() {
+        // Connections to 65536 different peers: no set holds many.
+        let mut per_set = std::vec![0u32; capacity::CONNTRACK_SETS as usize];
+        let peers = 1u32 << 16;
+        for peer in 0..peers {
+            let mut key = connection(40000, 443);
+            key.remote = Address::from_octets(ipv4_mapped((0x0af4_0000 | peer).to_be_bytes()));
+            per_set[key.conntrack_place(99).set as usize] += 1;
+        }
+        let fullest = per_set.iter().max().copied().unwrap_or(0);
+        // 65536 connections in 32768 sets: 2 on average; a uniform hash puts
+        // at most about 10 in one.
+        assert!(fullest <= CONNTRACK_WAYS as u32 + 4, "fullest set holds {fullest}");
+        let key = connection(40000, 443);
+        assert_ne!(key.conntrack_place(1), key.conntrack_place(2));
     }
 
     #[test]
