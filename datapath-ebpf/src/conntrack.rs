@@ -65,10 +65,10 @@ fn slot_index(place: &ConntrackPlace, way: usize) -> u32 {
 }
 
 /// Store a tag after the slot it describes. The BPF target has no release
-/// store before cpu v4; a plain store after a compiler fence is one on the
-/// machines BPF JITs for with total store order (x86-64), which is all that
-/// Bulkhead's nodes run. On others a reader could see the tag before the key,
-/// and then only miss the connection (the key compare fails).
+/// store before cpu v4; a plain store after a compiler fence is one where
+/// stores are seen in program order (x86-64, the only architecture Bulkhead
+/// is built and tested on). Elsewhere a reader could see the tag before the
+/// key, and then only miss the connection: a stale key has another tag.
 ///
 /// # Safety
 /// `tag` points to a tag in map memory.
@@ -108,8 +108,13 @@ impl Set {
             let Some(slot) = CONNTRACK.get_ptr_mut(slot_index(&self.place, way)) else {
                 continue;
             };
+            // The revision first: `rewrite` stores it last (see there).
             // SAFETY: as above.
-            let (key, value) = unsafe { ((*slot).key, (*slot).value) };
+            let revision = unsafe { core::ptr::addr_of!((*slot).value.revision).read_volatile() };
+            compiler_fence(Ordering::Acquire);
+            // SAFETY: as above.
+            let (key, mut value) = unsafe { ((*slot).key, (*slot).value) };
+            value.revision = revision;
             // The tag again, after the slot: if no writer claimed the way
             // meanwhile, what was read is one connection's whole entry.
             compiler_fence(Ordering::Acquire);
@@ -140,25 +145,25 @@ impl Set {
         Err(Vacancy { free })
     }
 
-    /// Replace a found connection's entry (after a policy recheck), unless
-    /// another CPU displaced the connection or is writing its way.
+    /// Record a found connection's new verdict (after a policy recheck), in
+    /// place and without a claim: a claim would make the connection's
+    /// packets on other CPUs miss it meanwhile. The flags are stored before
+    /// the revision, so a reader that sees the new revision sees the new
+    /// flags too. Were the connection displaced in between (it was just seen,
+    /// so it is the last its set would give up), the newcomer would at worst
+    /// read as revoked until the next policy change: closed, never open.
     #[inline(always)]
-    pub fn rewrite(&self, found: &Found, value: &ConntrackValue) {
-        // SAFETY: an array value pointer stays valid for the program run.
-        let tags = unsafe { &mut *self.tags };
-        let way = found.way & (CONNTRACK_WAYS - 1);
-        let tag: *mut u64 = &mut tags.tags[way];
-        // SAFETY: as in `store`.
-        let (_, claimed) = unsafe { atomic_cxchg::<u64, { Acquire }, { Relaxed }>(tag, self.place.tag, CONNTRACK_TAG_BUSY) };
-        if !claimed {
+    pub fn rewrite(&self, found: &Found, revision: u64, peer_identity: u32, flags: u8) {
+        let Some(slot) = CONNTRACK.get_ptr_mut(slot_index(&self.place, found.way)) else {
             return;
-        }
-        if let Some(slot) = CONNTRACK.get_ptr_mut(slot_index(&self.place, way)) {
-            // SAFETY: as above; the BUSY tag keeps other writers out.
-            unsafe { (*slot).value = *value };
-        }
+        };
+        // SAFETY: an array value pointer stays valid for the program run.
+        let value = unsafe { &mut (*slot).value };
+        value.peer_identity = peer_identity;
+        value.flags = flags;
+        compiler_fence(Ordering::Release);
         // SAFETY: as above.
-        unsafe { publish(tag, self.place.tag) };
+        unsafe { core::ptr::addr_of_mut!(value.revision).write_volatile(revision) };
     }
 
     /// Store a new connection: in the free way `find` saw, else in place of
@@ -168,8 +173,9 @@ impl Set {
         // SAFETY: an array value pointer stays valid for the program run.
         let tags = unsafe { &mut *self.tags };
         let now = now();
-        let mut victim = vacancy.free;
-        let displacing = victim >= CONNTRACK_WAYS;
+        let mut victim = vacancy.free & (CONNTRACK_WAYS - 1);
+        // Another CPU may have taken the free way since `find` saw it.
+        let displacing = vacancy.free >= CONNTRACK_WAYS || tags.tags[victim] != CONNTRACK_TAG_FREE;
         if displacing {
             // The least recently seen; of equals, the lowest way (ways fill
             // in order, so the one stored first).

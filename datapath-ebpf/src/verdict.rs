@@ -169,6 +169,8 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     };
     // Ports take part in policy for these only (ICMP echo's identifier does not).
     let has_ports = matches!(packet.l4, L4::Plain | L4::LaterFragment);
+    // Never `None` (the set number is below the array's size); the verifier
+    // wants the check, and failing closed is the safe answer anyway.
     let Some(set) = Set::of(conn) else {
         return Err(reason::MALFORMED);
     };
@@ -247,7 +249,7 @@ fn recheck(set: &Set, found: &Found, conn: &ConnKey, has_ports: bool, revision: 
     let decision = lookup_policy(conn.endpoint, origin, peer, conn.protocol, port);
     let allowed = decision.verdict == verdict::ALLOW;
     let flags = if allowed { 0 } else { CONNTRACK_FLAG_REVOKED };
-    set.rewrite(found, &ConntrackValue { revision, peer_identity: peer, flags, ..entry });
+    set.rewrite(found, revision, peer, flags);
     if allowed {
         Ok(())
     } else {
