@@ -49,7 +49,7 @@ pub enum Stored {
     Free,
     /// In place of the set's least recently seen connection.
     Displaced,
-    /// Not at all: every way of the set was being written by another CPU.
+    /// Not at all: another CPU was writing the way it would have taken.
     NotStored,
 }
 

@@ -215,7 +215,7 @@ fn remember_fragment(packet: &Packet) {
         id: packet.fragment.id,
         protocol: packet.protocol,
         _pad: 0,
-            _pad2: 0,
+        _pad2: 0,
     };
     let ports = FragmentValue { sport: packet.sport, dport: packet.dport, _pad: 0 };
     let _ = FRAGMENTS.insert(&key, &ports, 0);
@@ -499,7 +499,7 @@ pub fn judge_socket(ctx: &SockAddrContext, ipv6: bool) -> i32 {
         remote_port: port,
         protocol,
         _pad: 0,
-            _pad2: 0,
+        _pad2: 0,
     };
     let decision = if endpoint.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0 {
         NO_ENTRY

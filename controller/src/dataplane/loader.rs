@@ -174,9 +174,8 @@ impl Datapath {
         let policy_exact = take(&mut ebpf, map_names::POLICY_EXACT)?;
         let drops = take(&mut ebpf, map_names::DROPS)?;
         let verdicts = take(&mut ebpf, map_names::VERDICTS)?;
-        let config = take(&mut ebpf, map_names::CONFIG)?;
+        let mut config = take(&mut ebpf, map_names::CONFIG)?;
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);
-        let mut config = config;
         seed_conntrack(&mut config)?;
         Ok(Self { ebpf, pin_dir, ipcache, ipcache_exact, endpoints, endpoints_by_ifindex, cgroup_endpoints, local_addrs, policy, policy_exact, drops, verdicts, config, events })
     }

@@ -118,9 +118,9 @@ pub mod reason {
     pub const UNSUPPORTED_L3: u8 = 8;
     /// Not drops: events the rate limit kept from userspace.
     pub const EVENT_RATE_LIMITED: u8 = 32;
-    /// Not drops: a new connection found its conntrack set full (or being
-    /// written by another CPU) and displaced the set's least recently seen
-    /// connection (or was not stored).
+    /// Not drops: a new connection displaced the least recently seen one of
+    /// its full conntrack set, or was not stored (another CPU was writing
+    /// the way it would have taken).
     pub const CONNTRACK_FULL: u8 = 33;
 
     pub const fn name(reason: u8) -> &'static str {
@@ -598,8 +598,6 @@ mod pod_impls {
     unsafe impl aya::Pod for PolicyExactKey {}
     unsafe impl aya::Pod for Address {}
     unsafe impl aya::Pod for ConntrackValue {}
-    unsafe impl aya::Pod for ConntrackSlot {}
-    unsafe impl aya::Pod for ConntrackTags {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentValue {}
     unsafe impl aya::Pod for DropKey {}
