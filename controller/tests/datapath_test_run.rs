@@ -3,11 +3,11 @@
 
 mod common;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use bulkhead::packet::{self, PacketSpec, L4, TCP_ACK, TCP_SYN};
 use common::{TestDatapath, TC_ACT_OK, TC_ACT_SHOT};
-use datapath_common::{identity, proto, reason, verdict, EGRESS, INGRESS};
+use datapath_common::{capacity, identity, proto, reason, verdict, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, TABLE_WAYS};
 
 const POD: &str = "10.244.1.10";
 const PEER: &str = "10.244.2.20";
@@ -311,6 +311,34 @@ fn peer_entries_come_before_any_peer_entries_whichever_map_holds_them() {
     // Removing the exact entry falls back to the range.
     dp.remove_rule(7, EGRESS, PEER_ID, Some((proto::TCP, 9001, 16)));
     assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 47004, dport: 9001, flags: TCP_SYN })), TC_ACT_SHOT);
+}
+
+#[test]
+fn exact_entries_beyond_a_full_set_overflow_to_the_hash_and_are_still_found() {
+    let dp = allowlist("overflow");
+    // More addresses than the ipcache table has ways: sets fill, and their
+    // later addresses go to the overflow hash.
+    let count = capacity::IPCACHE_TABLE_SETS * TABLE_WAYS as u32 + 40_000;
+    let address = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a64_0000 + i));
+    let prefix = IPV4_MAPPED_PREFIX + 32;
+    for i in 0..count {
+        dp.dp.borrow_mut().set_ipcache(prefix, common::address_bytes(address(i)), PEER_ID).unwrap();
+    }
+    let (overflowed, _) = dp.dp.borrow().exact_overflow();
+    assert!(overflowed >= 40_000, "{overflowed} addresses overflowed");
+    assert_eq!(dp.dp.borrow().ipcache_entries().len(), count as usize + 2);
+    // Each address has PEER_ID, whichever place holds it: TCP 80 passes.
+    let syn = |i: u32, sport: u16| out(POD, &address(i).to_string(), L4::Tcp { sport, dport: 80, flags: TCP_SYN });
+    let refused: Vec<u32> = (0..count).filter(|&i| dp.from_pod(&syn(i, 40000)) != TC_ACT_OK).collect();
+    assert!(refused.is_empty(), "{} addresses not found, first {:?}", refused.len(), refused.first().map(|&i| address(i)));
+    // Removed from both places: the addresses are world again, denied.
+    for i in 0..count {
+        dp.dp.borrow_mut().remove_ipcache(prefix, common::address_bytes(address(i))).unwrap();
+    }
+    assert_eq!(dp.dp.borrow().exact_overflow().0, 0);
+    assert_eq!(dp.dp.borrow().ipcache_entries().len(), 2);
+    let passed = (0..count).step_by(97).filter(|&i| dp.from_pod(&syn(i, 40001)) == TC_ACT_OK).count();
+    assert_eq!(passed, 0, "removed addresses still resolve");
 }
 
 /// A veth with a chosen ifindex (this kernel has no dummy driver), removed

@@ -19,7 +19,7 @@ use core::{
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use datapath_common::{
-    ConnKey, ConntrackPlace, ConntrackSlot, ConntrackTags, ConntrackValue, CONFIG_CONNTRACK_SEED, CONNTRACK_TAG_BUSY,
+    ConnKey, ConntrackPlace, ConntrackSlot, ConntrackTags, ConntrackValue, CONFIG_HASH_SEED, CONNTRACK_TAG_BUSY,
     CONNTRACK_TAG_FREE, CONNTRACK_WAYS,
 };
 
@@ -84,7 +84,7 @@ impl Set {
     /// their capacity says, which the loader does not allow.
     #[inline(always)]
     pub fn of(conn: &ConnKey) -> Option<Set> {
-        let seed = CONFIG.get(CONFIG_CONNTRACK_SEED).copied().unwrap_or(0);
+        let seed = CONFIG.get(CONFIG_HASH_SEED).copied().unwrap_or(0);
         let place = conn.conntrack_place(seed);
         let tags = CONNTRACK_TAGS.get_ptr_mut(place.set)?;
         Some(Set { tags, place })

@@ -14,6 +14,7 @@
 mod conntrack;
 mod maps;
 mod parse;
+mod table;
 mod verdict;
 
 use aya_ebpf::{
@@ -24,12 +25,14 @@ use datapath_common::{EGRESS, INGRESS};
 
 /// Packets the pod sends (host-side veth ingress): the pod's egress.
 #[classifier]
+#[inline(always)]
 pub fn bulkhead_from_pod(ctx: TcContext) -> i32 {
     verdict::judge_packet(&ctx, EGRESS)
 }
 
 /// Packets to the pod (host-side veth egress): the pod's ingress.
 #[classifier]
+#[inline(always)]
 pub fn bulkhead_to_pod(ctx: TcContext) -> i32 {
     verdict::judge_packet(&ctx, INGRESS)
 }
@@ -62,6 +65,7 @@ pub fn bulkhead_sendmsg6(ctx: SockAddrContext) -> i32 {
 /// conntrack has not seen: `repeat` runs time that many new connections with
 /// hot caches. Only IPv4 without options (the bench's packets) is moved on.
 #[classifier]
+#[inline(always)]
 pub fn bulkhead_bench_new_flow(ctx: TcContext) -> i32 {
     const SOURCE_PORT_AT: usize = 14 + 20;
     let at = ctx.data() + SOURCE_PORT_AT;

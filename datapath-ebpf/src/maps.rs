@@ -5,10 +5,10 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+use aya_ebpf::bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC};
 use datapath_common::{
     capacity, Address, ConnKey, ConntrackSlot, ConntrackTags, DropKey, EndpointInfo, EventBudget, FragmentKey,
-    FragmentValue, IpcacheValue, PolicyExactKey, PolicyKey, PolicyValue, VerdictKey,
+    FragmentValue, IpcacheSlot, IpcacheValue, PolicyExactKey, PolicyKey, PolicySlot, PolicyValue, TableSet, VerdictKey,
 };
 
 #[map(name = "BH_IPCACHE")]
@@ -16,8 +16,12 @@ pub static IPCACHE: LpmTrie<Address, IpcacheValue> = LpmTrie::pinned(capacity::I
 
 /// Addresses with a full-length (/128, IPv4-mapped /32) ipcache entry. Such
 /// an entry is the most specific match there can be, so a hit here is what
-/// the trie would answer; the trie holds only shorter prefixes. Not
-/// preallocated: a node pays only for the addresses it knows.
+/// the trie would answer; the trie holds only shorter prefixes. The table is
+/// searched first (`crate::table`); the hash holds the addresses whose set
+/// was full, and is not preallocated: a node pays only for what it holds.
+#[map(name = "BH_IPCACHE_TAB")]
+pub static IPCACHE_TABLE: Array<TableSet<IpcacheSlot>> = Array::pinned(capacity::IPCACHE_TABLE_SETS, BPF_F_MMAPABLE);
+
 #[map(name = "BH_IPCACHE_EX")]
 pub static IPCACHE_EXACT: HashMap<Address, IpcacheValue> = HashMap::pinned(capacity::IPCACHE_EXACT, BPF_F_NO_PREALLOC);
 
@@ -40,7 +44,11 @@ pub static LOCAL_ADDRS: HashMap<Address, u32> = HashMap::pinned(capacity::LOCAL_
 #[map(name = "BH_POLICY")]
 pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
 
-/// Full-length policy entries: one peer (or any peer), protocol and port.
+/// Full-length policy entries: one peer (or any peer), protocol and port;
+/// in the table, or in the hash when their set was full (as for the ipcache).
+#[map(name = "BH_POLICY_TAB")]
+pub static POLICY_TABLE: Array<TableSet<PolicySlot>> = Array::pinned(capacity::POLICY_TABLE_SETS, BPF_F_MMAPABLE);
+
 #[map(name = "BH_POLICY_EX")]
 pub static POLICY_EXACT: HashMap<PolicyExactKey, PolicyValue> = HashMap::pinned(capacity::POLICY_EXACT, BPF_F_NO_PREALLOC);
 

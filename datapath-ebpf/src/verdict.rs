@@ -19,10 +19,19 @@ use crate::{
     conntrack::{Found, Set, Stored},
     maps::{
         SCRATCH, CGROUP_ENDPOINTS, CONFIG, DENIED_FLOWS, DROPS, ENDPOINTS, ENDPOINTS_BY_IFINDEX, EVENTS, EVENT_BUDGET,
-        FRAGMENTS, IPCACHE, IPCACHE_EXACT, LOCAL_ADDRS, POLICY, POLICY_EXACT, VERDICTS,
+        FRAGMENTS, IPCACHE, IPCACHE_EXACT, IPCACHE_TABLE, LOCAL_ADDRS, POLICY, POLICY_EXACT, POLICY_TABLE, VERDICTS,
     },
     parse::{parse, quoted_connection, Packet, ParseError, Parsed, FRAG_FIRST, FRAG_LATER, L4},
+    table::{self, Busy},
 };
+
+/// A packet whose exact-table lookup found the agent writing is dropped
+/// (`?` in the functions that return a drop reason).
+impl From<Busy> for u8 {
+    fn from(_: Busy) -> u8 {
+        reason::TABLE_BUSY
+    }
+}
 
 /// Per-CPU working memory of one TC program run.
 pub struct Scratch {
@@ -105,7 +114,7 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     }
     if endpoint.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0 {
         // Only the node's own traffic (kubelet probes) passes a failed-closed endpoint.
-        let peer = peer_identity(if egress { &packet.daddr } else { &packet.saddr });
+        let peer = peer_identity(if egress { &packet.daddr } else { &packet.saddr })?;
         return if peer == identity::HOST { Ok(()) } else { Err(reason::ENDPOINT_FAIL_CLOSED) };
     }
     let revision = policy_revision();
@@ -180,13 +189,13 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     };
 
     // A new connection.
-    let peer = peer_identity(&conn.remote);
+    let peer = peer_identity(&conn.remote)?;
     // Kubernetes requires a pod's own node to reach it (kubelet probes).
     if peer == identity::HOST {
         return Ok(());
     }
     let port = if has_ports { packet.dport } else { 0 };
-    let decision = lookup_policy(endpoint_id, direction, peer, packet.protocol, port);
+    let decision = lookup_policy(endpoint_id, direction, peer, packet.protocol, port)?;
     if decision.verdict == verdict::ALLOW {
         let entry = ConntrackValue { revision, peer_identity: peer, flags: 0, origin: direction, _pad: [0; 2] };
         match set.store(conn, &entry, vacancy) {
@@ -235,7 +244,7 @@ fn recheck(set: &Set, found: &Found, conn: &ConnKey, has_ports: bool, revision: 
             Ok(())
         };
     }
-    let peer = peer_identity(&conn.remote);
+    let peer = peer_identity(&conn.remote)?;
     if peer == identity::HOST {
         return Ok(());
     }
@@ -246,7 +255,7 @@ fn recheck(set: &Set, found: &Found, conn: &ConnKey, has_ports: bool, revision: 
         (true, true) => conn.remote_port,
         (true, false) => conn.local_port,
     };
-    let decision = lookup_policy(conn.endpoint, origin, peer, conn.protocol, port);
+    let decision = lookup_policy(conn.endpoint, origin, peer, conn.protocol, port)?;
     let allowed = decision.verdict == verdict::ALLOW;
     let flags = if allowed { 0 } else { CONNTRACK_FLAG_REVOKED };
     set.rewrite(found, revision, peer, flags);
@@ -277,25 +286,24 @@ fn refuse_new_flow(conn: &ConnKey, direction: u8, peer: u32, refusal: &Reported,
 /// most specific there can be; failing that the trie picks the most specific
 /// protocol and port prefix. No entry at all is a deny: fail closed.
 #[inline(always)]
-pub fn lookup_policy(endpoint: u32, direction: u8, peer: u32, protocol: u8, port: u16) -> PolicyValue {
-    if let Some(value) = policy_for(endpoint, direction, peer, protocol, port) {
-        return value;
+pub fn lookup_policy(endpoint: u32, direction: u8, peer: u32, protocol: u8, port: u16) -> Result<PolicyValue, Busy> {
+    if let Some(value) = policy_for(endpoint, direction, peer, protocol, port)? {
+        return Ok(value);
     }
-    if let Some(value) = policy_for(endpoint, direction, identity::ANY, protocol, port) {
-        return value;
+    if let Some(value) = policy_for(endpoint, direction, identity::ANY, protocol, port)? {
+        return Ok(value);
     }
-    NO_ENTRY
+    Ok(NO_ENTRY)
 }
 
 #[inline(always)]
-fn policy_for(endpoint: u32, direction: u8, peer: u32, protocol: u8, port: u16) -> Option<PolicyValue> {
-    let exact = PolicyExactKey { endpoint, identity: peer, port, protocol, direction };
-    if let Some(value) = POLICY_EXACT.get_ptr(&exact) {
-        // SAFETY: map value pointer valid for this run.
-        return Some(unsafe { *value });
+fn policy_for(endpoint: u32, direction: u8, peer: u32, protocol: u8, port: u16) -> Result<Option<PolicyValue>, Busy> {
+    let exact = PolicyExactKey::new(endpoint, peer, protocol, port, direction);
+    if let Some(value) = table::lookup(&POLICY_TABLE, capacity::POLICY_TABLE_SETS, &POLICY_EXACT, &exact)? {
+        return Ok(Some(value));
     }
     let key = Key::new(policy_prefix::FULL, PolicyKey::new(endpoint, direction, peer, protocol, port));
-    POLICY.get(&key).copied()
+    Ok(POLICY.get(&key).copied())
 }
 
 /// What an endpoint without entries (or failed closed) gets: deny.
@@ -310,15 +318,14 @@ const NO_ENTRY: PolicyValue = PolicyValue {
 };
 
 #[inline(always)]
-fn peer_identity(address: &Address) -> u32 {
-    if let Some(value) = IPCACHE_EXACT.get_ptr(address) {
-        // SAFETY: map value pointer valid for this run.
-        return unsafe { (*value).identity };
+fn peer_identity(address: &Address) -> Result<u32, Busy> {
+    if let Some(value) = table::lookup(&IPCACHE_TABLE, capacity::IPCACHE_TABLE_SETS, &IPCACHE_EXACT, address)? {
+        return Ok(value.identity);
     }
-    match IPCACHE.get(Key::new(128, *address)) {
+    Ok(match IPCACHE.get(Key::new(128, *address)) {
         Some(value) => value.identity,
         None => identity::WORLD,
-    }
+    })
 }
 
 #[inline(always)]
@@ -485,7 +492,10 @@ pub fn judge_socket(ctx: &SockAddrContext, ipv6: bool) -> i32 {
             return SOCKET_ALLOW; // a pod talking to itself never leaves it
         }
     }
-    let peer = peer_identity(&daddr);
+    // An exact table the agent is writing: judged by TC, as above.
+    let Ok(peer) = peer_identity(&daddr) else {
+        return SOCKET_ALLOW;
+    };
     if peer == identity::HOST {
         return SOCKET_ALLOW;
     }
@@ -504,7 +514,10 @@ pub fn judge_socket(ctx: &SockAddrContext, ipv6: bool) -> i32 {
     let decision = if endpoint.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0 {
         NO_ENTRY
     } else {
-        lookup_policy(endpoint.endpoint_id, EGRESS, peer, protocol, port)
+        match lookup_policy(endpoint.endpoint_id, EGRESS, peer, protocol, port) {
+            Ok(decision) => decision,
+            Err(Busy) => return SOCKET_ALLOW,
+        }
     };
     if decision.verdict == verdict::ALLOW {
         // Audit verdicts are reported by TC, which sees the flow's first packet.

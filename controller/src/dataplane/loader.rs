@@ -25,9 +25,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use datapath_common::{
-    capacity, map_names, policy_prefix, program_names, DropKey, EndpointInfo, Event, IpcacheValue, PolicyExactKey, PolicyKey,
-    PolicyValue, VerdictKey, CONFIG_CONNTRACK_SEED, CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED, NO_ENDPOINT,
+    capacity, map_names, policy_prefix, program_names, Address, DropKey, EndpointInfo, Event, IpcacheSlot, IpcacheValue, PolicyExactKey,
+    PolicyKey, PolicySlot, PolicyValue, TableSlot, VerdictKey, CONFIG_HASH_SEED, CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED, NO_ENDPOINT,
 };
+
+use super::table::ExactTable;
 
 /// The eBPF object built by build.rs.
 static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-datapath"));
@@ -53,6 +55,10 @@ pub enum DatapathError {
     MissingMap(&'static str),
     #[error("map {name} is full ({source}): the endpoints concerned fail closed")]
     MapFull { name: &'static str, source: MapError },
+    #[error("map {name} is pinned as {found}, this build wants {wanted}: remove the old datapath first (`bulkhead datapath remove`)")]
+    Layout { name: &'static str, found: String, wanted: String },
+    #[error("mapping map {name} into memory: {source}")]
+    Mmap { name: &'static str, source: std::io::Error },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,13 +90,13 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     ipcache: LpmTrie<MapData, [u8; 16], IpcacheValue>,
-    ipcache_exact: HashMap<MapData, [u8; 16], IpcacheValue>,
+    ipcache_exact: ExactTable<IpcacheSlot>,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
     endpoints_by_ifindex: Array<MapData, EndpointInfo>,
     cgroup_endpoints: HashMap<MapData, u64, EndpointInfo>,
     local_addrs: HashMap<MapData, [u8; 16], u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
-    policy_exact: HashMap<MapData, PolicyExactKey, PolicyValue>,
+    policy_exact: ExactTable<PolicySlot>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     verdicts: PerCpuHashMap<MapData, VerdictKey, u64>,
     config: Array<MapData, u64>,
@@ -165,18 +171,18 @@ impl Datapath {
             program.load().map_err(|source| DatapathError::Program { name, source })?;
         }
         let ipcache = take(&mut ebpf, map_names::IPCACHE)?;
-        let ipcache_exact = take(&mut ebpf, map_names::IPCACHE_EXACT)?;
         let endpoints = take(&mut ebpf, map_names::ENDPOINTS)?;
         let endpoints_by_ifindex = take(&mut ebpf, map_names::ENDPOINTS_BY_IFINDEX)?;
         let cgroup_endpoints = take(&mut ebpf, map_names::CGROUP_ENDPOINTS)?;
         let local_addrs = take(&mut ebpf, map_names::LOCAL_ADDRS)?;
         let policy = take(&mut ebpf, map_names::POLICY)?;
-        let policy_exact = take(&mut ebpf, map_names::POLICY_EXACT)?;
         let drops = take(&mut ebpf, map_names::DROPS)?;
         let verdicts = take(&mut ebpf, map_names::VERDICTS)?;
         let mut config = take(&mut ebpf, map_names::CONFIG)?;
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);
-        seed_conntrack(&mut config)?;
+        let seed = seed_placement(&mut config)?;
+        let ipcache_exact = exact_table(&mut ebpf, map_names::IPCACHE_TABLE, capacity::IPCACHE_TABLE_SETS, seed, map_names::IPCACHE_EXACT)?;
+        let policy_exact = exact_table(&mut ebpf, map_names::POLICY_TABLE, capacity::POLICY_TABLE_SETS, seed, map_names::POLICY_EXACT)?;
         Ok(Self { ebpf, pin_dir, ipcache, ipcache_exact, endpoints, endpoints_by_ifindex, cgroup_endpoints, local_addrs, policy, policy_exact, drops, verdicts, config, events })
     }
 
@@ -330,14 +336,14 @@ impl Datapath {
     pub fn set_ipcache(&mut self, prefix_len: u32, address: [u8; 16], identity: u32) -> Result<(), DatapathError> {
         let value = IpcacheValue { identity, _pad: 0 };
         if prefix_len == FULL_ADDRESS {
-            return self.ipcache_exact.insert(address, value, 0).map_err(|source| full_or(map_names::IPCACHE_EXACT, source));
+            return self.ipcache_exact.insert(Address::from_octets(address), value);
         }
         self.ipcache.insert(&Key::new(prefix_len, address), value, 0).map_err(|source| full_or(map_names::IPCACHE, source))
     }
 
     pub fn remove_ipcache(&mut self, prefix_len: u32, address: [u8; 16]) -> Result<(), DatapathError> {
         if prefix_len == FULL_ADDRESS {
-            return ignore_missing(map_names::IPCACHE_EXACT, self.ipcache_exact.remove(&address));
+            return self.ipcache_exact.remove(&Address::from_octets(address));
         }
         ignore_missing(map_names::IPCACHE, self.ipcache.remove(&Key::new(prefix_len, address)))
     }
@@ -346,28 +352,34 @@ impl Datapath {
     /// (and only there), shorter prefixes to the trie.
     pub fn set_policy(&mut self, prefix_len: u32, key: PolicyKey, value: PolicyValue) -> Result<(), DatapathError> {
         if prefix_len == policy_prefix::FULL {
-            return self.policy_exact.insert(PolicyExactKey::from(key), value, 0).map_err(|source| full_or(map_names::POLICY_EXACT, source));
+            return self.policy_exact.insert(PolicyExactKey::from(key), value);
         }
         self.policy.insert(&Key::new(prefix_len, key), value, 0).map_err(|source| full_or(map_names::POLICY, source))
     }
 
     pub fn remove_policy(&mut self, prefix_len: u32, key: PolicyKey) -> Result<(), DatapathError> {
         if prefix_len == policy_prefix::FULL {
-            return ignore_missing(map_names::POLICY_EXACT, self.policy_exact.remove(&PolicyExactKey::from(key)));
+            return self.policy_exact.remove(&PolicyExactKey::from(key));
         }
         ignore_missing(map_names::POLICY, self.policy.remove(&Key::new(prefix_len, key)))
     }
 
     /// Every ipcache entry now in the map (for adoption).
     pub fn ipcache_entries(&self) -> Vec<(u32, [u8; 16], u32)> {
-        let exact = self.ipcache_exact.iter().filter_map(Result::ok).map(|(address, value)| (FULL_ADDRESS, address, value.identity));
+        let exact = self.ipcache_exact.entries().into_iter().map(|(address, value)| (FULL_ADDRESS, address.octets(), value.identity));
         self.ipcache.iter().filter_map(Result::ok).map(|(key, value)| (key.prefix_len(), key.data(), value.identity)).chain(exact).collect()
     }
 
     /// Every policy entry now in the map (for adoption and tests).
     pub fn policy_entries(&self) -> Vec<(u32, PolicyKey, PolicyValue)> {
-        let exact = self.policy_exact.iter().filter_map(Result::ok).map(|(key, value)| (policy_prefix::FULL, PolicyKey::from(key), value));
+        let exact = self.policy_exact.entries().into_iter().map(|(key, value)| (policy_prefix::FULL, PolicyKey::from(key), value));
         self.policy.iter().filter_map(Result::ok).map(|(key, value)| (key.prefix_len(), key.data(), value)).chain(exact).collect()
+    }
+
+    /// Entries in the exact tables' overflow hashes (ipcache, policy): keys
+    /// that came when their set was full, and cost a hash lookup.
+    pub fn exact_overflow(&self) -> (usize, usize) {
+        (self.ipcache_exact.overflowed(), self.policy_exact.overflowed())
     }
 
     pub fn policy_revision(&self) -> u64 {
@@ -481,9 +493,10 @@ impl Datapath {
 
 /// Give freshly created maps a random conntrack seed. Pinned maps keep theirs:
 /// a new seed would strand every connection stored under the old one.
-fn seed_conntrack(config: &mut Array<MapData, u64>) -> Result<(), DatapathError> {
-    if config.get(&CONFIG_CONNTRACK_SEED, 0).unwrap_or(0) != 0 {
-        return Ok(());
+fn seed_placement(config: &mut Array<MapData, u64>) -> Result<u64, DatapathError> {
+    let seed = config.get(&CONFIG_HASH_SEED, 0).unwrap_or(0);
+    if seed != 0 {
+        return Ok(seed);
     }
     let mut seed = [0u8; 8];
     fs::File::open("/dev/urandom")
@@ -491,7 +504,21 @@ fn seed_conntrack(config: &mut Array<MapData, u64>) -> Result<(), DatapathError>
         .map_err(DatapathError::Seed)?;
     // Zero means "not seeded yet".
     let seed = u64::from_ne_bytes(seed) | 1;
-    config.set(CONFIG_CONNTRACK_SEED, seed, 0).map_err(|source| DatapathError::Map { name: map_names::CONFIG, source })
+    config.set(CONFIG_HASH_SEED, seed, 0).map_err(|source| DatapathError::Map { name: map_names::CONFIG, source })?;
+    Ok(seed)
+}
+
+/// An exact table and its overflow hash, mapped for writing.
+fn exact_table<S>(ebpf: &mut Ebpf, name: &'static str, sets: u32, seed: u64, overflow: &'static str) -> Result<ExactTable<S>, DatapathError>
+where
+    S: TableSlot + aya::Pod,
+    S::Key: aya::Pod,
+    S::Value: aya::Pod,
+{
+    let aya::maps::Map::Array(map) = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))? else {
+        return Err(DatapathError::Layout { name, found: "another map type".into(), wanted: "an array".into() });
+    };
+    ExactTable::open(name, map, sets, seed, take(ebpf, overflow)?)
 }
 
 /// Pin an attached link, so it outlives this process.

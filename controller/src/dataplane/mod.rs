@@ -4,5 +4,6 @@
 
 mod loader;
 pub mod sync;
+mod table;
 
 pub use loader::{AttachError, Datapath, DatapathError, DropCount, VerdictCount, DEFAULT_PIN_DIR};

@@ -26,6 +26,10 @@ pub mod map_names {
     /// Full-length policy entries (one peer or any peer, one protocol, one
     /// port): one hash lookup instead of a trie walk for the common case.
     pub const POLICY_EXACT: &str = "BH_POLICY_EX";
+    /// The exact tables the programs search first (`TableSet`); the
+    /// `*_EXACT` hashes above hold what does not fit in them.
+    pub const IPCACHE_TABLE: &str = "BH_IPCACHE_TAB";
+    pub const POLICY_TABLE: &str = "BH_POLICY_TAB";
     /// Conntrack slots, `CONNTRACK_WAYS` per set (see `ConntrackSlot`).
     pub const CONNTRACK: &str = "BH_CONNTRACK";
     /// One `ConntrackTags` per conntrack set: what a lookup reads first.
@@ -61,6 +65,10 @@ pub mod capacity {
     pub const LOCAL_ADDRS: u32 = 1 << 15;
     pub const POLICY: u32 = 1 << 21;
     pub const POLICY_EXACT: u32 = 1 << 21;
+    /// Sets of the exact tables (`TABLE_WAYS` entries each): 256k
+    /// addresses in 10 MiB and 1M policy entries in 40 MiB.
+    pub const IPCACHE_TABLE_SETS: u32 = 1 << 15;
+    pub const POLICY_TABLE_SETS: u32 = 1 << 17;
     /// Connections: `CONNTRACK_SETS` sets of `CONNTRACK_WAYS`.
     pub const CONNTRACK: u32 = CONNTRACK_SETS * super::CONNTRACK_WAYS as u32;
     pub const CONNTRACK_SETS: u32 = 1 << 15;
@@ -116,6 +124,10 @@ pub mod reason {
     pub const POLICY_REVOKED: u8 = 6;
     pub const ENDPOINT_FAIL_CLOSED: u8 = 7;
     pub const UNSUPPORTED_L3: u8 = 8;
+    /// The agent was writing the exact-table set a new connection needed,
+    /// through every retry: the packet is dropped rather than judged on a
+    /// guess (the sender retransmits).
+    pub const TABLE_BUSY: u8 = 9;
     /// Not drops: events the rate limit kept from userspace.
     pub const EVENT_RATE_LIMITED: u8 = 32;
     /// Not drops: a new connection displaced the least recently seen one of
@@ -133,6 +145,7 @@ pub mod reason {
             POLICY_REVOKED => "policy_revoked",
             ENDPOINT_FAIL_CLOSED => "endpoint_fail_closed",
             UNSUPPORTED_L3 => "unsupported_l3",
+            TABLE_BUSY => "table_busy",
             EVENT_RATE_LIMITED => "event_rate_limited",
             CONNTRACK_FULL => "conntrack_full",
             _ => "unknown",
@@ -154,10 +167,11 @@ pub const CONFIG_EVENTS_PER_SECOND: u32 = 1;
 /// (within the same budget), from which the agent learns each workload's
 /// egress baseline.
 pub const CONFIG_FLOW_EVENTS: u32 = 2;
-/// The conntrack hash's seed: random, written once when the maps are created
-/// (a new seed would strand every stored connection), so nobody outside can
-/// aim connections at one set.
-pub const CONFIG_CONNTRACK_SEED: u32 = 3;
+/// The seed of conntrack's and the exact tables' placement hashes: random,
+/// written once when the maps are created (a new seed would strand every
+/// stored entry), so nobody outside can aim connections or addresses at one
+/// set.
+pub const CONFIG_HASH_SEED: u32 = 3;
 pub const CONFIG_SLOTS: u32 = 4;
 
 /// An IPv4 address is stored IPv4-mapped (::ffff:a.b.c.d) so one trie serves
@@ -363,6 +377,28 @@ pub struct PolicyExactKey {
     pub direction: u8,
 }
 
+impl PolicyExactKey {
+    /// Built as three 32-bit words, the way `words` reads it: a 32-bit read
+    /// of fields stored separately (port, protocol, direction) would wait
+    /// for those stores to reach the cache instead of taking them from the
+    /// store buffer, on every packet that looks a policy entry up.
+    #[inline(always)]
+    pub fn new(endpoint: u32, identity: u32, protocol: u8, port: u16, direction: u8) -> Self {
+        let rest = u32::from_ne_bytes({
+            let [port_0, port_1] = port.to_ne_bytes();
+            [port_0, port_1, protocol, direction]
+        });
+        // SAFETY: repr(C) of three u32-sized parts, any bit pattern valid.
+        unsafe { core::mem::transmute::<[u32; 3], PolicyExactKey>([endpoint, identity, rest]) }
+    }
+
+    #[inline(always)]
+    pub fn words(&self) -> [u32; 3] {
+        // SAFETY: as in `new`.
+        unsafe { core::mem::transmute::<PolicyExactKey, [u32; 3]>(*self) }
+    }
+}
+
 impl From<PolicyKey> for PolicyExactKey {
     fn from(key: PolicyKey) -> Self {
         PolicyExactKey {
@@ -473,6 +509,29 @@ pub struct ConntrackPlace {
 }
 
 const HASH_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+/// Odd constants, one per word a placement hashes.
+const WORD_MULTIPLIERS: [u64; 5] =
+    [0xc2b2_ae3d_27d4_eb4f, 0x1656_67b1_9e37_79f9, 0x85eb_ca77_c2b2_ae63, 0x27d4_eb2f_1656_67c5, 0xff51_afd7_ed55_8ccd];
+
+/// A seeded hash of `N` words for placing keys in sets. Each word, mixed
+/// with the seed, is multiplied by its own constant and the products are
+/// summed: independent multiplies the CPU runs side by side, where a chain
+/// of them (one word after another) would cost their latencies end to end
+/// on every packet. Two keys that differ in one word always differ in the
+/// sum (the constants are odd, so each product is a bijection of its word);
+/// the last steps carry the high bits down and the low bits up.
+#[inline(always)]
+fn placement_hash<const N: usize>(words: [u64; N], seed: u64) -> u64 {
+    let mut sum = seed;
+    let mut i = 0;
+    while i < N {
+        sum = sum.wrapping_add((words[i] ^ seed).wrapping_mul(WORD_MULTIPLIERS[i % WORD_MULTIPLIERS.len()]));
+        i += 1;
+    }
+    sum ^= sum >> 32;
+    sum = sum.wrapping_mul(HASH_MULTIPLIER);
+    sum ^ (sum >> 29)
+}
 
 impl ConnKey {
     /// The connection's set and tag. The set is a seeded hash of everything
@@ -485,16 +544,137 @@ impl ConnKey {
         let [l0, l1, l2, l3] = self.local.words;
         let [r0, r1, r2, r3] = self.remote.words;
         let pair = |high: u32, low: u32| (u64::from(high) << 32) | u64::from(low);
-        let mut hash = seed;
-        for word in [pair(l0, l1), pair(l2, l3), pair(r0, r1), pair(r2, r3), pair(self.endpoint, u32::from(self.protocol))] {
-            hash = (hash ^ word).wrapping_mul(HASH_MULTIPLIER);
-            hash ^= hash >> 32;
-        }
+        let hash =
+            placement_hash([pair(l0, l1), pair(l2, l3), pair(r0, r1), pair(r2, r3), pair(self.endpoint, u32::from(self.protocol))], seed);
         let ports = (u32::from(self.local_port) << 16) | u32::from(self.remote_port);
         let port_sum = u32::from(self.local_port) + u32::from(self.remote_port);
         let set = (hash as u32).wrapping_add(port_sum) & (capacity::CONNTRACK_SETS - 1);
         let tag = ((hash >> 32) ^ (u64::from(ports) << 32)).wrapping_mul(HASH_MULTIPLIER) | 1;
         ConntrackPlace { set, tag }
+    }
+}
+
+/// The exact ipcache and exact policy entries are set-associative tables in
+/// array maps, like conntrack, so the programs find them without a helper
+/// call; the agent writes them through a shared mapping of the array
+/// (`BPF_F_MMAPABLE`). A key's set is fixed by a seeded hash of it; a set
+/// holds `TABLE_WAYS` entries, and a key whose set is full goes to the
+/// table's overflow hash (the `*_EXACT` maps), which the programs search only
+/// when the set says it has keys there.
+pub const TABLE_WAYS: usize = 8;
+
+/// The first cache line of a table set: all a lookup miss reads.
+///
+/// The agent is the only writer. It makes `sequence` odd before it changes
+/// the set and even again after, as a seqlock writer does; a program reads
+/// `sequence` before and after it searches the set and tries again when it
+/// was odd or changed, so it never takes half of one entry for another.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableHeader {
+    pub sequence: u32,
+    /// Keys of this set that are in the overflow hash.
+    pub overflowed: u32,
+    /// The ways' tags: 0 for a free way, else odd (`TablePlace::tag`).
+    pub tags: [u32; TABLE_WAYS],
+    pub _pad: [u32; 6],
+}
+
+/// One set of a table: a header line and `TABLE_WAYS` slots of 32 bytes.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug)]
+pub struct TableSet<S> {
+    pub header: TableHeader,
+    pub slots: [S; TABLE_WAYS],
+}
+
+/// Where a key lives in a table of `sets` sets (a power of two).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TablePlace {
+    pub set: u32,
+    pub tag: u32,
+}
+
+/// An entry of a table: key and value, 32 bytes.
+pub trait TableSlot: Copy {
+    type Key: Copy + PartialEq;
+    type Value: Copy;
+    fn new(key: Self::Key, value: Self::Value) -> Self;
+    fn key(&self) -> &Self::Key;
+    fn value(&self) -> &Self::Value;
+    /// The key as two words, everything a placement hashes.
+    fn words(key: &Self::Key) -> [u64; 2];
+
+    #[inline(always)]
+    fn place(key: &Self::Key, seed: u64, sets: u32) -> TablePlace {
+        let hash = placement_hash(Self::words(key), seed);
+        TablePlace { set: (hash >> 11) as u32 & (sets - 1), tag: (hash >> 32) as u32 | 1 }
+    }
+}
+
+#[inline(always)]
+const fn pair(high: u32, low: u32) -> u64 {
+    ((high as u64) << 32) | low as u64
+}
+
+/// An exact ipcache entry: one address (/128, or /32 IPv4-mapped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpcacheSlot {
+    pub address: Address,
+    pub value: IpcacheValue,
+    pub _pad: u64,
+}
+
+impl TableSlot for IpcacheSlot {
+    type Key = Address;
+    type Value = IpcacheValue;
+    #[inline(always)]
+    fn new(address: Address, value: IpcacheValue) -> Self {
+        IpcacheSlot { address, value, _pad: 0 }
+    }
+    #[inline(always)]
+    fn key(&self) -> &Address {
+        &self.address
+    }
+    #[inline(always)]
+    fn value(&self) -> &IpcacheValue {
+        &self.value
+    }
+    #[inline(always)]
+    fn words(address: &Address) -> [u64; 2] {
+        let [w0, w1, w2, w3] = address.words;
+        [pair(w0, w1) ^ pair(w2, 0), u64::from(w3)]
+    }
+}
+
+/// An exact policy entry: one peer (or any peer), one protocol, one port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicySlot {
+    pub key: PolicyExactKey,
+    pub value: PolicyValue,
+}
+
+impl TableSlot for PolicySlot {
+    type Key = PolicyExactKey;
+    type Value = PolicyValue;
+    #[inline(always)]
+    fn new(key: PolicyExactKey, value: PolicyValue) -> Self {
+        PolicySlot { key, value }
+    }
+    #[inline(always)]
+    fn key(&self) -> &PolicyExactKey {
+        &self.key
+    }
+    #[inline(always)]
+    fn value(&self) -> &PolicyValue {
+        &self.value
+    }
+    #[inline(always)]
+    fn words(key: &PolicyExactKey) -> [u64; 2] {
+        let [endpoint, identity, rest] = key.words();
+        [pair(endpoint, identity), u64::from(rest)]
     }
 }
 
@@ -604,6 +784,10 @@ mod pod_impls {
     unsafe impl aya::Pod for VerdictKey {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for EventBudget {}
+    unsafe impl aya::Pod for TableHeader {}
+    unsafe impl aya::Pod for IpcacheSlot {}
+    unsafe impl aya::Pod for PolicySlot {}
+    unsafe impl<S: aya::Pod> aya::Pod for TableSet<S> {}
 }
 
 #[cfg(test)]
@@ -622,6 +806,10 @@ mod tests {
         assert_eq!(size_of::<ConntrackValue>(), 16);
         assert_eq!(size_of::<ConntrackSlot>(), 64);
         assert_eq!(size_of::<ConntrackTags>(), 64);
+        assert_eq!(size_of::<TableHeader>(), 64);
+        assert_eq!(size_of::<IpcacheSlot>(), 32);
+        assert_eq!(size_of::<PolicySlot>(), 32);
+        assert_eq!(size_of::<TableSet<PolicySlot>>(), 64 + 32 * TABLE_WAYS);
         assert_eq!(size_of::<FragmentKey>(), 40);
         assert_eq!(size_of::<DropKey>(), 8);
         assert_eq!(size_of::<VerdictKey>(), 16);
@@ -704,6 +892,31 @@ mod tests {
     fn exact_policy_keys_round_trip() {
         let key = PolicyKey::new(7, EGRESS, 300, proto::UDP, 53);
         assert_eq!(PolicyKey::from(PolicyExactKey::from(key)), key);
+        let built = PolicyExactKey::new(7, 300, proto::UDP, 53, EGRESS);
+        assert_eq!(built, PolicyExactKey { endpoint: 7, identity: 300, port: 53, protocol: proto::UDP, direction: EGRESS });
+        assert_eq!(built.words()[..2], [7, 300]);
+    }
+
+    #[test]
+    fn table_places_are_in_range_with_odd_tags_and_follow_the_seed() {
+        let sets = capacity::POLICY_TABLE_SETS;
+        let mut per_set = std::vec![0u32; sets as usize];
+        // 4 entries per set on average: a policy's peers on a few ports.
+        let entries = sets * 4;
+        for i in 0..entries {
+            let key = PolicyExactKey::new(1 + i % 64, 256 + i / 64 / 4, proto::TCP, 8000 + (i / 64 % 4) as u16, EGRESS);
+            let place = PolicySlot::place(&key, 0x5eed, sets);
+            assert!(place.set < sets);
+            assert_eq!(place.tag & 1, 1, "tags are odd: never a free way's 0");
+            per_set[place.set as usize] += 1;
+        }
+        // At half the ways' count on average, a uniform hash fills hardly
+        // any set past its 8 ways.
+        let overflowing: u32 = per_set.iter().map(|&n| n.saturating_sub(TABLE_WAYS as u32)).sum();
+        assert!(overflowing * 100 < entries, "{overflowing} of {entries} entries overflow");
+        let address = Address::from_octets(ipv4_mapped([10, 0, 0, 1]));
+        let places: std::vec::Vec<_> = (1..=8).map(|seed| IpcacheSlot::place(&address, seed, capacity::IPCACHE_TABLE_SETS)).collect();
+        assert!(places.windows(2).any(|pair| pair[0] != pair[1]), "the seed moves keys");
     }
 
     #[test]
