@@ -282,7 +282,7 @@ fn refuse_new_flow(conn: &ConnKey, direction: u8, peer: u32, refusal: &Reported,
 }
 
 /// The policy entry for one connection: the peer's own entries first, then
-/// the "any peer" ones. Within each, a full-length entry (exact hash) is the
+/// the "any peer" ones. Within each, a full-length entry (exact table) is the
 /// most specific there can be; failing that the trie picks the most specific
 /// protocol and port prefix. No entry at all is a deny: fail closed.
 #[inline(always)]

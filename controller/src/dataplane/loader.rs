@@ -43,7 +43,7 @@ pub enum DatapathError {
     MountBpffs { path: String, source: std::io::Error },
     #[error("creating pin directory {path}: {source}")]
     PinDir { path: String, source: std::io::Error },
-    #[error("reading the conntrack seed from /dev/urandom: {0}")]
+    #[error("reading the placement hash seed from /dev/urandom: {0}")]
     Seed(std::io::Error),
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
@@ -331,8 +331,8 @@ impl Datapath {
         ignore_missing(map_names::LOCAL_ADDRS, self.local_addrs.remove(&address))
     }
 
-    /// Full-length entries go to the exact-address map the datapath looks
-    /// in first, shorter prefixes to the trie.
+    /// Full-length entries go to the exact table the datapath looks in
+    /// first, shorter prefixes to the trie.
     pub fn set_ipcache(&mut self, prefix_len: u32, address: [u8; 16], identity: u32) -> Result<(), DatapathError> {
         let value = IpcacheValue { identity, _pad: 0 };
         if prefix_len == FULL_ADDRESS {
@@ -348,7 +348,7 @@ impl Datapath {
         ignore_missing(map_names::IPCACHE, self.ipcache.remove(&Key::new(prefix_len, address)))
     }
 
-    /// Full-length entries go to the exact hash the datapath looks in first
+    /// Full-length entries go to the exact table the datapath looks in first
     /// (and only there), shorter prefixes to the trie.
     pub fn set_policy(&mut self, prefix_len: u32, key: PolicyKey, value: PolicyValue) -> Result<(), DatapathError> {
         if prefix_len == policy_prefix::FULL {
@@ -491,8 +491,9 @@ impl Datapath {
     }
 }
 
-/// Give freshly created maps a random conntrack seed. Pinned maps keep theirs:
-/// a new seed would strand every connection stored under the old one.
+/// Give freshly created maps a random placement seed (conntrack's and the
+/// exact tables'). Pinned maps keep theirs: a new seed would strand every
+/// entry stored under the old one.
 fn seed_placement(config: &mut Array<MapData, u64>) -> Result<u64, DatapathError> {
     let seed = config.get(&CONFIG_HASH_SEED, 0).unwrap_or(0);
     if seed != 0 {

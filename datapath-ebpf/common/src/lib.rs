@@ -12,8 +12,8 @@
 
 pub mod map_names {
     pub const IPCACHE: &str = "BH_IPCACHE";
-    /// Full-length ipcache entries (pod and node addresses): one hash
-    /// lookup instead of a trie walk for the common case.
+    /// Full-length ipcache entries (pod and node addresses) whose set in
+    /// `IPCACHE_TABLE` was full: the table's overflow.
     pub const IPCACHE_EXACT: &str = "BH_IPCACHE_EX";
     pub const ENDPOINTS: &str = "BH_ENDPOINTS";
     /// The same endpoints indexed by ifindex, for interfaces numbered below
@@ -24,10 +24,10 @@ pub mod map_names {
     pub const LOCAL_ADDRS: &str = "BH_LOCAL_ADDRS";
     pub const POLICY: &str = "BH_POLICY";
     /// Full-length policy entries (one peer or any peer, one protocol, one
-    /// port): one hash lookup instead of a trie walk for the common case.
+    /// port) whose set in `POLICY_TABLE` was full: the table's overflow.
     pub const POLICY_EXACT: &str = "BH_POLICY_EX";
-    /// The exact tables the programs search first (`TableSet`); the
-    /// `*_EXACT` hashes above hold what does not fit in them.
+    /// The exact tables (`TableSet`): full-length entries, found without a
+    /// trie walk or a hash lookup.
     pub const IPCACHE_TABLE: &str = "BH_IPCACHE_TAB";
     pub const POLICY_TABLE: &str = "BH_POLICY_TAB";
     /// Conntrack slots, `CONNTRACK_WAYS` per set (see `ConntrackSlot`).
@@ -533,6 +533,12 @@ fn placement_hash<const N: usize>(words: [u64; N], seed: u64) -> u64 {
     sum ^ (sum >> 29)
 }
 
+/// Two 32-bit words as one 64-bit word for `placement_hash`.
+#[inline(always)]
+const fn pair(high: u32, low: u32) -> u64 {
+    ((high as u64) << 32) | low as u64
+}
+
 impl ConnKey {
     /// The connection's set and tag. The set is a seeded hash of everything
     /// but the ports, plus the ports' sum: connections a client opens one
@@ -543,7 +549,6 @@ impl ConnKey {
     pub fn conntrack_place(&self, seed: u64) -> ConntrackPlace {
         let [l0, l1, l2, l3] = self.local.words;
         let [r0, r1, r2, r3] = self.remote.words;
-        let pair = |high: u32, low: u32| (u64::from(high) << 32) | u64::from(low);
         let hash =
             placement_hash([pair(l0, l1), pair(l2, l3), pair(r0, r1), pair(r2, r3), pair(self.endpoint, u32::from(self.protocol))], seed);
         let ports = (u32::from(self.local_port) << 16) | u32::from(self.remote_port);
@@ -612,11 +617,6 @@ pub trait TableSlot: Copy {
     }
 }
 
-#[inline(always)]
-const fn pair(high: u32, low: u32) -> u64 {
-    ((high as u64) << 32) | low as u64
-}
-
 /// An exact ipcache entry: one address (/128, or /32 IPv4-mapped).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -644,7 +644,7 @@ impl TableSlot for IpcacheSlot {
     #[inline(always)]
     fn words(address: &Address) -> [u64; 2] {
         let [w0, w1, w2, w3] = address.words;
-        [pair(w0, w1) ^ pair(w2, 0), u64::from(w3)]
+        [pair(w0, w1), pair(w2, w3)]
     }
 }
 
