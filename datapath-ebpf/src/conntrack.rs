@@ -113,14 +113,14 @@ impl Set {
             let revision = unsafe { core::ptr::addr_of!((*slot).value.revision).read_volatile() };
             compiler_fence(Ordering::Acquire);
             // SAFETY: as above.
-            let (key, mut value) = unsafe { ((*slot).key, (*slot).value) };
+            let (same, mut value) = unsafe { ((*slot).key.same(conn), (*slot).value) };
             value.revision = revision;
             // The tag again, after the slot: if no writer claimed the way
             // meanwhile, what was read is one connection's whole entry.
             compiler_fence(Ordering::Acquire);
             // SAFETY: as above.
             let still = unsafe { core::ptr::addr_of!(tags.tags[way]).read_volatile() };
-            if key != *conn || still != self.place.tag {
+            if !same || still != self.place.tag {
                 continue;
             }
             let now = now();

@@ -152,30 +152,21 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     }
 
     // The connection's key, the endpoint's side first: one lookup finds it
-    // whichever way this packet goes.
-    *conn = if egress {
-        ConnKey {
-            local: packet.saddr,
-            remote: packet.daddr,
-            endpoint: endpoint_id,
-            local_port: packet.sport,
-            remote_port: packet.dport,
-            protocol: packet.protocol,
-            _pad: 0,
-            _pad2: 0,
-        }
+    // whichever way this packet goes. Written field by field from the
+    // chosen side's fields: building a whole `ConnKey` in each branch makes
+    // LLVM build it on the stack and copy it over.
+    let (local, remote, local_port, remote_port) = if egress {
+        (&packet.saddr, &packet.daddr, packet.sport, packet.dport)
     } else {
-        ConnKey {
-            local: packet.daddr,
-            remote: packet.saddr,
-            endpoint: endpoint_id,
-            local_port: packet.dport,
-            remote_port: packet.sport,
-            protocol: packet.protocol,
-            _pad: 0,
-            _pad2: 0,
-        }
+        (&packet.daddr, &packet.saddr, packet.dport, packet.sport)
     };
+    conn.local = *local;
+    conn.remote = *remote;
+    conn.endpoint = endpoint_id;
+    conn.local_port = local_port;
+    conn.remote_port = remote_port;
+    conn.protocol = packet.protocol;
+    (conn._pad, conn._pad2) = (0, 0);
     // Ports take part in policy for these only (ICMP echo's identifier does not).
     let has_ports = matches!(packet.l4, L4::Plain | L4::LaterFragment);
     // Never `None` (the set number is below the array's size); the verifier
@@ -208,7 +199,7 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
         if decision.audit != 0 {
             report(conn, direction, peer, &Reported { kind: EVENT_AUDIT, source: SOURCE_TC, policy_id: decision.audit_policy_id, rule: decision.audit_rule });
         } else if egress && flow_events_enabled() {
-            send_event(conn, direction, peer, &Reported { kind: EVENT_NEW_FLOW, source: SOURCE_TC, policy_id: decision.policy_id, rule: decision.rule });
+            report(conn, direction, peer, &Reported { kind: EVENT_NEW_FLOW, source: SOURCE_TC, policy_id: decision.policy_id, rule: decision.rule });
         }
         return Ok(());
     }
@@ -368,23 +359,27 @@ impl Reported {
     }
 }
 
-/// Count a deny or audit verdict of one connection, seen in `direction`, and
-/// send an event, within the per-CPU event budget so a flood cannot starve
-/// userspace.
+/// Count a deny or audit verdict of one connection, seen in `direction`,
+/// and send an event (a new flow's only the event), within the per-CPU event
+/// budget so a flood cannot starve userspace. One call frame with the event
+/// written inline: the programs' own frame leaves little of the 512 bytes a
+/// chain of calls may take.
 #[inline(never)]
 fn report(conn: &ConnKey, direction: u8, peer: u32, verdict: &Reported) {
     let Reported { kind, policy_id, rule, .. } = *verdict;
-    bump(
-        &VERDICTS,
-        &VerdictKey {
-            endpoint: conn.endpoint,
-            policy_id,
-            rule,
-            direction,
-            kind,
-            _pad: [0; 2],
-        },
-    );
+    if kind != EVENT_NEW_FLOW {
+        bump(
+            &VERDICTS,
+            &VerdictKey {
+                endpoint: conn.endpoint,
+                policy_id,
+                rule,
+                direction,
+                kind,
+                _pad: [0; 2],
+            },
+        );
+    }
     send_event(conn, direction, peer, verdict);
 }
 
@@ -396,7 +391,7 @@ fn flow_events_enabled() -> bool {
 /// Send an event of a connection seen in `direction` (addresses and ports as
 /// a packet that way carries them), within the per-CPU budget; what the
 /// budget keeps back is counted.
-#[inline(never)]
+#[inline(always)]
 fn send_event(conn: &ConnKey, direction: u8, peer: u32, verdict: &Reported) {
     let Reported { kind, source, policy_id, rule } = *verdict;
     if !take_event_budget() {
@@ -408,27 +403,31 @@ fn send_event(conn: &ConnKey, direction: u8, peer: u32, verdict: &Reported) {
         return;
     };
     let (saddr, daddr, sport, dport) = if direction == EGRESS {
-        (conn.local, conn.remote, conn.local_port, conn.remote_port)
+        (&conn.local, &conn.remote, conn.local_port, conn.remote_port)
     } else {
-        (conn.remote, conn.local, conn.remote_port, conn.local_port)
+        (&conn.remote, &conn.local, conn.remote_port, conn.local_port)
     };
-    // Written in place: an Event on the stack would not fit beside the caller's.
-    slot.write(Event {
-        // SAFETY: a helper without preconditions.
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        saddr,
-        daddr,
-        endpoint: conn.endpoint,
-        peer_identity: peer,
-        policy_id,
-        rule,
-        sport,
-        dport,
-        protocol: conn.protocol,
-        direction,
-        kind,
-        source,
-    });
+    // Written in place field by field: an Event (or its addresses) staged
+    // on the stack would not fit beside the callers' frames.
+    let event = slot.as_mut_ptr();
+    // SAFETY: `event` points to reserved ring-buffer memory the size of an
+    // Event; every field is written before `submit`.
+    unsafe {
+        // A helper without preconditions.
+        (*event).timestamp_ns = bpf_ktime_get_ns();
+        (*event).saddr = *saddr;
+        (*event).daddr = *daddr;
+        (*event).endpoint = conn.endpoint;
+        (*event).peer_identity = peer;
+        (*event).policy_id = policy_id;
+        (*event).rule = rule;
+        (*event).sport = sport;
+        (*event).dport = dport;
+        (*event).protocol = conn.protocol;
+        (*event).direction = direction;
+        (*event).kind = kind;
+        (*event).source = source;
+    }
     slot.submit(0);
 }
 

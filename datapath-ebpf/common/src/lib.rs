@@ -539,7 +539,31 @@ const fn pair(high: u32, low: u32) -> u64 {
     ((high as u64) << 32) | low as u64
 }
 
+/// `ConnKey` as the 32-bit words `ConnKey::same` compares.
+const CONN_KEY_WORDS: usize = core::mem::size_of::<ConnKey>() / 4;
+const _: () = assert!(core::mem::size_of::<ConnKey>() == CONN_KEY_WORDS * 4);
+
 impl ConnKey {
+    /// Whether two keys name the same connection: their words xor-ed and
+    /// or-ed together, one branch at the end. The derived `==` branches once
+    /// per field, and with the BPF target's few registers LLVM copies the
+    /// stored key to the stack first and reloads both pointers between
+    /// branches, on every conntrack hit.
+    #[inline(always)]
+    pub fn same(&self, other: &ConnKey) -> bool {
+        // SAFETY: repr(C) with u32 alignment and no implicit padding (the
+        // padding bytes are fields, always written): every byte is an
+        // initialised part of some word.
+        let (ours, theirs) = unsafe {
+            (&*(self as *const ConnKey).cast::<[u32; CONN_KEY_WORDS]>(), &*(other as *const ConnKey).cast::<[u32; CONN_KEY_WORDS]>())
+        };
+        let mut differ = 0;
+        for word in 0..CONN_KEY_WORDS {
+            differ |= ours[word] ^ theirs[word];
+        }
+        differ == 0
+    }
+
     /// The connection's set and tag. The set is a seeded hash of everything
     /// but the ports, plus the ports' sum: connections a client opens one
     /// after another to one server (Linux hands out ephemeral ports in
@@ -842,6 +866,33 @@ mod tests {
             protocol: proto::TCP,
             _pad: 0,
             _pad2: 0,
+        }
+    }
+
+    #[test]
+    fn connections_are_the_same_exactly_when_equal() {
+        let base = connection(40000, 443);
+        assert!(base.same(&base));
+        let mut changes: std::vec::Vec<fn(&mut ConnKey)> = std::vec![
+            |k| k.local.words[3] ^= 1,
+            |k| k.local.words[0] ^= 1 << 31,
+            |k| k.remote.words[2] ^= 1,
+            |k| k.remote.words[3] ^= 1 << 16,
+            |k| k.endpoint += 1,
+            |k| k.local_port += 1,
+            |k| k.remote_port ^= 0x8000,
+            |k| k.protocol = proto::UDP,
+        ];
+        // Two fields changed so that a sum or a plain xor of words would cancel out.
+        changes.push(|k| {
+            k.local_port += 1;
+            k.remote_port -= 1;
+        });
+        for change in changes {
+            let mut other = base;
+            change(&mut other);
+            assert_ne!(base, other);
+            assert!(!base.same(&other) && !other.same(&base), "{other:?} taken for {base:?}");
         }
     }
 
