@@ -74,63 +74,113 @@ fn frame(dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     PacketSpec::new(IpAddr::V4(POD), IpAddr::V4(dst), L4::Tcp { sport, dport, flags }).frame()
 }
 
-/// Runs per round of a repeated measurement; 15 rounds of new connections
-/// stay within the 65535 source ports.
-const NEW_FLOWS_PER_ROUND: u32 = 4000;
+/// Runs per round of a repeated measurement; the 16 rounds of new
+/// connections (one uncounted) stay below source port 61000, where the
+/// one-shot connections start.
+const NEW_FLOWS_PER_ROUND: u32 = 3500;
 const ROUNDS: u16 = 15;
+/// TC verdicts (linux/pkt_cls.h): TC_ACT_OK and TC_ACT_SHOT.
+const PASS: i32 = 0;
+const SHOT: i32 = 2;
+const SIZES: [(&str, usize); 3] = [("1k", 1_000), ("100k", 100_000), ("1m", 1_000_000)];
 
-/// Median over rounds of BPF_PROG_TEST_RUN's mean ns per run, `repeat` runs
-/// of the packet `packet(round)` each.
-fn repeated_ns(dp: &Datapath, program: &'static str, packet: impl Fn(u16) -> Vec<u8>) -> Result<f64> {
-    let mut rounds = Vec::new();
-    for round in 0..ROUNDS {
-        let (_, duration) = dp.test_run(program, &packet(round), NEW_FLOWS_PER_ROUND)?;
-        rounds.push(duration.as_nanos() as f64);
-    }
-    Ok(median(rounds))
+/// A datapath loaded for the bench under its own pin directory, unpinned
+/// when dropped, whether the bench got through or not.
+struct BenchDatapath {
+    label: &'static str,
+    dp: Datapath,
+    pin_dir: PathBuf,
+    cold_peers: Vec<Ipv4Addr>,
 }
 
-fn one_shot_ns(dp: &Datapath, frames: &[Vec<u8>]) -> Result<f64> {
-    let mut samples = Vec::with_capacity(frames.len());
-    for f in frames {
-        let (_, duration) = dp.test_run(program_names::FROM_POD, f, 1)?;
-        samples.push(duration.as_nanos() as f64);
+impl BenchDatapath {
+    fn load(label: &'static str, total: usize) -> Result<Self> {
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-bench-{label}"));
+        let _ = Datapath::unpin_all(&pin_dir);
+        let dp = Datapath::load(&pin_dir)?;
+        let mut bench = BenchDatapath { label, dp, pin_dir, cold_peers: Vec::new() };
+        let dp = &mut bench.dp;
+        dp.set_endpoint(1, EndpointInfo::new(BENCH_ENDPOINT, 0, &[address_key(IpAddr::V4(POD))]))?;
+        dp.set_local_address(address_key(IpAddr::V4(POD)), BENCH_ENDPOINT)?;
+        dp.set_ipcache(IPV4_MAPPED_PREFIX + 32, address_key(IpAddr::V4(PEER)), PEER_IDENTITY)?;
+        dp.load_bench_fixture()?;
+        let started = Instant::now();
+        bench.cold_peers = fill(dp, total)?;
+        eprintln!("  {label}: {total} policy entries written in {:.1} s", started.elapsed().as_secs_f64());
+        Ok(bench)
     }
-    Ok(median(samples))
+
+    /// One BPF_PROG_TEST_RUN of `repeat` runs: mean ns per run, after
+    /// checking the program came to the verdict the measurement is about.
+    fn run_ns(&self, program: &'static str, packet: &[u8], repeat: u32, expected: i32) -> Result<f64> {
+        let (verdict, duration) = self.dp.test_run(program, packet, repeat)?;
+        if verdict != expected {
+            bail!("bench {}: {program} returned {verdict}, expected {expected}: the bench is not timing the path it names", self.label);
+        }
+        Ok(duration.as_nanos() as f64)
+    }
+
+    fn one_shot_ns(&self, frames: &[Vec<u8>], expected: i32) -> Result<f64> {
+        let samples = frames.iter().map(|frame| self.run_ns(program_names::FROM_POD, frame, 1, expected)).collect::<Result<Vec<_>>>()?;
+        Ok(median(samples))
+    }
+}
+
+impl Drop for BenchDatapath {
+    fn drop(&mut self) {
+        let _ = Datapath::unpin_all(&self.pin_dir);
+    }
+}
+
+/// For each datapath, the median over `ROUNDS` rounds of the mean ns per
+/// run of `packet(round)` repeated `NEW_FLOWS_PER_ROUND` times. The
+/// datapaths take turns round by round, after a round each that is not
+/// counted (first-touch and frequency ramp-up): the machine's drift over
+/// the measurement falls on every size alike, so the spread between sizes
+/// is theirs and not the machine's.
+fn interleaved_ns(datapaths: &[BenchDatapath], program: &'static str, expected: i32, packet: impl Fn(u16) -> Vec<u8>) -> Result<Vec<f64>> {
+    let mut rounds = vec![Vec::new(); datapaths.len()];
+    for round in 0..=ROUNDS {
+        let frame = packet(round);
+        for (bench, rounds) in datapaths.iter().zip(&mut rounds) {
+            let ns = bench.run_ns(program, &frame, NEW_FLOWS_PER_ROUND, expected)?;
+            if round > 0 {
+                rounds.push(ns);
+            }
+        }
+    }
+    Ok(rounds.into_iter().map(median).collect())
 }
 
 fn test_run_numbers() -> Result<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
-    for (label, total) in [("1k", 1_000usize), ("100k", 100_000), ("1m", 1_000_000)] {
-        let pin_dir = PathBuf::from("/sys/fs/bpf/bulkhead-bench");
-        let _ = Datapath::unpin_all(&pin_dir);
-        let mut dp = Datapath::load(&pin_dir)?;
-        dp.set_endpoint(1, EndpointInfo::new(BENCH_ENDPOINT, 0, &[address_key(IpAddr::V4(POD))]))?;
-        dp.set_local_address(address_key(IpAddr::V4(POD)), BENCH_ENDPOINT)?;
-        dp.set_ipcache(IPV4_MAPPED_PREFIX + 32, address_key(IpAddr::V4(PEER)), PEER_IDENTITY)?;
-        let started = Instant::now();
-        let cold_peers = fill(&mut dp, total)?;
-        eprintln!("  {label}: {total} policy entries written in {:.1} s", started.elapsed().as_secs_f64());
+    let datapaths = SIZES.iter().map(|&(label, total)| BenchDatapath::load(label, total)).collect::<Result<Vec<_>>>()?;
 
-        // Conntrack hit: one established flow, the same packet repeated.
-        // (Source port 65535: outside the new-flow runs' ports below.)
-        dp.test_run(program_names::FROM_POD, &frame(PEER, 65535, 80, TCP_SYN), 1)?;
-        let ct_hit = repeated_ns(&dp, program_names::FROM_POD, |_| frame(PEER, 65535, 80, TCP_ACK))?;
-        // New connections, allowed and denied, with hot caches: the fixture
-        // moves the source port on by one each run, so every run is a
-        // connection conntrack has not seen (each round its own ports).
-        dp.load_bench_fixture()?;
-        let new_allowed = repeated_ns(&dp, program_names::BENCH_NEW_FLOW, |round| frame(PEER, round * NEW_FLOWS_PER_ROUND as u16, 80, TCP_SYN))?;
-        let denied = repeated_ns(&dp, program_names::BENCH_NEW_FLOW, |round| frame(PEER, round * NEW_FLOWS_PER_ROUND as u16, 81, TCP_SYN))?;
+    // Conntrack hit: one established flow, the same packet repeated.
+    // (Source port 65535: outside the new-flow runs' ports below.)
+    for bench in &datapaths {
+        bench.run_ns(program_names::FROM_POD, &frame(PEER, 65535, 80, TCP_SYN), 1, PASS)?;
+    }
+    let ct_hit = interleaved_ns(&datapaths, program_names::FROM_POD, PASS, |_| frame(PEER, 65535, 80, TCP_ACK))?;
+    // New connections, allowed and denied, with hot caches: the fixture
+    // moves the source port on by one each run, so every run is a
+    // connection conntrack has not seen (each round its own ports).
+    let first_port = |round: u16| round * NEW_FLOWS_PER_ROUND as u16;
+    let new_allowed = interleaved_ns(&datapaths, program_names::BENCH_NEW_FLOW, PASS, |round| frame(PEER, first_port(round), 80, TCP_SYN))?;
+    let denied = interleaved_ns(&datapaths, program_names::BENCH_NEW_FLOW, SHOT, |round| frame(PEER, first_port(round), 81, TCP_SYN))?;
+
+    for (i, bench) in datapaths.iter().enumerate() {
+        let label = bench.label;
+        let (ct_hit, new_allowed, denied) = (ct_hit[i], new_allowed[i], denied[i]);
         // The same, one new connection per BPF_PROG_TEST_RUN call: what a
         // connection costs when it arrives with caches the syscall cooled.
         let one_shot_allowed: Vec<Vec<u8>> = (0..3000).map(|i| frame(PEER, 61000 + i, 80, TCP_SYN)).collect();
         let one_shot_denied: Vec<Vec<u8>> = (0..3000).map(|i| frame(PEER, 61000 + i, 81, TCP_SYN)).collect();
         // What BPF_PROG_TEST_RUN itself costs for one run: an ARP frame,
         // which the program passes right after the endpoint lookup.
-        let harness = one_shot_ns(&dp, &vec![bulkhead::packet::arp_frame(); 3000])?;
-        let one_shot_allowed = one_shot_ns(&dp, &one_shot_allowed)?;
-        let one_shot_denied = one_shot_ns(&dp, &one_shot_denied)?;
+        let harness = bench.one_shot_ns(&vec![bulkhead::packet::arp_frame(); 3000], PASS)?;
+        let one_shot_allowed = bench.one_shot_ns(&one_shot_allowed, PASS)?;
+        let one_shot_denied = bench.one_shot_ns(&one_shot_denied, SHOT)?;
         println!("test_run {label:>4}: ct_hit {ct_hit:.0} ns  new_allowed {new_allowed:.0} ns  denied {denied:.0} ns");
         println!("test_run {label:>4}, one new connection per call: allowed {one_shot_allowed:.0} ns  denied {one_shot_denied:.0} ns  (harness alone, ARP: {harness:.0} ns)");
         out.insert(format!("ct_hit_{label}"), ct_hit);
@@ -139,25 +189,23 @@ fn test_run_numbers() -> Result<BTreeMap<String, f64>> {
         out.insert(format!("one_shot_allowed_{label}"), one_shot_allowed);
         out.insert(format!("one_shot_denied_{label}"), one_shot_denied);
         out.insert(format!("one_shot_harness_{label}"), harness);
-        if total == 1_000_000 {
-            // Cache-cold: random peers among 100k identities with entries.
-            let mut state = 0x2545f4914f6cdd1du64;
-            let cold: Vec<Vec<u8>> = (0..3000)
-                .map(|i| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    let peer = cold_peers[(state % cold_peers.len() as u64) as usize];
-                    frame(peer, 30000 + i, 1000 + (state % 8) as u16, TCP_SYN)
-                })
-                .collect();
-            let cold_1m = one_shot_ns(&dp, &cold)?;
-            println!("test_run cold_1m: {cold_1m:.0} ns");
-            out.insert("cold_1m".into(), cold_1m);
-        }
-        drop(dp);
-        Datapath::unpin_all(&pin_dir)?;
     }
+
+    // Cache-cold: random peers among 100k identities with entries, at 1M.
+    let largest = datapaths.last().context("no datapath")?;
+    let mut state = 0x2545f4914f6cdd1du64;
+    let cold: Vec<Vec<u8>> = (0..3000)
+        .map(|i| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let peer = largest.cold_peers[(state % largest.cold_peers.len() as u64) as usize];
+            frame(peer, 30000 + i, 1000 + (state % 8) as u16, TCP_SYN)
+        })
+        .collect();
+    let cold_1m = largest.one_shot_ns(&cold, PASS)?;
+    println!("test_run cold_1m: {cold_1m:.0} ns");
+    out.insert("cold_1m".into(), cold_1m);
     Ok(out)
 }
 
