@@ -112,15 +112,22 @@ impl Set {
             // SAFETY: as above.
             let revision = unsafe { core::ptr::addr_of!((*slot).value.revision).read_volatile() };
             compiler_fence(Ordering::Acquire);
+            // Another connection's key is passed over at once: deciding
+            // after the tag's second read would keep every word of both keys
+            // alive across it, spilled to the stack.
             // SAFETY: as above.
-            let (same, mut value) = unsafe { ((*slot).key.same(conn), (*slot).value) };
+            if unsafe { !(*slot).key.same(conn) } {
+                continue;
+            }
+            // SAFETY: as above.
+            let mut value = unsafe { (*slot).value };
             value.revision = revision;
             // The tag again, after the slot: if no writer claimed the way
             // meanwhile, what was read is one connection's whole entry.
             compiler_fence(Ordering::Acquire);
             // SAFETY: as above.
             let still = unsafe { core::ptr::addr_of!(tags.tags[way]).read_volatile() };
-            if !same || still != self.place.tag {
+            if still != self.place.tag {
                 continue;
             }
             let now = now();
