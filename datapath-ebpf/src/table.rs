@@ -33,7 +33,9 @@ pub fn lookup<S: TableSlot>(
     overflow: &HashMap<S::Key, S::Value>,
     key: &S::Key,
 ) -> Result<Option<S::Value>, Busy> {
-    // Conntrack's seed too: written once when the maps are created.
+    // Conntrack's seed too: written once when the maps are created. Read
+    // here, not passed in: a seed kept live through the caller's lookups
+    // took the programs' call chain past the verifier's 512-byte stack.
     let seed = CONFIG.get(CONFIG_HASH_SEED).copied().unwrap_or(0);
     let place = S::place(key, seed, sets_count);
     // Never `None`: the set number is below the array's size.

@@ -883,7 +883,8 @@ mod tests {
             |k| k.remote_port ^= 0x8000,
             |k| k.protocol = proto::UDP,
         ];
-        // Two fields changed so that a sum or a plain xor of words would cancel out.
+        // Both ports changed so that their sum (what conntrack's placement
+        // adds to the set) stays the same.
         changes.push(|k| {
             k.local_port += 1;
             k.remote_port -= 1;
