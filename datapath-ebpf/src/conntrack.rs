@@ -19,7 +19,7 @@ use core::{
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use datapath_common::{
-    ConnKey, ConntrackPlace, ConntrackSlot, ConntrackTags, ConntrackValue, CONFIG_HASH_SEED, CONNTRACK_TAG_BUSY,
+    capacity, ConnKey, ConntrackPlace, ConntrackSlot, ConntrackTags, ConntrackValue, CONFIG_HASH_SEED, CONNTRACK_TAG_BUSY,
     CONNTRACK_TAG_FREE, CONNTRACK_WAYS,
 };
 
@@ -59,9 +59,10 @@ fn now() -> u32 {
     unsafe { bpf_jiffies64() as u32 }
 }
 
+/// Way-major: see `ConntrackSlot`.
 #[inline(always)]
 fn slot_index(place: &ConntrackPlace, way: usize) -> u32 {
-    place.set * CONNTRACK_WAYS as u32 + (way as u32 & (CONNTRACK_WAYS as u32 - 1))
+    (way as u32 & (CONNTRACK_WAYS as u32 - 1)) * capacity::CONNTRACK_SETS + place.set
 }
 
 /// Store a tag after the slot it describes. The BPF target has no release

@@ -30,7 +30,8 @@ pub mod map_names {
     /// trie walk or a hash lookup.
     pub const IPCACHE_TABLE: &str = "BH_IPCACHE_TAB";
     pub const POLICY_TABLE: &str = "BH_POLICY_TAB";
-    /// Conntrack slots, `CONNTRACK_WAYS` per set (see `ConntrackSlot`).
+    /// Conntrack slots: `CONNTRACK_WAYS` planes of one slot per set (see
+    /// `ConntrackSlot`).
     pub const CONNTRACK: &str = "BH_CONNTRACK";
     /// One `ConntrackTags` per conntrack set: what a lookup reads first.
     pub const CONNTRACK_TAGS: &str = "BH_CT_TAGS";
@@ -490,7 +491,15 @@ pub struct ConntrackTags {
     pub tags: [u64; CONNTRACK_WAYS],
 }
 
-/// One conntrack way: 64 bytes, one cache line.
+/// One conntrack way: 64 bytes, one cache line. Slots are stored way by
+/// way: way `w` of set `s` is slot `w * CONNTRACK_SETS + s`. A new
+/// connection takes its set's first free way, so until conntrack fills up
+/// connections sit in the first plane, and those in neighbouring sets (a
+/// client's consecutive ports, see `conntrack_place`) in neighbouring lines
+/// of one page. Stored set by set, each new connection of such a run
+/// touched a line 512 bytes past the last and a new page every eighth; on
+/// this project's VMs that made some datapaths store new connections at
+/// twice the cost of others loaded beside them (BENCHMARKS.md).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConntrackSlot {
