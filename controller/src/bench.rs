@@ -30,9 +30,15 @@ pub fn run(what: &str) -> Result<()> {
     }
 }
 
+/// Of an even count, the mean of the two middle values.
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    values[values.len() / 2]
+    let middle = values.len() / 2;
+    if values.len() % 2 == 0 {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -238,7 +244,7 @@ fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
     let server = topology.add_pod("server");
     let mut iperf = Command::new("ip").args(["netns", "exec", &server.netns, "iperf3", "-s"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     std::thread::sleep(Duration::from_millis(500));
-    let rounds = 5;
+    let rounds = 6;
     let mut none = Vec::new();
     let mut with_bulkhead = Vec::new();
     let mut with_iptables = Vec::new();
@@ -285,17 +291,29 @@ fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
         .collect();
     let restore = format!("*filter\n:BHBENCH - [0:0]\n{rules}COMMIT\n");
 
-    for round in 0..rounds {
-        none.push(iperf_gbps(&topology, server.ipv4)?);
+    let bulkhead_iperf = |programmer: &mut Programmer| -> Result<f64> {
         for pod in [&client, &server] {
             let ifindex = topology.ifindex(&pod.host_interface);
-            let endpoint = desired.endpoints[&PodRef::new("bench", if pod.name == "client" { "client" } else { "server" })].id;
+            let endpoint = desired.endpoints[&PodRef::new("bench", &pod.name)].id;
             programmer.attach_endpoint(endpoint, &pod.host_interface, ifindex, &[pod.ipv4], None)?;
         }
-        with_bulkhead.push(iperf_gbps(&topology, server.ipv4)?);
+        let gbps = iperf_gbps(&topology, server.ipv4);
         for pod in [&client, &server] {
             let ifindex = topology.ifindex(&pod.host_interface);
             programmer.detach_endpoint(&pod.host_interface, ifindex, &[pod.ipv4], None)?;
+        }
+        gbps
+    };
+    for round in 0..rounds {
+        // Which of the two goes first alternates round by round, so a drift
+        // within a round (the machine's, or iperf's own warming) falls on
+        // both alike instead of always on the second.
+        if round % 2 == 0 {
+            none.push(iperf_gbps(&topology, server.ipv4)?);
+            with_bulkhead.push(bulkhead_iperf(&mut programmer)?);
+        } else {
+            with_bulkhead.push(bulkhead_iperf(&mut programmer)?);
+            none.push(iperf_gbps(&topology, server.ipv4)?);
         }
         let mut child = Command::new("ip").args(["netns", "exec", &topology.node_netns, "iptables-restore", "--noflush"]).stdin(Stdio::piped()).spawn()?;
         use std::io::Write;
