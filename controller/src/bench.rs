@@ -244,7 +244,7 @@ fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
     let server = topology.add_pod("server");
     let mut iperf = Command::new("ip").args(["netns", "exec", &server.netns, "iperf3", "-s"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     std::thread::sleep(Duration::from_millis(500));
-    let rounds = 6;
+    let rounds = 10;
     let mut none = Vec::new();
     let mut with_bulkhead = Vec::new();
     let mut with_iptables = Vec::new();
