@@ -3,13 +3,10 @@
 
 use anyhow::Context as _;
 
-
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
-    let root_dir = std::path::Path::new(&manifest_dir)
-        .parent()
-        .context("controller/ has a parent")?
-        .join("datapath-ebpf");
+    let root_dir =
+        std::path::Path::new(&manifest_dir).parent().context("controller/ has a parent")?.join("datapath-ebpf");
     let root_dir = root_dir.to_str().context("non-UTF-8 path")?;
     println!("cargo:rerun-if-changed={root_dir}/common/src");
     // Stable rustc builds `core` for the BPF target only with bootstrap on;

@@ -13,12 +13,18 @@ use anyhow::{bail, Context, Result};
 use bulkhead::{
     dataplane::{sync::Programmer, Datapath},
     packet::{PacketSpec, L4, TCP_ACK, TCP_SYN},
-    policy::{self, compile::address_key, ContainerPort, Namespace, Pod, PodRef, PolicyKind, PolicyObject, PolicyRef, Snapshot},
+    policy::{
+        self, compile::address_key, ContainerPort, Namespace, Pod, PodRef, PolicyKind, PolicyObject, PolicyRef,
+        Snapshot,
+    },
     source::manifest::{self, Object},
     testbed::Topology,
 };
 use bulkhead_crds::Protocol;
-use datapath_common::{identity, policy_prefix, program_names, proto, verdict, EndpointInfo, PolicyKey, PolicyValue, EGRESS, IPV4_MAPPED_PREFIX};
+use datapath_common::{
+    identity, policy_prefix, program_names, proto, verdict, EndpointInfo, PolicyKey, PolicyValue, EGRESS,
+    IPV4_MAPPED_PREFIX,
+};
 use serde_json::json;
 
 pub fn run(what: &str) -> Result<()> {
@@ -50,7 +56,15 @@ const PEER: Ipv4Addr = Ipv4Addr::new(10, 199, 2, 20);
 const PEER_IDENTITY: u32 = 5000;
 
 fn allow() -> PolicyValue {
-    PolicyValue { verdict: verdict::ALLOW, audit: 0, _pad: [0; 2], policy_id: 1, rule: 0, audit_policy_id: 0, audit_rule: 0 }
+    PolicyValue {
+        verdict: verdict::ALLOW,
+        audit: 0,
+        _pad: [0; 2],
+        policy_id: 1,
+        rule: 0,
+        audit_policy_id: 0,
+        audit_rule: 0,
+    }
 }
 
 /// Fill the policy map with `total` entries: the hot ones of the bench
@@ -127,7 +141,10 @@ impl BenchDatapath {
     }
 
     fn one_shot_ns(&self, frames: &[Vec<u8>], expected: i32) -> Result<f64> {
-        let samples = frames.iter().map(|frame| self.run_ns(program_names::FROM_POD, frame, 1, expected)).collect::<Result<Vec<_>>>()?;
+        let samples = frames
+            .iter()
+            .map(|frame| self.run_ns(program_names::FROM_POD, frame, 1, expected))
+            .collect::<Result<Vec<_>>>()?;
         Ok(median(samples))
     }
 }
@@ -144,7 +161,12 @@ impl Drop for BenchDatapath {
 /// counted (first-touch and frequency ramp-up): the machine's drift over
 /// the measurement falls on every size alike, so the spread between sizes
 /// is theirs and not the machine's.
-fn interleaved_ns(datapaths: &[BenchDatapath], program: &'static str, expected: i32, packet: impl Fn(u16) -> Vec<u8>) -> Result<Vec<f64>> {
+fn interleaved_ns(
+    datapaths: &[BenchDatapath],
+    program: &'static str,
+    expected: i32,
+    packet: impl Fn(u16) -> Vec<u8>,
+) -> Result<Vec<f64>> {
     let mut rounds = vec![Vec::new(); datapaths.len()];
     for round in 0..=ROUNDS {
         let frame = packet(round);
@@ -160,7 +182,8 @@ fn interleaved_ns(datapaths: &[BenchDatapath], program: &'static str, expected: 
 
 fn test_run_numbers() -> Result<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
-    let datapaths = SIZES.iter().map(|&(label, total)| BenchDatapath::load(label, total)).collect::<Result<Vec<_>>>()?;
+    let datapaths =
+        SIZES.iter().map(|&(label, total)| BenchDatapath::load(label, total)).collect::<Result<Vec<_>>>()?;
 
     // Conntrack hit: one established flow, the same packet repeated.
     // (Source port 65535: outside the new-flow runs' ports below.)
@@ -172,8 +195,12 @@ fn test_run_numbers() -> Result<BTreeMap<String, f64>> {
     // moves the source port on by one each run, so every run is a
     // connection conntrack has not seen (each round its own ports).
     let first_port = |round: u16| round * NEW_FLOWS_PER_ROUND as u16;
-    let new_allowed = interleaved_ns(&datapaths, program_names::BENCH_NEW_FLOW, PASS, |round| frame(PEER, first_port(round), 80, TCP_SYN))?;
-    let denied = interleaved_ns(&datapaths, program_names::BENCH_NEW_FLOW, SHOT, |round| frame(PEER, first_port(round), 81, TCP_SYN))?;
+    let new_allowed = interleaved_ns(&datapaths, program_names::BENCH_NEW_FLOW, PASS, |round| {
+        frame(PEER, first_port(round), 80, TCP_SYN)
+    })?;
+    let denied = interleaved_ns(&datapaths, program_names::BENCH_NEW_FLOW, SHOT, |round| {
+        frame(PEER, first_port(round), 81, TCP_SYN)
+    })?;
 
     // The same, one new connection per BPF_PROG_TEST_RUN call: what a
     // connection costs when it arrives with caches the syscall cooled. Each
@@ -242,7 +269,11 @@ fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
     let mut topology = Topology::new("bnch", 198);
     let client = topology.add_pod("client");
     let server = topology.add_pod("server");
-    let mut iperf = Command::new("ip").args(["netns", "exec", &server.netns, "iperf3", "-s"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let mut iperf = Command::new("ip")
+        .args(["netns", "exec", &server.netns, "iperf3", "-s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
     std::thread::sleep(Duration::from_millis(500));
     let rounds = 10;
     let mut none = Vec::new();
@@ -276,13 +307,24 @@ fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
     programmer.sync(&desired)?;
     let server_endpoint = desired.endpoints[&PodRef::new("bench", "server")].id;
     for i in 0..10_000u32 {
-        programmer.datapath_mut().set_policy(policy_prefix::FULL, PolicyKey::new(server_endpoint, 0, 100_000 + i, proto::TCP, 8080), allow())?;
+        programmer.datapath_mut().set_policy(
+            policy_prefix::FULL,
+            PolicyKey::new(server_endpoint, 0, 100_000 + i, proto::TCP, 8080),
+            allow(),
+        )?;
     }
 
     // iptables: the same allow as 10k stateless rules in the node's FORWARD
     // chain, the matching one last (no conntrack shortcut).
     let rules: String = (0..10_000u32)
-        .map(|i| format!("-A BHBENCH -s 10.197.{}.{}/32 -d {} -p tcp --dport 5201 -j ACCEPT\n", i / 250, i % 250, server.ipv4))
+        .map(|i| {
+            format!(
+                "-A BHBENCH -s 10.197.{}.{}/32 -d {} -p tcp --dport 5201 -j ACCEPT\n",
+                i / 250,
+                i % 250,
+                server.ipv4
+            )
+        })
         .chain([
             format!("-A BHBENCH -s {} -d {} -p tcp --dport 5201 -j ACCEPT\n", client.ipv4, server.ipv4),
             format!("-A BHBENCH -s {} -d {} -p tcp --sport 5201 -j ACCEPT\n", server.ipv4, client.ipv4),
@@ -315,7 +357,10 @@ fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
             with_bulkhead.push(bulkhead_iperf(&mut programmer)?);
             none.push(iperf_gbps(&topology, server.ipv4)?);
         }
-        let mut child = Command::new("ip").args(["netns", "exec", &topology.node_netns, "iptables-restore", "--noflush"]).stdin(Stdio::piped()).spawn()?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &topology.node_netns, "iptables-restore", "--noflush"])
+            .stdin(Stdio::piped())
+            .spawn()?;
         use std::io::Write;
         child.stdin.take().context("stdin")?.write_all(restore.as_bytes())?;
         child.wait()?;
@@ -357,8 +402,13 @@ fn datapath() -> Result<()> {
         let min = values.iter().cloned().fold(f64::MAX, f64::min);
         spread.insert(metric.to_string(), max / min);
     }
-    println!("spread from 1k to 1M entries (largest / smallest): {}", spread.iter().map(|(k, v)| format!("{k} {v:.2}")).collect::<Vec<_>>().join(", "));
-    let round = |m: &BTreeMap<String, f64>| m.iter().map(|(k, v)| (k.clone(), json!((v * 100.0).round() / 100.0))).collect::<serde_json::Map<_, _>>();
+    println!(
+        "spread from 1k to 1M entries (largest / smallest): {}",
+        spread.iter().map(|(k, v)| format!("{k} {v:.2}")).collect::<Vec<_>>().join(", ")
+    );
+    let round = |m: &BTreeMap<String, f64>| {
+        m.iter().map(|(k, v)| (k.clone(), json!((v * 100.0).round() / 100.0))).collect::<serde_json::Map<_, _>>()
+    };
     println!(
         "{}",
         json!({
@@ -378,7 +428,11 @@ fn datapath() -> Result<()> {
 fn synthetic_cluster(pods: usize, namespaces: usize, policies: usize) -> Snapshot {
     let mut snapshot = Snapshot::default();
     for n in 0..namespaces {
-        let labels = [("team".to_string(), format!("t{}", n % 20)), ("env".to_string(), if n % 3 == 0 { "prod" } else { "dev" }.to_string())].into();
+        let labels = [
+            ("team".to_string(), format!("t{}", n % 20)),
+            ("env".to_string(), if n % 3 == 0 { "prod" } else { "dev" }.to_string()),
+        ]
+        .into();
         snapshot.add_namespace(Namespace::new(&format!("ns{n}"), labels));
     }
     for i in 0..pods {
@@ -387,7 +441,11 @@ fn synthetic_cluster(pods: usize, namespaces: usize, policies: usize) -> Snapsho
         snapshot.add_pod(Pod {
             namespace: format!("ns{ns}"),
             name: format!("pod{i}"),
-            labels: [("app".to_string(), format!("app{app}")), ("tier".to_string(), ["web", "api", "db"][app % 3].to_string())].into(),
+            labels: [
+                ("app".to_string(), format!("app{app}")),
+                ("tier".to_string(), ["web", "api", "db"][app % 3].to_string()),
+            ]
+            .into(),
             ips: vec![IpAddr::V4(Ipv4Addr::new(10, (100 + i / 65536) as u8, (i / 256 % 256) as u8, (i % 256) as u8))],
             ports: vec![ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::TCP }],
             node_name: None,
@@ -420,7 +478,12 @@ fn synthetic_cluster(pods: usize, namespaces: usize, policies: usize) -> Snapsho
 }
 
 /// Change a policy with `edit` and back, 20 times over, timing each incremental update.
-fn alternate(compiler: &mut policy::Compiler, snapshot: &mut Snapshot, key: &PolicyRef, edit: impl Fn(&mut PolicyObject)) -> Vec<f64> {
+fn alternate(
+    compiler: &mut policy::Compiler,
+    snapshot: &mut Snapshot,
+    key: &PolicyRef,
+    edit: impl Fn(&mut PolicyObject),
+) -> Vec<f64> {
     let original = snapshot.policies[key].clone();
     (0..20)
         .map(|round| {
@@ -439,7 +502,12 @@ fn alternate(compiler: &mut policy::Compiler, snapshot: &mut Snapshot, key: &Pol
 
 fn peak_rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
 }
 
 fn time_ms(f: impl FnOnce()) -> f64 {
@@ -489,10 +557,18 @@ fn compile() -> Result<()> {
             p.spec.priority += 1;
         }
     });
-    anyhow::ensure!(compiler.full_compiles() == 1, "the changes were meant to be incremental, yet {} full compiles ran", compiler.full_compiles() - 1);
-    anyhow::ensure!(compiler.state() == &policy::compile(&changed), "the incremental state differs from a fresh compile");
+    anyhow::ensure!(
+        compiler.full_compiles() == 1,
+        "the changes were meant to be incremental, yet {} full compiles ran",
+        compiler.full_compiles() - 1
+    );
+    anyhow::ensure!(
+        compiler.state() == &policy::compile(&changed),
+        "the incremental state differs from a fresh compile"
+    );
     drop(compiler);
-    let (pod_change_ms, policy_change_ms, cluster_policy_change_ms) = (median(pod_change), median(policy_change), median(cluster_policy_change));
+    let (pod_change_ms, policy_change_ms, cluster_policy_change_ms) =
+        (median(pod_change), median(policy_change), median(cluster_policy_change));
     println!("incremental update + map operations, median of 20: pod label change {pod_change_ms:.2} ms; policy change {policy_change_ms:.2} ms; cluster policy change (500 pods) {cluster_policy_change_ms:.2} ms");
     drop(state);
     let big = synthetic_cluster(150_000, 500, 2_000);
@@ -557,10 +633,17 @@ fn convergence() -> Result<()> {
     let exe = std::env::current_exe()?;
     // In a folder a pod carries its status; through the API server a kubelet would patch it in.
     let pod_yaml = |pod: &bulkhead::testbed::TestPod, app: &str, with_status: bool| {
-        let status = format!("status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n", ip = pod.ipv4);
+        let status =
+            format!("status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n", ip = pod.ipv4);
         format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {app}, namespace: bench, labels: {{app: {app}}}}}\nspec: {{nodeName: bench-node, containers: [{{name: main, image: none}}]}}\n{}", if with_status { status.as_str() } else { "" })
     };
-    let cluster = |with_status: bool| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n{}{}", pod_yaml(&client, "client", with_status), pod_yaml(&server, "server", with_status));
+    let cluster = |with_status: bool| {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench}}\n{}{}",
+            pod_yaml(&client, "client", with_status),
+            pod_yaml(&server, "server", with_status)
+        )
+    };
 
     // Through a folder.
     let folder = std::env::temp_dir().join("bulkhead-bench-convergence");
@@ -572,19 +655,31 @@ fn convergence() -> Result<()> {
     let agent = Killed(
         topology
             .node_command(&exe)
-            .args(["agent", "--node-name", "bench-node", "--pin-dir", CONVERGENCE_PIN_DIR, "--metrics-address", bulkhead::testbed::AGENT_ADDRESS])
+            .args([
+                "agent",
+                "--node-name",
+                "bench-node",
+                "--pin-dir",
+                CONVERGENCE_PIN_DIR,
+                "--metrics-address",
+                bulkhead::testbed::AGENT_ADDRESS,
+            ])
             .arg(format!("--source=dir:{}", folder.display()))
             .env("RUST_LOG", "warn,netlink_packet_route=error")
             .stdout(Stdio::null())
             .spawn()?,
     );
-    wait_for("the agent enforces both pods", Duration::from_secs(30), || topology.agent_state()["endpoints"].as_object().is_some_and(|e| e.len() == 2))?;
+    wait_for("the agent enforces both pods", Duration::from_secs(30), || {
+        topology.agent_state()["endpoints"].as_object().is_some_and(|e| e.len() == 2)
+    })?;
     let mut dir_ms = Vec::new();
     for round in 0..100u16 {
         let started = Instant::now();
         write("policy.yaml", &convergence_policy(1001 + round))?;
         let revision = bulkhead::source::dir::revision(&folder)?;
-        wait_for("the folder change is enforced", Duration::from_secs(10), || topology.agent_state()["revision"] == revision.as_str())?;
+        wait_for("the folder change is enforced", Duration::from_secs(10), || {
+            topology.agent_state()["revision"] == revision.as_str()
+        })?;
         dir_ms.push(started.elapsed().as_secs_f64() * 1e3);
     }
     drop(agent);
@@ -595,15 +690,38 @@ fn convergence() -> Result<()> {
     // Through a real API server, running inside the node's namespace.
     let plane = bulkhead::testbed::apiserver::ControlPlane::start(&topology.node_netns, "cvg");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    for file in ["manifests/crds/connectionpolicies.bulkhead.io.yaml", "manifests/crds/clusterconnectionpolicies.bulkhead.io.yaml", "manifests/deploy/namespace.yaml"] {
+    for file in [
+        "manifests/crds/connectionpolicies.bulkhead.io.yaml",
+        "manifests/crds/clusterconnectionpolicies.bulkhead.io.yaml",
+        "manifests/deploy/namespace.yaml",
+    ] {
         plane.apply(&std::fs::read_to_string(root.join(file))?);
     }
-    let established = plane.kubectl(&["wait", "--for", "condition=established", "--timeout=60s", "crd/connectionpolicies.bulkhead.io"]);
+    let established = plane.kubectl(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        "crd/connectionpolicies.bulkhead.io",
+    ]);
     anyhow::ensure!(established.status.success(), "CRDs not established");
     plane.apply(&cluster(false));
     for (name, pod) in [("client", &client), ("server", &server)] {
-        let status = format!("{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\"podIPs\":[{{\"ip\":\"{ip}\"}}]}}}}", ip = pod.ipv4);
-        let out = plane.kubectl(&["patch", "pod", name, "-n", "bench", "--subresource=status", "--type=merge", "-p", &status]);
+        let status = format!(
+            "{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\"podIPs\":[{{\"ip\":\"{ip}\"}}]}}}}",
+            ip = pod.ipv4
+        );
+        let out = plane.kubectl(&[
+            "patch",
+            "pod",
+            name,
+            "-n",
+            "bench",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status,
+        ]);
         anyhow::ensure!(out.status.success(), "patching pod status: {}", String::from_utf8_lossy(&out.stderr));
     }
     plane.apply(&convergence_policy(1000));
@@ -611,12 +729,23 @@ fn convergence() -> Result<()> {
     let agent = Killed(
         plane
             .command_as("admin", &exe)
-            .args(["agent", "--source=kubernetes", "--node-name", "bench-node", "--pin-dir", CONVERGENCE_PIN_DIR, "--metrics-address", bulkhead::testbed::AGENT_ADDRESS])
+            .args([
+                "agent",
+                "--source=kubernetes",
+                "--node-name",
+                "bench-node",
+                "--pin-dir",
+                CONVERGENCE_PIN_DIR,
+                "--metrics-address",
+                bulkhead::testbed::AGENT_ADDRESS,
+            ])
             .env("RUST_LOG", "warn,netlink_packet_route=error")
             .stdout(Stdio::null())
             .spawn()?,
     );
-    wait_for("the agent enforces both pods", Duration::from_secs(30), || topology.agent_state()["endpoints"].as_object().is_some_and(|e| e.len() == 2))?;
+    wait_for("the agent enforces both pods", Duration::from_secs(30), || {
+        topology.agent_state()["endpoints"].as_object().is_some_and(|e| e.len() == 2)
+    })?;
     // The bench's own client talks to the API server from the node's namespace.
     topology.enter_node();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -649,7 +778,10 @@ fn convergence() -> Result<()> {
     let _ = Datapath::unpin_all(CONVERGENCE_PIN_DIR);
     let (api_p50, api_p99) = (percentile(api_ms.clone(), 0.5), percentile(api_ms, 0.99));
     println!("api: change -> enforced p50 {api_p50:.1} ms, p99 {api_p99:.1} ms (60 changes)");
-    println!("{}", json!({"dir_p50_ms": round2(dir_p50), "dir_p99_ms": round2(dir_p99), "api_p50_ms": round2(api_p50), "api_p99_ms": round2(api_p99)}));
+    println!(
+        "{}",
+        json!({"dir_p50_ms": round2(dir_p50), "dir_p99_ms": round2(dir_p99), "api_p50_ms": round2(api_p50), "api_p99_ms": round2(api_p99)})
+    );
     Ok(())
 }
 

@@ -86,7 +86,10 @@ impl Demo {
         while started.elapsed() < Duration::from_secs(30) {
             testbed::interrupted()?;
             if testbed::agent_holds(&self.topology.agent_state(), &revision, PODS.len()) {
-                println!("{DIM}the agent enforces it {:.0} ms after the edit{RESET}", started.elapsed().as_secs_f64() * 1e3);
+                println!(
+                    "{DIM}the agent enforces it {:.0} ms after the edit{RESET}",
+                    started.elapsed().as_secs_f64() * 1e3
+                );
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -123,7 +126,9 @@ impl Demo {
         std::thread::sleep(Duration::from_millis(300));
         println!("\n{BOLD}from the agent's /metrics{RESET}");
         for line in self.topology.agent_get("/metrics")?.lines() {
-            if line.starts_with("bulkhead_blocked_connections_total{") || line.starts_with("bulkhead_audit_denied_connections_total{") {
+            if line.starts_with("bulkhead_blocked_connections_total{")
+                || line.starts_with("bulkhead_audit_denied_connections_total{")
+            {
                 println!("  {line}");
             }
         }
@@ -139,7 +144,12 @@ impl Demo {
                 Some(rule) => format!("{} rule {rule}", text("policy")),
                 None => format!("{} (isolated, no rule allows)", text("policy")),
             };
-            println!("  {color}{word}{RESET} {} {}: {source} -> {}  by {by}", text("pod"), text("direction"), text("destination"));
+            println!(
+                "  {color}{word}{RESET} {} {}: {source} -> {}  by {by}",
+                text("pod"),
+                text("direction"),
+                text("destination")
+            );
         }
         self.events_shown = events.len();
         Ok(())
@@ -177,12 +187,18 @@ pub fn run() -> Result<()> {
     let mut demo = Demo { topology, folder, agent: None, events_shown: 0 };
     demo.put("cluster.yaml", &cluster)?;
 
-    println!("\n{BOLD}1. The agent follows {} (its embedded default: a folder of manifests){RESET}", demo.folder.display());
+    println!(
+        "\n{BOLD}1. The agent follows {} (its embedded default: a folder of manifests){RESET}",
+        demo.folder.display()
+    );
     println!("   with the example policies of manifests/examples: payment-service only from api-gateway on TCP 8080, postgres only from payment-service, api-gateway only from frontend");
     for file in ["payment-from-gateway.yaml", "postgres-from-payment.yaml", "gateway-from-frontend.yaml"] {
         demo.put(file, &example(file)?)?;
     }
-    let agent = demo.topology.spawn_agent("demo-node", PIN_DIR, &demo.folder, "bulkhead-demo-agent.log", "warn,netlink_packet_route=error").context("starting the agent")?;
+    let agent = demo
+        .topology
+        .spawn_agent("demo-node", PIN_DIR, &demo.folder, "bulkhead-demo-agent.log", "warn,netlink_packet_route=error")
+        .context("starting the agent")?;
     demo.agent = Some(agent);
     demo.enforced()?;
     demo.table("Verdicts of real connection attempts")?;

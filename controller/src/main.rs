@@ -172,7 +172,9 @@ fn run() -> Result<ExitCode> {
             init_logging(LogFormat::Text);
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(async move {
-                let client = kube::Client::try_default().await.context("connecting to the API server (kubeconfig or in-cluster)")?;
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the API server (kubeconfig or in-cluster)")?;
                 tokio::select! {
                     result = bulkhead::status::run_controller(client, agent_namespace) => result,
                     _ = tokio::signal::ctrl_c() => Ok(()),
@@ -198,7 +200,8 @@ fn run() -> Result<ExitCode> {
             }
         }
         Command::Datapath { command: DatapathCommand::Remove { pin_dir } } => {
-            bulkhead::dataplane::Datapath::unpin_all(&pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+            bulkhead::dataplane::Datapath::unpin_all(&pin_dir)
+                .with_context(|| format!("removing {}", pin_dir.display()))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -209,12 +212,16 @@ fn agent(args: AgentArgs) -> Result<()> {
     init_logging(args.log_format);
     let node_name = match args.node_name {
         Some(name) => name,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname for --node-name")?.trim().to_string(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the hostname for --node-name")?
+            .trim()
+            .to_string(),
     };
     let mut config = Config::new(&node_name, args.pin_dir);
     config.cgroup_root = Some(args.cgroup_root.unwrap_or_else(default_cgroup_root));
     config.events_per_second = args.events_per_second;
-    config.egress_learning = (args.egress_learning_seconds > 0).then(|| std::time::Duration::from_secs(args.egress_learning_seconds));
+    config.egress_learning =
+        (args.egress_learning_seconds > 0).then(|| std::time::Duration::from_secs(args.egress_learning_seconds));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let (updates, received) = tokio::sync::mpsc::channel(1024);
@@ -227,7 +234,9 @@ fn agent(args: AgentArgs) -> Result<()> {
                 tokio::spawn(bulkhead::source::dir::run(source, updates))
             }
             _ if args.source == "kubernetes" => {
-                let client = kube::Client::try_default().await.context("connecting to the API server (kubeconfig or in-cluster)")?;
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the API server (kubeconfig or in-cluster)")?;
                 reporter = Some((client.clone(), args.report_namespace.clone()));
                 tokio::spawn(bulkhead::source::kubernetes::run(client, updates))
             }
@@ -238,7 +247,9 @@ fn agent(args: AgentArgs) -> Result<()> {
         if let Some((client, namespace)) = reporter {
             tokio::spawn(bulkhead::status::report_programmed(client, namespace, node_name.clone(), shared.clone()));
         }
-        let address = agent::http::serve(args.metrics_address, shared).await.with_context(|| format!("serving metrics on {}", args.metrics_address))?;
+        let address = agent::http::serve(args.metrics_address, shared)
+            .await
+            .with_context(|| format!("serving metrics on {}", args.metrics_address))?;
         tracing::info!(source = %args.source, node = %node_name, metrics = %address, "agent started");
         tokio::select! {
             () = agent.run(received) => bail!("the source stopped"),
@@ -258,7 +269,8 @@ fn agent(args: AgentArgs) -> Result<()> {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,netlink_packet_route=error"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,netlink_packet_route=error"));
     match format {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
@@ -340,7 +352,13 @@ fn explain(snapshot: &Snapshot, from: &str, to: &str, port: &str, ipv6: bool) ->
     for error in &state.rejected {
         println!("note: not enforced (rejected): {error}");
     }
-    let verdict = lookup::connection(&state, (Some(&src_pod), src_ip), (dst_pod.as_ref(), dst_ip), protocol_number(protocol), port);
+    let verdict = lookup::connection(
+        &state,
+        (Some(&src_pod), src_ip),
+        (dst_pod.as_ref(), dst_ip),
+        protocol_number(protocol),
+        port,
+    );
     println!("{from} ({src_ip}) -> {to} ({dst_ip})  {protocol:?}/{port}");
     for hop in verdict.egress.iter().chain(verdict.ingress.iter()) {
         let direction = if hop.direction == INGRESS { "ingress" } else { "egress" };
@@ -369,7 +387,9 @@ fn describe_hop(state: &DesiredState, hop: &lookup::Hop) -> String {
     match state.policy_names.get(&value.policy_id) {
         None if allowed => format!("allow (not isolated: no policy applies){audit}"),
         None => "deny (no policy state for this pod: fail closed)".into(),
-        Some(policy) if value.rule == RULE_DEFAULT_DENY => format!("{word} (isolated by {policy}; no rule allows it){audit}"),
+        Some(policy) if value.rule == RULE_DEFAULT_DENY => {
+            format!("{word} (isolated by {policy}; no rule allows it){audit}")
+        }
         Some(policy) => format!("{word} by {policy} rule {}{audit}", value.rule),
     }
 }
@@ -415,13 +435,27 @@ fn entries_of(state: &DesiredState, endpoint: u32) -> Vec<(String, String, Strin
             continue;
         }
         let direction = if key.direction() == EGRESS { "egress" } else { "ingress" };
-        let verdict = if value.verdict == verdict::ALLOW { if value.audit != 0 { "allow (audit: would deny)" } else { "allow" } } else { "deny" };
+        let verdict = if value.verdict == verdict::ALLOW {
+            if value.audit != 0 {
+                "allow (audit: would deny)"
+            } else {
+                "allow"
+            }
+        } else {
+            "deny"
+        };
         let by = match state.policy_names.get(&value.policy_id) {
             None => "default".to_string(),
             Some(p) if value.rule == RULE_DEFAULT_DENY => format!("{} (isolation)", p.qualified_name()),
             Some(p) => format!("{} rule {}", p.qualified_name(), value.rule),
         };
-        out.push((direction.into(), peer_name(state, key.identity()), ports_text(*prefix_len, key.protocol(), key.port()), verdict.into(), by));
+        out.push((
+            direction.into(),
+            peer_name(state, key.identity()),
+            ports_text(*prefix_len, key.protocol(), key.port()),
+            verdict.into(),
+            by,
+        ));
     }
     out
 }

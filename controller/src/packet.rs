@@ -9,13 +9,31 @@ pub const TCP_ACK: u8 = 0x10;
 
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, flags: u8 },
-    Udp { sport: u16, dport: u16 },
-    Sctp { sport: u16, dport: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    Sctp {
+        sport: u16,
+        dport: u16,
+    },
     /// ICMPv4 or ICMPv6 (by address family) with type, code and the 4 bytes after the checksum.
-    Icmp { kind: u8, code: u8, rest: [u8; 4], quoted: Vec<u8> },
+    Icmp {
+        kind: u8,
+        code: u8,
+        rest: [u8; 4],
+        quoted: Vec<u8>,
+    },
     /// Any other protocol number with a raw payload.
-    Raw { protocol: u8, payload: Vec<u8> },
+    Raw {
+        protocol: u8,
+        payload: Vec<u8>,
+    },
 }
 
 impl L4 {
@@ -24,7 +42,13 @@ impl L4 {
             L4::Tcp { .. } => 6,
             L4::Udp { .. } => 17,
             L4::Sctp { .. } => 132,
-            L4::Icmp { .. } => if ipv6 { 58 } else { 1 },
+            L4::Icmp { .. } => {
+                if ipv6 {
+                    58
+                } else {
+                    1
+                }
+            }
             L4::Raw { protocol, .. } => *protocol,
         }
     }
@@ -195,7 +219,8 @@ pub fn arp_frame() -> Vec<u8> {
 pub fn internet_checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for chunk in bytes.chunks(2) {
-        let word = if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from_be_bytes([chunk[0], 0]) };
+        let word =
+            if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from_be_bytes([chunk[0], 0]) };
         sum += word as u32;
     }
     while sum > 0xffff {

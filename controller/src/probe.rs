@@ -119,7 +119,12 @@ fn run_scenario(dir: &Path) -> Result<ProbeReport> {
         let (v4, v6) = addresses_or_unused(&pod.ips, index);
         let test_pod = bed.topology.add_pod_at(&name, v4, v6);
         uids.insert(pod.pod_ref(), test_pod.uid.clone());
-        let ports: Vec<String> = served.get(&pod.pod_ref()).into_iter().flatten().map(|(port, protocol)| format!("{port}/{protocol:?}")).collect();
+        let ports: Vec<String> = served
+            .get(&pod.pod_ref())
+            .into_iter()
+            .flatten()
+            .map(|(port, protocol)| format!("{port}/{protocol:?}"))
+            .collect();
         bed.topology.serve(&name, &ports.iter().map(String::as_str).collect::<Vec<_>>());
         names.insert(pod.pod_ref(), name);
     }
@@ -134,10 +139,19 @@ fn run_scenario(dir: &Path) -> Result<ProbeReport> {
     // The agent follows the folder from the scenario's starting state.
     let mut snapshot = scenario.snapshot.clone();
     write_objects(&bed.work, &snapshot, &uids)?;
-    let agent = bed.topology.spawn_agent("probe-node", PIN_DIR, &bed.work, "bulkhead-probe-agent.log", "bulkhead=info").context("starting the agent")?;
+    let agent = bed
+        .topology
+        .spawn_agent("probe-node", PIN_DIR, &bed.work, "bulkhead-probe-agent.log", "bulkhead=info")
+        .context("starting the agent")?;
     bed.agent = Some(agent);
 
-    let mut report = ProbeReport { scenario: scenario.name.clone(), probes: 0, passed: 0, failed: vec![], disagreements_with_check: 0 };
+    let mut report = ProbeReport {
+        scenario: scenario.name.clone(),
+        probes: 0,
+        passed: 0,
+        failed: vec![],
+        disagreements_with_check: 0,
+    };
     for (step_index, step) in scenario.steps.iter().enumerate() {
         testbed::interrupted()?;
         scenario.apply_step(&mut snapshot, step)?;
@@ -163,9 +177,20 @@ fn run_scenario(dir: &Path) -> Result<ProbeReport> {
             }
             let events = events_for(&bed, &snapshot, probe)?;
             let first = events.first();
-            let field = |name: &str| first.and_then(|e| e.get(name)).filter(|v| !v.is_null()).map(|v| v.to_string().trim_matches('"').to_string());
+            let field = |name: &str| {
+                first
+                    .and_then(|e| e.get(name))
+                    .filter(|v| !v.is_null())
+                    .map(|v| v.to_string().trim_matches('"').to_string())
+            };
             report.failed.push(ProbeFailure {
-                failure: Failure { step: step_index, probe: probe.clone(), observed, policy: field("policy"), rule: field("rule") },
+                failure: Failure {
+                    step: step_index,
+                    probe: probe.clone(),
+                    observed,
+                    policy: field("policy"),
+                    rule: field("rule"),
+                },
                 check: check_verdict,
                 events,
             });
@@ -177,8 +202,16 @@ fn run_scenario(dir: &Path) -> Result<ProbeReport> {
 /// A pod's IPv4 and IPv6 addresses; a family it has none of gets an address
 /// nothing refers to, so the namespace is complete.
 fn addresses_or_unused(ips: &[IpAddr], index: usize) -> (IpAddr, IpAddr) {
-    let v4 = ips.iter().find(|a| a.is_ipv4()).copied().unwrap_or_else(|| format!("10.243.{}.{}", index / 250, 1 + index % 250).parse().unwrap());
-    let v6 = ips.iter().find(|a| a.is_ipv6()).copied().unwrap_or_else(|| format!("fd00:243::{:x}", index + 1).parse().unwrap());
+    let v4 = ips
+        .iter()
+        .find(|a| a.is_ipv4())
+        .copied()
+        .unwrap_or_else(|| format!("10.243.{}.{}", index / 250, 1 + index % 250).parse().unwrap());
+    let v6 = ips
+        .iter()
+        .find(|a| a.is_ipv6())
+        .copied()
+        .unwrap_or_else(|| format!("fd00:243::{:x}", index + 1).parse().unwrap());
     (v4, v6)
 }
 
@@ -190,7 +223,12 @@ fn flip(verdict: Verdict) -> Verdict {
 }
 
 fn same_probe(a: &Probe, b: &Probe) -> bool {
-    a.from == b.from && a.to == b.to && a.port == b.port && a.protocol == b.protocol && a.family == b.family && a.expect == b.expect
+    a.from == b.from
+        && a.to == b.to
+        && a.port == b.port
+        && a.protocol == b.protocol
+        && a.family == b.family
+        && a.expect == b.expect
 }
 
 /// Write the snapshot as manifests: cluster.yaml, and a file per policy so a
@@ -223,7 +261,12 @@ fn write_objects(work: &Path, snapshot: &Snapshot, uids: &BTreeMap<PodRef, Strin
     std::fs::create_dir_all(&policies)?;
     let mut wanted = BTreeSet::new();
     for (key, object) in &snapshot.policies {
-        let file = format!("{}-{}-{}.yaml", key.kind, if key.namespace.is_empty() { "cluster" } else { &key.namespace }, key.name);
+        let file = format!(
+            "{}-{}-{}.yaml",
+            key.kind,
+            if key.namespace.is_empty() { "cluster" } else { &key.namespace },
+            key.name
+        );
         let text = match object {
             PolicyObject::Connection(p) => serde_yaml::to_string(p)?,
             PolicyObject::Cluster(p) => serde_yaml::to_string(p)?,
@@ -265,7 +308,12 @@ fn wait_until_enforced(bed: &Bed, revision: &str, pods: usize) -> Result<()> {
     bail!("the agent did not enforce revision {revision} with {pods} pods in 20 s; its state: {last}\nits log:\n{log}")
 }
 
-fn probe_all(topology: &Topology, snapshot: &Snapshot, names: &BTreeMap<PodRef, String>, probes: &[Probe]) -> Result<Vec<Verdict>> {
+fn probe_all(
+    topology: &Topology,
+    snapshot: &Snapshot,
+    names: &BTreeMap<PodRef, String>,
+    probes: &[Probe],
+) -> Result<Vec<Verdict>> {
     let mut jobs = Vec::new();
     for probe in probes {
         let ((src, _), (_, dst_ip)) = scenario::probe_addresses(snapshot, probe)?;
@@ -275,7 +323,10 @@ fn probe_all(topology: &Topology, snapshot: &Snapshot, names: &BTreeMap<PodRef, 
     for chunk in jobs.chunks(PARALLEL) {
         testbed::interrupted()?;
         let answers: Vec<String> = std::thread::scope(|scope| {
-            let handles: Vec<_> = chunk.iter().map(|(from, protocol, to, port)| scope.spawn(move || topology.probe(from, protocol, *to, *port))).collect();
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|(from, protocol, to, port)| scope.spawn(move || topology.probe(from, protocol, *to, *port)))
+                .collect();
             handles.into_iter().map(|h| h.join().unwrap_or_else(|_| "error".into())).collect()
         });
         for answer in answers {

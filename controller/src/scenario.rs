@@ -125,7 +125,8 @@ impl Scenario {
     pub fn load(dir: &Path) -> Result<Self> {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let cluster_path = dir.join("cluster.yaml");
-        let cluster = std::fs::read_to_string(&cluster_path).with_context(|| format!("reading {}", cluster_path.display()))?;
+        let cluster =
+            std::fs::read_to_string(&cluster_path).with_context(|| format!("reading {}", cluster_path.display()))?;
         let mut snapshot = Snapshot::default();
         let mut dual_stack = Vec::new();
         let mut objects = manifest::parse(&cluster_path.display().to_string(), &cluster)?;
@@ -149,7 +150,8 @@ impl Scenario {
             }
         }
         let expect_path = dir.join("expect.yaml");
-        let text = std::fs::read_to_string(&expect_path).with_context(|| format!("reading {}", expect_path.display()))?;
+        let text =
+            std::fs::read_to_string(&expect_path).with_context(|| format!("reading {}", expect_path.display()))?;
         let expect: Expect = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
             .map_err(|e| anyhow::anyhow!("{}: {}: {}", expect_path.display(), e.path(), e.inner()))?;
         Ok(Self { name, dir: dir.to_path_buf(), snapshot, dual_stack, steps: expect.steps })
@@ -166,7 +168,11 @@ impl Scenario {
         }
         for object in &step.delete {
             let kind = policy_kind(&object.kind)?;
-            let namespace = if kind == PolicyKind::ClusterConnectionPolicy { String::new() } else { object.namespace.clone().unwrap_or_else(|| "default".into()) };
+            let namespace = if kind == PolicyKind::ClusterConnectionPolicy {
+                String::new()
+            } else {
+                object.namespace.clone().unwrap_or_else(|| "default".into())
+            };
             snapshot.policies.remove(&PolicyRef { kind, namespace, name: object.name.clone() });
         }
         for change in &step.label {
@@ -209,7 +215,10 @@ pub fn probe_addresses(snapshot: &Snapshot, probe: &Probe) -> Result<((PodRef, I
         Err(_) => {
             let dst = pod(&probe.to)?;
             let want_v6 = probe.family == Some(Family::IPv6);
-            let ip = dst.ips.iter().find(|ip| ip.is_ipv6() == want_v6).with_context(|| format!("{} has no {} address", probe.to, if want_v6 { "IPv6" } else { "IPv4" }))?;
+            let ip =
+                dst.ips.iter().find(|ip| ip.is_ipv6() == want_v6).with_context(|| {
+                    format!("{} has no {} address", probe.to, if want_v6 { "IPv6" } else { "IPv4" })
+                })?;
             (Some(dst.pod_ref()), *ip)
         }
     };
@@ -279,7 +288,13 @@ pub fn check(scenario: &Scenario) -> Result<Report> {
         for probe in &step.probes {
             report.probes += 1;
             let ((src_pod, src_ip), (dst_pod, dst_ip)) = probe_addresses(&snapshot, probe)?;
-            let verdict = lookup::connection(&programmed, (Some(&src_pod), src_ip), (dst_pod.as_ref(), dst_ip), protocol_number(probe.protocol), probe.port);
+            let verdict = lookup::connection(
+                &programmed,
+                (Some(&src_pod), src_ip),
+                (dst_pod.as_ref(), dst_ip),
+                protocol_number(probe.protocol),
+                probe.port,
+            );
             let observed = if verdict.allowed() { Verdict::Allow } else { Verdict::Deny };
             if observed == probe.expect {
                 report.passed += 1;

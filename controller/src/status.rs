@@ -61,15 +61,39 @@ pub struct Desired {
     pub rejection: Option<rules::ValidationError>,
 }
 
-fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>, previous: &[Condition], now: &Time) -> Condition {
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: &Time,
+) -> Condition {
     let status = if ok { "True" } else { "False" }.to_string();
     // The transition time moves only when the status does.
-    let since = previous.iter().find(|c| c.type_ == type_ && c.status == status).map(|c| c.last_transition_time.clone()).unwrap_or_else(|| now.clone());
-    Condition { type_: type_.into(), status, reason: reason.into(), message, observed_generation: generation, last_transition_time: since }
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: since,
+    }
 }
 
 /// The status of every policy in the snapshot. Pure: the clock comes in as `now`.
-pub fn desired_statuses(snapshot: &Snapshot, reports: &BTreeMap<String, NodeReport>, previous: &BTreeMap<PolicyRef, PolicyStatus>, now: &Time) -> BTreeMap<PolicyRef, Desired> {
+pub fn desired_statuses(
+    snapshot: &Snapshot,
+    reports: &BTreeMap<String, NodeReport>,
+    previous: &BTreeMap<PolicyRef, PolicyStatus>,
+    now: &Time,
+) -> BTreeMap<PolicyRef, Desired> {
     let compiled = policy::compile(snapshot);
     let live: Vec<&NodeReport> = reports.values().filter(|r| r.age < STALE).collect();
     let mut out = BTreeMap::new();
@@ -79,27 +103,76 @@ pub fn desired_statuses(snapshot: &Snapshot, reports: &BTreeMap<String, NodeRepo
         let before = previous.get(key).unwrap_or(&empty);
         let rejection = rules::normalize(object).err();
         let accepted = match &rejection {
-            None => condition("Accepted", true, "Accepted", "the policy is valid".into(), generation, &before.conditions, now),
-            Some(error) => condition("Accepted", false, &error.reason.to_string(), format!("{}: {}", error.field, error.message), generation, &before.conditions, now),
+            None => condition(
+                "Accepted",
+                true,
+                "Accepted",
+                "the policy is valid".into(),
+                generation,
+                &before.conditions,
+                now,
+            ),
+            Some(error) => condition(
+                "Accepted",
+                false,
+                &error.reason.to_string(),
+                format!("{}: {}", error.field, error.message),
+                generation,
+                &before.conditions,
+                now,
+            ),
         };
         let programmed = if rejection.is_some() {
-            condition("Programmed", false, "NotAccepted", "an invalid policy is not programmed; its last accepted version stays enforced".into(), generation, &before.conditions, now)
+            condition(
+                "Programmed",
+                false,
+                "NotAccepted",
+                "an invalid policy is not programmed; its last accepted version stays enforced".into(),
+                generation,
+                &before.conditions,
+                now,
+            )
         } else if live.is_empty() {
-            condition("Programmed", false, "NoAgents", "no agent has reported".into(), generation, &before.conditions, now)
+            condition(
+                "Programmed",
+                false,
+                "NoAgents",
+                "no agent has reported".into(),
+                generation,
+                &before.conditions,
+                now,
+            )
         } else {
             let name = key.to_string();
             let holding = live.iter().filter(|r| r.programmed.get(&name).copied() == generation.or(Some(0))).count();
             if holding == live.len() {
-                condition("Programmed", true, "Programmed", format!("in the datapath of {holding} node(s)"), generation, &before.conditions, now)
+                condition(
+                    "Programmed",
+                    true,
+                    "Programmed",
+                    format!("in the datapath of {holding} node(s)"),
+                    generation,
+                    &before.conditions,
+                    now,
+                )
             } else {
-                condition("Programmed", false, "Pending", format!("in the datapath of {holding} of {} node(s)", live.len()), generation, &before.conditions, now)
+                condition(
+                    "Programmed",
+                    false,
+                    "Pending",
+                    format!("in the datapath of {holding} of {} node(s)", live.len()),
+                    generation,
+                    &before.conditions,
+                    now,
+                )
             }
         };
         let selected_pods = match &rejection {
             None => Some(compiled.selected_pods.get(key).copied().unwrap_or(0) as i32),
             Some(_) => before.selected_pods,
         };
-        let status = PolicyStatus { conditions: vec![accepted, programmed], selected_pods, observed_generation: generation };
+        let status =
+            PolicyStatus { conditions: vec![accepted, programmed], selected_pods, observed_generation: generation };
         out.insert(key.clone(), Desired { status, rejection });
     }
     out
@@ -117,7 +190,13 @@ fn node_report(lease: &Lease, now: Timestamp) -> Option<(String, NodeReport)> {
     let node = lease.spec.as_ref()?.holder_identity.clone()?;
     let renewed = lease.spec.as_ref()?.renew_time.as_ref()?.0;
     let age = now.duration_since(renewed).unsigned_abs();
-    let programmed = lease.metadata.annotations.as_ref()?.get(PROGRAMMED_ANNOTATION).and_then(|text| serde_json::from_str(text).ok()).unwrap_or_default();
+    let programmed = lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(PROGRAMMED_ANNOTATION)
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or_default();
     Some((node, NodeReport { age, programmed }))
 }
 
@@ -126,9 +205,15 @@ pub async fn run_controller(client: Client, agent_namespace: String) -> anyhow::
     let (updates, mut received) = mpsc::channel::<Update>(1024);
     let source = tokio::spawn(kubernetes::run(client.clone(), updates));
     let leases: Api<Lease> = Api::namespaced(client.clone(), &agent_namespace);
-    let mut lease_events = watcher(leases, watcher::Config::default().labels(AGENT_LEASE_LABEL)).backoff(kubernetes::Reconnect::new()).applied_objects().boxed();
+    let mut lease_events = watcher(leases, watcher::Config::default().labels(AGENT_LEASE_LABEL))
+        .backoff(kubernetes::Reconnect::new())
+        .applied_objects()
+        .boxed();
     let mut lease_objects: BTreeMap<String, Lease> = BTreeMap::new();
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "bulkhead-controller".into(), instance: std::env::var("POD_NAME").ok() });
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter { controller: "bulkhead-controller".into(), instance: std::env::var("POD_NAME").ok() },
+    );
     let mut snapshot = Snapshot::default();
     let mut synced = false;
     let mut evented: BTreeSet<(PolicyRef, Option<i64>)> = BTreeSet::new();
@@ -161,8 +246,10 @@ pub async fn run_controller(client: Client, agent_namespace: String) -> anyhow::
         }
         dirty = false;
         let now = Timestamp::now();
-        let reports: BTreeMap<String, NodeReport> = lease_objects.values().filter_map(|l| node_report(l, now)).collect();
-        let previous: BTreeMap<PolicyRef, PolicyStatus> = snapshot.policies.iter().filter_map(|(k, o)| Some((k.clone(), current_status(o)?))).collect();
+        let reports: BTreeMap<String, NodeReport> =
+            lease_objects.values().filter_map(|l| node_report(l, now)).collect();
+        let previous: BTreeMap<PolicyRef, PolicyStatus> =
+            snapshot.policies.iter().filter_map(|(k, o)| Some((k.clone(), current_status(o)?))).collect();
         let desired = desired_statuses(&snapshot, &reports, &previous, &Time(now));
         for (key, wanted) in desired {
             let object = &snapshot.policies[&key];
@@ -177,15 +264,25 @@ pub async fn run_controller(client: Client, agent_namespace: String) -> anyhow::
             let patch = Patch::Merge(json!({ "status": wanted.status }));
             let params = PatchParams::default();
             let result = match key.kind {
-                policy::PolicyKind::ConnectionPolicy => Api::<ConnectionPolicy>::namespaced(client.clone(), &key.namespace).patch_status(&key.name, &params, &patch).await.map(|p| PolicyObject::Connection(p)),
-                _ => Api::<ClusterConnectionPolicy>::all(client.clone()).patch_status(&key.name, &params, &patch).await.map(|p| PolicyObject::Cluster(p)),
+                policy::PolicyKind::ConnectionPolicy => {
+                    Api::<ConnectionPolicy>::namespaced(client.clone(), &key.namespace)
+                        .patch_status(&key.name, &params, &patch)
+                        .await
+                        .map(|p| PolicyObject::Connection(p))
+                }
+                _ => Api::<ClusterConnectionPolicy>::all(client.clone())
+                    .patch_status(&key.name, &params, &patch)
+                    .await
+                    .map(|p| PolicyObject::Cluster(p)),
             };
             match result {
                 // Keep the written status, so it is not written again.
                 Ok(updated) => {
                     snapshot.policies.insert(key, updated);
                 }
-                Err(error) => tracing::warn!(policy = %key, %error, "writing status failed; retrying at the next change"),
+                Err(error) => {
+                    tracing::warn!(policy = %key, %error, "writing status failed; retrying at the next change")
+                }
             }
         }
     }
@@ -223,7 +320,8 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
         if !shared.is_ready() {
             continue;
         }
-        let programmed: BTreeMap<String, i64> = shared.state().policies.into_iter().map(|(k, v)| (k, v.generation.unwrap_or(0))).collect();
+        let programmed: BTreeMap<String, i64> =
+            shared.state().policies.into_iter().map(|(k, v)| (k, v.generation.unwrap_or(0))).collect();
         if last.as_ref() == Some(&programmed) && renewed.elapsed() < RENEW {
             continue;
         }
@@ -275,7 +373,10 @@ mod tests {
         let good = snapshot.policies.keys().find(|k| k.name == "good").unwrap().clone();
         let bad = snapshot.policies.keys().find(|k| k.name == "bad").unwrap().clone();
         let now = Time(Timestamp::from_second(1_000_000).unwrap());
-        let report = |generation: i64, age: u64| NodeReport { age: Duration::from_secs(age), programmed: [(good.to_string(), generation)].into() };
+        let report = |generation: i64, age: u64| NodeReport {
+            age: Duration::from_secs(age),
+            programmed: [(good.to_string(), generation)].into(),
+        };
 
         let none = desired_statuses(&snapshot, &BTreeMap::new(), &BTreeMap::new(), &now);
         assert_eq!(find(&none[&good].status, "Accepted").status, "True");
@@ -287,20 +388,26 @@ mod tests {
         assert!(rejected.message.contains("spec.podSelector.matchExpressions[0].operator"), "{}", rejected.message);
         assert!(none[&bad].rejection.is_some());
 
-        let reports: BTreeMap<String, NodeReport> = [("n1".to_string(), report(3, 1)), ("n2".to_string(), report(2, 1))].into();
+        let reports: BTreeMap<String, NodeReport> =
+            [("n1".to_string(), report(3, 1)), ("n2".to_string(), report(2, 1))].into();
         let pending = desired_statuses(&snapshot, &reports, &BTreeMap::new(), &now);
         let programmed = find(&pending[&good].status, "Programmed");
         assert_eq!((programmed.status.as_str(), programmed.reason.as_str()), ("False", "Pending"));
         assert!(programmed.message.contains("1 of 2"), "{}", programmed.message);
 
         // A node silent for longer than STALE no longer holds the policy back.
-        let reports: BTreeMap<String, NodeReport> = [("n1".to_string(), report(3, 1)), ("n2".to_string(), report(2, 600))].into();
+        let reports: BTreeMap<String, NodeReport> =
+            [("n1".to_string(), report(3, 1)), ("n2".to_string(), report(2, 600))].into();
         let later = Time(Timestamp::from_second(1_000_100).unwrap());
         let previous: BTreeMap<PolicyRef, PolicyStatus> = [(good.clone(), pending[&good].status.clone())].into();
         let done = desired_statuses(&snapshot, &reports, &previous, &later);
         let programmed = find(&done[&good].status, "Programmed");
         assert_eq!(programmed.status, "True");
         assert_eq!(programmed.last_transition_time, later, "it changed: a new transition time");
-        assert_eq!(find(&done[&good].status, "Accepted").last_transition_time, now, "unchanged: the old transition time");
+        assert_eq!(
+            find(&done[&good].status, "Accepted").last_transition_time,
+            now,
+            "unchanged: the old transition time"
+        );
     }
 }

@@ -134,23 +134,36 @@ fn the_agent_enforces_a_folder_and_follows_its_edits() {
     assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow");
     assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "deny");
     let blocked = "bulkhead_blocked_connections_total{direction=\"ingress\",namespace=\"shop\",pod=\"db\",policy=\"shop/db-from-api\"}";
-    eventually("the refused connection is counted once", Duration::from_secs(5), || metric(&get(&topology, "/metrics").1, blocked) == Some(1.0));
+    eventually("the refused connection is counted once", Duration::from_secs(5), || {
+        metric(&get(&topology, "/metrics").1, blocked) == Some(1.0)
+    });
     eventually("the deny is logged with its policy", Duration::from_secs(5), || {
-        agent.log().lines().any(|l| l.contains("connection denied") && l.contains("shop/db-from-api") && l.contains("shop/frontend"))
+        agent
+            .log()
+            .lines()
+            .any(|l| l.contains("connection denied") && l.contains("shop/db-from-api") && l.contains("shop/frontend"))
     });
     let metrics = get(&topology, "/metrics").1;
     assert!(metric(&metrics, "bulkhead_policy_convergence_seconds_count").is_some_and(|n| n >= 1.0), "{metrics}");
-    assert!(metric(&metrics, "bulkhead_dropped_packets_total{direction=\"ingress\",reason=\"policy_denied\"}").is_some_and(|n| n >= 1.0), "{metrics}");
+    assert!(
+        metric(&metrics, "bulkhead_dropped_packets_total{direction=\"ingress\",reason=\"policy_denied\"}")
+            .is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
 
     // The socket hook: the pod's cgroup was found by its uid.
     let egress = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: frontend-egress, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: frontend}}\n  policyTypes: [Egress]\n  egress:\n    - to: [{podSelector: {matchLabels: {app: api}}}]\n";
     write(&folder.join("frontend-egress.yaml"), egress);
-    eventually("frontend's egress is limited, at connect()", Duration::from_secs(5), || topology.probe("frontend", "TCP", db.ipv4, 5432) == "eperm");
+    eventually("frontend's egress is limited, at connect()", Duration::from_secs(5), || {
+        topology.probe("frontend", "TCP", db.ipv4, 5432) == "eperm"
+    });
     assert_eq!(topology.probe("frontend", "TCP", api.ipv4, 8080), "allow");
 
     // An invalid edit is rejected, named, and changes nothing.
     write(&folder.join("db-from-api.yaml"), &DB_FROM_API.replace("port: 5432", "port: 5432, endPort: 10"));
-    eventually("the rejection is reported", Duration::from_secs(5), || get(&topology, "/debug/state").1.contains("endPort"));
+    eventually("the rejection is reported", Duration::from_secs(5), || {
+        get(&topology, "/debug/state").1.contains("endPort")
+    });
     assert!(agent.log().contains("policy rejected"), "{}", agent.log());
     assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow", "the last good version stays enforced");
 
@@ -166,15 +179,24 @@ fn the_agent_enforces_a_folder_and_follows_its_edits() {
 
     // Edits after the restart take effect: db closed to api too.
     write(&folder.join("db-from-api.yaml"), &DB_FROM_API.replace("app: api}", "app: nobody}"));
-    eventually("api is refused by db", Duration::from_secs(5), || topology.probe("api", "TCP", db.ipv4, 5432) == "deny");
+    eventually("api is refused by db", Duration::from_secs(5), || {
+        topology.probe("api", "TCP", db.ipv4, 5432) == "deny"
+    });
 
     // A pod deleted from the folder loses its programs and pins.
-    write(&folder.join("cluster.yaml"), &cluster.replace(&pod_yaml(&db.name, "db", &db.uid, &db.ipv4.to_string(), 5432), ""));
+    write(
+        &folder.join("cluster.yaml"),
+        &cluster.replace(&pod_yaml(&db.name, "db", &db.uid, &db.ipv4.to_string(), 5432), ""),
+    );
     eventually("db is no longer enforced", Duration::from_secs(5), || {
         let state: serde_json::Value = serde_json::from_str(&get(&topology, "/debug/state").1).unwrap_or_default();
         state["endpoints"].is_object() && state["endpoints"].get("shop/db").is_none()
     });
-    let pins: Vec<String> = std::fs::read_dir(Path::new(PIN_DIR).join("links")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let pins: Vec<String> = std::fs::read_dir(Path::new(PIN_DIR).join("links"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(!pins.iter().any(|p| p.starts_with(&db.host_interface)), "{pins:?}");
     assert!(pins.iter().any(|p| p.starts_with(&api.host_interface)), "{pins:?}");
     drop(agent);
@@ -184,7 +206,8 @@ fn the_agent_enforces_a_folder_and_follows_its_edits() {
 fn the_probe_runner_passes_every_scenario_and_agrees_with_check() {
     assert!(common::require_root(), "not root");
     let scenarios = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/scenarios");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&scenarios).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    let mut dirs: Vec<PathBuf> =
+        std::fs::read_dir(&scenarios).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
     dirs.sort();
 
     // A wrong expectation must be reported with what the datapath said.
@@ -205,7 +228,10 @@ fn the_probe_runner_passes_every_scenario_and_agrees_with_check() {
     let report: serde_json::Value = serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
     assert_eq!(report["failed"].as_array().map(Vec::len), Some(1), "{report}");
     assert_eq!(report["failed"][0]["observed"], "deny");
-    assert!(report["failed"][0]["policy"].as_str().is_some_and(|p| !p.is_empty()), "the datapath's policy is named: {report}");
+    assert!(
+        report["failed"][0]["policy"].as_str().is_some_and(|p| !p.is_empty()),
+        "the datapath's policy is named: {report}"
+    );
 
     let out = Command::new(env!("CARGO_BIN_EXE_bulkhead")).arg("probe").args(&dirs).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -213,7 +239,8 @@ fn the_probe_runner_passes_every_scenario_and_agrees_with_check() {
     let reports: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(reports.len(), dirs.len());
     let check = Command::new(env!("CARGO_BIN_EXE_bulkhead")).arg("check").args(&dirs).output().unwrap();
-    let checked: Vec<serde_json::Value> = String::from_utf8_lossy(&check.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let checked: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&check.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     for (probed, checked) in reports.iter().zip(&checked) {
         assert_eq!(probed["scenario"], checked["scenario"]);
         assert_eq!(probed["probes"], checked["probes"], "{probed}");
@@ -257,10 +284,21 @@ fn egress_outside_the_learned_baseline_is_counted_once() {
     let anomalies = "bulkhead_egress_anomalies_total{namespace=\"shop\",workload=\"web\"}";
     assert_eq!(topology.probe("web", "TCP", db.ipv4, 5432), "allow");
     assert_eq!(topology.probe("web", "TCP", cache.ipv4, 6379), "allow");
-    eventually("the new destination is one anomaly", Duration::from_secs(5), || metric(&get(&topology, "/metrics").1, anomalies) == Some(1.0));
+    eventually("the new destination is one anomaly", Duration::from_secs(5), || {
+        metric(&get(&topology, "/metrics").1, anomalies) == Some(1.0)
+    });
     assert_eq!(topology.probe("web", "TCP", cache.ipv4, 6379), "allow");
     assert_eq!(topology.probe("web", "TCP", db.ipv4, 5432), "allow");
     std::thread::sleep(Duration::from_millis(600));
-    assert_eq!(metric(&get(&topology, "/metrics").1, anomalies), Some(1.0), "known destinations are not anomalies: {}", agent.log());
-    assert!(agent.log().contains("outside the workload's learned baseline") && agent.log().contains("shop/cache"), "{}", agent.log());
+    assert_eq!(
+        metric(&get(&topology, "/metrics").1, anomalies),
+        Some(1.0),
+        "known destinations are not anomalies: {}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("outside the workload's learned baseline") && agent.log().contains("shop/cache"),
+        "{}",
+        agent.log()
+    );
 }

@@ -303,7 +303,16 @@ spec:
         ],
     );
     // db is not selected by the Baseline policy: Pass leads to "allowed".
-    assert_entries(&state, "shop/db", &["egress any all -> allow default", "ingress any all -> allow default", "ingress edge{app=gw} all -> allow cluster/b-second#0", "ingress edge{app=gw} tcp/22/16 -> deny cluster/a-first#0"]);
+    assert_entries(
+        &state,
+        "shop/db",
+        &[
+            "egress any all -> allow default",
+            "ingress any all -> allow default",
+            "ingress edge{app=gw} all -> allow cluster/b-second#0",
+            "ingress edge{app=gw} tcp/22/16 -> deny cluster/a-first#0",
+        ],
+    );
 }
 
 #[test]
@@ -387,27 +396,39 @@ fn everyday_changes_are_compiled_incrementally() {
     let mut compiler = policy::Compiler::new(&snap).tracking_changes();
     let mut untracked = policy::Compiler::new(&snap);
     let steps: Vec<(&str, Box<dyn Fn(&mut Snapshot) -> policy::Changed>)> = vec![
-        ("relabel", Box::new(|s: &mut Snapshot| {
-            s.pods.get_mut(&policy::PodRef::new("shop", "pay")).unwrap().labels.insert("tier".into(), "api".into());
-            policy::Changed::Pod(policy::PodRef::new("shop", "pay"))
-        })),
-        ("new pod", Box::new(|s: &mut Snapshot| {
-            let mut twin = s.pods[&policy::PodRef::new("shop", "pay")].clone();
-            twin.name = "pay-2".into();
-            twin.ips = vec!["10.0.1.9".parse().unwrap()];
-            s.add_pod(twin);
-            policy::Changed::Pod(policy::PodRef::new("shop", "pay-2"))
-        })),
-        ("policy edit", Box::new(move |s: &mut Snapshot| {
-            let edited = snapshot(&policy(5433));
-            let (key, object) = edited.policies.into_iter().next().unwrap();
-            s.policies.insert(key.clone(), object);
-            policy::Changed::Policy(key)
-        })),
-        ("pod deleted", Box::new(|s: &mut Snapshot| {
-            s.pods.remove(&policy::PodRef::new("shop", "db"));
-            policy::Changed::Pod(policy::PodRef::new("shop", "db"))
-        })),
+        (
+            "relabel",
+            Box::new(|s: &mut Snapshot| {
+                s.pods.get_mut(&policy::PodRef::new("shop", "pay")).unwrap().labels.insert("tier".into(), "api".into());
+                policy::Changed::Pod(policy::PodRef::new("shop", "pay"))
+            }),
+        ),
+        (
+            "new pod",
+            Box::new(|s: &mut Snapshot| {
+                let mut twin = s.pods[&policy::PodRef::new("shop", "pay")].clone();
+                twin.name = "pay-2".into();
+                twin.ips = vec!["10.0.1.9".parse().unwrap()];
+                s.add_pod(twin);
+                policy::Changed::Pod(policy::PodRef::new("shop", "pay-2"))
+            }),
+        ),
+        (
+            "policy edit",
+            Box::new(move |s: &mut Snapshot| {
+                let edited = snapshot(&policy(5433));
+                let (key, object) = edited.policies.into_iter().next().unwrap();
+                s.policies.insert(key.clone(), object);
+                policy::Changed::Policy(key)
+            }),
+        ),
+        (
+            "pod deleted",
+            Box::new(|s: &mut Snapshot| {
+                s.pods.remove(&policy::PodRef::new("shop", "db"));
+                policy::Changed::Pod(policy::PodRef::new("shop", "db"))
+            }),
+        ),
     ];
     for (what, step) in steps {
         let changed = step(&mut snap);

@@ -65,12 +65,18 @@ fn replies_pass_through_conntrack_both_ways() {
     let dp = allowlist("reply");
     // Ingress from the peer on TCP 80 source is denied for a stranger...
     let stranger = "10.244.9.9";
-    assert_eq!(dp.to_pod(&out(stranger, POD, L4::Tcp { sport: 80, dport: 40000, flags: TCP_SYN | TCP_ACK })), TC_ACT_SHOT);
+    assert_eq!(
+        dp.to_pod(&out(stranger, POD, L4::Tcp { sport: 80, dport: 40000, flags: TCP_SYN | TCP_ACK })),
+        TC_ACT_SHOT
+    );
     // ...but the reply of a connection the pod opened passes.
     dp.identity(stranger, 2000);
     dp.rule(7, EGRESS, 2000, Some((proto::TCP, 443, 16)), verdict::ALLOW, 14, 0);
     assert_eq!(dp.from_pod(&out(POD, stranger, L4::Tcp { sport: 40002, dport: 443, flags: TCP_SYN })), TC_ACT_OK);
-    assert_eq!(dp.to_pod(&out(stranger, POD, L4::Tcp { sport: 443, dport: 40002, flags: TCP_SYN | TCP_ACK })), TC_ACT_OK);
+    assert_eq!(
+        dp.to_pod(&out(stranger, POD, L4::Tcp { sport: 443, dport: 40002, flags: TCP_SYN | TCP_ACK })),
+        TC_ACT_OK
+    );
     assert_eq!(dp.from_pod(&out(POD, stranger, L4::Tcp { sport: 40002, dport: 443, flags: TCP_ACK })), TC_ACT_OK);
 }
 
@@ -132,7 +138,10 @@ fn spoofed_source_is_dropped_and_counted() {
     let dp = allowlist("spoof");
     assert_eq!(dp.from_pod(&out("10.244.1.11", PEER, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
     assert_eq!(dp.drops(7, EGRESS, reason::SPOOFED_SOURCE), 1);
-    assert_eq!(dp.from_pod(&out("fd00:10:244::b", PEER6, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
+    assert_eq!(
+        dp.from_pod(&out("fd00:10:244::b", PEER6, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })),
+        TC_ACT_SHOT
+    );
     assert_eq!(dp.drops(7, EGRESS, reason::SPOOFED_SOURCE), 2);
 }
 
@@ -161,10 +170,12 @@ fn ipv6_tcp_and_udp_follow_the_same_rules() {
 fn ipv6_extension_headers_are_walked_to_the_transport_header() {
     let dp = allowlist("v6ext");
     for (kind, body) in [(0u8, vec![0u8; 6]), (43, vec![0u8; 6]), (60, vec![0u8; 14]), (51, vec![0u8; 10])] {
-        let mut spec = PacketSpec::new(ip(POD6), ip(PEER6), L4::Tcp { sport: 41000 + kind as u16, dport: 80, flags: TCP_SYN });
+        let mut spec =
+            PacketSpec::new(ip(POD6), ip(PEER6), L4::Tcp { sport: 41000 + kind as u16, dport: 80, flags: TCP_SYN });
         spec.ipv6_extensions = vec![(kind, body.clone())];
         assert_eq!(dp.from_pod(&spec.frame()), TC_ACT_OK, "allowed port behind extension header {kind}");
-        let mut spec = PacketSpec::new(ip(POD6), ip(PEER6), L4::Tcp { sport: 42000 + kind as u16, dport: 22, flags: TCP_SYN });
+        let mut spec =
+            PacketSpec::new(ip(POD6), ip(PEER6), L4::Tcp { sport: 42000 + kind as u16, dport: 22, flags: TCP_SYN });
         spec.ipv6_extensions = vec![(kind, body)];
         assert_eq!(dp.from_pod(&spec.frame()), TC_ACT_SHOT, "denied port behind extension header {kind}");
     }
@@ -274,7 +285,10 @@ fn node_traffic_and_neighbour_discovery_always_pass() {
     let node = "10.244.1.1";
     dp.identity(node, identity::HOST);
     assert_eq!(dp.to_pod(&out(node, POD, L4::Tcp { sport: 50000, dport: 8080, flags: TCP_SYN })), TC_ACT_OK);
-    assert_eq!(dp.from_pod(&out(POD, node, L4::Tcp { sport: 8080, dport: 50000, flags: TCP_SYN | TCP_ACK })), TC_ACT_OK);
+    assert_eq!(
+        dp.from_pod(&out(POD, node, L4::Tcp { sport: 8080, dport: 50000, flags: TCP_SYN | TCP_ACK })),
+        TC_ACT_OK
+    );
     let ns = L4::Icmp { kind: 135, code: 0, rest: [0; 4], quoted: vec![0; 16] };
     assert_eq!(dp.from_pod(&out("fe80::1", "ff02::1:ff00:1", ns)), TC_ACT_OK);
 }
@@ -285,8 +299,14 @@ fn most_specific_port_prefix_wins_and_ranges_cover_exactly() {
     // 8000-8007 allowed as one /13 prefix of the port; 8003 denied by a longer one.
     dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 8000, 13)), verdict::ALLOW, 20, 0);
     dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 8003, 16)), verdict::DENY, 21, 0);
-    for (port, expect) in [(7999, TC_ACT_SHOT), (8000, TC_ACT_OK), (8003, TC_ACT_SHOT), (8007, TC_ACT_OK), (8008, TC_ACT_SHOT)] {
-        assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 30000 + port, dport: port, flags: TCP_SYN })), expect, "port {port}");
+    for (port, expect) in
+        [(7999, TC_ACT_SHOT), (8000, TC_ACT_OK), (8003, TC_ACT_SHOT), (8007, TC_ACT_OK), (8008, TC_ACT_SHOT)]
+    {
+        assert_eq!(
+            dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 30000 + port, dport: port, flags: TCP_SYN })),
+            expect,
+            "port {port}"
+        );
     }
 }
 
@@ -330,7 +350,12 @@ fn exact_entries_beyond_a_full_set_overflow_to_the_hash_and_are_still_found() {
     // Each address has PEER_ID, whichever place holds it: TCP 80 passes.
     let syn = |i: u32, sport: u16| out(POD, &address(i).to_string(), L4::Tcp { sport, dport: 80, flags: TCP_SYN });
     let refused: Vec<u32> = (0..count).filter(|&i| dp.from_pod(&syn(i, 40000)) != TC_ACT_OK).collect();
-    assert!(refused.is_empty(), "{} addresses not found, first {:?}", refused.len(), refused.first().map(|&i| address(i)));
+    assert!(
+        refused.is_empty(),
+        "{} addresses not found, first {:?}",
+        refused.len(),
+        refused.first().map(|&i| address(i))
+    );
     // Removed from both places: the addresses are world again, denied.
     for i in 0..count {
         dp.dp.borrow_mut().remove_ipcache(prefix, common::address_bytes(address(i))).unwrap();
@@ -468,4 +493,3 @@ fn endpoint_without_entries_and_fail_closed_endpoints_deny() {
     assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 3, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
     assert_eq!(dp.drops(9, EGRESS, reason::ENDPOINT_FAIL_CLOSED), 1);
 }
-

@@ -16,13 +16,13 @@ use std::{
     time::Duration,
 };
 
+use bulkhead::testbed::{self, Topology};
 use bulkhead::{
     dataplane::{sync::Programmer, Datapath},
     policy::{self, ContainerPort, Namespace, Pod, PodRef, Snapshot},
     source::manifest::{self, Object},
 };
 use bulkhead_crds::Protocol;
-use bulkhead::testbed::{self, Topology};
 use datapath_common::{DropKey, VerdictKey, EVENT_DENY, INGRESS, RULE_DEFAULT_DENY};
 
 const SERVED: [&str; 6] = ["80/TCP", "81/TCP", "80/UDP", "81/UDP", "80/SCTP", "81/SCTP"];
@@ -99,20 +99,28 @@ impl Cluster {
         assert!(desired.rejected.is_empty(), "{:?}", desired.rejected);
         self.topology.enter_node();
         let first = self.programmer.is_none();
-        let programmer = self.programmer.get_or_insert_with(|| Programmer::adopt(Datapath::load(&self.pin_dir).expect("load datapath")));
+        let programmer = self
+            .programmer
+            .get_or_insert_with(|| Programmer::adopt(Datapath::load(&self.pin_dir).expect("load datapath")));
         programmer.sync(&desired).expect("sync");
         if first {
             for pod in &self.topology.pods {
                 let endpoint = desired.endpoints[&PodRef::new("app", &pod.name)].id;
                 let ifindex = self.topology.ifindex(&pod.host_interface);
-                programmer.attach_endpoint(endpoint, &pod.host_interface, ifindex, &[pod.ipv4, pod.ipv6], Some(&pod.cgroup)).expect("attach");
+                programmer
+                    .attach_endpoint(endpoint, &pod.host_interface, ifindex, &[pod.ipv4, pod.ipv6], Some(&pod.cgroup))
+                    .expect("attach");
             }
         }
     }
 
     fn ip(&self, pod: &str, v6: bool) -> IpAddr {
         let pod = self.topology.pod(pod);
-        if v6 { pod.ipv6 } else { pod.ipv4 }
+        if v6 {
+            pod.ipv6
+        } else {
+            pod.ipv4
+        }
     }
 
     fn endpoint(&self, pod: &str) -> u32 {
@@ -161,7 +169,17 @@ fn allowed_and_denied_tcp_udp_sctp_and_ping_over_both_families() {
     }
     // Traffic from the node (kubelet probes) always passes.
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &t.node_netns, "python3", &testbed::netprobe(), "probe", "TCP", &cluster.ip("b", false).to_string(), "81"])
+        .args([
+            "netns",
+            "exec",
+            &t.node_netns,
+            "python3",
+            &testbed::netprobe(),
+            "probe",
+            "TCP",
+            &cluster.ip("b", false).to_string(),
+            "81",
+        ])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "allow", "node -> b TCP/81");
@@ -185,14 +203,33 @@ fn a_refused_connect_with_retransmissions_counts_one_blocked_connection_and_one_
     let (b_endpoint, policy) = (cluster.endpoint("b"), cluster.policy_id("b-ingress"));
     let programmer = cluster.programmer.as_mut().unwrap();
     let verdicts = programmer.datapath().verdicts();
-    let blocked = VerdictKey { endpoint: b_endpoint, policy_id: policy, rule: RULE_DEFAULT_DENY, direction: INGRESS, kind: EVENT_DENY, _pad: [0; 2] };
+    let blocked = VerdictKey {
+        endpoint: b_endpoint,
+        policy_id: policy,
+        rule: RULE_DEFAULT_DENY,
+        direction: INGRESS,
+        kind: EVENT_DENY,
+        _pad: [0; 2],
+    };
     assert_eq!(verdicts.get(&blocked).copied(), Some(1), "one blocked connection: {verdicts:?}");
     let drops = programmer.datapath().drops();
-    let dropped = drops.get(&DropKey { endpoint: b_endpoint, direction: INGRESS, reason: datapath_common::reason::POLICY_DENIED, _pad: [0; 2] }).copied().unwrap_or(0);
+    let dropped = drops
+        .get(&DropKey {
+            endpoint: b_endpoint,
+            direction: INGRESS,
+            reason: datapath_common::reason::POLICY_DENIED,
+            _pad: [0; 2],
+        })
+        .copied()
+        .unwrap_or(0);
     assert!(dropped >= 2, "the SYN and its retransmissions were all dropped: {dropped}");
-    let events: Vec<_> = programmer.datapath_mut().drain_events().into_iter().filter(|e| e.endpoint == b_endpoint).collect();
+    let events: Vec<_> =
+        programmer.datapath_mut().drain_events().into_iter().filter(|e| e.endpoint == b_endpoint).collect();
     assert_eq!(events.len(), 1, "{events:?}");
-    assert_eq!((events[0].policy_id, events[0].rule, events[0].dport, events[0].kind), (policy, RULE_DEFAULT_DENY, 80, EVENT_DENY));
+    assert_eq!(
+        (events[0].policy_id, events[0].rule, events[0].dport, events[0].kind),
+        (policy, RULE_DEFAULT_DENY, 80, EVENT_DENY)
+    );
 }
 
 #[test]
@@ -214,7 +251,10 @@ fn a_revoked_allow_cuts_a_live_tcp_connection() {
         assert!(line.starts_with("ok "), "echoes flow while allowed: {line}");
     }
     // Revoke: b no longer accepts a at all.
-    cluster.set_policies(&POLICIES.replace("podSelector: {matchLabels: {pod: a}}}]\n      ports", "podSelector: {matchLabels: {pod: nobody}}}]\n      ports"));
+    cluster.set_policies(&POLICIES.replace(
+        "podSelector: {matchLabels: {pod: a}}}]\n      ports",
+        "podSelector: {matchLabels: {pod: nobody}}}]\n      ports",
+    ));
     cluster.enforce();
     let revoked_at = monotonic_seconds();
     let after: Vec<(String, f64)> = lines

@@ -19,9 +19,17 @@ fn the_demo_blocks_counts_and_rolls_out_default_deny() {
     // The rollout: intruder -> frontend is allowed under Audit, denied once enforced.
     let sections: Vec<&str> = text.split("Verdicts with default-deny-shop").collect();
     assert_eq!(sections.len(), 3, "{text}");
-    let row = |section: &str| section.lines().find(|l| l.contains("intruder/intruder") && l.contains("shop/frontend")).map(str::to_string).unwrap_or_default();
+    let row = |section: &str| {
+        section
+            .lines()
+            .find(|l| l.contains("intruder/intruder") && l.contains("shop/frontend"))
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
     assert!(row(sections[1]).contains("ALLOW"), "under Audit: {}", row(sections[1]));
     assert!(row(sections[2]).contains("DENY"), "enforced: {}", row(sections[2]));
-    let leftovers = String::from_utf8_lossy(&std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).to_string();
+    let leftovers =
+        String::from_utf8_lossy(&std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout)
+            .to_string();
     assert!(!leftovers.contains("bh-demo-"), "the demo cleans up: {leftovers}");
 }

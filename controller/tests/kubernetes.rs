@@ -56,7 +56,10 @@ fn workspace(path: &str) -> String {
 }
 
 fn condition(object: &serde_json::Value, type_: &str) -> (String, String, String) {
-    let found = object["status"]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == type_).cloned()).unwrap_or_default();
+    let found = object["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_).cloned())
+        .unwrap_or_default();
     let text = |k: &str| found[k].as_str().unwrap_or_default().to_string();
     (text("status"), text("reason"), text("message"))
 }
@@ -71,10 +74,22 @@ fn kubernetes_mode_follows_the_api_server() {
     let mut topology = Topology::new("k8s", 182);
     let mut plane = ControlPlane::start(&topology.node_netns, "k8s");
 
-    for file in ["manifests/crds/connectionpolicies.bulkhead.io.yaml", "manifests/crds/clusterconnectionpolicies.bulkhead.io.yaml", "manifests/deploy/namespace.yaml", "manifests/deploy/rbac.yaml"] {
+    for file in [
+        "manifests/crds/connectionpolicies.bulkhead.io.yaml",
+        "manifests/crds/clusterconnectionpolicies.bulkhead.io.yaml",
+        "manifests/deploy/namespace.yaml",
+        "manifests/deploy/rbac.yaml",
+    ] {
         plane.apply(&workspace(file));
     }
-    let established = plane.kubectl(&["wait", "--for", "condition=established", "--timeout=60s", "crd/connectionpolicies.bulkhead.io", "crd/clusterconnectionpolicies.bulkhead.io"]);
+    let established = plane.kubectl(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        "crd/connectionpolicies.bulkhead.io",
+        "crd/clusterconnectionpolicies.bulkhead.io",
+    ]);
     assert!(established.status.success(), "{}", String::from_utf8_lossy(&established.stderr));
     // The agent's identity can read policies but not write them.
     let denied = plane.kubectl_as("agent", &["create", "namespace", "nope"], None);
@@ -89,8 +104,12 @@ fn kubernetes_mode_follows_the_api_server() {
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {app}}}}}\nspec:\n  nodeName: {NODE}\n  containers: [{{name: main, image: none, ports: [{{containerPort: {port}}}]}}]\n"
         ));
         // What a kubelet does once the sandbox runs: report the addresses.
-        let status = format!("{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\"podIPs\":[{{\"ip\":\"{ip}\"}}]}}}}", ip = pod.ipv4);
-        let out = plane.kubectl(&["patch", "pod", name, "-n", "shop", "--subresource=status", "--type=merge", "-p", &status]);
+        let status = format!(
+            "{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\"podIPs\":[{{\"ip\":\"{ip}\"}}]}}}}",
+            ip = pod.ipv4
+        );
+        let out =
+            plane.kubectl(&["patch", "pod", name, "-n", "shop", "--subresource=status", "--type=merge", "-p", &status]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         // kubelet names the pod's cgroup after its uid.
         let uid = plane.json(&["get", "pod", name, "-n", "shop"])["metadata"]["uid"].as_str().unwrap().to_string();
@@ -106,7 +125,16 @@ fn kubernetes_mode_follows_the_api_server() {
     let log = plane.dir.join("agent.log");
     let agent = plane
         .command_as("agent", env!("CARGO_BIN_EXE_bulkhead"))
-        .args(["agent", "--source=kubernetes", "--node-name", NODE, "--pin-dir", PIN_DIR, "--report-namespace", "bulkhead-system"])
+        .args([
+            "agent",
+            "--source=kubernetes",
+            "--node-name",
+            NODE,
+            "--pin-dir",
+            PIN_DIR,
+            "--report-namespace",
+            "bulkhead-system",
+        ])
         .arg(format!("--cgroup-root={}", topology.kubepods.display()))
         .arg("--metrics-address=127.0.0.1:9464")
         .stdout(Stdio::null())
@@ -128,7 +156,9 @@ fn kubernetes_mode_follows_the_api_server() {
 
     // Created: db takes only api.
     plane.apply(DB_FROM_API);
-    eventually("frontend is refused by db", Duration::from_secs(10), || topology.probe("frontend", "TCP", db.ipv4, 5432) == "deny");
+    eventually("frontend is refused by db", Duration::from_secs(10), || {
+        topology.probe("frontend", "TCP", db.ipv4, 5432) == "deny"
+    });
     assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow");
     eventually("the status says accepted, programmed, one pod", Duration::from_secs(20), || {
         let policy = plane.json(&["get", "connectionpolicy", "db-from-api", "-n", "shop"]);
@@ -140,19 +170,30 @@ fn kubernetes_mode_follows_the_api_server() {
 
     // Changed: db takes frontend instead.
     plane.apply(&DB_FROM_API.replace("app: api}", "app: frontend}"));
-    eventually("api is refused by db", Duration::from_secs(10), || topology.probe("api", "TCP", db.ipv4, 5432) == "deny");
+    eventually("api is refused by db", Duration::from_secs(10), || {
+        topology.probe("api", "TCP", db.ipv4, 5432) == "deny"
+    });
     assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "allow");
 
     // Invalid: rejected by name, with an Event, and nothing else changes.
     let bad = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: broken, namespace: shop}\nspec:\n  podSelector: {matchExpressions: [{key: app, operator: Near, values: [api]}]}\n  ingress: []\n";
     plane.apply(bad);
     eventually("the invalid policy is Accepted=False naming the field", Duration::from_secs(20), || {
-        let (status, reason, message) = condition(&plane.json(&["get", "connectionpolicy", "broken", "-n", "shop"]), "Accepted");
-        status == "False" && reason == "InvalidSelector" && message.contains("spec.podSelector.matchExpressions[0].operator")
+        let (status, reason, message) =
+            condition(&plane.json(&["get", "connectionpolicy", "broken", "-n", "shop"]), "Accepted");
+        status == "False"
+            && reason == "InvalidSelector"
+            && message.contains("spec.podSelector.matchExpressions[0].operator")
     });
     eventually("a PolicyRejected Event names it", Duration::from_secs(20), || {
         let events = plane.json(&["get", "events.v1.events.k8s.io", "-n", "shop"]);
-        events["items"].as_array().is_some_and(|items| items.iter().any(|e| e["reason"] == "PolicyRejected" && e["regarding"]["name"] == "broken" && e["note"].as_str().is_some_and(|n| n.contains("matchExpressions"))))
+        events["items"].as_array().is_some_and(|items| {
+            items.iter().any(|e| {
+                e["reason"] == "PolicyRejected"
+                    && e["regarding"]["name"] == "broken"
+                    && e["note"].as_str().is_some_and(|n| n.contains("matchExpressions"))
+            })
+        })
     });
     assert_eq!(topology.probe("api", "TCP", api.ipv4, 8080), "allow", "api is not isolated by the rejected policy");
     assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "allow");
@@ -160,11 +201,15 @@ fn kubernetes_mode_follows_the_api_server() {
 
     // Deleted: db open again.
     assert!(plane.kubectl(&["delete", "connectionpolicy", "db-from-api", "-n", "shop"]).status.success());
-    eventually("api reaches db again", Duration::from_secs(10), || topology.probe("api", "TCP", db.ipv4, 5432) == "allow");
+    eventually("api reaches db again", Duration::from_secs(10), || {
+        topology.probe("api", "TCP", db.ipv4, 5432) == "allow"
+    });
 
     // The API server goes away: the last good state stays enforced.
     plane.apply(DB_FROM_API);
-    eventually("frontend is refused by db", Duration::from_secs(10), || topology.probe("frontend", "TCP", db.ipv4, 5432) == "deny");
+    eventually("frontend is refused by db", Duration::from_secs(10), || {
+        topology.probe("frontend", "TCP", db.ipv4, 5432) == "deny"
+    });
     plane.stop_apiserver();
     for _ in 0..3 {
         assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "deny", "enforced with no API server");
@@ -178,7 +223,11 @@ fn kubernetes_mode_follows_the_api_server() {
     plane.apply(&DB_FROM_API.replace("app: api}", "app: frontend}"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while topology.probe("api", "TCP", db.ipv4, 5432) != "deny" {
-        assert!(Instant::now() < deadline, "after the restart, the change is not enforced; the agent's log:\n{}", agent_log());
+        assert!(
+            Instant::now() < deadline,
+            "after the restart, the change is not enforced; the agent's log:\n{}",
+            agent_log()
+        );
     }
     assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "allow");
 }

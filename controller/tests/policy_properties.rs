@@ -100,15 +100,24 @@ impl Reference<'_> {
                 let end = spec.end_port.unwrap_or(*p);
                 (*p..=end).contains(&(port as i32))
             }
-            Some(IntOrString::String(name)) => destination
-                .pod
-                .is_some_and(|pod| pod.ports.iter().any(|c| c.name.as_deref() == Some(name) && c.protocol == protocol && c.port == port)),
+            Some(IntOrString::String(name)) => destination.pod.is_some_and(|pod| {
+                pod.ports.iter().any(|c| c.name.as_deref() == Some(name) && c.protocol == protocol && c.port == port)
+            }),
         }
     }
 
     /// "Within a rule, peers are OR-ed and ports are OR-ed; a missing or
     /// empty ports means all ports; a missing from/to means all peers."
-    fn rule_matches(&self, peers: Option<&Vec<crd::Peer>>, ports: Option<&Vec<crd::PortSpec>>, policy_namespace: Option<&str>, other: End, destination: End, protocol: Option<crd::Protocol>, port: u16) -> bool {
+    fn rule_matches(
+        &self,
+        peers: Option<&Vec<crd::Peer>>,
+        ports: Option<&Vec<crd::PortSpec>>,
+        policy_namespace: Option<&str>,
+        other: End,
+        destination: End,
+        protocol: Option<crd::Protocol>,
+        port: u16,
+    ) -> bool {
         let peers_ok = match peers {
             None => true,
             Some(list) if list.is_empty() => true,
@@ -117,12 +126,22 @@ impl Reference<'_> {
         let ports_ok = match ports {
             None => true,
             Some(list) if list.is_empty() => true,
-            Some(list) => protocol.is_some_and(|proto| list.iter().any(|s| self.port_matches(s, destination, proto, port))),
+            Some(list) => {
+                protocol.is_some_and(|proto| list.iter().any(|s| self.port_matches(s, destination, proto, port)))
+            }
         };
         peers_ok && ports_ok
     }
 
-    fn cluster_outcome(&self, policy: &crd::ClusterConnectionPolicy, ingress: bool, other: End, destination: End, protocol: Option<crd::Protocol>, port: u16) -> Option<(Outcome, usize)> {
+    fn cluster_outcome(
+        &self,
+        policy: &crd::ClusterConnectionPolicy,
+        ingress: bool,
+        other: End,
+        destination: End,
+        protocol: Option<crd::Protocol>,
+        port: u16,
+    ) -> Option<(Outcome, usize)> {
         let action = |a: crd::Action| match a {
             crd::Action::Allow => Outcome::Allow,
             crd::Action::Deny => Outcome::Deny,
@@ -130,7 +149,8 @@ impl Reference<'_> {
         };
         if ingress {
             for (i, rule) in policy.spec.ingress.iter().flatten().enumerate() {
-                if self.rule_matches(rule.from.as_ref(), rule.ports.as_ref(), None, other, destination, protocol, port) {
+                if self.rule_matches(rule.from.as_ref(), rule.ports.as_ref(), None, other, destination, protocol, port)
+                {
                     return Some((action(rule.action), i));
                 }
             }
@@ -152,7 +172,15 @@ impl Reference<'_> {
 
     /// The evaluation steps of api.md for one direction of one pod.
     /// `with_audit`: also apply Audit-mode policies (for the audit verdict).
-    fn direction_allows(&self, pod: &Pod, ingress: bool, other: End, protocol: Option<crd::Protocol>, port: u16, with_audit: bool) -> bool {
+    fn direction_allows(
+        &self,
+        pod: &Pod,
+        ingress: bool,
+        other: End,
+        protocol: Option<crd::Protocol>,
+        port: u16,
+        with_audit: bool,
+    ) -> bool {
         let me = End { address: IpAddr::V4(Ipv4Addr::UNSPECIFIED), pod: Some(pod) };
         let destination = if ingress { me } else { other };
         let enforced = |mode: crd::Mode| with_audit || mode == crd::Mode::Enforce;
@@ -165,7 +193,9 @@ impl Reference<'_> {
                 _ => None,
             })
             .collect();
-        cluster.sort_by(|a, b| (a.spec.priority, a.metadata.name.clone()).cmp(&(b.spec.priority, b.metadata.name.clone())));
+        cluster.sort_by(|a, b| {
+            (a.spec.priority, a.metadata.name.clone()).cmp(&(b.spec.priority, b.metadata.name.clone()))
+        });
         // 1. Admin tier.
         'admin: for policy in cluster.iter().filter(|c| c.spec.tier == crd::Tier::Admin) {
             match self.cluster_outcome(policy, ingress, other, destination, protocol, port) {
@@ -179,11 +209,18 @@ impl Reference<'_> {
         let mut isolated = false;
         let mut allowed = false;
         for policy in self.snapshot.policies.values() {
-            let (namespace, selector, types, rules): (String, LabelSelector, Vec<bool>, Vec<(Option<Vec<crd::Peer>>, Option<Vec<crd::PortSpec>>)>) = match policy {
+            let (namespace, selector, types, rules): (
+                String,
+                LabelSelector,
+                Vec<bool>,
+                Vec<(Option<Vec<crd::Peer>>, Option<Vec<crd::PortSpec>>)>,
+            ) = match policy {
                 PolicyObject::Connection(c) if enforced(c.spec.mode) => {
                     let has_egress = c.spec.egress.as_ref().is_some_and(|e| !e.is_empty());
                     let (i, e) = match &c.spec.policy_types {
-                        Some(t) if !t.is_empty() => (t.contains(&crd::PolicyType::Ingress), t.contains(&crd::PolicyType::Egress)),
+                        Some(t) if !t.is_empty() => {
+                            (t.contains(&crd::PolicyType::Ingress), t.contains(&crd::PolicyType::Egress))
+                        }
                         _ => (true, has_egress),
                     };
                     let rules = if ingress {
@@ -206,7 +243,10 @@ impl Reference<'_> {
                                 .map(|p| crd::Peer {
                                     pod_selector: p.pod_selector.clone(),
                                     namespace_selector: p.namespace_selector.clone(),
-                                    ip_block: p.ip_block.as_ref().map(|b| crd::IpBlock { cidr: b.cidr.clone(), except: b.except.clone() }),
+                                    ip_block: p
+                                        .ip_block
+                                        .as_ref()
+                                        .map(|b| crd::IpBlock { cidr: b.cidr.clone(), except: b.except.clone() }),
                                 })
                                 .collect()
                         })
@@ -231,15 +271,25 @@ impl Reference<'_> {
                     } else {
                         spec.egress.iter().flatten().map(|r| (to_crd_peers(&r.to), to_crd_ports(&r.ports))).collect()
                     };
-                    (n.metadata.namespace.clone().unwrap(), spec.pod_selector.clone().unwrap_or_default(), vec![i, e], rules)
+                    (
+                        n.metadata.namespace.clone().unwrap(),
+                        spec.pod_selector.clone().unwrap_or_default(),
+                        vec![i, e],
+                        rules,
+                    )
                 }
                 _ => continue,
             };
-            if namespace != pod.namespace || !selector_matches(&selector, &pod.labels) || !types[if ingress { 0 } else { 1 }] {
+            if namespace != pod.namespace
+                || !selector_matches(&selector, &pod.labels)
+                || !types[if ingress { 0 } else { 1 }]
+            {
                 continue;
             }
             isolated = true;
-            allowed |= rules.iter().any(|(peers, ports)| self.rule_matches(peers.as_ref(), ports.as_ref(), Some(&namespace), other, destination, protocol, port));
+            allowed |= rules.iter().any(|(peers, ports)| {
+                self.rule_matches(peers.as_ref(), ports.as_ref(), Some(&namespace), other, destination, protocol, port)
+            });
         }
         if isolated {
             return allowed;
@@ -268,23 +318,44 @@ const PORTS: [u16; 4] = [80, 81, 443, 5432];
 fn label_selector() -> impl Strategy<Value = LabelSelector> {
     prop_oneof![
         Just(LabelSelector::default()),
-        prop::sample::select(APPS.to_vec()).prop_map(|a| LabelSelector { match_labels: Some([("app".to_string(), a.to_string())].into()), match_expressions: None }),
-        (prop::sample::select(vec!["In", "NotIn", "Exists", "DoesNotExist"]), prop::sample::select(APPS.to_vec()), any::<bool>()).prop_map(|(op, a, on_tier)| {
-            let key = if on_tier { "tier" } else { "app" };
-            let values = match op {
-                "In" | "NotIn" => Some(vec![a.to_string(), "front".to_string()]),
-                _ => None,
-            };
-            LabelSelector { match_labels: None, match_expressions: Some(vec![LabelSelectorRequirement { key: key.into(), operator: op.into(), values }]) }
+        prop::sample::select(APPS.to_vec()).prop_map(|a| LabelSelector {
+            match_labels: Some([("app".to_string(), a.to_string())].into()),
+            match_expressions: None
         }),
+        (
+            prop::sample::select(vec!["In", "NotIn", "Exists", "DoesNotExist"]),
+            prop::sample::select(APPS.to_vec()),
+            any::<bool>()
+        )
+            .prop_map(|(op, a, on_tier)| {
+                let key = if on_tier { "tier" } else { "app" };
+                let values = match op {
+                    "In" | "NotIn" => Some(vec![a.to_string(), "front".to_string()]),
+                    _ => None,
+                };
+                LabelSelector {
+                    match_labels: None,
+                    match_expressions: Some(vec![LabelSelectorRequirement {
+                        key: key.into(),
+                        operator: op.into(),
+                        values,
+                    }]),
+                }
+            }),
     ]
 }
 
 fn namespace_selector() -> impl Strategy<Value = LabelSelector> {
     prop_oneof![
         Just(LabelSelector::default()),
-        prop::sample::select(NAMESPACES.to_vec()).prop_map(|n| LabelSelector { match_labels: Some([("kubernetes.io/metadata.name".to_string(), n.to_string())].into()), match_expressions: None }),
-        Just(LabelSelector { match_labels: Some([("env".to_string(), "prod".to_string())].into()), match_expressions: None }),
+        prop::sample::select(NAMESPACES.to_vec()).prop_map(|n| LabelSelector {
+            match_labels: Some([("kubernetes.io/metadata.name".to_string(), n.to_string())].into()),
+            match_expressions: None
+        }),
+        Just(LabelSelector {
+            match_labels: Some([("env".to_string(), "prod".to_string())].into()),
+            match_expressions: None
+        }),
     ]
 }
 
@@ -303,7 +374,11 @@ fn peer() -> impl Strategy<Value = crd::Peer> {
     prop_oneof![
         label_selector().prop_map(|s| crd::Peer { pod_selector: Some(s), ..Default::default() }),
         namespace_selector().prop_map(|s| crd::Peer { namespace_selector: Some(s), ..Default::default() }),
-        (label_selector(), namespace_selector()).prop_map(|(p, n)| crd::Peer { pod_selector: Some(p), namespace_selector: Some(n), ..Default::default() }),
+        (label_selector(), namespace_selector()).prop_map(|(p, n)| crd::Peer {
+            pod_selector: Some(p),
+            namespace_selector: Some(n),
+            ..Default::default()
+        }),
         ip_block().prop_map(|b| crd::Peer { ip_block: Some(b), ..Default::default() }),
     ]
 }
@@ -311,9 +386,19 @@ fn peer() -> impl Strategy<Value = crd::Peer> {
 fn port_spec() -> impl Strategy<Value = crd::PortSpec> {
     let protocol = prop::sample::select(vec![crd::Protocol::TCP, crd::Protocol::UDP, crd::Protocol::SCTP]);
     prop_oneof![
-        (protocol.clone(), prop::sample::select(PORTS.to_vec())).prop_map(|(protocol, p)| crd::PortSpec { protocol, port: Some(IntOrString::Int(p as i32)), end_port: None }),
-        (protocol.clone(), 79u16..90, 0u16..400).prop_map(|(protocol, p, span)| crd::PortSpec { protocol, port: Some(IntOrString::Int(p as i32)), end_port: Some((p + span) as i32) }),
-        (protocol.clone(), prop::sample::select(vec!["http", "metrics", "missing"])).prop_map(|(protocol, n)| crd::PortSpec { protocol, port: Some(IntOrString::String(n.into())), end_port: None }),
+        (protocol.clone(), prop::sample::select(PORTS.to_vec())).prop_map(|(protocol, p)| crd::PortSpec {
+            protocol,
+            port: Some(IntOrString::Int(p as i32)),
+            end_port: None
+        }),
+        (protocol.clone(), 79u16..90, 0u16..400).prop_map(|(protocol, p, span)| crd::PortSpec {
+            protocol,
+            port: Some(IntOrString::Int(p as i32)),
+            end_port: Some((p + span) as i32)
+        }),
+        (protocol.clone(), prop::sample::select(vec!["http", "metrics", "missing"])).prop_map(|(protocol, n)| {
+            crd::PortSpec { protocol, port: Some(IntOrString::String(n.into())), end_port: None }
+        }),
         protocol.prop_map(|protocol| crd::PortSpec { protocol, port: None, end_port: None }),
     ]
 }
@@ -355,15 +440,32 @@ fn connection_policy(index: usize) -> impl Strategy<Value = PolicyObject> {
                     })
                 };
                 let np_ports = |p: Option<Vec<crd::PortSpec>>| {
-                    p.map(|l| l.into_iter().map(|s| net::NetworkPolicyPort { protocol: Some(format!("{:?}", s.protocol)), port: s.port, end_port: s.end_port }).collect())
+                    p.map(|l| {
+                        l.into_iter()
+                            .map(|s| net::NetworkPolicyPort {
+                                protocol: Some(format!("{:?}", s.protocol)),
+                                port: s.port,
+                                end_port: s.end_port,
+                            })
+                            .collect()
+                    })
                 };
                 return PolicyObject::Network(net::NetworkPolicy {
                     metadata: meta,
                     spec: Some(net::NetworkPolicySpec {
                         pod_selector: Some(selector),
                         policy_types: types.map(|t| t.iter().map(|x| format!("{x:?}")).collect()),
-                        ingress: Some(ingress.into_iter().map(|(f, p)| net::NetworkPolicyIngressRule { from: np_peers(f), ports: np_ports(p) }).collect()),
-                        egress: egress.map(|e| e.into_iter().map(|(t, p)| net::NetworkPolicyEgressRule { to: np_peers(t), ports: np_ports(p) }).collect()),
+                        ingress: Some(
+                            ingress
+                                .into_iter()
+                                .map(|(f, p)| net::NetworkPolicyIngressRule { from: np_peers(f), ports: np_ports(p) })
+                                .collect(),
+                        ),
+                        egress: egress.map(|e| {
+                            e.into_iter()
+                                .map(|(t, p)| net::NetworkPolicyEgressRule { to: np_peers(t), ports: np_ports(p) })
+                                .collect()
+                        }),
                     }),
                 });
             }
@@ -402,8 +504,18 @@ fn cluster_policy(index: usize) -> impl Strategy<Value = PolicyObject> {
                     priority,
                     subject: subject.map(|(n, p)| crd::Subject { namespace_selector: n, pod_selector: p }),
                     mode,
-                    ingress: Some(ingress.into_iter().map(|(action, from, ports)| crd::ClusterIngressRule { action, from, ports }).collect()),
-                    egress: Some(egress.into_iter().map(|(action, to, ports)| crd::ClusterEgressRule { action, to, ports }).collect()),
+                    ingress: Some(
+                        ingress
+                            .into_iter()
+                            .map(|(action, from, ports)| crd::ClusterIngressRule { action, from, ports })
+                            .collect(),
+                    ),
+                    egress: Some(
+                        egress
+                            .into_iter()
+                            .map(|(action, to, ports)| crd::ClusterEgressRule { action, to, ports })
+                            .collect(),
+                    ),
                 },
                 status: None,
             })
@@ -427,7 +539,8 @@ fn pod(index: usize) -> impl Strategy<Value = Pod> {
             if dual {
                 ips.push(IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 1, 10 + index as u16)));
             }
-            let mut ports = vec![ContainerPort { name: Some("http".into()), port: http_port, protocol: crd::Protocol::TCP }];
+            let mut ports =
+                vec![ContainerPort { name: Some("http".into()), port: http_port, protocol: crd::Protocol::TCP }];
             if app == "db" {
                 ports.push(ContainerPort { name: Some("metrics".into()), port: 81, protocol: crd::Protocol::UDP });
             }
@@ -445,8 +558,11 @@ fn snapshot() -> impl Strategy<Value = Snapshot> {
         any::<bool>(),
     )
         .prop_flat_map(|(pods, kinds, prod_y)| {
-            let policies: Vec<BoxedStrategy<PolicyObject>> =
-                kinds.iter().enumerate().map(|(i, k)| if *k == 0 { connection_policy(i).boxed() } else { cluster_policy(i).boxed() }).collect();
+            let policies: Vec<BoxedStrategy<PolicyObject>> = kinds
+                .iter()
+                .enumerate()
+                .map(|(i, k)| if *k == 0 { connection_policy(i).boxed() } else { cluster_policy(i).boxed() })
+                .collect();
             (Just(pods), policies, Just(prod_y))
         })
         .prop_map(|(pods, policies, prod_y)| {
@@ -488,7 +604,13 @@ fn probes() -> impl Strategy<Value = Vec<ProbeSpec>> {
         ]).prop_map(Err),
     ];
     prop::collection::vec(
-        (0usize..7, target, prop::sample::select(vec![crd::Protocol::TCP, crd::Protocol::UDP, crd::Protocol::SCTP]), prop::sample::select(vec![80u16, 81, 85, 443, 5432, 8080]), any::<bool>())
+        (
+            0usize..7,
+            target,
+            prop::sample::select(vec![crd::Protocol::TCP, crd::Protocol::UDP, crd::Protocol::SCTP]),
+            prop::sample::select(vec![80u16, 81, 85, 443, 5432, 8080]),
+            any::<bool>(),
+        )
             .prop_map(|(from, to, protocol, port, ipv6)| ProbeSpec { from, to, protocol, port, ipv6 }),
         24,
     )
@@ -509,10 +631,22 @@ fn ends<'a>(snapshot: &'a Snapshot, probe: &ProbeSpec) -> Option<(End<'a>, End<'
     Some((src, dst))
 }
 
-fn compiled_verdict(state: &policy::DesiredState, src: End, dst: End, protocol: crd::Protocol, port: u16) -> ConnectionVerdict {
+fn compiled_verdict(
+    state: &policy::DesiredState,
+    src: End,
+    dst: End,
+    protocol: crd::Protocol,
+    port: u16,
+) -> ConnectionVerdict {
     let src_ref = src.pod.map(Pod::pod_ref);
     let dst_ref: Option<PodRef> = dst.pod.map(Pod::pod_ref);
-    lookup::connection(state, (src_ref.as_ref(), src.address), (dst_ref.as_ref(), dst.address), protocol_number(protocol), port)
+    lookup::connection(
+        state,
+        (src_ref.as_ref(), src.address),
+        (dst_ref.as_ref(), dst.address),
+        protocol_number(protocol),
+        port,
+    )
 }
 
 proptest! {
@@ -644,7 +778,12 @@ fn take_step(snapshot: &mut Snapshot, other: &Snapshot, step: &Step) -> Option<p
         Step::AddReusing(k) => {
             let source = snapshot.pods.values().nth(k % snapshot.pods.len().max(1))?.clone();
             let model = other.pods.values().nth(k % other.pods.len())?;
-            let pod = Pod { name: format!("extra{k}"), labels: model.labels.clone(), namespace: model.namespace.clone(), ..source };
+            let pod = Pod {
+                name: format!("extra{k}"),
+                labels: model.labels.clone(),
+                namespace: model.namespace.clone(),
+                ..source
+            };
             let pod_ref = pod.pod_ref();
             snapshot.add_pod(pod);
             Some(policy::Changed::Pod(pod_ref))

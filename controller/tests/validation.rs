@@ -105,7 +105,10 @@ fn every_invalid_field_is_named() {
 fn cluster_priority_out_of_range() {
     let error = single_error("apiVersion: bulkhead.io/v1alpha1\nkind: ClusterConnectionPolicy\nmetadata: {name: guard}\nspec:\n  priority: 1001\n");
     assert_eq!((error.field.as_str(), error.reason), ("spec.priority", Reason::InvalidPriority));
-    assert!(error.to_string().starts_with("ClusterConnectionPolicy guard: spec.priority: 1001 is outside 0..1000"), "{error}");
+    assert!(
+        error.to_string().starts_with("ClusterConnectionPolicy guard: spec.priority: 1001 is outside 0..1000"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -119,7 +122,8 @@ fn network_policy_unknown_protocol() {
 
 #[test]
 fn an_unknown_crd_enum_value_is_named_at_parse_time() {
-    let error = manifest::parse("policies.yaml", &connection("  podSelector: {}\n  mode: Loud\n")).unwrap_err().to_string();
+    let error =
+        manifest::parse("policies.yaml", &connection("  podSelector: {}\n  mode: Loud\n")).unwrap_err().to_string();
     assert!(error.contains("ConnectionPolicy shop/bad") && error.contains("spec.mode"), "{error}");
 }
 
@@ -137,7 +141,9 @@ fn an_invalid_policy_is_left_out_and_the_rest_compiles_as_before() {
         uid: None,
     });
     let before = policy::compile(&snapshot);
-    for object in manifest::parse("bad", &connection("  podSelector: {}\n  ingress:\n    - ports: [{port: 70000}]\n")).unwrap() {
+    for object in
+        manifest::parse("bad", &connection("  podSelector: {}\n  ingress:\n    - ports: [{port: 70000}]\n")).unwrap()
+    {
         if let Object::Policy(p) = object {
             snapshot.add_policy(p);
         }

@@ -13,14 +13,17 @@
 //! another's.
 
 use core::{
-    intrinsics::{atomic_cxchg, AtomicOrdering::{Acquire, Relaxed}},
+    intrinsics::{
+        atomic_cxchg,
+        AtomicOrdering::{Acquire, Relaxed},
+    },
     sync::atomic::{compiler_fence, Ordering},
 };
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use datapath_common::{
-    capacity, ConnKey, ConntrackPlace, ConntrackSlot, ConntrackTags, ConntrackValue, CONFIG_HASH_SEED, CONNTRACK_TAG_BUSY,
-    CONNTRACK_TAG_FREE, CONNTRACK_WAYS,
+    capacity, ConnKey, ConntrackPlace, ConntrackSlot, ConntrackTags, ConntrackValue, CONFIG_HASH_SEED,
+    CONNTRACK_TAG_BUSY, CONNTRACK_TAG_FREE, CONNTRACK_WAYS,
 };
 
 use crate::maps::{CONFIG, CONNTRACK, CONNTRACK_TAGS};

@@ -1,11 +1,11 @@
 //! Every map the programs share with userspace. All are pinned by name under
 //! the loader's pin path, so a restarted agent adopts them as they are.
 
+use aya_ebpf::bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC};
 use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use aya_ebpf::bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC};
 use datapath_common::{
     capacity, Address, ConnKey, ConntrackSlot, ConntrackTags, DropKey, EndpointInfo, EventBudget, FragmentKey,
     FragmentValue, IpcacheSlot, IpcacheValue, PolicyExactKey, PolicyKey, PolicySlot, PolicyValue, TableSet, VerdictKey,
@@ -50,7 +50,8 @@ pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::P
 pub static POLICY_TABLE: Array<TableSet<PolicySlot>> = Array::pinned(capacity::POLICY_TABLE_SETS, BPF_F_MMAPABLE);
 
 #[map(name = "BH_POLICY_EX")]
-pub static POLICY_EXACT: HashMap<PolicyExactKey, PolicyValue> = HashMap::pinned(capacity::POLICY_EXACT, BPF_F_NO_PREALLOC);
+pub static POLICY_EXACT: HashMap<PolicyExactKey, PolicyValue> =
+    HashMap::pinned(capacity::POLICY_EXACT, BPF_F_NO_PREALLOC);
 
 /// Conntrack slots, set by set (`crate::conntrack`).
 #[map(name = "BH_CONNTRACK")]
@@ -61,8 +62,7 @@ pub static CONNTRACK: Array<ConntrackSlot> = Array::pinned(capacity::CONNTRACK, 
 pub static CONNTRACK_TAGS: Array<ConntrackTags> = Array::pinned(capacity::CONNTRACK_SETS, 0);
 
 #[map(name = "BH_FRAGMENTS")]
-pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
-    LruHashMap::pinned(capacity::FRAGMENTS, 0);
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::pinned(capacity::FRAGMENTS, 0);
 
 /// Flows refused recently, so retransmissions are dropped without being
 /// counted or reported again. Value: the policy revision of the refusal.

@@ -50,7 +50,9 @@ pub enum L4 {
     Plain,
     IcmpEcho,
     /// ICMP error about an earlier packet, quoted at this packet offset.
-    IcmpError { quote_offset: u32 },
+    IcmpError {
+        quote_offset: u32,
+    },
     /// Neighbour discovery and MLD: link-local control that always passes.
     NeighbourDiscovery,
     /// Another ICMP message.
@@ -352,7 +354,13 @@ fn parse_l4(ctx: &TcContext, offset: usize, ipv6: bool, packet: &mut Packet) -> 
 /// IPv6 packet are not walked: such a quote matches no connection and the
 /// error is judged on its own.
 #[inline(always)]
-pub fn quoted_connection(ctx: &TcContext, offset: usize, ipv6: bool, quoted_from_endpoint: bool, conn: &mut ConnKey) -> Result<(), ParseError> {
+pub fn quoted_connection(
+    ctx: &TcContext,
+    offset: usize,
+    ipv6: bool,
+    quoted_from_endpoint: bool,
+    conn: &mut ConnKey,
+) -> Result<(), ParseError> {
     let (saddr, daddr, header_len, protocol) = if ipv6 {
         let ip = load::<Ipv6Header>(ctx, offset)?;
         if ip.version() != 6 {

@@ -8,18 +8,18 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext},
 };
 use datapath_common::{
-    capacity, identity, policy_prefix, proto, reason, verdict, Address, ConnKey, ConntrackValue, DropKey,
-    EndpointInfo, Event, FragmentKey, FragmentValue, PolicyExactKey, PolicyKey, PolicyValue, VerdictKey,
-    CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, CONNTRACK_FLAG_REVOKED, EGRESS,
-    ENDPOINT_FLAG_FAIL_CLOSED, EVENT_AUDIT, EVENT_DENY, EVENT_NEW_FLOW, NO_ENDPOINT, RULE_DEFAULT_DENY, SOURCE_CGROUP,
-    SOURCE_TC,
+    capacity, identity, policy_prefix, proto, reason, verdict, Address, ConnKey, ConntrackValue, DropKey, EndpointInfo,
+    Event, FragmentKey, FragmentValue, PolicyExactKey, PolicyKey, PolicyValue, VerdictKey, CONFIG_EVENTS_PER_SECOND,
+    CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, CONNTRACK_FLAG_REVOKED, EGRESS, ENDPOINT_FLAG_FAIL_CLOSED, EVENT_AUDIT,
+    EVENT_DENY, EVENT_NEW_FLOW, NO_ENDPOINT, RULE_DEFAULT_DENY, SOURCE_CGROUP, SOURCE_TC,
 };
 
 use crate::{
     conntrack::{Found, Set, Stored},
     maps::{
-        SCRATCH, CGROUP_ENDPOINTS, CONFIG, DENIED_FLOWS, DROPS, ENDPOINTS, ENDPOINTS_BY_IFINDEX, EVENTS, EVENT_BUDGET,
-        FRAGMENTS, IPCACHE, IPCACHE_EXACT, IPCACHE_TABLE, LOCAL_ADDRS, POLICY, POLICY_EXACT, POLICY_TABLE, VERDICTS,
+        CGROUP_ENDPOINTS, CONFIG, DENIED_FLOWS, DROPS, ENDPOINTS, ENDPOINTS_BY_IFINDEX, EVENTS, EVENT_BUDGET,
+        FRAGMENTS, IPCACHE, IPCACHE_EXACT, IPCACHE_TABLE, LOCAL_ADDRS, POLICY, POLICY_EXACT, POLICY_TABLE, SCRATCH,
+        VERDICTS,
     },
     parse::{parse, quoted_connection, Packet, ParseError, Parsed, FRAG_FIRST, FRAG_LATER, L4},
     table::{self, Busy},
@@ -197,9 +197,29 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
             remember_fragment(packet);
         }
         if decision.audit != 0 {
-            report(conn, direction, peer, &Reported { kind: EVENT_AUDIT, source: SOURCE_TC, policy_id: decision.audit_policy_id, rule: decision.audit_rule });
+            report(
+                conn,
+                direction,
+                peer,
+                &Reported {
+                    kind: EVENT_AUDIT,
+                    source: SOURCE_TC,
+                    policy_id: decision.audit_policy_id,
+                    rule: decision.audit_rule,
+                },
+            );
         } else if egress && flow_events_enabled() {
-            report(conn, direction, peer, &Reported { kind: EVENT_NEW_FLOW, source: SOURCE_TC, policy_id: decision.policy_id, rule: decision.rule });
+            report(
+                conn,
+                direction,
+                peer,
+                &Reported {
+                    kind: EVENT_NEW_FLOW,
+                    source: SOURCE_TC,
+                    policy_id: decision.policy_id,
+                    rule: decision.rule,
+                },
+            );
         }
         return Ok(());
     }
@@ -229,11 +249,7 @@ fn remember_fragment(packet: &Packet) {
 fn recheck(set: &Set, found: &Found, conn: &ConnKey, has_ports: bool, revision: u64) -> Result<(), u8> {
     let entry = found.value;
     if entry.revision == revision {
-        return if entry.flags & CONNTRACK_FLAG_REVOKED != 0 {
-            Err(reason::POLICY_REVOKED)
-        } else {
-            Ok(())
-        };
+        return if entry.flags & CONNTRACK_FLAG_REVOKED != 0 { Err(reason::POLICY_REVOKED) } else { Ok(()) };
     }
     let peer = peer_identity(&conn.remote)?;
     if peer == identity::HOST {
@@ -368,17 +384,7 @@ impl Reported {
 fn report(conn: &ConnKey, direction: u8, peer: u32, verdict: &Reported) {
     let Reported { kind, policy_id, rule, .. } = *verdict;
     if kind != EVENT_NEW_FLOW {
-        bump(
-            &VERDICTS,
-            &VerdictKey {
-                endpoint: conn.endpoint,
-                policy_id,
-                rule,
-                direction,
-                kind,
-                _pad: [0; 2],
-            },
-        );
+        bump(&VERDICTS, &VerdictKey { endpoint: conn.endpoint, policy_id, rule, direction, kind, _pad: [0; 2] });
     }
     send_event(conn, direction, peer, verdict);
 }

@@ -71,7 +71,9 @@ fn main() -> Result<()> {
         Task::Bench { what } => {
             setup::run()?;
             match what.as_str() {
-                "datapath" | "compile" | "convergence" => cargo(&["run", "--release", "-p", "bulkhead", "--", "bench", &what]),
+                "datapath" | "compile" | "convergence" => {
+                    cargo(&["run", "--release", "-p", "bulkhead", "--", "bench", &what])
+                }
                 other => bail!("unknown benchmark {other:?}: datapath, compile or convergence"),
             }
         }

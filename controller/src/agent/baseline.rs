@@ -25,7 +25,11 @@ pub struct Workload {
 
 impl Workload {
     pub fn of(pod: &Pod) -> Self {
-        let name = ["app.kubernetes.io/name", "app"].iter().find_map(|label| pod.labels.get(*label)).cloned().unwrap_or_else(|| pod.name.clone());
+        let name = ["app.kubernetes.io/name", "app"]
+            .iter()
+            .find_map(|label| pod.labels.get(*label))
+            .cloned()
+            .unwrap_or_else(|| pod.name.clone());
         Self { namespace: pod.namespace.clone(), name }
     }
 }
@@ -101,7 +105,15 @@ mod tests {
 
     #[test]
     fn a_workload_is_named_by_its_labels_or_its_pod() {
-        let mut pod = Pod { namespace: "x".into(), name: "web-7d4b9".into(), labels: Default::default(), ips: vec![], ports: vec![], node_name: None, uid: None };
+        let mut pod = Pod {
+            namespace: "x".into(),
+            name: "web-7d4b9".into(),
+            labels: Default::default(),
+            ips: vec![],
+            ports: vec![],
+            node_name: None,
+            uid: None,
+        };
         assert_eq!(Workload::of(&pod).name, "web-7d4b9");
         pod.labels.insert("app".into(), "web".into());
         assert_eq!(Workload::of(&pod).name, "web");

@@ -42,12 +42,20 @@ fn respond<B>(shared: &Shared, request: &Request<B>) -> Response<Full<Bytes>> {
             if shared.is_ready() {
                 (StatusCode::OK, "text/plain", "ready\n".to_string())
             } else {
-                (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "the first full sync is not in the datapath yet\n".to_string())
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "the first full sync is not in the datapath yet\n".to_string(),
+                )
             }
         }
         "/debug/state" => (StatusCode::OK, "application/json", shared.state_json()),
         "/debug/events" => (StatusCode::OK, "application/json", shared.events_json()),
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
     };
-    Response::builder().status(status).header("content-type", content_type).body(Full::new(Bytes::from(body))).expect("a valid response")
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
 }

@@ -16,7 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use datapath_common::{reason as drop_reason, Event, EGRESS, EVENT_AUDIT, EVENT_NEW_FLOW, INGRESS, RULE_DEFAULT_DENY, SOURCE_CGROUP};
+use datapath_common::{
+    reason as drop_reason, Event, EGRESS, EVENT_AUDIT, EVENT_NEW_FLOW, INGRESS, RULE_DEFAULT_DENY, SOURCE_CGROUP,
+};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -258,7 +260,11 @@ impl Agent {
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let deadline = self.pending.as_ref().filter(|_| self.source_synced).map(|p| (p.last_change + self.config.debounce).min(p.first_observed + self.config.max_delay));
+            let deadline = self
+                .pending
+                .as_ref()
+                .filter(|_| self.source_synced)
+                .map(|p| (p.last_change + self.config.debounce).min(p.first_observed + self.config.max_delay));
             let due = async {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -372,7 +378,11 @@ impl Agent {
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "cannot read the node's addresses; keeping the last known"),
         }
-        tracing::debug!(waited_ms = pending.first_observed.elapsed().as_secs_f64() * 1e3, changed = self.changed.len(), "reconciling");
+        tracing::debug!(
+            waited_ms = pending.first_observed.elapsed().as_secs_f64() * 1e3,
+            changed = self.changed.len(),
+            "reconciling"
+        );
         let started = Instant::now();
         let compile_all = self.compile_all;
         match self.compiler.as_mut().filter(|_| !compile_all) {
@@ -384,11 +394,21 @@ impl Agent {
         self.shared.metrics.compile_seconds.observe(started.elapsed().as_secs_f64());
         let desired = self.compiler.as_ref().expect("compiled above").state();
 
-        let local: BTreeMap<PodRef, policy::compile::Endpoint> = desired.endpoints.iter().filter(|(_, e)| self.is_local(e.node_name.as_deref())).map(|(p, e)| (p.clone(), e.clone())).collect();
+        let local: BTreeMap<PodRef, policy::compile::Endpoint> = desired
+            .endpoints
+            .iter()
+            .filter(|(_, e)| self.is_local(e.node_name.as_deref()))
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
         let local_ids: BTreeSet<u32> = local.values().map(|e| e.id).collect();
         let local_state = DesiredState {
             ipcache: desired.ipcache.clone(),
-            policy: desired.policy.iter().filter(|((_, key), _)| local_ids.contains(&key.endpoint())).map(|(k, v)| (*k, *v)).collect(),
+            policy: desired
+                .policy
+                .iter()
+                .filter(|((_, key), _)| local_ids.contains(&key.endpoint()))
+                .map(|(k, v)| (*k, *v))
+                .collect(),
             ..Default::default()
         };
 
@@ -396,7 +416,9 @@ impl Agent {
         let stale: Vec<PodRef> = self
             .attached
             .iter()
-            .filter(|(pod, attached)| local.get(*pod).is_none_or(|e| e.id != attached.endpoint_id || e.addresses != attached.addresses))
+            .filter(|(pod, attached)| {
+                local.get(*pod).is_none_or(|e| e.id != attached.endpoint_id || e.addresses != attached.addresses)
+            })
             .map(|(pod, _)| pod.clone())
             .collect();
         for pod in stale {
@@ -428,7 +450,8 @@ impl Agent {
         };
         let endpoints = &self.state().endpoints;
         let pods_by_endpoint = endpoints.iter().map(|(p, e)| (e.id, p.clone())).collect();
-        let pods_by_address = endpoints.iter().flat_map(|(p, e)| e.addresses.iter().map(move |a| (*a, p.clone()))).collect();
+        let pods_by_address =
+            endpoints.iter().flat_map(|(p, e)| e.addresses.iter().map(move |a| (*a, p.clone()))).collect();
         (self.pods_by_endpoint, self.pods_by_address) = (pods_by_endpoint, pods_by_address);
         self.attach_missing().await;
         if let Some(baselines) = self.baselines.as_mut() {
@@ -444,7 +467,11 @@ impl Agent {
         self.shared.metrics.policy_convergence.observe(pending.first_observed.elapsed().as_secs_f64());
         self.publish();
         if !self.shared.ready.swap(true, Ordering::Relaxed) {
-            tracing::info!(endpoints = self.attached.len(), policies = self.snapshot.policies.len(), "first full sync in the datapath: ready");
+            tracing::info!(
+                endpoints = self.attached.len(),
+                policies = self.snapshot.policies.len(),
+                "first full sync in the datapath: ready"
+            );
         }
     }
 
@@ -460,7 +487,9 @@ impl Agent {
             .state()
             .endpoints
             .iter()
-            .filter(|(pod, e)| self.is_local(e.node_name.as_deref()) && !self.attached.contains_key(*pod) && !e.addresses.is_empty())
+            .filter(|(pod, e)| {
+                self.is_local(e.node_name.as_deref()) && !self.attached.contains_key(*pod) && !e.addresses.is_empty()
+            })
             .map(|(pod, e)| (pod.clone(), e.id, e.addresses.clone()))
             .collect();
         for (pod, endpoint_id, addresses) in local {
@@ -479,7 +508,13 @@ impl Agent {
             };
             let uid = self.snapshot.pods.get(&pod).and_then(|p| p.uid.clone());
             let cgroup = uid.as_deref().and_then(|uid| self.host.cgroup_of(uid));
-            match self.programmer.attach_endpoint(endpoint_id, &interface.name, interface.ifindex, &addresses, cgroup.as_deref()) {
+            match self.programmer.attach_endpoint(
+                endpoint_id,
+                &interface.name,
+                interface.ifindex,
+                &addresses,
+                cgroup.as_deref(),
+            ) {
                 Ok(()) => {
                     tracing::info!(%pod, interface = %interface.name, cgroup = ?cgroup, endpoint = endpoint_id, "enforcing");
                     self.waiting.remove(&pod);
@@ -500,8 +535,15 @@ impl Agent {
 
     fn detach(&mut self, pod: &PodRef) {
         let Some(attached) = self.attached.remove(pod) else { return };
-        match self.programmer.detach_endpoint(&attached.interface.name, attached.interface.ifindex, &attached.addresses, attached.cgroup.as_deref()) {
-            Ok(()) => tracing::info!(%pod, interface = %attached.interface.name, "no longer enforcing: the pod left this node"),
+        match self.programmer.detach_endpoint(
+            &attached.interface.name,
+            attached.interface.ifindex,
+            &attached.addresses,
+            attached.cgroup.as_deref(),
+        ) {
+            Ok(()) => {
+                tracing::info!(%pod, interface = %attached.interface.name, "no longer enforcing: the pod left this node")
+            }
             Err(error) => {
                 tracing::warn!(%pod, interface = %attached.interface.name, %error, "detaching left something behind");
                 self.shared.metrics.sync_errors.with_label_values(&["detach"]).inc();
@@ -563,9 +605,14 @@ impl Agent {
                 continue;
             }
             let pod = self.pods_by_endpoint.get(&key.endpoint).cloned().unwrap_or_else(|| PodRef::new("", ""));
-            let policy = self.state().policy_names.get(&key.policy_id).map(PolicyRef::qualified_name).unwrap_or_default();
+            let policy =
+                self.state().policy_names.get(&key.policy_id).map(PolicyRef::qualified_name).unwrap_or_default();
             let labels = [direction_name(key.direction), pod.namespace.as_str(), pod.name.as_str(), policy.as_str()];
-            let metric = if key.kind == EVENT_AUDIT { &self.shared.metrics.audit_denied_connections } else { &self.shared.metrics.blocked_connections };
+            let metric = if key.kind == EVENT_AUDIT {
+                &self.shared.metrics.audit_denied_connections
+            } else {
+                &self.shared.metrics.blocked_connections
+            };
             metric.with_label_values(&labels).inc_by(count - before);
         }
         self.counted_verdicts = verdicts;
@@ -574,7 +621,11 @@ impl Agent {
         for (key, count) in &drops {
             let before = self.counted_drops.get(key).copied().unwrap_or(0);
             if *count > before {
-                self.shared.metrics.dropped_packets.with_label_values(&[direction_name(key.direction), drop_reason::name(key.reason)]).inc_by(count - before);
+                self.shared
+                    .metrics
+                    .dropped_packets
+                    .with_label_values(&[direction_name(key.direction), drop_reason::name(key.reason)])
+                    .inc_by(count - before);
             }
         }
         self.counted_drops = drops;
@@ -583,7 +634,9 @@ impl Agent {
     /// An egress connection (allowed, denied or audited) against its workload's baseline.
     fn check_baseline(&mut self, event: &Event) {
         let Some(baselines) = self.baselines.as_mut() else { return };
-        let Some(pod) = self.pods_by_endpoint.get(&event.endpoint).and_then(|p| self.snapshot.pods.get(p)) else { return };
+        let Some(pod) = self.pods_by_endpoint.get(&event.endpoint).and_then(|p| self.snapshot.pods.get(p)) else {
+            return;
+        };
         let workload = Workload::of(pod);
         let address = event_address(event.daddr.octets());
         let peer = match self.pods_by_address.get(&address).and_then(|p| self.snapshot.pods.get(p)) {
@@ -595,7 +648,11 @@ impl Agent {
         };
         let destination = Destination { peer, protocol: event.protocol, port: event.dport };
         if baselines.observe(&workload, destination.clone(), Instant::now()) {
-            self.shared.metrics.egress_anomalies.with_label_values(&[workload.namespace.as_str(), workload.name.as_str()]).inc();
+            self.shared
+                .metrics
+                .egress_anomalies
+                .with_label_values(&[workload.namespace.as_str(), workload.name.as_str()])
+                .inc();
             tracing::warn!(
                 namespace = %workload.namespace, workload = %workload.name, pod = %pod.pod_ref(), destination = %destination.peer,
                 protocol = protocol_name(destination.protocol), port = destination.port,
@@ -605,7 +662,11 @@ impl Agent {
     }
 
     fn describe(&self, event: &Event) -> EventRecord {
-        let pod = self.pods_by_endpoint.get(&event.endpoint).map(PodRef::to_string).unwrap_or_else(|| format!("endpoint {}", event.endpoint));
+        let pod = self
+            .pods_by_endpoint
+            .get(&event.endpoint)
+            .map(PodRef::to_string)
+            .unwrap_or_else(|| format!("endpoint {}", event.endpoint));
         let name = |address: [u8; 16], port: u16| {
             let address = event_address(address);
             match self.pods_by_address.get(&address) {
@@ -636,7 +697,12 @@ impl Agent {
             syncs: self.syncs,
             endpoints: self.attached.iter().map(|(p, a)| (p.to_string(), a.interface.name.clone())).collect(),
             waiting: self.waiting.iter().map(PodRef::to_string).collect(),
-            failed_closed: self.pods_by_endpoint.iter().filter(|(id, _)| failed.contains(id)).map(|(_, p)| p.to_string()).collect(),
+            failed_closed: self
+                .pods_by_endpoint
+                .iter()
+                .filter(|(id, _)| failed.contains(id))
+                .map(|(_, p)| p.to_string())
+                .collect(),
             rejected: self.rejected.values().map(|e| e.to_string()).collect(),
             policies: self
                 .snapshot
@@ -644,7 +710,10 @@ impl Agent {
                 .iter()
                 .filter(|(key, _)| !self.rejected.contains_key(*key))
                 .map(|(key, object)| {
-                    let view = PolicyView { generation: object.generation(), selected_pods: self.state().selected_pods.get(key).copied().unwrap_or(0) };
+                    let view = PolicyView {
+                        generation: object.generation(),
+                        selected_pods: self.state().selected_pods.get(key).copied().unwrap_or(0),
+                    };
                     (key.to_string(), view)
                 })
                 .collect(),
@@ -656,7 +725,10 @@ impl Agent {
         metrics.map_entries.with_label_values(&["policy"]).set(programmed.policy.len() as i64);
         metrics.map_entries.with_label_values(&["ipcache"]).set(programmed.ipcache.len() as i64);
         metrics.map_entries.with_label_values(&["endpoints"]).set(self.attached.len() as i64);
-        metrics.map_entries.with_label_values(&["local_addresses"]).set(self.attached.values().map(|a| a.addresses.len()).sum::<usize>() as i64);
+        metrics
+            .map_entries
+            .with_label_values(&["local_addresses"])
+            .set(self.attached.values().map(|a| a.addresses.len()).sum::<usize>() as i64);
         *self.shared.state.lock().expect("state lock") = view;
     }
 }

@@ -25,8 +25,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use datapath_common::{
-    capacity, map_names, policy_prefix, program_names, Address, DropKey, EndpointInfo, Event, IpcacheSlot, IpcacheValue, PolicyExactKey,
-    PolicyKey, PolicySlot, PolicyValue, TableSlot, VerdictKey, CONFIG_HASH_SEED, CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED, NO_ENDPOINT,
+    capacity, map_names, policy_prefix, program_names, Address, DropKey, EndpointInfo, Event, IpcacheSlot,
+    IpcacheValue, PolicyExactKey, PolicyKey, PolicySlot, PolicyValue, TableSlot, VerdictKey, CONFIG_EVENTS_PER_SECOND,
+    CONFIG_FLOW_EVENTS, CONFIG_HASH_SEED, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED, NO_ENDPOINT,
 };
 
 use super::table::ExactTable;
@@ -118,7 +119,8 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
     if mounted {
         return Ok(());
     }
-    fs::create_dir_all(root).map_err(|source| DatapathError::MountBpffs { path: root.display().to_string(), source })?;
+    fs::create_dir_all(root)
+        .map_err(|source| DatapathError::MountBpffs { path: root.display().to_string(), source })?;
     let status = std::process::Command::new("mount")
         .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
         .status()
@@ -151,7 +153,8 @@ impl Datapath {
         let pin_dir = pin_dir.as_ref().to_path_buf();
         ensure_bpffs(&pin_dir)?;
         for dir in [pin_dir.clone(), pin_dir.join("links")] {
-            fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.display().to_string(), source })?;
+            fs::create_dir_all(&dir)
+                .map_err(|source| DatapathError::PinDir { path: dir.display().to_string(), source })?;
         }
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pin_dir).load(DATAPATH_OBJECT)?;
         for name in [program_names::FROM_POD, program_names::TO_POD] {
@@ -162,7 +165,8 @@ impl Datapath {
                 .map_err(|source| DatapathError::Program { name, source })?;
             program.load().map_err(|source| DatapathError::Program { name, source })?;
         }
-        for name in [program_names::CONNECT4, program_names::CONNECT6, program_names::SENDMSG4, program_names::SENDMSG6] {
+        for name in [program_names::CONNECT4, program_names::CONNECT6, program_names::SENDMSG4, program_names::SENDMSG6]
+        {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingMap(name))?
@@ -181,9 +185,36 @@ impl Datapath {
         let mut config = take(&mut ebpf, map_names::CONFIG)?;
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);
         let seed = seed_placement(&mut config)?;
-        let ipcache_exact = exact_table(&mut ebpf, map_names::IPCACHE_TABLE, capacity::IPCACHE_TABLE_SETS, seed, map_names::IPCACHE_EXACT)?;
-        let policy_exact = exact_table(&mut ebpf, map_names::POLICY_TABLE, capacity::POLICY_TABLE_SETS, seed, map_names::POLICY_EXACT)?;
-        Ok(Self { ebpf, pin_dir, ipcache, ipcache_exact, endpoints, endpoints_by_ifindex, cgroup_endpoints, local_addrs, policy, policy_exact, drops, verdicts, config, events })
+        let ipcache_exact = exact_table(
+            &mut ebpf,
+            map_names::IPCACHE_TABLE,
+            capacity::IPCACHE_TABLE_SETS,
+            seed,
+            map_names::IPCACHE_EXACT,
+        )?;
+        let policy_exact = exact_table(
+            &mut ebpf,
+            map_names::POLICY_TABLE,
+            capacity::POLICY_TABLE_SETS,
+            seed,
+            map_names::POLICY_EXACT,
+        )?;
+        Ok(Self {
+            ebpf,
+            pin_dir,
+            ipcache,
+            ipcache_exact,
+            endpoints,
+            endpoints_by_ifindex,
+            cgroup_endpoints,
+            local_addrs,
+            policy,
+            policy_exact,
+            drops,
+            verdicts,
+            config,
+            events,
+        })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -199,7 +230,9 @@ impl Datapath {
     /// Attach both TC programs to the host side of a pod's veth. A link
     /// already pinned for it (a previous agent's) is kept as it is.
     pub fn attach_interface(&mut self, interface: &str) -> Result<(), AttachError> {
-        for (name, attach_type) in [(program_names::FROM_POD, TcAttachType::Ingress), (program_names::TO_POD, TcAttachType::Egress)] {
+        for (name, attach_type) in
+            [(program_names::FROM_POD, TcAttachType::Ingress), (program_names::TO_POD, TcAttachType::Egress)]
+        {
             let pin = self.link_pin(interface, name);
             if pin.exists() {
                 continue;
@@ -213,9 +246,11 @@ impl Datapath {
             let link_id = program
                 .attach(interface, attach_type)
                 .map_err(|source| AttachError::Interface { interface: interface.to_string(), source })?;
-            let link = program
-                .take_link(link_id)
-                .map_err(|source| AttachError::Attach { program: name, target: interface.to_string(), source })?;
+            let link = program.take_link(link_id).map_err(|source| AttachError::Attach {
+                program: name,
+                target: interface.to_string(),
+                source,
+            })?;
             pin_link(FdLink::try_from(link), &pin)?;
         }
         Ok(())
@@ -233,7 +268,8 @@ impl Datapath {
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), AttachError> {
         let target = cgroup.display().to_string();
         let dir = fs::File::open(cgroup).map_err(|source| AttachError::Cgroup { path: target.clone(), source })?;
-        for name in [program_names::CONNECT4, program_names::CONNECT6, program_names::SENDMSG4, program_names::SENDMSG6] {
+        for name in [program_names::CONNECT4, program_names::CONNECT6, program_names::SENDMSG4, program_names::SENDMSG6]
+        {
             let pin = self.link_pin(&target, name);
             if pin.exists() {
                 continue;
@@ -249,9 +285,11 @@ impl Datapath {
             let link_id = program
                 .attach(dir.as_fd(), CgroupAttachMode::Single)
                 .map_err(|source| AttachError::Attach { program: name, target: target.clone(), source })?;
-            let link = program
-                .take_link(link_id)
-                .map_err(|source| AttachError::Attach { program: name, target: target.clone(), source })?;
+            let link = program.take_link(link_id).map_err(|source| AttachError::Attach {
+                program: name,
+                target: target.clone(),
+                source,
+            })?;
             pin_link(FdLink::try_from(link), &pin)?;
         }
         Ok(())
@@ -259,7 +297,8 @@ impl Datapath {
 
     pub fn detach_cgroup(&mut self, cgroup: &Path) -> Result<(), AttachError> {
         let target = cgroup.display().to_string();
-        for name in [program_names::CONNECT4, program_names::CONNECT6, program_names::SENDMSG4, program_names::SENDMSG6] {
+        for name in [program_names::CONNECT4, program_names::CONNECT6, program_names::SENDMSG4, program_names::SENDMSG6]
+        {
             unpin_link(&self.link_pin(&target, name))?;
         }
         Ok(())
@@ -270,7 +309,9 @@ impl Datapath {
     pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), DatapathError> {
         self.endpoints.insert(ifindex, info, 0).map_err(|source| full_or(map_names::ENDPOINTS, source))?;
         if ifindex < capacity::ENDPOINTS_BY_IFINDEX {
-            self.endpoints_by_ifindex.set(ifindex, info, 0).map_err(|source| DatapathError::Map { name: map_names::ENDPOINTS_BY_IFINDEX, source })?;
+            self.endpoints_by_ifindex
+                .set(ifindex, info, 0)
+                .map_err(|source| DatapathError::Map { name: map_names::ENDPOINTS_BY_IFINDEX, source })?;
         }
         Ok(())
     }
@@ -278,7 +319,9 @@ impl Datapath {
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         if ifindex < capacity::ENDPOINTS_BY_IFINDEX {
             let vacant = EndpointInfo::new(NO_ENDPOINT, 0, &[]);
-            self.endpoints_by_ifindex.set(ifindex, vacant, 0).map_err(|source| DatapathError::Map { name: map_names::ENDPOINTS_BY_IFINDEX, source })?;
+            self.endpoints_by_ifindex
+                .set(ifindex, vacant, 0)
+                .map_err(|source| DatapathError::Map { name: map_names::ENDPOINTS_BY_IFINDEX, source })?;
         }
         ignore_missing(map_names::ENDPOINTS, self.endpoints.remove(&ifindex))
     }
@@ -301,7 +344,11 @@ impl Datapath {
     pub fn failed_closed_endpoints(&self) -> std::collections::BTreeSet<u32> {
         let interfaces = self.endpoints.iter().filter_map(Result::ok).map(|(_, info)| info);
         let cgroups = self.cgroup_endpoints.iter().filter_map(Result::ok).map(|(_, info)| info);
-        interfaces.chain(cgroups).filter(|info| info.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0).map(|info| info.endpoint_id).collect()
+        interfaces
+            .chain(cgroups)
+            .filter(|info| info.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0)
+            .map(|info| info.endpoint_id)
+            .collect()
     }
 
     /// Enforce an endpoint's allowlist again once all of it is in the maps.
@@ -311,12 +358,19 @@ impl Datapath {
 
     /// Set the fail-closed flag of an endpoint's entries, keeping the rest.
     fn set_endpoint_flags(&mut self, endpoint_id: u32, flags: u32) -> Result<(), DatapathError> {
-        let with_flags = |info: EndpointInfo| EndpointInfo { flags: (info.flags & !ENDPOINT_FLAG_FAIL_CLOSED) | flags, ..info };
-        let interfaces: Vec<(u32, EndpointInfo)> = self.endpoints.iter().filter_map(Result::ok).filter(|(_, info)| info.endpoint_id == endpoint_id).collect();
+        let with_flags =
+            |info: EndpointInfo| EndpointInfo { flags: (info.flags & !ENDPOINT_FLAG_FAIL_CLOSED) | flags, ..info };
+        let interfaces: Vec<(u32, EndpointInfo)> =
+            self.endpoints.iter().filter_map(Result::ok).filter(|(_, info)| info.endpoint_id == endpoint_id).collect();
         for (ifindex, info) in interfaces {
             self.set_endpoint(ifindex, with_flags(info))?;
         }
-        let cgroups: Vec<(u64, EndpointInfo)> = self.cgroup_endpoints.iter().filter_map(Result::ok).filter(|(_, info)| info.endpoint_id == endpoint_id).collect();
+        let cgroups: Vec<(u64, EndpointInfo)> = self
+            .cgroup_endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, info)| info.endpoint_id == endpoint_id)
+            .collect();
         for (cgroup, info) in cgroups {
             self.set_cgroup_endpoint(cgroup, with_flags(info))?;
         }
@@ -338,7 +392,9 @@ impl Datapath {
         if prefix_len == FULL_ADDRESS {
             return self.ipcache_exact.insert(Address::from_octets(address), value);
         }
-        self.ipcache.insert(&Key::new(prefix_len, address), value, 0).map_err(|source| full_or(map_names::IPCACHE, source))
+        self.ipcache
+            .insert(&Key::new(prefix_len, address), value, 0)
+            .map_err(|source| full_or(map_names::IPCACHE, source))
     }
 
     pub fn remove_ipcache(&mut self, prefix_len: u32, address: [u8; 16]) -> Result<(), DatapathError> {
@@ -366,14 +422,32 @@ impl Datapath {
 
     /// Every ipcache entry now in the map (for adoption).
     pub fn ipcache_entries(&self) -> Vec<(u32, [u8; 16], u32)> {
-        let exact = self.ipcache_exact.entries().into_iter().map(|(address, value)| (FULL_ADDRESS, address.octets(), value.identity));
-        self.ipcache.iter().filter_map(Result::ok).map(|(key, value)| (key.prefix_len(), key.data(), value.identity)).chain(exact).collect()
+        let exact = self
+            .ipcache_exact
+            .entries()
+            .into_iter()
+            .map(|(address, value)| (FULL_ADDRESS, address.octets(), value.identity));
+        self.ipcache
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, value)| (key.prefix_len(), key.data(), value.identity))
+            .chain(exact)
+            .collect()
     }
 
     /// Every policy entry now in the map (for adoption and tests).
     pub fn policy_entries(&self) -> Vec<(u32, PolicyKey, PolicyValue)> {
-        let exact = self.policy_exact.entries().into_iter().map(|(key, value)| (policy_prefix::FULL, PolicyKey::from(key), value));
-        self.policy.iter().filter_map(Result::ok).map(|(key, value)| (key.prefix_len(), key.data(), value)).chain(exact).collect()
+        let exact = self
+            .policy_exact
+            .entries()
+            .into_iter()
+            .map(|(key, value)| (policy_prefix::FULL, PolicyKey::from(key), value));
+        self.policy
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, value)| (key.prefix_len(), key.data(), value))
+            .chain(exact)
+            .collect()
     }
 
     /// Entries in the exact tables' overflow hashes (ipcache, policy): keys
@@ -390,17 +464,23 @@ impl Datapath {
     /// again on its next packet.
     pub fn bump_policy_revision(&mut self) -> Result<u64, DatapathError> {
         let next = self.policy_revision() + 1;
-        self.config.set(CONFIG_POLICY_REVISION, next, 0).map_err(|source| DatapathError::Map { name: map_names::CONFIG, source })?;
+        self.config
+            .set(CONFIG_POLICY_REVISION, next, 0)
+            .map_err(|source| DatapathError::Map { name: map_names::CONFIG, source })?;
         Ok(next)
     }
 
     pub fn set_events_per_second(&mut self, limit: u64) -> Result<(), DatapathError> {
-        self.config.set(CONFIG_EVENTS_PER_SECOND, limit, 0).map_err(|source| DatapathError::Map { name: map_names::CONFIG, source })
+        self.config
+            .set(CONFIG_EVENTS_PER_SECOND, limit, 0)
+            .map_err(|source| DatapathError::Map { name: map_names::CONFIG, source })
     }
 
     /// Send an event for every new allowed egress flow (the egress baseline's input).
     pub fn set_flow_events(&mut self, enabled: bool) -> Result<(), DatapathError> {
-        self.config.set(CONFIG_FLOW_EVENTS, u64::from(enabled), 0).map_err(|source| DatapathError::Map { name: map_names::CONFIG, source })
+        self.config
+            .set(CONFIG_FLOW_EVENTS, u64::from(enabled), 0)
+            .map_err(|source| DatapathError::Map { name: map_names::CONFIG, source })
     }
 
     pub fn drops(&self) -> DropCount {
@@ -453,12 +533,23 @@ impl Datapath {
 
     /// Run a TC program once on a crafted packet (BPF_PROG_TEST_RUN): the
     /// program sees loopback (ifindex 1) as its interface.
-    pub fn test_run(&self, program: &'static str, packet: &[u8], repeat: u32) -> Result<(i32, Duration), DatapathError> {
+    pub fn test_run(
+        &self,
+        program: &'static str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, Duration), DatapathError> {
         self.test_run_on(program, packet, LOOPBACK_IFINDEX, repeat)
     }
 
     /// `test_run` with the packet arriving on interface `ifindex`, which must exist.
-    pub fn test_run_on(&self, program: &'static str, packet: &[u8], ifindex: u32, repeat: u32) -> Result<(i32, Duration), DatapathError> {
+    pub fn test_run_on(
+        &self,
+        program: &'static str,
+        packet: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<(i32, Duration), DatapathError> {
         let program: &SchedClassifier = self
             .ebpf
             .program(program)
@@ -510,7 +601,13 @@ fn seed_placement(config: &mut Array<MapData, u64>) -> Result<u64, DatapathError
 }
 
 /// An exact table and its overflow hash, mapped for writing.
-fn exact_table<S>(ebpf: &mut Ebpf, name: &'static str, sets: u32, seed: u64, overflow: &'static str) -> Result<ExactTable<S>, DatapathError>
+fn exact_table<S>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    sets: u32,
+    seed: u64,
+    overflow: &'static str,
+) -> Result<ExactTable<S>, DatapathError>
 where
     S: TableSlot + aya::Pod,
     S::Key: aya::Pod,
@@ -524,7 +621,8 @@ where
 
 /// Pin an attached link, so it outlives this process.
 fn pin_link<E: std::fmt::Debug>(link: Result<FdLink, E>, pin: &Path) -> Result<(), AttachError> {
-    let failed = |e: &dyn std::fmt::Debug| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") };
+    let failed =
+        |e: &dyn std::fmt::Debug| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") };
     let link = link.map_err(|e| failed(&e))?;
     link.pin(pin).map_err(|e| failed(&e))?;
     Ok(())
@@ -534,7 +632,8 @@ fn unpin_link(pin: &Path) -> Result<(), AttachError> {
     if !pin.exists() {
         return Ok(());
     }
-    let link = PinnedLink::from_pin(pin).map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") })?;
+    let link = PinnedLink::from_pin(pin)
+        .map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") })?;
     // Dropping the unpinned link closes its last fd: the kernel detaches it.
     drop(link.unpin().map_err(|e| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") })?);
     Ok(())

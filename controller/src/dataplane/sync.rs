@@ -67,7 +67,9 @@ impl Programmer {
             let result = match op {
                 MapOp::PolicyUpsert((prefix_len, key), value) => self.datapath.set_policy(*prefix_len, *key, *value),
                 MapOp::PolicyDelete((prefix_len, key)) => self.datapath.remove_policy(*prefix_len, *key),
-                MapOp::IpcacheUpsert((prefix_len, address), identity) => self.datapath.set_ipcache(*prefix_len, *address, *identity),
+                MapOp::IpcacheUpsert((prefix_len, address), identity) => {
+                    self.datapath.set_ipcache(*prefix_len, *address, *identity)
+                }
                 MapOp::IpcacheDelete((prefix_len, address)) => self.datapath.remove_ipcache(*prefix_len, *address),
             };
             match result {
@@ -105,9 +107,17 @@ impl Programmer {
 
     /// Enforce on a local pod: its addresses (anti-spoofing), its host-side
     /// veth, and its cgroup when known. Policy entries must be synced first.
-    pub fn attach_endpoint(&mut self, endpoint_id: u32, interface: &str, ifindex: u32, addresses: &[IpAddr], cgroup: Option<&Path>) -> Result<(), EndpointError> {
+    pub fn attach_endpoint(
+        &mut self,
+        endpoint_id: u32,
+        interface: &str,
+        ifindex: u32,
+        addresses: &[IpAddr],
+        cgroup: Option<&Path>,
+    ) -> Result<(), EndpointError> {
         // An endpoint whose allowlist did not fit starts closed, not open.
-        let flags = if self.failed_closed.contains(&endpoint_id) { datapath_common::ENDPOINT_FLAG_FAIL_CLOSED } else { 0 };
+        let flags =
+            if self.failed_closed.contains(&endpoint_id) { datapath_common::ENDPOINT_FLAG_FAIL_CLOSED } else { 0 };
         let keys: Vec<[u8; 16]> = addresses.iter().map(|a| address_key(*a)).collect();
         let info = EndpointInfo::new(endpoint_id, flags, &keys);
         for address in addresses {
@@ -122,7 +132,13 @@ impl Programmer {
         Ok(())
     }
 
-    pub fn detach_endpoint(&mut self, interface: &str, ifindex: u32, addresses: &[IpAddr], cgroup: Option<&Path>) -> Result<(), EndpointError> {
+    pub fn detach_endpoint(
+        &mut self,
+        interface: &str,
+        ifindex: u32,
+        addresses: &[IpAddr],
+        cgroup: Option<&Path>,
+    ) -> Result<(), EndpointError> {
         self.datapath.detach_interface(interface)?;
         self.datapath.remove_endpoint(ifindex)?;
         for address in addresses {

@@ -63,10 +63,18 @@ where
     ) -> Result<Self, DatapathError> {
         let info = map.info().map_err(|source| DatapathError::Map { name, source })?;
         let set_size = size_of::<TableSet<S>>();
-        if info.map_flags() & BPF_F_MMAPABLE == 0 || info.value_size() as usize != set_size || info.max_entries() != set_count {
+        if info.map_flags() & BPF_F_MMAPABLE == 0
+            || info.value_size() as usize != set_size
+            || info.max_entries() != set_count
+        {
             return Err(DatapathError::Layout {
                 name,
-                found: format!("flags {:#x}, {} sets of {} bytes", info.map_flags(), info.max_entries(), info.value_size()),
+                found: format!(
+                    "flags {:#x}, {} sets of {} bytes",
+                    info.map_flags(),
+                    info.max_entries(),
+                    info.value_size()
+                ),
                 wanted: format!("mmapable, {set_count} sets of {set_size} bytes"),
             });
         }

@@ -93,7 +93,6 @@ impl DesiredState {
     }
 }
 
-
 /// What changed in a snapshot since a `Compiler` last saw it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Changed {
@@ -136,7 +135,10 @@ impl CompiledPod {
 }
 
 /// A pod's plain identity, then its addresses' (one use each).
-fn identity_keys<'a>(plain: &'a IdentityKey, addresses: &'a [(IpAddr, IdentityKey)]) -> impl Iterator<Item = &'a IdentityKey> {
+fn identity_keys<'a>(
+    plain: &'a IdentityKey,
+    addresses: &'a [(IpAddr, IdentityKey)],
+) -> impl Iterator<Item = &'a IdentityKey> {
     std::iter::once(plain).chain(addresses.iter().map(|(_, k)| k))
 }
 
@@ -194,7 +196,12 @@ fn selects(policy: &Policy, namespace: &str, namespace_labels: &Labels, pod_labe
 
 /// Write one entry of a desired-state map, remembering (when tracking) what
 /// the key held before the first write since the last `take_ops`.
-fn write_entry<K: Ord + Copy, V: Copy>(map: &mut BTreeMap<K, V>, touched: Option<&mut BTreeMap<K, Option<V>>>, key: K, value: Option<V>) {
+fn write_entry<K: Ord + Copy, V: Copy>(
+    map: &mut BTreeMap<K, V>,
+    touched: Option<&mut BTreeMap<K, Option<V>>>,
+    key: K,
+    value: Option<V>,
+) {
     let before = match value {
         Some(value) => map.insert(key, value),
         None => map.remove(&key),
@@ -224,8 +231,14 @@ fn revert<K: Ord, V>(mut map: BTreeMap<K, V>, touched: BTreeMap<K, Option<V>>) -
 }
 
 /// Every key whose value differs between two maps, with its value in `before`.
-fn changes_between<K: Ord + Copy, V: PartialEq + Copy>(before: &BTreeMap<K, V>, after: &BTreeMap<K, V>) -> BTreeMap<K, Option<V>> {
-    let changed = after.iter().filter(|(key, value)| before.get(*key) != Some(*value)).map(|(key, _)| (*key, before.get(key).copied()));
+fn changes_between<K: Ord + Copy, V: PartialEq + Copy>(
+    before: &BTreeMap<K, V>,
+    after: &BTreeMap<K, V>,
+) -> BTreeMap<K, Option<V>> {
+    let changed = after
+        .iter()
+        .filter(|(key, value)| before.get(*key) != Some(*value))
+        .map(|(key, _)| (*key, before.get(key).copied()));
     let removed = before.iter().filter(|(key, _)| !after.contains_key(*key)).map(|(key, value)| (*key, Some(*value)));
     changed.chain(removed).collect()
 }
@@ -237,7 +250,14 @@ fn stamp(state: &mut DesiredState, touched: &mut Touched, endpoint: u32, groups:
     }
 }
 
-fn stamp_group(state: &mut DesiredState, touched: &mut Touched, endpoint: u32, peer: u32, entries: &[ClassEntry], present: bool) {
+fn stamp_group(
+    state: &mut DesiredState,
+    touched: &mut Touched,
+    endpoint: u32,
+    peer: u32,
+    entries: &[ClassEntry],
+    present: bool,
+) {
     for (prefix_len, direction, protocol, port, value) in entries {
         let key = (*prefix_len, PolicyKey::new(endpoint, *direction, peer, *protocol, *port));
         write_policy(state, touched, key, present.then_some(*value));
@@ -251,10 +271,16 @@ fn restamp(state: &mut DesiredState, touched: &mut Touched, endpoint: u32, old: 
         match new.get(peer) {
             Some(same) if same == entries => {}
             Some(other) => {
-                let kept: HashSet<(u32, u8, u8, u16)> = other.iter().map(|(l, d, p, port, _)| (*l, *d, *p, *port)).collect();
+                let kept: HashSet<(u32, u8, u8, u16)> =
+                    other.iter().map(|(l, d, p, port, _)| (*l, *d, *p, *port)).collect();
                 for (prefix_len, direction, protocol, port, _) in entries {
                     if !kept.contains(&(*prefix_len, *direction, *protocol, *port)) {
-                        write_policy(state, touched, (*prefix_len, PolicyKey::new(endpoint, *direction, *peer, *protocol, *port)), None);
+                        write_policy(
+                            state,
+                            touched,
+                            (*prefix_len, PolicyKey::new(endpoint, *direction, *peer, *protocol, *port)),
+                            None,
+                        );
                     }
                 }
             }
@@ -365,18 +391,28 @@ impl Compiler {
         for (policy_ref, policy) in normalized {
             let number = compiler.policy_numbers.get(&policy_ref).expect("numbered");
             let accepted = Rc::new(Accepted::new(policy, number, &mut compiler.universe));
-            compiler.subjects.entry(subject_namespace(&accepted)).or_default().insert(policy_ref.clone(), accepted.clone());
+            compiler
+                .subjects
+                .entry(subject_namespace(&accepted))
+                .or_default()
+                .insert(policy_ref.clone(), accepted.clone());
             compiler.policies.insert(policy_ref, accepted);
         }
 
         // The ipcache: prefixes, pod addresses (a later pod wins an address
         // two claim), then the node's own addresses.
         for net in compiler.prefixes.keys() {
-            compiler.state.ipcache.insert(prefix_key(net), compiler.identities.get(&IdentityKey::Cidr(*net)).expect("numbered"));
+            compiler
+                .state
+                .ipcache
+                .insert(prefix_key(net), compiler.identities.get(&IdentityKey::Cidr(*net)).expect("numbered"));
         }
         for (pod_ref, _, _, addresses) in &planned {
             for (address, key) in addresses {
-                compiler.state.ipcache.insert((full_length(*address), address_key(*address)), compiler.identities.get(key).expect("numbered"));
+                compiler.state.ipcache.insert(
+                    (full_length(*address), address_key(*address)),
+                    compiler.identities.get(key).expect("numbered"),
+                );
                 compiler.address_owners.entry(*address).or_default().insert((*pod_ref).clone());
             }
         }
@@ -390,15 +426,35 @@ impl Compiler {
         let cluster_policies = compiler.subjects.get("").cloned().unwrap_or_default();
         for (pod_ref, pod, plain, addresses) in planned {
             let endpoint = compiler.endpoint_numbers.get(pod_ref).expect("numbered");
-            compiler.state.endpoints.insert(pod_ref.clone(), Endpoint { id: endpoint, addresses: pod.ips.clone(), node_name: pod.node_name.clone() });
+            compiler.state.endpoints.insert(
+                pod_ref.clone(),
+                Endpoint { id: endpoint, addresses: pod.ips.clone(), node_name: pod.node_name.clone() },
+            );
             let namespace_cluster = cluster_by_namespace.entry(pod.namespace.as_str()).or_insert_with(|| {
                 let labels = &compiler.namespace_labels[&pod.namespace];
-                cluster_policies.iter().filter(|(_, p)| matches!(&p.subject_namespaces, NamespaceScope::Selected(s) if s.matches(labels))).collect()
+                cluster_policies
+                    .iter()
+                    .filter(|(_, p)| matches!(&p.subject_namespaces, NamespaceScope::Selected(s) if s.matches(labels)))
+                    .collect()
             });
-            let selected = compiler.selected_in(namespace_cluster.iter().copied().filter(|(_, p)| p.subject_pods.matches(&pod.labels)), &pod.namespace, &pod.labels);
+            let selected = compiler.selected_in(
+                namespace_cluster.iter().copied().filter(|(_, p)| p.subject_pods.matches(&pod.labels)),
+                &pod.namespace,
+                &pod.labels,
+            );
             let class = (selected, named_ports_of(pod));
             compiler.join_class(pod_ref, endpoint, &class);
-            compiler.pods.insert(pod_ref.clone(), CompiledPod { namespace: pod.namespace.clone(), labels: pod.labels.clone(), endpoint, plain_identity: plain, addresses, class });
+            compiler.pods.insert(
+                pod_ref.clone(),
+                CompiledPod {
+                    namespace: pod.namespace.clone(),
+                    labels: pod.labels.clone(),
+                    endpoint,
+                    plain_identity: plain,
+                    addresses,
+                    class,
+                },
+            );
         }
         compiler
     }
@@ -430,7 +486,9 @@ impl Compiler {
             let done = match change {
                 Changed::Pod(pod) => self.update_pod(snapshot, pod),
                 Changed::Policy(policy) => self.update_policy(snapshot, policy),
-                Changed::Namespace(name) => self.namespace_labels.get(name).is_none_or(|labels| *labels == snapshot.namespace_labels(name)),
+                Changed::Namespace(name) => {
+                    self.namespace_labels.get(name).is_none_or(|labels| *labels == snapshot.namespace_labels(name))
+                }
                 Changed::NodeAddresses => {
                     self.update_node_addresses(&snapshot.node_addresses);
                     true
@@ -479,7 +537,12 @@ impl Compiler {
     /// A pod's plain identity and the identity of each of its addresses.
     fn identity_keys_of(&self, pod: &Pod) -> (IdentityKey, Vec<(IpAddr, IdentityKey)>) {
         let named_ports = named_ports_of(pod);
-        let key = |cidr| IdentityKey::Pod { namespace: pod.namespace.clone(), labels: pod.labels.clone(), named_ports: named_ports.clone(), cidr };
+        let key = |cidr| IdentityKey::Pod {
+            namespace: pod.namespace.clone(),
+            labels: pod.labels.clone(),
+            named_ports: named_ports.clone(),
+            cidr,
+        };
         let addresses = pod.ips.iter().map(|address| (*address, key(longest_prefix(&self.by_len, *address)))).collect();
         (key(None), addresses)
     }
@@ -491,13 +554,24 @@ impl Compiler {
     /// The policies whose subject selects a pod, sorted.
     fn selected_policies(&self, namespace: &str, labels: &Labels) -> Vec<PolicyRef> {
         let namespace_labels = &self.namespace_labels[namespace];
-        let cluster = self.subjects.get("").into_iter().flatten().filter(|(_, p)| selects(p, namespace, namespace_labels, labels));
+        let cluster = self
+            .subjects
+            .get("")
+            .into_iter()
+            .flatten()
+            .filter(|(_, p)| selects(p, namespace, namespace_labels, labels));
         self.selected_in(cluster, namespace, labels)
     }
 
     /// `selected_policies` given the cluster policies that select the pod.
-    fn selected_in<'a>(&'a self, cluster: impl Iterator<Item = (&'a PolicyRef, &'a Rc<Accepted>)>, namespace: &str, labels: &Labels) -> Vec<PolicyRef> {
-        let namespaced = self.subjects.get(namespace).into_iter().flatten().filter(|(_, p)| p.subject_pods.matches(labels));
+    fn selected_in<'a>(
+        &'a self,
+        cluster: impl Iterator<Item = (&'a PolicyRef, &'a Rc<Accepted>)>,
+        namespace: &str,
+        labels: &Labels,
+    ) -> Vec<PolicyRef> {
+        let namespaced =
+            self.subjects.get(namespace).into_iter().flatten().filter(|(_, p)| p.subject_pods.matches(labels));
         let mut selected: Vec<PolicyRef> = cluster.chain(namespaced).map(|(r, _)| r.clone()).collect();
         selected.sort_unstable();
         selected
@@ -599,12 +673,16 @@ impl Compiler {
                 born.push((*key).clone());
             }
         }
-        if (!gone.is_empty() && !self.identities.can_remove()) || !self.identities.can_add_all(born.iter(), identity_hash) {
+        if (!gone.is_empty() && !self.identities.can_remove())
+            || !self.identities.can_add_all(born.iter(), identity_hash)
+        {
             return false;
         }
         let endpoint_born = old.is_none() && new.is_some();
         let endpoint_gone = old.is_some() && new.is_none();
-        if (endpoint_born && !self.endpoint_numbers.can_add_all([pod_ref], ref_hash)) || (endpoint_gone && !self.endpoint_numbers.can_remove()) {
+        if (endpoint_born && !self.endpoint_numbers.can_add_all([pod_ref], ref_hash))
+            || (endpoint_gone && !self.endpoint_numbers.can_remove())
+        {
             return false;
         }
         let delta: Vec<(IdentityKey, i64)> = delta.into_iter().map(|(k, d)| (k.clone(), d)).collect();
@@ -652,14 +730,27 @@ impl Compiler {
                     Some(old) => old.endpoint,
                     None => self.endpoint_numbers.add(pod_ref, ref_hash),
                 };
-                self.state.endpoints.insert(pod_ref.clone(), Endpoint { id: endpoint, addresses: pod.ips.clone(), node_name: pod.node_name.clone() });
+                self.state.endpoints.insert(
+                    pod_ref.clone(),
+                    Endpoint { id: endpoint, addresses: pod.ips.clone(), node_name: pod.node_name.clone() },
+                );
                 for (address, _) in &pod_addresses {
                     addresses.insert(*address);
                     self.address_owners.entry(*address).or_default().insert(pod_ref.clone());
                 }
                 let class = self.class_key_of(pod);
                 self.join_class(pod_ref, endpoint, &class);
-                self.pods.insert(pod_ref.clone(), CompiledPod { namespace: pod.namespace.clone(), labels: pod.labels.clone(), endpoint, plain_identity: plain, addresses: pod_addresses, class });
+                self.pods.insert(
+                    pod_ref.clone(),
+                    CompiledPod {
+                        namespace: pod.namespace.clone(),
+                        labels: pod.labels.clone(),
+                        endpoint,
+                        plain_identity: plain,
+                        addresses: pod_addresses,
+                        class,
+                    },
+                );
             }
             _ => {
                 if old.is_some() {
@@ -677,7 +768,8 @@ impl Compiler {
     /// A new identity: every cached class with a rule naming it gets its entries.
     fn add_identity_entries(&mut self, id: u32) {
         let Self { policies, classes, universe, state, touched, .. } = self;
-        let naming: HashSet<&PolicyRef> = policies.iter().filter(|(_, p)| p.names_identity(universe, id)).map(|(r, _)| r).collect();
+        let naming: HashSet<&PolicyRef> =
+            policies.iter().filter(|(_, p)| p.names_identity(universe, id)).map(|(r, _)| r).collect();
         if naming.is_empty() {
             return;
         }
@@ -743,7 +835,9 @@ impl Compiler {
                 return false;
             }
         }
-        if (old.is_none() && new.is_some() && !self.policy_numbers.can_add_all([policy_ref], ref_hash)) || (old.is_some() && new.is_none() && !self.policy_numbers.can_remove()) {
+        if (old.is_none() && new.is_some() && !self.policy_numbers.can_add_all([policy_ref], ref_hash))
+            || (old.is_some() && new.is_none() && !self.policy_numbers.can_remove())
+        {
             return false;
         }
 
@@ -766,7 +860,10 @@ impl Compiler {
                 let number = self.policy_numbers.add(policy_ref, ref_hash);
                 self.state.policy_names.insert(number, policy_ref.clone());
                 let accepted = Rc::new(Accepted::new(policy, number, &mut self.universe));
-                self.subjects.entry(subject_namespace(&accepted)).or_default().insert(policy_ref.clone(), accepted.clone());
+                self.subjects
+                    .entry(subject_namespace(&accepted))
+                    .or_default()
+                    .insert(policy_ref.clone(), accepted.clone());
                 self.policies.insert(policy_ref.clone(), accepted);
             }
             None => {
@@ -781,10 +878,13 @@ impl Compiler {
         // Classes holding the policy are stale; their pods, and the pods the
         // new version selects, move to the classes they belong to now.
         let stale_keys: Vec<ClassKey> = self.classes.keys().filter(|k| k.0.contains(policy_ref)).cloned().collect();
-        let stale: HashMap<ClassKey, Class> = stale_keys.into_iter().map(|k| {
-            let class = self.classes.remove(&k).expect("listed");
-            (k, class)
-        }).collect();
+        let stale: HashMap<ClassKey, Class> = stale_keys
+            .into_iter()
+            .map(|k| {
+                let class = self.classes.remove(&k).expect("listed");
+                (k, class)
+            })
+            .collect();
         let mut moving: BTreeSet<PodRef> = stale.values().flat_map(|c| c.members.keys().cloned()).collect();
         if let Some(policy) = self.policies.get(policy_ref) {
             for (pod_ref, pod) in &self.pods {
@@ -815,7 +915,8 @@ impl Compiler {
             }
             // Only the entries that differ are written.
             let mut cached_old = if stale.contains_key(&old_key) { None } else { self.classes.remove(&old_key) };
-            let old_class = cached_old.as_ref().or_else(|| stale.get(&old_key)).expect("a pod's class is cached or stale");
+            let old_class =
+                cached_old.as_ref().or_else(|| stale.get(&old_key)).expect("a pod's class is cached or stale");
             let Self { classes, state, touched, .. } = self;
             let new_class = classes.get_mut(&key).expect("inserted above");
             restamp(state, touched, endpoint, &old_class.groups, &new_class.groups);

@@ -63,11 +63,13 @@ impl OpsPlan {
     pub fn policy(&mut self, key: PolicyEntryKey, old: Option<&PolicyValue>, new: Option<&PolicyValue>) {
         match (old, new) {
             (old, Some(value)) if old != Some(value) => {
-                let phase = if value.verdict == verdict::ALLOW { &mut self.allow_writes } else { &mut self.deny_writes };
+                let phase =
+                    if value.verdict == verdict::ALLOW { &mut self.allow_writes } else { &mut self.deny_writes };
                 phase.push(MapOp::PolicyUpsert(key, *value));
             }
             (Some(value), None) => {
-                let phase = if value.verdict == verdict::ALLOW { &mut self.allow_deletes } else { &mut self.deny_deletes };
+                let phase =
+                    if value.verdict == verdict::ALLOW { &mut self.allow_deletes } else { &mut self.deny_deletes };
                 phase.push(MapOp::PolicyDelete(key));
             }
             _ => {}

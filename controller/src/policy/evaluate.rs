@@ -78,7 +78,12 @@ pub struct Accepted {
 
 impl Accepted {
     pub fn new(policy: Policy, number: u32, universe: &mut Universe) -> Self {
-        let peers = [0, 1].map(|d: usize| policy.rules[d].iter().map(|rule| rule.peers.iter().flatten().map(|peer| universe.use_peer(peer)).collect()).collect());
+        let peers = [0, 1].map(|d: usize| {
+            policy.rules[d]
+                .iter()
+                .map(|rule| rule.peers.iter().flatten().map(|peer| universe.use_peer(peer)).collect())
+                .collect()
+        });
         Accepted { policy, number, peers }
     }
 
@@ -92,7 +97,9 @@ impl Accepted {
     /// Whether any rule of this policy names an identity: by a peer that
     /// selects it, or, for "every peer" egress, by a named port it has.
     pub fn names_identity(&self, universe: &Universe, id: u32) -> bool {
-        [INGRESS, EGRESS].into_iter().any(|d| self.rules(d).any(|(rule, peers)| rule_names(universe, d, rule, peers, id)))
+        [INGRESS, EGRESS]
+            .into_iter()
+            .any(|d| self.rules(d).any(|(rule, peers)| rule_names(universe, d, rule, peers, id)))
     }
 
     /// The rules of one direction, each with its peers.
@@ -197,14 +204,22 @@ impl Evaluator<'_> {
             (None, _) => true,
             (Some(_), None) => false,
             (Some(ports), Some(protocol)) => ports.iter().any(|p| {
-                self.resolve(p, class).is_some_and(|(proto, start, end)| proto == protocol && start <= port && port <= end)
+                self.resolve(p, class)
+                    .is_some_and(|(proto, start, end)| proto == protocol && start <= port && port <= end)
             }),
         }
     }
 
     /// One cluster tier: the first matching rule in priority order decides;
     /// `Pass` (or no match) leaves the tier undecided.
-    fn cluster_tier(&self, tier: &[&Accepted], class: Class, protocol: Option<Protocol>, port: u16, with_audit: bool) -> Option<(bool, u32, u32)> {
+    fn cluster_tier(
+        &self,
+        tier: &[&Accepted],
+        class: Class,
+        protocol: Option<Protocol>,
+        port: u16,
+        with_audit: bool,
+    ) -> Option<(bool, u32, u32)> {
         for policy in tier.iter().filter(|p| with_audit || !p.audit) {
             for (rule, peers) in policy.rules(self.direction) {
                 if self.rule_matches(rule, peers, class, protocol, port) {
@@ -306,7 +321,11 @@ impl Evaluator<'_> {
     /// that resolve names differently cannot share entries).
     fn any_named_egress(&self) -> bool {
         self.direction == EGRESS
-            && self.chain.all().any(|p| p.rules[EGRESS as usize].iter().any(|r| r.ports.iter().flatten().any(|p| matches!(p, PortMatch::Named { .. }))))
+            && self.chain.all().any(|p| {
+                p.rules[EGRESS as usize]
+                    .iter()
+                    .any(|r| r.ports.iter().flatten().any(|p| matches!(p, PortMatch::Named { .. })))
+            })
     }
 
     /// The rules (by position in the chain) that name one identity: when
@@ -359,7 +378,13 @@ impl Evaluator<'_> {
             for (start, end, decision) in intervals {
                 if *decision != any.other {
                     for (bits, base) in port_prefixes(*start, *end) {
-                        out.push((policy_prefix::ANY_PORT + bits, d, protocol_number(*protocol), base, decision.value()));
+                        out.push((
+                            policy_prefix::ANY_PORT + bits,
+                            d,
+                            protocol_number(*protocol),
+                            base,
+                            decision.value(),
+                        ));
                     }
                 }
             }
@@ -408,9 +433,12 @@ impl Evaluator<'_> {
         let mut diff = Vec::new();
         for ((protocol, intervals), (_, any_intervals)) in ports.iter().zip(&any.ports) {
             // Walk both interval lists together over the port space.
-            let points: BTreeSet<u32> = intervals.iter().chain(any_intervals).flat_map(|(s, e, _)| [*s as u32, *e as u32 + 1]).collect();
+            let points: BTreeSet<u32> =
+                intervals.iter().chain(any_intervals).flat_map(|(s, e, _)| [*s as u32, *e as u32 + 1]).collect();
             let points: Vec<u32> = points.into_iter().collect();
-            let at = |list: &[(u16, u16, Decision)], port: u16| list.iter().find(|(s, e, _)| *s <= port && port <= *e).map(|x| x.2);
+            let at = |list: &[(u16, u16, Decision)], port: u16| {
+                list.iter().find(|(s, e, _)| *s <= port && port <= *e).map(|x| x.2)
+            };
             let mut run: Option<(u16, u16, Decision)> = None;
             for w in points.windows(2) {
                 let (start, end) = (w[0] as u16, (w[1] - 1) as u16);

@@ -5,7 +5,9 @@
 
 use std::net::IpAddr;
 
-use datapath_common::{identity, policy_prefix, verdict, PolicyKey, PolicyValue, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, RULE_DEFAULT_DENY};
+use datapath_common::{
+    identity, policy_prefix, verdict, PolicyKey, PolicyValue, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, RULE_DEFAULT_DENY,
+};
 
 use super::compile::{address_key, DesiredState};
 use super::model::PodRef;
@@ -47,10 +49,25 @@ fn lpm(state: &DesiredState, endpoint: u32, direction: u8, peer: u32, protocol: 
 }
 
 /// The policy entry the datapath would find for one hop.
-pub fn lookup_policy(state: &DesiredState, endpoint: u32, direction: u8, peer: u32, protocol: u8, port: u16) -> PolicyValue {
+pub fn lookup_policy(
+    state: &DesiredState,
+    endpoint: u32,
+    direction: u8,
+    peer: u32,
+    protocol: u8,
+    port: u16,
+) -> PolicyValue {
     lpm(state, endpoint, direction, peer, protocol, port)
         .or_else(|| lpm(state, endpoint, direction, identity::ANY, protocol, port))
-        .unwrap_or(PolicyValue { verdict: verdict::DENY, audit: 0, _pad: [0; 2], policy_id: 0, rule: RULE_DEFAULT_DENY, audit_policy_id: 0, audit_rule: 0 })
+        .unwrap_or(PolicyValue {
+            verdict: verdict::DENY,
+            audit: 0,
+            _pad: [0; 2],
+            policy_id: 0,
+            rule: RULE_DEFAULT_DENY,
+            audit_policy_id: 0,
+            audit_rule: 0,
+        })
 }
 
 /// One hop's verdict: which endpoint, which way, and what the datapath decides.
@@ -89,11 +106,25 @@ impl ConnectionVerdict {
 
 /// Judge a connection from `src` to `dst`: each an address, and the pod
 /// owning it when it is one.
-pub fn connection(state: &DesiredState, src: (Option<&PodRef>, IpAddr), dst: (Option<&PodRef>, IpAddr), protocol: u8, port: u16) -> ConnectionVerdict {
+pub fn connection(
+    state: &DesiredState,
+    src: (Option<&PodRef>, IpAddr),
+    dst: (Option<&PodRef>, IpAddr),
+    protocol: u8,
+    port: u16,
+) -> ConnectionVerdict {
     let hop = |pod: &PodRef, direction: u8, peer_address: IpAddr| {
         let endpoint = state.endpoints.get(pod)?;
         let peer = peer_identity(state, peer_address);
-        Some(Hop { pod: pod.clone(), direction, peer_identity: peer, value: lookup_policy(state, endpoint.id, direction, peer, protocol, port) })
+        Some(Hop {
+            pod: pod.clone(),
+            direction,
+            peer_identity: peer,
+            value: lookup_policy(state, endpoint.id, direction, peer, protocol, port),
+        })
     };
-    ConnectionVerdict { egress: src.0.and_then(|pod| hop(pod, EGRESS, dst.1)), ingress: dst.0.and_then(|pod| hop(pod, INGRESS, src.1)) }
+    ConnectionVerdict {
+        egress: src.0.and_then(|pod| hop(pod, EGRESS, dst.1)),
+        ingress: dst.0.and_then(|pod| hop(pod, INGRESS, src.1)),
+    }
 }

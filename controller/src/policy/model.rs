@@ -101,7 +101,11 @@ impl PolicyRef {
     /// The reference of an object of `kind` with this metadata (cluster
     /// policies have no namespace; others default to `default`).
     pub fn of(kind: PolicyKind, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
-        let namespace = if kind == PolicyKind::ClusterConnectionPolicy { String::new() } else { meta.namespace.clone().unwrap_or_else(|| "default".into()) };
+        let namespace = if kind == PolicyKind::ClusterConnectionPolicy {
+            String::new()
+        } else {
+            meta.namespace.clone().unwrap_or_else(|| "default".into())
+        };
         PolicyRef { kind, namespace, name: meta.name.clone().unwrap_or_default() }
     }
 

@@ -124,11 +124,15 @@ impl Ctx<'_> {
     }
 
     fn cidr(&self, field: &str, text: &str) -> Result<IpNet, ValidationError> {
-        let net: IpNet = text
-            .parse()
-            .map_err(|_| self.err(field, Reason::InvalidCIDR, format!("{text:?} is not a CIDR (address/prefix-length)")))?;
+        let net: IpNet = text.parse().map_err(|_| {
+            self.err(field, Reason::InvalidCIDR, format!("{text:?} is not a CIDR (address/prefix-length)"))
+        })?;
         if net.trunc() != net {
-            return Err(self.err(field, Reason::InvalidCIDR, format!("{text:?} has host bits set; did you mean {}?", net.trunc())));
+            return Err(self.err(
+                field,
+                Reason::InvalidCIDR,
+                format!("{text:?} has host bits set; did you mean {}?", net.trunc()),
+            ));
         }
         Ok(net)
     }
@@ -140,7 +144,11 @@ impl Ctx<'_> {
             let hole_field = format!("{field}.except[{index}]");
             let hole = self.cidr(&hole_field, text)?;
             if !same_family(&cidr, &hole) || !cidr.contains(&hole) || hole == cidr {
-                return Err(self.err(hole_field, Reason::InvalidCIDR, format!("{hole} is not strictly inside cidr {cidr}")));
+                return Err(self.err(
+                    hole_field,
+                    Reason::InvalidCIDR,
+                    format!("{hole} is not strictly inside cidr {cidr}"),
+                ));
             }
             holes.push(hole);
         }
@@ -149,17 +157,30 @@ impl Ctx<'_> {
         Ok(Peer::IpBlock { cidr, except: holes })
     }
 
-    fn port(&self, field: &str, protocol: Protocol, port: Option<&IntOrString>, end_port: Option<i32>) -> Result<PortMatch, ValidationError> {
+    fn port(
+        &self,
+        field: &str,
+        protocol: Protocol,
+        port: Option<&IntOrString>,
+        end_port: Option<i32>,
+    ) -> Result<PortMatch, ValidationError> {
         let number = |value: i32, name: &str| {
-            u16::try_from(value)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| self.err(format!("{field}.{name}"), Reason::InvalidPort, format!("{value} is not a port number (1-65535)")))
+            u16::try_from(value).ok().filter(|p| *p != 0).ok_or_else(|| {
+                self.err(
+                    format!("{field}.{name}"),
+                    Reason::InvalidPort,
+                    format!("{value} is not a port number (1-65535)"),
+                )
+            })
         };
         match port {
             None => {
                 if end_port.is_some() {
-                    return Err(self.err(format!("{field}.endPort"), Reason::InvalidPort, "endPort needs a numeric port"));
+                    return Err(self.err(
+                        format!("{field}.endPort"),
+                        Reason::InvalidPort,
+                        "endPort needs a numeric port",
+                    ));
                 }
                 Ok(PortMatch::Range { protocol, start: 0, end: u16::MAX })
             }
@@ -170,7 +191,11 @@ impl Ctx<'_> {
                     Some(end) => {
                         let end = number(end, "endPort")?;
                         if end < start {
-                            return Err(self.err(format!("{field}.endPort"), Reason::InvalidPort, format!("endPort {end} is below port {start}")));
+                            return Err(self.err(
+                                format!("{field}.endPort"),
+                                Reason::InvalidPort,
+                                format!("endPort {end} is below port {start}"),
+                            ));
                         }
                         end
                     }
@@ -182,13 +207,19 @@ impl Ctx<'_> {
                     return self.port(field, protocol, Some(&IntOrString::Int(value)), end_port);
                 }
                 if end_port.is_some() {
-                    return Err(self.err(format!("{field}.endPort"), Reason::InvalidPort, format!("endPort cannot be used with the named port {name:?}")));
+                    return Err(self.err(
+                        format!("{field}.endPort"),
+                        Reason::InvalidPort,
+                        format!("endPort cannot be used with the named port {name:?}"),
+                    ));
                 }
                 if !is_port_name(name) {
                     return Err(self.err(
                         format!("{field}.port"),
                         Reason::InvalidPort,
-                        format!("{name:?} is not a port name (up to 15 lowercase letters, digits and '-', with a letter)"),
+                        format!(
+                            "{name:?} is not a port name (up to 15 lowercase letters, digits and '-', with a letter)"
+                        ),
                     ));
                 }
                 Ok(PortMatch::Named { protocol, name: name.clone() })
@@ -223,7 +254,11 @@ pub fn normalize(object: &PolicyObject) -> Result<Policy, ValidationError> {
     }
 }
 
-fn rule_ports(ctx: &Ctx, field: &str, ports: Option<&Vec<crd::PortSpec>>) -> Result<Option<Vec<PortMatch>>, ValidationError> {
+fn rule_ports(
+    ctx: &Ctx,
+    field: &str,
+    ports: Option<&Vec<crd::PortSpec>>,
+) -> Result<Option<Vec<PortMatch>>, ValidationError> {
     match ports {
         None => Ok(None),
         Some(list) if list.is_empty() => Ok(None),
@@ -236,7 +271,12 @@ fn rule_ports(ctx: &Ctx, field: &str, ports: Option<&Vec<crd::PortSpec>>) -> Res
     }
 }
 
-fn crd_peers(ctx: &Ctx, field: &str, peers: Option<&Vec<crd::Peer>>, cluster: bool) -> Result<Option<Vec<Peer>>, ValidationError> {
+fn crd_peers(
+    ctx: &Ctx,
+    field: &str,
+    peers: Option<&Vec<crd::Peer>>,
+    cluster: bool,
+) -> Result<Option<Vec<Peer>>, ValidationError> {
     let Some(list) = peers.filter(|l| !l.is_empty()) else { return Ok(None) };
     list.iter()
         .enumerate()
@@ -264,8 +304,12 @@ fn peer_of(
 ) -> Result<Peer, ValidationError> {
     match (pod_selector, namespace_selector, ip_block) {
         (None, None, Some((cidr, except))) => ctx.ip_block(&format!("{field}.ipBlock"), cidr, &except),
-        (_, _, Some(_)) => Err(ctx.err(field, Reason::InvalidPeer, "ipBlock cannot be combined with podSelector or namespaceSelector")),
-        (None, None, None) => Err(ctx.err(field, Reason::InvalidPeer, "a peer needs podSelector, namespaceSelector or ipBlock")),
+        (_, _, Some(_)) => {
+            Err(ctx.err(field, Reason::InvalidPeer, "ipBlock cannot be combined with podSelector or namespaceSelector"))
+        }
+        (None, None, None) => {
+            Err(ctx.err(field, Reason::InvalidPeer, "a peer needs podSelector, namespaceSelector or ipBlock"))
+        }
         (pods, namespaces, None) => {
             let pods = match pods {
                 Some(s) => ctx.selector(&format!("{field}.podSelector"), s)?,
@@ -310,7 +354,13 @@ struct RuleSpec<'a> {
 }
 
 /// Validate the rules of one direction; `peers_field` is `from` or `to`.
-fn direction_rules<'a>(ctx: &Ctx, direction: &str, peers_field: &str, specs: impl Iterator<Item = RuleSpec<'a>>, cluster: bool) -> Result<Vec<Rule>, ValidationError> {
+fn direction_rules<'a>(
+    ctx: &Ctx,
+    direction: &str,
+    peers_field: &str,
+    specs: impl Iterator<Item = RuleSpec<'a>>,
+    cluster: bool,
+) -> Result<Vec<Rule>, ValidationError> {
     specs
         .enumerate()
         .map(|(i, spec)| {
@@ -329,8 +379,16 @@ fn connection_policy(ctx: &Ctx, spec: &crd::ConnectionPolicySpec) -> Result<Poli
     let subject_pods = ctx.selector("spec.podSelector", &spec.pod_selector)?;
     let has_egress = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
     let isolates = isolation(spec.policy_types.as_deref(), has_egress);
-    let ingress = spec.ingress.iter().flatten().map(|r| RuleSpec { action: Action::Allow, peers: r.from.as_ref(), ports: r.ports.as_ref() });
-    let egress = spec.egress.iter().flatten().map(|r| RuleSpec { action: Action::Allow, peers: r.to.as_ref(), ports: r.ports.as_ref() });
+    let ingress = spec.ingress.iter().flatten().map(|r| RuleSpec {
+        action: Action::Allow,
+        peers: r.from.as_ref(),
+        ports: r.ports.as_ref(),
+    });
+    let egress = spec.egress.iter().flatten().map(|r| RuleSpec {
+        action: Action::Allow,
+        peers: r.to.as_ref(),
+        ports: r.ports.as_ref(),
+    });
     Ok(Policy {
         id: ctx.policy.clone(),
         tier: Tier::Namespace,
@@ -339,13 +397,21 @@ fn connection_policy(ctx: &Ctx, spec: &crd::ConnectionPolicySpec) -> Result<Poli
         subject_namespaces: NamespaceScope::Same(ctx.policy.namespace.clone()),
         subject_pods,
         isolates,
-        rules: [direction_rules(ctx, "ingress", "from", ingress, false)?, direction_rules(ctx, "egress", "to", egress, false)?],
+        rules: [
+            direction_rules(ctx, "ingress", "from", ingress, false)?,
+            direction_rules(ctx, "egress", "to", egress, false)?,
+        ],
     })
 }
 
 /// A NetworkPolicy rule in the CRDs' shape (the same fields, with the
 /// protocol validated), so both kinds share one validation.
-fn network_rule(ctx: &Ctx, field: &str, peers: Option<&Vec<NetworkPolicyPeer>>, ports: Option<&Vec<NetworkPolicyPort>>) -> Result<(Option<Vec<crd::Peer>>, Option<Vec<crd::PortSpec>>), ValidationError> {
+fn network_rule(
+    ctx: &Ctx,
+    field: &str,
+    peers: Option<&Vec<NetworkPolicyPeer>>,
+    ports: Option<&Vec<NetworkPolicyPort>>,
+) -> Result<(Option<Vec<crd::Peer>>, Option<Vec<crd::PortSpec>>), ValidationError> {
     let peers = peers.map(|list| {
         list.iter()
             .map(|p| crd::Peer {
@@ -366,7 +432,11 @@ fn network_rule(ctx: &Ctx, field: &str, peers: Option<&Vec<NetworkPolicyPeer>>, 
                         Some("UDP") => Protocol::UDP,
                         Some("SCTP") => Protocol::SCTP,
                         Some(other) => {
-                            return Err(ctx.err(format!("{field}.ports[{i}].protocol"), Reason::InvalidProtocol, format!("unknown protocol {other:?}: TCP, UDP or SCTP")))
+                            return Err(ctx.err(
+                                format!("{field}.ports[{i}].protocol"),
+                                Reason::InvalidProtocol,
+                                format!("unknown protocol {other:?}: TCP, UDP or SCTP"),
+                            ))
                         }
                     };
                     Ok(crd::PortSpec { protocol, port: p.port.clone(), end_port: p.end_port })
@@ -381,7 +451,10 @@ fn allow_rule((peers, ports): &(Option<Vec<crd::Peer>>, Option<Vec<crd::PortSpec
     RuleSpec { action: Action::Allow, peers: peers.as_ref(), ports: ports.as_ref() }
 }
 
-fn network_policy(ctx: &Ctx, spec: Option<&k8s_openapi::api::networking::v1::NetworkPolicySpec>) -> Result<Policy, ValidationError> {
+fn network_policy(
+    ctx: &Ctx,
+    spec: Option<&k8s_openapi::api::networking::v1::NetworkPolicySpec>,
+) -> Result<Policy, ValidationError> {
     let default_spec = Default::default();
     let spec = spec.unwrap_or(&default_spec);
     let subject_pods = match &spec.pod_selector {
@@ -396,15 +469,31 @@ fn network_policy(ctx: &Ctx, spec: Option<&k8s_openapi::api::networking::v1::Net
                 .map(|(i, t)| match t.as_str() {
                     "Ingress" => Ok(crd::PolicyType::Ingress),
                     "Egress" => Ok(crd::PolicyType::Egress),
-                    other => Err(ctx.err(format!("spec.policyTypes[{i}]"), Reason::InvalidObject, format!("unknown policy type {other:?}: Ingress or Egress"))),
+                    other => Err(ctx.err(
+                        format!("spec.policyTypes[{i}]"),
+                        Reason::InvalidObject,
+                        format!("unknown policy type {other:?}: Ingress or Egress"),
+                    )),
                 })
                 .collect::<Result<_, _>>()?,
         ),
     };
     let has_egress = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
     let isolates = isolation(types.as_deref(), has_egress);
-    let ingress: Vec<_> = spec.ingress.iter().flatten().enumerate().map(|(i, r)| network_rule(ctx, &format!("spec.ingress[{i}]"), r.from.as_ref(), r.ports.as_ref())).collect::<Result<_, _>>()?;
-    let egress: Vec<_> = spec.egress.iter().flatten().enumerate().map(|(i, r)| network_rule(ctx, &format!("spec.egress[{i}]"), r.to.as_ref(), r.ports.as_ref())).collect::<Result<_, _>>()?;
+    let ingress: Vec<_> = spec
+        .ingress
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, r)| network_rule(ctx, &format!("spec.ingress[{i}]"), r.from.as_ref(), r.ports.as_ref()))
+        .collect::<Result<_, _>>()?;
+    let egress: Vec<_> = spec
+        .egress
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, r)| network_rule(ctx, &format!("spec.egress[{i}]"), r.to.as_ref(), r.ports.as_ref()))
+        .collect::<Result<_, _>>()?;
     Ok(Policy {
         id: ctx.policy.clone(),
         tier: Tier::Namespace,
@@ -438,8 +527,16 @@ fn cluster_policy(ctx: &Ctx, spec: &crd::ClusterConnectionPolicySpec) -> Result<
         crd::Action::Deny => Action::Deny,
         crd::Action::Pass => Action::Pass,
     };
-    let ingress = spec.ingress.iter().flatten().map(|r| RuleSpec { action: action(r.action), peers: r.from.as_ref(), ports: r.ports.as_ref() });
-    let egress = spec.egress.iter().flatten().map(|r| RuleSpec { action: action(r.action), peers: r.to.as_ref(), ports: r.ports.as_ref() });
+    let ingress = spec.ingress.iter().flatten().map(|r| RuleSpec {
+        action: action(r.action),
+        peers: r.from.as_ref(),
+        ports: r.ports.as_ref(),
+    });
+    let egress = spec.egress.iter().flatten().map(|r| RuleSpec {
+        action: action(r.action),
+        peers: r.to.as_ref(),
+        ports: r.ports.as_ref(),
+    });
     Ok(Policy {
         id: ctx.policy.clone(),
         tier: match spec.tier {
@@ -451,7 +548,10 @@ fn cluster_policy(ctx: &Ctx, spec: &crd::ClusterConnectionPolicySpec) -> Result<
         subject_namespaces,
         subject_pods,
         isolates: [false; 2],
-        rules: [direction_rules(ctx, "ingress", "from", ingress, true)?, direction_rules(ctx, "egress", "to", egress, true)?],
+        rules: [
+            direction_rules(ctx, "ingress", "from", ingress, true)?,
+            direction_rules(ctx, "egress", "to", egress, true)?,
+        ],
     })
 }
 

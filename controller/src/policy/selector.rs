@@ -67,7 +67,10 @@ impl Selector {
             };
             match operator {
                 Operator::In | Operator::NotIn if values.is_empty() => {
-                    return Err((format!("{field}.values"), format!("operator {} needs at least one value", expr.operator)))
+                    return Err((
+                        format!("{field}.values"),
+                        format!("operator {} needs at least one value", expr.operator),
+                    ))
                 }
                 Operator::Exists | Operator::DoesNotExist if !values.is_empty() => {
                     return Err((format!("{field}.values"), format!("operator {} takes no values", expr.operator)))
@@ -125,7 +128,9 @@ fn check_label_value(value: &str) -> Result<(), String> {
         return Ok(());
     }
     if value.len() > 63 || !is_label_name(value) {
-        return Err(format!("label value {value:?} is not valid (63 characters of [A-Za-z0-9_.-], alphanumeric at both ends)"));
+        return Err(format!(
+            "label value {value:?} is not valid (63 characters of [A-Za-z0-9_.-], alphanumeric at both ends)"
+        ));
     }
     Ok(())
 }
@@ -196,7 +201,10 @@ mod tests {
         assert_eq!(field, "matchExpressions[0].values");
         let (field, _) = Selector::parse(&expr("bad key!", "Exists", &[])).unwrap_err();
         assert_eq!(field, "matchExpressions[0].key");
-        let bad_value = LabelSelector { match_labels: Some([("app".to_string(), "-x".to_string())].into()), match_expressions: None };
+        let bad_value = LabelSelector {
+            match_labels: Some([("app".to_string(), "-x".to_string())].into()),
+            match_expressions: None,
+        };
         assert_eq!(Selector::parse(&bad_value).unwrap_err().0, "matchLabels.app");
     }
 }

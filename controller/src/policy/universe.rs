@@ -64,7 +64,8 @@ impl Universe {
         match key {
             IdentityKey::Pod { namespace, labels, named_ports, cidr } => {
                 let namespace_labels = namespace_labels.get(namespace).cloned().unwrap_or_default();
-                self.pods.insert(id, PodIdentity { namespace: namespace.clone(), namespace_labels, labels: labels.clone() });
+                self.pods
+                    .insert(id, PodIdentity { namespace: namespace.clone(), namespace_labels, labels: labels.clone() });
                 self.named_ports.insert(id, named_ports.clone());
                 self.by_namespace.entry(namespace.clone()).or_default().insert(id);
                 if let Some(cidr) = cidr {
@@ -133,11 +134,20 @@ impl Universe {
     /// Every known identity a peer selects.
     fn resolve(&self, peer: &Peer) -> HashSet<u32> {
         match peer {
-            Peer::Pods { namespaces: NamespaceScope::Same(ns), .. } => {
-                self.by_namespace.get(ns).into_iter().flatten().copied().filter(|id| selects(&self.pods, &self.cidrs, peer, *id)).collect()
+            Peer::Pods { namespaces: NamespaceScope::Same(ns), .. } => self
+                .by_namespace
+                .get(ns)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|id| selects(&self.pods, &self.cidrs, peer, *id))
+                .collect(),
+            Peer::Pods { .. } => {
+                self.pods.keys().copied().filter(|id| selects(&self.pods, &self.cidrs, peer, *id)).collect()
             }
-            Peer::Pods { .. } => self.pods.keys().copied().filter(|id| selects(&self.pods, &self.cidrs, peer, *id)).collect(),
-            Peer::IpBlock { .. } => self.cidrs.keys().copied().filter(|id| selects(&self.pods, &self.cidrs, peer, *id)).collect(),
+            Peer::IpBlock { .. } => {
+                self.cidrs.keys().copied().filter(|id| selects(&self.pods, &self.cidrs, peer, *id)).collect()
+            }
         }
     }
 }
@@ -154,6 +164,8 @@ fn selects(pods: &HashMap<u32, PodIdentity>, cidrs: &HashMap<u32, IpNet>, peer: 
             };
             namespace_ok && selector.matches(&pod.labels)
         }),
-        Peer::IpBlock { cidr, except } => cidrs.get(&id).is_some_and(|prefix| cidr.contains(prefix) && !except.iter().any(|e| e.contains(prefix))),
+        Peer::IpBlock { cidr, except } => {
+            cidrs.get(&id).is_some_and(|prefix| cidr.contains(prefix) && !except.iter().any(|e| e.contains(prefix)))
+        }
     }
 }

@@ -81,7 +81,8 @@ impl DirSource {
                     }
                     Err(error) => {
                         errors.push(error);
-                        let (objects, parsed_hash) = self.files.remove(&path).map(|f| (f.objects, f.parsed_hash)).unwrap_or_default();
+                        let (objects, parsed_hash) =
+                            self.files.remove(&path).map(|f| (f.objects, f.parsed_hash)).unwrap_or_default();
                         self.files.insert(path.clone(), FileState { content_hash, objects, parsed_hash });
                     }
                 }
@@ -269,14 +270,25 @@ mod tests {
         assert!(kinds(&edited.changes)[0].starts_with("applied"));
         assert_ne!(edited.revision, first.revision);
 
-        std::fs::write(dir.join("p.yaml"), "kind: ConnectionPolicy\nmetadata: {name: p, namespace: x}\nspec: {podSelector: 7}\n").unwrap();
+        std::fs::write(
+            dir.join("p.yaml"),
+            "kind: ConnectionPolicy\nmetadata: {name: p, namespace: x}\nspec: {podSelector: 7}\n",
+        )
+        .unwrap();
         let broken = source.scan().unwrap();
         assert!(broken.changes.is_empty(), "a bad file changes nothing: {:?}", kinds(&broken.changes));
-        assert!(broken.errors[0].contains("p.yaml") && broken.errors[0].contains("spec.podSelector"), "{:?}", broken.errors);
+        assert!(
+            broken.errors[0].contains("p.yaml") && broken.errors[0].contains("spec.podSelector"),
+            "{:?}",
+            broken.errors
+        );
 
         std::fs::remove_file(dir.join("p.yaml")).unwrap();
         let removed = source.scan().unwrap();
-        assert_eq!(kinds(&removed.changes), vec!["deleted Policy(PolicyRef { kind: ConnectionPolicy, namespace: \"x\", name: \"p\" })".to_string()]);
+        assert_eq!(
+            kinds(&removed.changes),
+            vec!["deleted Policy(PolicyRef { kind: ConnectionPolicy, namespace: \"x\", name: \"p\" })".to_string()]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -284,7 +296,11 @@ mod tests {
     fn a_scenario_folder_follows_its_cluster_and_first_policies_only() {
         let dir = temp_dir("scenario");
         std::fs::write(dir.join("expect.yaml"), "steps: []\n").unwrap();
-        std::fs::write(dir.join("cluster.yaml"), "kind: Pod\nmetadata: {name: a, namespace: x}\nspec: {containers: []}\n").unwrap();
+        std::fs::write(
+            dir.join("cluster.yaml"),
+            "kind: Pod\nmetadata: {name: a, namespace: x}\nspec: {containers: []}\n",
+        )
+        .unwrap();
         std::fs::write(dir.join("policies.yaml"), POLICY).unwrap();
         std::fs::write(dir.join("step2.yaml"), POLICY.replace("name: p", "name: q")).unwrap();
         let scan = DirSource::new(&dir).scan().unwrap();

@@ -135,7 +135,8 @@ impl Iterator for Reconnect {
     fn next(&mut self) -> Option<Duration> {
         let delay = self.next;
         self.next = (self.next * 2).min(Self::MOST);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         Some(delay + delay.mul_f64(f64::from(nanos % 1000) / 4000.0))
     }
 }

@@ -42,8 +42,14 @@ fn typed<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, String> {
 pub fn parse(origin: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
     let mut out = Vec::new();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let err = |object: String, message: String| ManifestError { origin: origin.to_string(), document: index + 1, object, message };
-        let value = <serde_yaml::Value as serde::Deserialize>::deserialize(document).map_err(|e| err(String::new(), e.to_string()))?;
+        let err = |object: String, message: String| ManifestError {
+            origin: origin.to_string(),
+            document: index + 1,
+            object,
+            message,
+        };
+        let value = <serde_yaml::Value as serde::Deserialize>::deserialize(document)
+            .map_err(|e| err(String::new(), e.to_string()))?;
         if value.is_null() {
             continue;
         }
@@ -66,11 +72,15 @@ pub fn parse(origin: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
                 let (pod, dual) = pod_of(pod).map_err(|m| err(object, m))?;
                 out.push(Object::Pod(pod, dual));
             }
-            "ConnectionPolicy" => out.push(Object::Policy(PolicyObject::Connection(typed::<ConnectionPolicy>(value).map_err(|m| err(object, m))?))),
-            "ClusterConnectionPolicy" => {
-                out.push(Object::Policy(PolicyObject::Cluster(typed::<ClusterConnectionPolicy>(value).map_err(|m| err(object, m))?)))
-            }
-            "NetworkPolicy" => out.push(Object::Policy(PolicyObject::Network(typed::<NetworkPolicy>(value).map_err(|m| err(object, m))?))),
+            "ConnectionPolicy" => out.push(Object::Policy(PolicyObject::Connection(
+                typed::<ConnectionPolicy>(value).map_err(|m| err(object, m))?,
+            ))),
+            "ClusterConnectionPolicy" => out.push(Object::Policy(PolicyObject::Cluster(
+                typed::<ClusterConnectionPolicy>(value).map_err(|m| err(object, m))?,
+            ))),
+            "NetworkPolicy" => out.push(Object::Policy(PolicyObject::Network(
+                typed::<NetworkPolicy>(value).map_err(|m| err(object, m))?,
+            ))),
             _ => {}
         }
     }
@@ -91,13 +101,17 @@ pub fn pod_of(pod: core::Pod) -> Result<(Pod, bool), String> {
                 Some("SCTP") => Protocol::SCTP,
                 Some(other) => return Err(format!("{field}.protocol: unknown protocol {other:?}")),
             };
-            let number = u16::try_from(port.container_port).ok().filter(|p| *p != 0).ok_or_else(|| format!("{field}.containerPort: {} is not a port", port.container_port))?;
+            let number = u16::try_from(port.container_port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{field}.containerPort: {} is not a port", port.container_port))?;
             ports.push(ContainerPort { name: port.name.clone(), port: number, protocol });
         }
     }
     let mut ips = Vec::new();
     for (i, ip) in pod.status.iter().flat_map(|s| s.pod_ips.iter().flatten()).enumerate() {
-        let address: IpAddr = ip.ip.parse().map_err(|_| format!("status.podIPs[{i}].ip: {:?} is not an IP address", ip.ip))?;
+        let address: IpAddr =
+            ip.ip.parse().map_err(|_| format!("status.podIPs[{i}].ip: {:?} is not an IP address", ip.ip))?;
         ips.push(address);
     }
     if ips.is_empty() {

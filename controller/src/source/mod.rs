@@ -105,7 +105,18 @@ mod tests {
     use crate::policy::{Namespace, Pod};
 
     fn pod(ns: &str, name: &str) -> Object {
-        Object::Pod(Pod { namespace: ns.into(), name: name.into(), labels: Default::default(), ips: vec![], ports: vec![], node_name: None, uid: None }, false)
+        Object::Pod(
+            Pod {
+                namespace: ns.into(),
+                name: name.into(),
+                labels: Default::default(),
+                ips: vec![],
+                ports: vec![],
+                node_name: None,
+                uid: None,
+            },
+            false,
+        )
     }
 
     #[test]

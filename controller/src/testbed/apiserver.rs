@@ -23,7 +23,12 @@ pub struct ControlPlane {
 
 fn run_ok(command: &mut Command) -> String {
     let out = command.output().unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    assert!(out.status.success(), "{command:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{command:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -36,11 +41,13 @@ impl ControlPlane {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools/kube-apiserver-build.sh");
         assert!(script.exists(), "{} is part of the checkout", script.display());
         let built = run_ok(Command::new("bash").arg(&script).stderr(Stdio::inherit()));
-        let apiserver_bin = PathBuf::from(built.lines().last().expect("the build script prints the folder")).join("kube-apiserver");
+        let apiserver_bin =
+            PathBuf::from(built.lines().last().expect("the build script prints the folder")).join("kube-apiserver");
         let dir = std::env::temp_dir().join(format!("bulkhead-apiserver-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let sh = |script: &str| run_ok(Command::new("sh").arg("-ec").arg(script).current_dir(&dir).stderr(Stdio::piped()));
+        let sh =
+            |script: &str| run_ok(Command::new("sh").arg("-ec").arg(script).current_dir(&dir).stderr(Stdio::piped()));
         sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=bulkhead-test-ca 2>/dev/null
             openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=kube-apiserver 2>/dev/null
             printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > san.ext
@@ -78,7 +85,14 @@ impl ControlPlane {
         let child = self
             .in_netns("etcd")
             .args(["--data-dir", &self.dir.join("etcd").display().to_string()])
-            .args(["--listen-client-urls", "http://127.0.0.1:2379", "--advertise-client-urls", "http://127.0.0.1:2379", "--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args([
+                "--listen-client-urls",
+                "http://127.0.0.1:2379",
+                "--advertise-client-urls",
+                "http://127.0.0.1:2379",
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+            ])
             .arg("--unsafe-no-fsync")
             .stdout(Stdio::null())
             .stderr(self.log("etcd"))
@@ -91,7 +105,12 @@ impl ControlPlane {
         let file = |name: &str| self.dir.join(name).display().to_string();
         let child = self
             .in_netns(&self.apiserver_bin)
-            .args(["--etcd-servers=http://127.0.0.1:2379", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--insecure-port=0"])
+            .args([
+                "--etcd-servers=http://127.0.0.1:2379",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--insecure-port=0",
+            ])
             .arg(format!("--secure-port={}", self.port))
             .arg(format!("--tls-cert-file={}", file("server.crt")))
             .arg(format!("--tls-private-key-file={}", file("server.key")))
@@ -144,7 +163,8 @@ impl ControlPlane {
             None => command.stdin(Stdio::null()).output().unwrap(),
             Some(text) => {
                 use std::io::Write;
-                let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+                let mut child =
+                    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
                 child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
                 child.wait_with_output().unwrap()
             }

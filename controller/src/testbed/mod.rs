@@ -180,7 +180,19 @@ impl Topology {
             run(&args);
         };
         pod_exec(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]);
-        self.node_exec(&["ip", "link", "add", &host_interface, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+        self.node_exec(&[
+            "ip",
+            "link",
+            "add",
+            &host_interface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+        ]);
         pod_exec(&["ip", "link", "set", "lo", "up"]);
         pod_exec(&["ip", "link", "set", "eth0", "up"]);
         pod_exec(&["ip", "addr", "add", &format!("{ipv4}/32"), "dev", "eth0"]);
@@ -223,7 +235,8 @@ impl Topology {
     /// A command run inside a pod: its network namespace and its cgroup.
     pub fn pod_command(&self, pod: &str, args: &[&str]) -> Command {
         let pod = self.pod(pod);
-        let script = format!("echo $$ > {}/cgroup.procs && exec ip netns exec {} \"$@\"", pod.cgroup.display(), pod.netns);
+        let script =
+            format!("echo $$ > {}/cgroup.procs && exec ip netns exec {} \"$@\"", pod.cgroup.display(), pod.netns);
         let mut command = Command::new("sh");
         command.arg("-c").arg(script).arg("sh").args(args);
         command
@@ -241,7 +254,12 @@ impl Topology {
     }
 
     pub fn ping(&self, from: &str, to: IpAddr) -> String {
-        let status = self.pod_command(from, &["ping", "-c1", "-W1", &to.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap();
+        let status = self
+            .pod_command(from, &["ping", "-c1", "-W1", &to.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
         if status.success() { "allow" } else { "deny" }.to_string()
     }
 
@@ -272,8 +290,13 @@ impl Topology {
             write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
             let mut response = String::new();
             stream.read_to_string(&mut response)?;
-            let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("not an HTTP response"))?;
-            let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| std::io::Error::other("no HTTP status"))?;
+            let (head, body) =
+                response.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("not an HTTP response"))?;
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| std::io::Error::other("no HTTP status"))?;
             Ok((status, body.to_string()))
         })
         .join()
@@ -291,7 +314,14 @@ impl Topology {
 
     /// Start `bulkhead agent` in the node's namespace, following the object
     /// files in `folder`, its log in the temp directory under `log_name`.
-    pub fn spawn_agent(&self, node_name: &str, pin_dir: &str, folder: &std::path::Path, log_name: &str, rust_log: &str) -> std::io::Result<std::process::Child> {
+    pub fn spawn_agent(
+        &self,
+        node_name: &str,
+        pin_dir: &str,
+        folder: &std::path::Path,
+        log_name: &str,
+        rust_log: &str,
+    ) -> std::io::Result<std::process::Child> {
         let log = std::fs::File::create(std::env::temp_dir().join(log_name))?;
         self.node_command(std::env::current_exe()?)
             .args(["agent", "--node-name", node_name, "--pin-dir", pin_dir, "--metrics-address", AGENT_ADDRESS])

@@ -6,8 +6,8 @@ use std::{cell::RefCell, net::IpAddr, path::PathBuf};
 
 use bulkhead::dataplane::Datapath;
 use datapath_common::{
-    ipv4_mapped, policy_prefix, Event, EndpointInfo, PolicyKey, PolicyValue, DropKey, VerdictKey,
-    program_names, EVENT_AUDIT, EVENT_DENY, IPV4_MAPPED_PREFIX,
+    ipv4_mapped, policy_prefix, program_names, DropKey, EndpointInfo, Event, PolicyKey, PolicyValue, VerdictKey,
+    EVENT_AUDIT, EVENT_DENY, IPV4_MAPPED_PREFIX,
 };
 
 pub const TC_ACT_OK: i32 = 0;
@@ -68,12 +68,49 @@ impl TestDatapath {
     }
 
     /// One policy entry; `ports` is (protocol, port, port prefix bits) or all.
-    pub fn rule(&self, endpoint: u32, direction: u8, peer: u32, ports: Option<(u8, u16, u32)>, verdict: u8, policy_id: u32, rule: u32) {
-        self.entry(endpoint, direction, peer, ports, PolicyValue { verdict, audit: 0, _pad: [0; 2], policy_id, rule, audit_policy_id: 0, audit_rule: 0 });
+    pub fn rule(
+        &self,
+        endpoint: u32,
+        direction: u8,
+        peer: u32,
+        ports: Option<(u8, u16, u32)>,
+        verdict: u8,
+        policy_id: u32,
+        rule: u32,
+    ) {
+        self.entry(
+            endpoint,
+            direction,
+            peer,
+            ports,
+            PolicyValue { verdict, audit: 0, _pad: [0; 2], policy_id, rule, audit_policy_id: 0, audit_rule: 0 },
+        );
     }
 
-    pub fn rule_audit(&self, endpoint: u32, direction: u8, peer: u32, ports: Option<(u8, u16, u32)>, policy_id: u32, rule: u32) {
-        self.entry(endpoint, direction, peer, ports, PolicyValue { verdict: datapath_common::verdict::ALLOW, audit: 1, _pad: [0; 2], policy_id: 0, rule: 0, audit_policy_id: policy_id, audit_rule: rule });
+    pub fn rule_audit(
+        &self,
+        endpoint: u32,
+        direction: u8,
+        peer: u32,
+        ports: Option<(u8, u16, u32)>,
+        policy_id: u32,
+        rule: u32,
+    ) {
+        self.entry(
+            endpoint,
+            direction,
+            peer,
+            ports,
+            PolicyValue {
+                verdict: datapath_common::verdict::ALLOW,
+                audit: 1,
+                _pad: [0; 2],
+                policy_id: 0,
+                rule: 0,
+                audit_policy_id: policy_id,
+                audit_rule: rule,
+            },
+        );
     }
 
     fn entry(&self, endpoint: u32, direction: u8, peer: u32, ports: Option<(u8, u16, u32)>, value: PolicyValue) {
@@ -132,7 +169,9 @@ impl TestDatapath {
 fn policy_key(endpoint: u32, direction: u8, peer: u32, ports: Option<(u8, u16, u32)>) -> (u32, PolicyKey) {
     match ports {
         None => (policy_prefix::ANY_PROTOCOL, PolicyKey::new(endpoint, direction, peer, 0, 0)),
-        Some((protocol, port, bits)) => (policy_prefix::ANY_PORT + bits, PolicyKey::new(endpoint, direction, peer, protocol, port)),
+        Some((protocol, port, bits)) => {
+            (policy_prefix::ANY_PORT + bits, PolicyKey::new(endpoint, direction, peer, protocol, port))
+        }
     }
 }
 

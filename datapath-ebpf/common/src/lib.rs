@@ -309,8 +309,14 @@ pub const ENDPOINT_FLAG_ADDRESS_1: u32 = 4;
 impl EndpointInfo {
     /// An endpoint carrying (up to) its first two addresses.
     pub fn new(endpoint_id: u32, flags: u32, addresses: &[[u8; 16]]) -> Self {
-        let mut info = EndpointInfo { endpoint_id, flags: flags & ENDPOINT_FLAG_FAIL_CLOSED, addresses: [Address::UNSPECIFIED; 2] };
-        for (slot, (address, flag)) in addresses.iter().zip([ENDPOINT_FLAG_ADDRESS_0, ENDPOINT_FLAG_ADDRESS_1]).enumerate() {
+        let mut info = EndpointInfo {
+            endpoint_id,
+            flags: flags & ENDPOINT_FLAG_FAIL_CLOSED,
+            addresses: [Address::UNSPECIFIED; 2],
+        };
+        for (slot, (address, flag)) in
+            addresses.iter().zip([ENDPOINT_FLAG_ADDRESS_0, ENDPOINT_FLAG_ADDRESS_1]).enumerate()
+        {
             info.addresses[slot] = Address::from_octets(*address);
             info.flags |= flag;
         }
@@ -564,7 +570,10 @@ impl ConnKey {
         // padding bytes are fields, always written): every byte is an
         // initialised part of some word.
         let (ours, theirs) = unsafe {
-            (&*(self as *const ConnKey).cast::<[u32; CONN_KEY_WORDS]>(), &*(other as *const ConnKey).cast::<[u32; CONN_KEY_WORDS]>())
+            (
+                &*(self as *const ConnKey).cast::<[u32; CONN_KEY_WORDS]>(),
+                &*(other as *const ConnKey).cast::<[u32; CONN_KEY_WORDS]>(),
+            )
         };
         let mut differ = 0;
         for word in 0..CONN_KEY_WORDS {
@@ -582,8 +591,10 @@ impl ConnKey {
     pub fn conntrack_place(&self, seed: u64) -> ConntrackPlace {
         let [l0, l1, l2, l3] = self.local.words;
         let [r0, r1, r2, r3] = self.remote.words;
-        let hash =
-            placement_hash([pair(l0, l1), pair(l2, l3), pair(r0, r1), pair(r2, r3), pair(self.endpoint, u32::from(self.protocol))], seed);
+        let hash = placement_hash(
+            [pair(l0, l1), pair(l2, l3), pair(r0, r1), pair(r2, r3), pair(self.endpoint, u32::from(self.protocol))],
+            seed,
+        );
         let ports = (u32::from(self.local_port) << 16) | u32::from(self.remote_port);
         let port_sum = u32::from(self.local_port) + u32::from(self.remote_port);
         let set = (hash as u32).wrapping_add(port_sum) & (capacity::CONNTRACK_SETS - 1);
@@ -954,7 +965,10 @@ mod tests {
         let key = PolicyKey::new(7, EGRESS, 300, proto::UDP, 53);
         assert_eq!(PolicyKey::from(PolicyExactKey::from(key)), key);
         let built = PolicyExactKey::new(7, 300, proto::UDP, 53, EGRESS);
-        assert_eq!(built, PolicyExactKey { endpoint: 7, identity: 300, port: 53, protocol: proto::UDP, direction: EGRESS });
+        assert_eq!(
+            built,
+            PolicyExactKey { endpoint: 7, identity: 300, port: 53, protocol: proto::UDP, direction: EGRESS }
+        );
         assert_eq!(built.words()[..2], [7, 300]);
     }
 
@@ -976,7 +990,8 @@ mod tests {
         let overflowing: u32 = per_set.iter().map(|&n| n.saturating_sub(TABLE_WAYS as u32)).sum();
         assert!(overflowing * 100 < entries, "{overflowing} of {entries} entries overflow");
         let address = Address::from_octets(ipv4_mapped([10, 0, 0, 1]));
-        let places: std::vec::Vec<_> = (1..=8).map(|seed| IpcacheSlot::place(&address, seed, capacity::IPCACHE_TABLE_SETS)).collect();
+        let places: std::vec::Vec<_> =
+            (1..=8).map(|seed| IpcacheSlot::place(&address, seed, capacity::IPCACHE_TABLE_SETS)).collect();
         assert!(places.windows(2).any(|pair| pair[0] != pair[1]), "the seed moves keys");
     }
 
