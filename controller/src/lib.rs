@@ -1,14 +1,15 @@
-//! Bulkhead: label-based connection policies compiled into per-pod eBPF
-//! allowlists.
+//! Bulkhead, the product: what ships in the image.
 //!
-//! - [`policy`]: the pure core — selectors, identities, compile, diff. No I/O.
-//! - [`dataplane`]: the only code touching the kernel (aya).
+//! - [`agent`]: `bulkhead agent`, one per node: follows a [`source`], compiles
+//!   with `bulkhead-policy`, keeps the [`dataplane`] (the only code touching
+//!   the kernel's BPF objects) in step.
+//! - [`controller`]: `bulkhead controller`, one writer of policy status.
+//! - [`cli`]: the offline commands (`check`, `explain`, `compile`).
+//! - [`report`]: what agents tell the controller through the API server.
 
 pub mod agent;
+pub mod cli;
+pub mod controller;
 pub mod dataplane;
-pub mod packet;
-pub mod policy;
-pub mod scenario;
+pub mod report;
 pub mod source;
-pub mod status;
-pub mod testbed;

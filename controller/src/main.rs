@@ -1,20 +1,14 @@
-//! `bulkhead`: check, explain and compile policies; benchmarks.
+//! `bulkhead`: the node agent, the cluster controller, and the offline
+//! commands that check, explain and compile policies.
 
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{bail, Context, Result};
-use bulkhead::{
-    policy::{self, compile::protocol_number, lookup, DesiredState, PodRef, Snapshot},
+use bulkhead::cli::{
+    self,
     scenario::{self, Scenario},
-    source::manifest,
 };
-use bulkhead_crds::Protocol;
 use clap::{Parser, Subcommand, ValueEnum};
-use datapath_common::{identity, policy_prefix, verdict, EGRESS, INGRESS, RULE_DEFAULT_DENY};
-
-mod bench;
-mod demo;
-mod probe;
 
 #[derive(Parser)]
 #[command(name = "bulkhead", about = "Kubernetes network microsegmentation with eBPF", version)]
@@ -55,12 +49,6 @@ enum Command {
         #[arg(long, env = "POD_NAMESPACE", default_value = "bulkhead-system")]
         agent_namespace: String,
     },
-    /// Benchmarks (run through `cargo xtask bench`).
-    Bench { what: String },
-    /// Scenario directories with real traffic through the agent (needs root).
-    Probe { dirs: Vec<PathBuf> },
-    /// A small shop enforced end to end on this machine (needs root).
-    Demo,
     /// Datapath maintenance.
     Datapath {
         #[command(subcommand)]
@@ -148,16 +136,16 @@ fn run() -> Result<ExitCode> {
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         Command::Explain { dir, from, to, port, ipv6 } => {
-            let snapshot = load_dir(&dir)?;
-            explain(&snapshot, &from, &to, &port, ipv6)?;
+            let snapshot = cli::load(&dir)?;
+            cli::explain(&snapshot, &from, &to, &port, ipv6)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Compile { dir, output } => {
-            let snapshot = load_dir(&dir)?;
-            let state = policy::compile(&snapshot);
+            let snapshot = cli::load(&dir)?;
+            let state = bulkhead_policy::compile(&snapshot);
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&allowlists_json(&state))?),
-                Output::Text => print_allowlists(&state),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&cli::allowlists_json(&state))?),
+                Output::Text => cli::print_allowlists(&state),
             }
             for error in &state.rejected {
                 eprintln!("rejected: {error}");
@@ -176,20 +164,11 @@ fn run() -> Result<ExitCode> {
                     .await
                     .context("connecting to the API server (kubeconfig or in-cluster)")?;
                 tokio::select! {
-                    result = bulkhead::status::run_controller(client, agent_namespace) => result,
+                    result = bulkhead::controller::run(client, agent_namespace) => result,
                     _ = tokio::signal::ctrl_c() => Ok(()),
                     _ = terminated() => Ok(()),
                 }
             })?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench { what } => {
-            bench::run(&what)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Probe { dirs } => Ok(if probe::run(&dirs)? { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
-        Command::Demo => {
-            demo::run()?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Datapath { command: DatapathCommand::Hold { pin_dir } } => {
@@ -245,7 +224,12 @@ fn agent(args: AgentArgs) -> Result<()> {
         let shared = std::sync::Arc::new(Shared::new());
         let agent = Agent::new(config, shared.clone())?;
         if let Some((client, namespace)) = reporter {
-            tokio::spawn(bulkhead::status::report_programmed(client, namespace, node_name.clone(), shared.clone()));
+            tokio::spawn(bulkhead::agent::report::report_programmed(
+                client,
+                namespace,
+                node_name.clone(),
+                shared.clone(),
+            ));
         }
         let address = agent::http::serve(args.metrics_address, shared)
             .await
@@ -294,194 +278,4 @@ fn default_cgroup_root() -> PathBuf {
     } else {
         root.join("unified")
     }
-}
-
-/// A scenario directory (cluster.yaml + policies.yaml) or any folder of manifests.
-fn load_dir(dir: &std::path::Path) -> Result<Snapshot> {
-    if dir.join("cluster.yaml").exists() && dir.join("expect.yaml").exists() {
-        let scenario = Scenario::load(dir)?;
-        let mut snapshot = scenario.snapshot.clone();
-        if dir.join("policies.yaml").exists() {
-            let step = scenario::Step { apply: vec!["policies.yaml".into()], ..Default::default() };
-            scenario.apply_step(&mut snapshot, &step)?;
-        }
-        return Ok(snapshot);
-    }
-    let mut snapshot = Snapshot::default();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-        .collect();
-    files.sort();
-    let mut objects = Vec::new();
-    for path in files {
-        let text = std::fs::read_to_string(&path)?;
-        objects.extend(manifest::parse(&path.display().to_string(), &text)?);
-    }
-    scenario::assign_addresses(&mut objects);
-    for object in objects {
-        bulkhead::source::apply(&mut snapshot, bulkhead::source::Change::Applied(object));
-    }
-    Ok(snapshot)
-}
-
-fn parse_port(text: &str) -> Result<(u16, Protocol)> {
-    let (port, protocol) = text.split_once('/').unwrap_or((text, "TCP"));
-    let protocol = match protocol.to_ascii_uppercase().as_str() {
-        "TCP" => Protocol::TCP,
-        "UDP" => Protocol::UDP,
-        "SCTP" => Protocol::SCTP,
-        other => bail!("--port: unknown protocol {other:?}: TCP, UDP or SCTP"),
-    };
-    Ok((port.parse().with_context(|| format!("--port: {port:?} is not a port number"))?, protocol))
-}
-
-fn explain(snapshot: &Snapshot, from: &str, to: &str, port: &str, ipv6: bool) -> Result<()> {
-    let (port, protocol) = parse_port(port)?;
-    let probe = scenario::Probe {
-        from: from.to_string(),
-        to: to.to_string(),
-        port,
-        protocol,
-        expect: scenario::Verdict::Allow,
-        family: ipv6.then_some(scenario::Family::IPv6),
-    };
-    let ((src_pod, src_ip), (dst_pod, dst_ip)) = scenario::probe_addresses(snapshot, &probe)?;
-    let state = policy::compile(snapshot);
-    for error in &state.rejected {
-        println!("note: not enforced (rejected): {error}");
-    }
-    let verdict = lookup::connection(
-        &state,
-        (Some(&src_pod), src_ip),
-        (dst_pod.as_ref(), dst_ip),
-        protocol_number(protocol),
-        port,
-    );
-    println!("{from} ({src_ip}) -> {to} ({dst_ip})  {protocol:?}/{port}");
-    for hop in verdict.egress.iter().chain(verdict.ingress.iter()) {
-        let direction = if hop.direction == INGRESS { "ingress" } else { "egress" };
-        println!("  {direction:7} of {}: {}", hop.pod, describe_hop(&state, hop));
-    }
-    if dst_pod.is_none() {
-        println!("  {to} is outside the cluster: only the source's egress applies");
-    }
-    println!("verdict: {}", if verdict.allowed() { "ALLOW" } else { "DENY" });
-    Ok(())
-}
-
-fn describe_hop(state: &DesiredState, hop: &lookup::Hop) -> String {
-    if hop.peer_identity == identity::HOST {
-        return "allow (the pod's own node is always allowed)".into();
-    }
-    let value = hop.value;
-    let allowed = value.verdict == verdict::ALLOW;
-    let word = if allowed { "allow" } else { "deny" };
-    let audit = if value.audit != 0 {
-        let name = state.policy_names.get(&value.audit_policy_id).map(|p| p.to_string()).unwrap_or_default();
-        format!("; AUDIT: {name} rule {} would deny", value.audit_rule)
-    } else {
-        String::new()
-    };
-    match state.policy_names.get(&value.policy_id) {
-        None if allowed => format!("allow (not isolated: no policy applies){audit}"),
-        None => "deny (no policy state for this pod: fail closed)".into(),
-        Some(policy) if value.rule == RULE_DEFAULT_DENY => {
-            format!("{word} (isolated by {policy}; no rule allows it){audit}")
-        }
-        Some(policy) => format!("{word} by {policy} rule {}{audit}", value.rule),
-    }
-}
-
-fn peer_name(state: &DesiredState, id: u32) -> String {
-    match id {
-        identity::ANY => "any peer".into(),
-        identity::HOST => "the node".into(),
-        identity::WORLD => "the world".into(),
-        id => state.identities.get(&id).map(|k| k.describe()).unwrap_or_else(|| format!("identity {id}")),
-    }
-}
-
-fn ports_text(prefix_len: u32, protocol: u8, port: u16) -> String {
-    if prefix_len == policy_prefix::ANY_PROTOCOL {
-        return "any protocol".into();
-    }
-    let name = match protocol {
-        6 => "TCP",
-        17 => "UDP",
-        132 => "SCTP",
-        _ => "?",
-    };
-    let bits = prefix_len - policy_prefix::ANY_PORT;
-    if bits == 0 {
-        return format!("{name} any port");
-    }
-    let size = 1u32 << (16 - bits);
-    if size == 1 {
-        format!("{name}/{port}")
-    } else {
-        format!("{name}/{}-{}", port, port as u32 + size - 1)
-    }
-}
-
-fn entries_of(state: &DesiredState, endpoint: u32) -> Vec<(String, String, String, String, String)> {
-    let mut out = Vec::new();
-    for ((prefix_len, key), value) in state.policy.range((0, datapath_common::PolicyKey::new(endpoint, 0, 0, 0, 0))..) {
-        if key.endpoint() != endpoint {
-            if key.endpoint() > endpoint {
-                break;
-            }
-            continue;
-        }
-        let direction = if key.direction() == EGRESS { "egress" } else { "ingress" };
-        let verdict = if value.verdict == verdict::ALLOW {
-            if value.audit != 0 {
-                "allow (audit: would deny)"
-            } else {
-                "allow"
-            }
-        } else {
-            "deny"
-        };
-        let by = match state.policy_names.get(&value.policy_id) {
-            None => "default".to_string(),
-            Some(p) if value.rule == RULE_DEFAULT_DENY => format!("{} (isolation)", p.qualified_name()),
-            Some(p) => format!("{} rule {}", p.qualified_name(), value.rule),
-        };
-        out.push((
-            direction.into(),
-            peer_name(state, key.identity()),
-            ports_text(*prefix_len, key.protocol(), key.port()),
-            verdict.into(),
-            by,
-        ));
-    }
-    out
-}
-
-fn print_allowlists(state: &DesiredState) {
-    for (pod, endpoint) in &state.endpoints {
-        let addresses: Vec<String> = endpoint.addresses.iter().map(IpAddr::to_string).collect();
-        println!("{pod}  (endpoint {}, {})", endpoint.id, addresses.join(", "));
-        for (direction, peer, ports, verdict, by) in entries_of(state, endpoint.id) {
-            println!("  {direction:7} {peer:50} {ports:22} {verdict:26} {by}");
-        }
-    }
-}
-
-fn allowlists_json(state: &DesiredState) -> serde_json::Value {
-    let pods: Vec<serde_json::Value> = state
-        .endpoints
-        .iter()
-        .map(|(pod, endpoint): (&PodRef, _)| {
-            let entries: Vec<serde_json::Value> = entries_of(state, endpoint.id)
-                .into_iter()
-                .map(|(direction, peer, ports, verdict, by)| serde_json::json!({"direction": direction, "peer": peer, "ports": ports, "verdict": verdict, "decidedBy": by}))
-                .collect();
-            serde_json::json!({"pod": pod.to_string(), "endpoint": endpoint.id, "addresses": endpoint.addresses, "entries": entries})
-        })
-        .collect();
-    let rejected: Vec<String> = state.rejected.iter().map(ToString::to_string).collect();
-    serde_json::json!({"pods": pods, "rejected": rejected})
 }

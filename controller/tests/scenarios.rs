@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use bulkhead::scenario::{self, Scenario};
+use bulkhead::cli::scenario::{self, Scenario};
 
 fn scenario_dirs() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/scenarios");
@@ -34,12 +34,11 @@ fn every_scenario_passes_check() {
 fn a_wrong_expectation_is_reported_with_the_deciding_policy() {
     let dir = tempdir("wrong-expectation");
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/scenarios/default-deny-ingress");
-    for file in ["cluster.yaml", "policies.yaml"] {
-        std::fs::copy(source.join(file), dir.join(file)).unwrap();
-    }
+    std::fs::copy(source.join("policies.yaml"), dir.join("policies.yaml")).unwrap();
+    let cluster = source.join("../../clusters/xyz.yaml");
     std::fs::write(
         dir.join("expect.yaml"),
-        "steps:\n  - apply: [policies.yaml]\n    probes:\n      - {from: y/a, to: x/a, port: 80, protocol: TCP, expect: allow}\n",
+        format!("cluster: {}\n", cluster.display()) + "steps:\n  - apply: [policies.yaml]\n    probes:\n      - {from: y/a, to: x/a, port: 80, protocol: TCP, expect: allow}\n",
     )
     .unwrap();
     let report = scenario::check(&Scenario::load(&dir).unwrap()).unwrap();

@@ -4,6 +4,9 @@
 //! required fields) and in the compiler's own checks, never in CEL, so the
 //! CRDs load on a Kubernetes 1.20 API server.
 
+// kube-derive takes one `printcolumn(name = .., type_ = ..)` per column: the repeated keys are its syntax.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::{
     apis::meta::v1::{Condition, LabelSelector},
     util::intstr::IntOrString,
@@ -209,7 +212,7 @@ pub struct PolicyStatus {
 
 /// The CRD manifests as written to manifests/crds/: (file name, YAML).
 pub fn manifests() -> Vec<(&'static str, String)> {
-    let yaml = |crd| serde_yaml::to_string(&crd).expect("a CRD serializes");
+    let yaml = |crd| serde_saphyr::to_string(&crd).expect("a CRD serializes");
     vec![
         ("connectionpolicies.bulkhead.io.yaml", yaml(ConnectionPolicy::crd())),
         ("clusterconnectionpolicies.bulkhead.io.yaml", yaml(ClusterConnectionPolicy::crd())),
@@ -245,7 +248,7 @@ mod tests {
 
     #[test]
     fn api_md_examples_parse() {
-        let policy: ConnectionPolicy = serde_yaml::from_str(
+        let policy: ConnectionPolicy = serde_saphyr::from_str(
             r#"
 apiVersion: bulkhead.io/v1alpha1
 kind: ConnectionPolicy
@@ -270,7 +273,7 @@ spec:
         )
         .unwrap();
         assert_eq!(policy.spec.ingress.unwrap()[0].ports.as_ref().unwrap()[1].end_port, Some(9100));
-        let cluster: ClusterConnectionPolicy = serde_yaml::from_str(
+        let cluster: ClusterConnectionPolicy = serde_saphyr::from_str(
             r#"
 apiVersion: bulkhead.io/v1alpha1
 kind: ClusterConnectionPolicy

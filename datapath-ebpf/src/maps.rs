@@ -86,4 +86,4 @@ pub static CONFIG: Array<u64> = Array::pinned(capacity::CONFIG, 0);
 
 /// Working memory of one program run (not pinned: nothing in it outlives a packet).
 #[map(name = "BH_SCRATCH")]
-pub static SCRATCH: PerCpuArray<crate::verdict::Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<crate::parse::Scratch> = PerCpuArray::with_max_entries(1, 0);

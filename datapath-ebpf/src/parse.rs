@@ -10,6 +10,13 @@
 use aya_ebpf::programs::TcContext;
 use datapath_common::{proto, Address, ConnKey};
 
+/// Per-CPU working memory of one TC program run: the packet as parsed, and
+/// its connection as the endpoint sees it.
+pub struct Scratch {
+    pub packet: Packet,
+    pub conn: ConnKey,
+}
+
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;

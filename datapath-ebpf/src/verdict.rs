@@ -21,7 +21,7 @@ use crate::{
         FRAGMENTS, IPCACHE, IPCACHE_EXACT, IPCACHE_TABLE, LOCAL_ADDRS, POLICY, POLICY_EXACT, POLICY_TABLE, SCRATCH,
         VERDICTS,
     },
-    parse::{parse, quoted_connection, Packet, ParseError, Parsed, FRAG_FIRST, FRAG_LATER, L4},
+    parse::{parse, quoted_connection, Packet, ParseError, Parsed, Scratch, FRAG_FIRST, FRAG_LATER, L4},
     table::{self, Busy},
 };
 
@@ -31,12 +31,6 @@ impl From<Busy> for u8 {
     fn from(_: Busy) -> u8 {
         reason::TABLE_BUSY
     }
-}
-
-/// Per-CPU working memory of one TC program run.
-pub struct Scratch {
-    pub packet: Packet,
-    pub conn: ConnKey,
 }
 
 const DEFAULT_EVENTS_PER_SECOND: u64 = 1000;

@@ -42,9 +42,12 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::Test { args } => {
             setup::run()?;
+            cargo(&["fmt", "--all", "--check"])?;
+            check_policy_purity()?;
             // Default members only: the eBPF crate is built by the controller's
             // build.rs for the BPF target, never for the host.
             cargo(&["build", "--all-targets"])?;
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             let mut test = vec!["test"];
             test.extend(args.iter().map(String::as_str));
             cargo(&test)
@@ -58,26 +61,53 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Task::Demo => {
-            setup::run()?;
-            cargo(&["run", "--release", "-p", "bulkhead", "--", "demo"])
-        }
+        Task::Demo => lab(&["demo"]),
         Task::Probe { dirs } => {
-            setup::run()?;
-            let mut args = vec!["run", "--release", "-p", "bulkhead", "--", "probe"];
+            let mut args = vec!["probe"];
             args.extend(dirs.iter().map(String::as_str));
-            cargo(&args)
+            lab(&args)
         }
-        Task::Bench { what } => {
-            setup::run()?;
-            match what.as_str() {
-                "datapath" | "compile" | "convergence" => {
-                    cargo(&["run", "--release", "-p", "bulkhead", "--", "bench", &what])
-                }
-                other => bail!("unknown benchmark {other:?}: datapath, compile or convergence"),
-            }
-        }
+        Task::Bench { what } => match what.as_str() {
+            "datapath" | "compile" | "convergence" => lab(&["bench", &what]),
+            other => bail!("unknown benchmark {other:?}: datapath, compile or convergence"),
+        },
     }
+}
+
+/// Crates the pure policy core must never reach, directly or through another
+/// crate: an async runtime, an API client, the kernel.
+const IMPURE: &[&str] = &["tokio", "kube-client", "kube-runtime", "hyper", "aya", "rtnetlink", "notify"];
+
+/// The policy crate's Cargo.toml is its purity; this checks the resolved
+/// tree as well, so no dependency brings an impure crate in by the back door.
+fn check_policy_purity() -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["tree", "-p", "bulkhead-policy", "-e", "normal", "--prefix", "none", "--format", "{p}"])
+        .current_dir(workspace_root())
+        .output()
+        .context("running cargo tree")?;
+    if !out.status.success() {
+        bail!("cargo tree -p bulkhead-policy: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let found: Vec<&str> =
+        tree.lines().filter_map(|l| l.split_whitespace().next()).filter(|name| IMPURE.contains(name)).collect();
+    if !found.is_empty() {
+        bail!("bulkhead-policy must stay pure, yet its dependencies reach {found:?}");
+    }
+    println!("bulkhead-policy: {} crates, none of {IMPURE:?}", tree.lines().count());
+    Ok(())
+}
+
+/// Set up, then run the lab (`bulkhead-lab`) with the product binary it
+/// drives built beside it.
+fn lab(args: &[&str]) -> Result<()> {
+    setup::run()?;
+    cargo(&["build", "--release", "-p", "bulkhead", "-p", "bulkhead-lab"])?;
+    let mut run = vec!["run", "--release", "-p", "bulkhead-lab", "--"];
+    run.extend(args);
+    cargo(&run)
 }
 
 pub fn workspace_root() -> std::path::PathBuf {

@@ -22,16 +22,20 @@ use datapath_common::{
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use bulkhead_policy::{
+    state::Endpoint, Admission, Change, Changed, Compiler, DesiredState, ObjectKey, PodRef, PolicyRef, Snapshot,
+};
+
 use crate::{
     dataplane::{sync::Programmer, Datapath, DropCount, VerdictCount},
-    policy::{self, rules, Changed, Compiler, DesiredState, PodRef, PolicyObject, PolicyRef, Snapshot},
-    source::{self, Change, Object, ObjectKey, ObjectKind, Update},
+    source::Update,
 };
 
 pub mod baseline;
 pub mod host;
 pub mod http;
 pub mod metrics;
+pub mod report;
 
 use baseline::{Destination, EgressBaselines, Workload};
 use host::{Host, HostInterface};
@@ -187,8 +191,6 @@ pub struct Agent {
     host: Host,
     programmer: Programmer,
     snapshot: Snapshot,
-    /// Invalid policy objects, with why; their last good version (if any) stays in `snapshot`.
-    rejected: BTreeMap<PolicyRef, rules::ValidationError>,
     /// What the snapshot compiles to, kept up to date change by change.
     compiler: Option<Compiler>,
     /// Objects changed since the last compile; `compile_all` after a re-list.
@@ -236,7 +238,6 @@ impl Agent {
             host,
             programmer,
             snapshot: Snapshot::default(),
-            rejected: BTreeMap::new(),
             compiler: None,
             changed: BTreeSet::new(),
             compile_all: true,
@@ -305,58 +306,11 @@ impl Agent {
                 Change::Relisted(..) => self.compile_all = true,
                 Change::Synced => {}
             }
-            match change {
-                Change::Synced => self.source_synced = true,
-                Change::Applied(Object::Policy(policy)) => {
-                    if let Some(policy) = self.validated(policy) {
-                        self.snapshot.add_policy(policy);
-                    }
-                }
-                Change::Relisted(ObjectKind::Policy(kind), objects) => {
-                    let mut kept = Vec::new();
-                    let mut listed = BTreeSet::new();
-                    for object in objects {
-                        let Object::Policy(policy) = object else { continue };
-                        listed.insert(policy.policy_ref());
-                        if let Some(policy) = self.validated(policy) {
-                            kept.push(Object::Policy(policy));
-                        }
-                    }
-                    self.rejected.retain(|key, _| key.kind != kind || listed.contains(key));
-                    source::apply(&mut self.snapshot, Change::Relisted(ObjectKind::Policy(kind), kept));
-                }
-                Change::Deleted(ObjectKey::Policy(key)) => {
-                    self.rejected.remove(&key);
-                    self.snapshot.policies.remove(&key);
-                }
-                other => source::apply(&mut self.snapshot, other),
+            if matches!(change, Change::Synced) {
+                self.source_synced = true;
             }
-        }
-    }
-
-    /// The version of a policy to enforce: itself when valid; when not, the
-    /// last good version already in the snapshot (or nothing), so an invalid
-    /// update changes nothing in the datapath.
-    fn validated(&mut self, policy: PolicyObject) -> Option<PolicyObject> {
-        let key = policy.policy_ref();
-        match rules::normalize(&policy) {
-            Ok(_) => {
-                if self.rejected.remove(&key).is_some() {
-                    tracing::info!(policy = %key, "policy accepted again");
-                }
-                Some(policy)
-            }
-            Err(error) => {
-                let previous = self.snapshot.policies.get(&key).cloned();
-                if self.rejected.get(&key) != Some(&error) {
-                    tracing::error!(
-                        policy = %key, field = %error.field, reason = %error.reason, error = %error.message,
-                        kept_last_good = previous.is_some(),
-                        "policy rejected; what it enforced before stays enforced"
-                    );
-                }
-                self.rejected.insert(key, error);
-                previous
+            for admission in self.snapshot.apply(change) {
+                log_admission(&admission);
             }
         }
     }
@@ -394,7 +348,7 @@ impl Agent {
         self.shared.metrics.compile_seconds.observe(started.elapsed().as_secs_f64());
         let desired = self.compiler.as_ref().expect("compiled above").state();
 
-        let local: BTreeMap<PodRef, policy::compile::Endpoint> = desired
+        let local: BTreeMap<PodRef, Endpoint> = desired
             .endpoints
             .iter()
             .filter(|(_, e)| self.is_local(e.node_name.as_deref()))
@@ -703,15 +657,14 @@ impl Agent {
                 .filter(|(id, _)| failed.contains(id))
                 .map(|(_, p)| p.to_string())
                 .collect(),
-            rejected: self.rejected.values().map(|e| e.to_string()).collect(),
+            rejected: self.snapshot.rejected.values().map(|r| r.error.to_string()).collect(),
             policies: self
                 .snapshot
                 .policies
                 .iter()
-                .filter(|(key, _)| !self.rejected.contains_key(*key))
-                .map(|(key, object)| {
+                .map(|(key, policy)| {
                     let view = PolicyView {
-                        generation: object.generation(),
+                        generation: policy.generation,
                         selected_pods: self.state().selected_pods.get(key).copied().unwrap_or(0),
                     };
                     (key.to_string(), view)
@@ -720,7 +673,7 @@ impl Agent {
         };
         let metrics = &self.shared.metrics;
         metrics.endpoints_failed_closed.set(view.failed_closed.len() as i64);
-        metrics.policies_rejected.set(self.rejected.len() as i64);
+        metrics.policies_rejected.set(self.snapshot.rejected.len() as i64);
         let programmed = self.programmer.programmed();
         metrics.map_entries.with_label_values(&["policy"]).set(programmed.policy.len() as i64);
         metrics.map_entries.with_label_values(&["ipcache"]).set(programmed.ipcache.len() as i64);
@@ -730,6 +683,21 @@ impl Agent {
             .with_label_values(&["local_addresses"])
             .set(self.attached.values().map(|a| a.addresses.len()).sum::<usize>() as i64);
         *self.shared.state.lock().expect("state lock") = view;
+    }
+}
+
+/// Each rejected version is logged once, by every agent that sees it, at
+/// WARN: the agent goes on enforcing the last good state. The Event on the
+/// object is the controller's alone.
+fn log_admission(admission: &Admission) {
+    match admission {
+        Admission::Accepted { policy, was_rejected: true } => tracing::info!(%policy, "policy accepted again"),
+        Admission::Rejected { rejection, kept_last_good, seen_before: false } => tracing::warn!(
+            policy = %rejection.error.policy, generation = ?rejection.generation, field = %rejection.error.field,
+            reason = %rejection.error.reason, error = %rejection.error.message, kept_last_good,
+            "policy rejected; what it enforced before stays enforced"
+        ),
+        _ => {}
     }
 }
 

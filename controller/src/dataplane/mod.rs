@@ -2,8 +2,10 @@
 //! the programs and maps, attaching to pod veths and cgroups, and writing the
 //! compiled policy state into the maps.
 
+mod error;
 mod loader;
 pub mod sync;
 mod table;
 
-pub use loader::{AttachError, Datapath, DatapathError, DropCount, VerdictCount, DEFAULT_PIN_DIR};
+pub use error::{AttachError, DatapathError};
+pub use loader::{Datapath, DropCount, VerdictCount, DEFAULT_PIN_DIR};

@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, net::IpAddr, path::Path};
 use datapath_common::EndpointInfo;
 
 use super::{AttachError, Datapath, DatapathError};
-use crate::policy::{self, compile::address_key, DesiredState, MapOp};
+use bulkhead_policy::{self as policy, state::address_key, DesiredState, MapOp};
 
 /// What one sync did.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -17,7 +17,7 @@ use aya::{
 };
 use datapath_common::{TablePlace, TableSet, TableSlot, TABLE_WAYS};
 
-use super::loader::DatapathError;
+use super::error::DatapathError;
 
 /// `BPF_F_MMAPABLE`: the array can be mapped into userspace.
 const BPF_F_MMAPABLE: u32 = 1 << 10;

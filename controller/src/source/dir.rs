@@ -1,14 +1,9 @@
 //! `--source dir:<path>`: the same objects as the API server would give,
-//! read from YAML files and followed with inotify. Each scan turns what
-//! changed on disk into `Applied`/`Deleted` changes — the shape of watch
-//! events — so a file edit takes the path a watch event takes.
-//!
-//! Two layouts: a scenario directory (scenario.md: it has `expect.yaml`) is
-//! followed through its `cluster.yaml` and `policies.yaml`, pods without
-//! addresses getting the ones the scenario runners give them; any other
-//! folder is followed through every `*.yaml`/`*.yml` file in it, recursively.
-//! A file that stops parsing keeps the objects it last gave: bad input never
-//! changes what is enforced.
+//! read from the `*.yaml`/`*.yml` files of a folder (recursively) and
+//! followed with inotify. Each scan turns what changed on disk into
+//! `Applied`/`Deleted` changes — the shape of watch events — so a file edit
+//! takes the path a watch event takes. A file that stops parsing keeps the
+//! objects it last gave: bad input never changes what is enforced.
 
 use std::{
     collections::BTreeMap,
@@ -18,14 +13,9 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use super::{manifest, Change, Object, ObjectKey, Update};
-use crate::{policy::identity::stable_hash, scenario};
+use bulkhead_policy::{identity::stable_hash, manifest, Change, Object, ObjectKey};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Layout {
-    Scenario,
-    Manifests,
-}
+use super::Update;
 
 struct FileState {
     content_hash: u64,
@@ -36,7 +26,6 @@ struct FileState {
 
 pub struct DirSource {
     root: PathBuf,
-    layout: Layout,
     files: BTreeMap<PathBuf, FileState>,
     /// Which file and which version of it each object came from.
     origins: BTreeMap<ObjectKey, (PathBuf, u64)>,
@@ -52,9 +41,7 @@ pub struct Scan {
 
 impl DirSource {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        let root = root.into();
-        let layout = if root.join("expect.yaml").is_file() { Layout::Scenario } else { Layout::Manifests };
-        Self { root, layout, files: BTreeMap::new(), origins: BTreeMap::new() }
+        Self { root: root.into(), files: BTreeMap::new(), origins: BTreeMap::new() }
     }
 
     pub fn root(&self) -> &Path {
@@ -65,7 +52,7 @@ impl DirSource {
     pub fn scan(&mut self) -> std::io::Result<Scan> {
         let mut errors = Vec::new();
         let mut seen = BTreeMap::new();
-        for path in followed_files(&self.root, self.layout)? {
+        for path in followed_files(&self.root)? {
             let text = match std::fs::read(&path) {
                 Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
                 // Removed between the listing and the read.
@@ -75,7 +62,7 @@ impl DirSource {
             let content_hash = stable_hash(&text);
             let unchanged = self.files.get(&path).is_some_and(|f| f.content_hash == content_hash);
             if !unchanged {
-                match self.parse(&path, &text) {
+                match manifest::parse(&path.display().to_string(), &text).map_err(|e| e.to_string()) {
                     Ok(objects) => {
                         self.files.insert(path.clone(), FileState { content_hash, objects, parsed_hash: content_hash });
                     }
@@ -112,14 +99,6 @@ impl DirSource {
         self.origins = current.into_iter().map(|(key, (_, origin))| (key, origin)).collect();
         Ok(Scan { changes, revision: revision_of(&self.root, &seen), errors })
     }
-
-    fn parse(&self, path: &Path, text: &str) -> Result<Vec<Object>, String> {
-        let mut objects = manifest::parse(&path.display().to_string(), text).map_err(|e| e.to_string())?;
-        if self.layout == Layout::Scenario && path.file_name().is_some_and(|n| n == "cluster.yaml") {
-            scenario::assign_addresses(&mut objects);
-        }
-        Ok(objects)
-    }
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -128,10 +107,7 @@ fn is_manifest(path: &Path) -> bool {
     !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
 }
 
-fn followed_files(root: &Path, layout: Layout) -> std::io::Result<Vec<PathBuf>> {
-    if layout == Layout::Scenario {
-        return Ok(["cluster.yaml", "policies.yaml"].iter().map(|f| root.join(f)).filter(|p| p.is_file()).collect());
-    }
+fn followed_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut pending = vec![root.to_path_buf()];
     while let Some(dir) = pending.pop() {
@@ -289,28 +265,6 @@ mod tests {
             kinds(&removed.changes),
             vec!["deleted Policy(PolicyRef { kind: ConnectionPolicy, namespace: \"x\", name: \"p\" })".to_string()]
         );
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_scenario_folder_follows_its_cluster_and_first_policies_only() {
-        let dir = temp_dir("scenario");
-        std::fs::write(dir.join("expect.yaml"), "steps: []\n").unwrap();
-        std::fs::write(
-            dir.join("cluster.yaml"),
-            "kind: Pod\nmetadata: {name: a, namespace: x}\nspec: {containers: []}\n",
-        )
-        .unwrap();
-        std::fs::write(dir.join("policies.yaml"), POLICY).unwrap();
-        std::fs::write(dir.join("step2.yaml"), POLICY.replace("name: p", "name: q")).unwrap();
-        let scan = DirSource::new(&dir).scan().unwrap();
-        let keys = kinds(&scan.changes);
-        assert_eq!(keys.len(), 2, "{keys:?}");
-        let pod = scan.changes.iter().find_map(|c| match c {
-            Change::Applied(Object::Pod(p, _)) => Some(p.clone()),
-            _ => None,
-        });
-        assert_eq!(pod.unwrap().ips, vec![scenario::assigned_ipv4(0)], "the runners' addresses");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -25,8 +25,11 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
-use super::{manifest, Change, Object, ObjectKey, ObjectKind, Update};
-use crate::policy::{Namespace, PodRef, PolicyKind, PolicyObject, PolicyRef};
+use bulkhead_policy::{
+    manifest, Change, Namespace, Object, ObjectKey, ObjectKind, PodRef, PolicyKind, PolicyObject, PolicyRef,
+};
+
+use super::Update;
 
 /// An object kind the source follows.
 pub trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
@@ -55,8 +58,7 @@ impl Watched for core::Pod {
         if matches!(phase, Some("Succeeded" | "Failed")) {
             return Ok(None);
         }
-        let (pod, dual) = manifest::pod_of(self)?;
-        Ok(Some(Object::Pod(pod, dual)))
+        Ok(Some(Object::Pod(manifest::pod_of(self)?)))
     }
     fn key(&self) -> ObjectKey {
         ObjectKey::Pod(PodRef::new(&self.namespace().unwrap_or_default(), &self.name_any()))

@@ -1,0 +1,120 @@
+//! `diff(old, new)`: the map operations that turn one compiled state into
+//! the other, ordered so that no intermediate state allows a connection that
+//! neither the old nor the new state allows:
+//!
+//! 1. write entries whose new verdict is deny;
+//! 2. delete entries that allowed and are gone;
+//! 3. update the ipcache (every policy state seen from here on allows only
+//!    what both old and new allow, so either identity of an address is safe);
+//! 4. write entries whose new verdict is allow;
+//! 5. delete entries that denied and are gone.
+//!
+//! Why it holds: until step 4 every allow entry present is an old entry the
+//! new state keeps as allow, and every new deny is already in place, so the
+//! most specific entry for any key allows only if old and new both do.
+//! From step 4 on, every new deny and every surviving allow is in place, so
+//! an allow found is new's.
+
+use datapath_common::{verdict, PolicyValue};
+
+use crate::state::{DesiredState, IpcacheKey, PolicyEntryKey};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PolicyUpsert(PolicyEntryKey, PolicyValue),
+    PolicyDelete(PolicyEntryKey),
+    IpcacheUpsert(IpcacheKey, u32),
+    IpcacheDelete(IpcacheKey),
+}
+
+pub fn diff(old: &DesiredState, new: &DesiredState) -> Vec<MapOp> {
+    let mut plan = OpsPlan::default();
+    for (key, value) in &new.policy {
+        plan.policy(*key, old.policy.get(key), Some(value));
+    }
+    for (key, value) in &old.policy {
+        if !new.policy.contains_key(key) {
+            plan.policy(*key, Some(value), None);
+        }
+    }
+    for (key, id) in &new.ipcache {
+        plan.ipcache(*key, old.ipcache.get(key).copied(), Some(*id));
+    }
+    for (key, id) in &old.ipcache {
+        if !new.ipcache.contains_key(key) {
+            plan.ipcache(*key, Some(*id), None);
+        }
+    }
+    plan.into_ops()
+}
+
+/// Map changes sorted into the phases above as they are found.
+#[derive(Default)]
+pub struct OpsPlan {
+    deny_writes: Vec<MapOp>,
+    allow_deletes: Vec<MapOp>,
+    ipcache_writes: Vec<MapOp>,
+    ipcache_deletes: Vec<MapOp>,
+    allow_writes: Vec<MapOp>,
+    deny_deletes: Vec<MapOp>,
+}
+
+impl OpsPlan {
+    pub fn policy(&mut self, key: PolicyEntryKey, old: Option<&PolicyValue>, new: Option<&PolicyValue>) {
+        match (old, new) {
+            (old, Some(value)) if old != Some(value) => {
+                let phase =
+                    if value.verdict == verdict::ALLOW { &mut self.allow_writes } else { &mut self.deny_writes };
+                phase.push(MapOp::PolicyUpsert(key, *value));
+            }
+            (Some(value), None) => {
+                let phase =
+                    if value.verdict == verdict::ALLOW { &mut self.allow_deletes } else { &mut self.deny_deletes };
+                phase.push(MapOp::PolicyDelete(key));
+            }
+            _ => {}
+        }
+    }
+
+    pub fn ipcache(&mut self, key: IpcacheKey, old: Option<u32>, new: Option<u32>) {
+        match (old, new) {
+            (old, Some(id)) if old != Some(id) => self.ipcache_writes.push(MapOp::IpcacheUpsert(key, id)),
+            (Some(_), None) => self.ipcache_deletes.push(MapOp::IpcacheDelete(key)),
+            _ => {}
+        }
+    }
+
+    pub fn into_ops(self) -> Vec<MapOp> {
+        let mut ops = self.deny_writes;
+        ops.extend(self.allow_deletes);
+        ops.extend(self.ipcache_writes);
+        ops.extend(self.ipcache_deletes);
+        ops.extend(self.allow_writes);
+        ops.extend(self.deny_deletes);
+        ops
+    }
+}
+
+/// Apply operations to a state's maps (what the agent does to the kernel's).
+pub fn apply(state: &mut DesiredState, ops: &[MapOp]) {
+    for op in ops {
+        apply_one(state, op);
+    }
+}
+
+pub fn apply_one(state: &mut DesiredState, op: &MapOp) {
+    match op {
+        MapOp::PolicyUpsert(key, value) => {
+            state.policy.insert(*key, *value);
+        }
+        MapOp::PolicyDelete(key) => {
+            state.policy.remove(key);
+        }
+        MapOp::IpcacheUpsert(key, id) => {
+            state.ipcache.insert(*key, *id);
+        }
+        MapOp::IpcacheDelete(key) => {
+            state.ipcache.remove(key);
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The objects the compiler reads, as plain values: namespaces, pods, and
+//! policy objects as their kinds define them (validated by `rules`).
+
+use std::{fmt, net::IpAddr};
+
+use bulkhead_crds::{ClusterConnectionPolicy, ConnectionPolicy, Protocol};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use crate::selector::Labels;
+
+/// The label every namespace carries, as the API server adds it.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+impl Namespace {
+    pub fn new(name: &str, labels: Labels) -> Self {
+        let mut labels = labels;
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.to_string());
+        Self { name: name.to_string(), labels }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PodRef {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self { namespace: namespace.to_string(), name: name.to_string() }
+    }
+}
+
+impl fmt::Display for PodRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<ContainerPort>,
+    pub node_name: Option<String>,
+    /// `metadata.uid`: how the agent finds the pod's cgroup.
+    pub uid: Option<String>,
+}
+
+impl Pod {
+    pub fn pod_ref(&self) -> PodRef {
+        PodRef::new(&self.namespace, &self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PolicyKind {
+    ClusterConnectionPolicy,
+    ConnectionPolicy,
+    NetworkPolicy,
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PolicyKind::ClusterConnectionPolicy => "ClusterConnectionPolicy",
+            PolicyKind::ConnectionPolicy => "ConnectionPolicy",
+            PolicyKind::NetworkPolicy => "NetworkPolicy",
+        })
+    }
+}
+
+/// Which object: kind, namespace (empty for cluster-scoped) and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyRef {
+    pub kind: PolicyKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PolicyRef {
+    /// The reference of an object of `kind` with this metadata (cluster
+    /// policies have no namespace; others default to `default`).
+    pub fn of(kind: PolicyKind, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        let namespace = if kind == PolicyKind::ClusterConnectionPolicy {
+            String::new()
+        } else {
+            meta.namespace.clone().unwrap_or_else(|| "default".into())
+        };
+        PolicyRef { kind, namespace, name: meta.name.clone().unwrap_or_default() }
+    }
+
+    /// `namespace/name`, or `cluster/name` for cluster policies: the form
+    /// verdicts, events and metrics use.
+    pub fn qualified_name(&self) -> String {
+        if self.namespace.is_empty() {
+            format!("cluster/{}", self.name)
+        } else {
+            format!("{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+impl fmt::Display for PolicyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum PolicyObject {
+    Connection(ConnectionPolicy),
+    Cluster(ClusterConnectionPolicy),
+    Network(NetworkPolicy),
+}
+
+impl PolicyObject {
+    /// `metadata.generation`: which version of the spec a status speaks of.
+    pub fn generation(&self) -> Option<i64> {
+        match self {
+            PolicyObject::Connection(p) => p.metadata.generation,
+            PolicyObject::Cluster(p) => p.metadata.generation,
+            PolicyObject::Network(p) => p.metadata.generation,
+        }
+    }
+
+    pub fn policy_ref(&self) -> PolicyRef {
+        let (kind, meta) = match self {
+            PolicyObject::Connection(p) => (PolicyKind::ConnectionPolicy, &p.metadata),
+            PolicyObject::Cluster(p) => (PolicyKind::ClusterConnectionPolicy, &p.metadata),
+            PolicyObject::Network(p) => (PolicyKind::NetworkPolicy, &p.metadata),
+        };
+        PolicyRef::of(kind, meta)
+    }
+}

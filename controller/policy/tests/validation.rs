@@ -1,0 +1,149 @@
+//! Every invalid object yields an error naming kind, namespace/name, the
+//! field path and why; it is left out of the compile and nothing else changes.
+
+use bulkhead_policy::{self as policy, manifest, rules::Reason, Change, Snapshot};
+
+fn policies(text: &str) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    for object in manifest::parse("test", text).unwrap() {
+        snapshot.apply(Change::Applied(object));
+    }
+    snapshot
+}
+
+fn connection(spec: &str) -> String {
+    format!("apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {{name: bad, namespace: shop}}\nspec:\n{spec}")
+}
+
+fn single_error(text: &str) -> policy::rules::ValidationError {
+    let state = policy::compile(&policies(text));
+    assert_eq!(state.rejected.len(), 1, "{:?}", state.rejected);
+    state.rejected[0].clone()
+}
+
+#[test]
+fn every_invalid_field_is_named() {
+    let cases: &[(&str, &str, Reason, &str)] = &[
+        (
+            "  podSelector: {matchExpressions: [{key: app, operator: Near, values: [x]}]}\n",
+            "spec.podSelector.matchExpressions[0].operator",
+            Reason::InvalidSelector,
+            "Near",
+        ),
+        (
+            "  podSelector: {}\n  ingress:\n    - from: [{podSelector: {matchExpressions: [{key: app, operator: In}]}}]\n",
+            "spec.ingress[0].from[0].podSelector.matchExpressions[0].values",
+            Reason::InvalidSelector,
+            "at least one value",
+        ),
+        (
+            "  podSelector: {}\n  ingress:\n    - from: [{ipBlock: {cidr: 10.0.0.0/33}}]\n",
+            "spec.ingress[0].from[0].ipBlock.cidr",
+            Reason::InvalidCIDR,
+            "10.0.0.0/33",
+        ),
+        (
+            "  podSelector: {}\n  ingress:\n    - from: [{ipBlock: {cidr: 10.0.0.1/8}}]\n",
+            "spec.ingress[0].from[0].ipBlock.cidr",
+            Reason::InvalidCIDR,
+            "host bits",
+        ),
+        (
+            "  podSelector: {}\n  egress:\n    - to: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]\n",
+            "spec.egress[0].to[0].ipBlock.except[0]",
+            Reason::InvalidCIDR,
+            "not strictly inside cidr 10.0.0.0/16",
+        ),
+        (
+            "  podSelector: {}\n  ingress:\n    - ports: [{port: 90, endPort: 80}]\n",
+            "spec.ingress[0].ports[0].endPort",
+            Reason::InvalidPort,
+            "below port 90",
+        ),
+        (
+            "  podSelector: {}\n  ingress:\n    - ports: [{port: http, endPort: 80}]\n",
+            "spec.ingress[0].ports[0].endPort",
+            Reason::InvalidPort,
+            "named port",
+        ),
+        (
+            "  podSelector: {}\n  ingress:\n    - ports: [{port: 0}]\n",
+            "spec.ingress[0].ports[0].port",
+            Reason::InvalidPort,
+            "not a port number",
+        ),
+        (
+            "  podSelector: {}\n  ingress:\n    - ports: [{port: Not_A_Name}]\n",
+            "spec.ingress[0].ports[0].port",
+            Reason::InvalidPort,
+            "not a port name",
+        ),
+        (
+            "  podSelector: {}\n  ingress:\n    - from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]\n",
+            "spec.ingress[0].from[0]",
+            Reason::InvalidPeer,
+            "cannot be combined",
+        ),
+        ("  podSelector: {}\n  ingress:\n    - from: [{}]\n", "spec.ingress[0].from[0]", Reason::InvalidPeer, "needs podSelector"),
+    ];
+    for (spec, field, reason, why) in cases {
+        let error = single_error(&connection(spec));
+        assert_eq!(error.field, *field, "{spec}");
+        assert_eq!(error.reason, *reason, "{spec}");
+        let text = error.to_string();
+        assert!(text.starts_with("ConnectionPolicy shop/bad: "), "{text}");
+        assert!(text.contains(field) && text.contains(why), "{text} should name {field} and say {why:?}");
+    }
+}
+
+#[test]
+fn cluster_priority_out_of_range() {
+    let error = single_error("apiVersion: bulkhead.io/v1alpha1\nkind: ClusterConnectionPolicy\nmetadata: {name: guard}\nspec:\n  priority: 1001\n");
+    assert_eq!((error.field.as_str(), error.reason), ("spec.priority", Reason::InvalidPriority));
+    assert!(
+        error.to_string().starts_with("ClusterConnectionPolicy guard: spec.priority: 1001 is outside 0..1000"),
+        "{error}"
+    );
+}
+
+#[test]
+fn network_policy_unknown_protocol() {
+    let error = single_error(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np, namespace: web}\nspec:\n  podSelector: {}\n  ingress:\n    - ports: [{protocol: ICMP, port: 1}]\n",
+    );
+    assert_eq!((error.field.as_str(), error.reason), ("spec.ingress[0].ports[0].protocol", Reason::InvalidProtocol));
+    assert!(error.to_string().starts_with("NetworkPolicy web/np: "), "{error}");
+}
+
+#[test]
+fn an_unknown_crd_enum_value_is_named_at_parse_time() {
+    let error =
+        manifest::parse("policies.yaml", &connection("  podSelector: {}\n  mode: Loud\n")).unwrap_err().to_string();
+    assert!(error.contains("ConnectionPolicy shop/bad") && error.contains("spec.mode"), "{error}");
+}
+
+#[test]
+fn an_invalid_policy_is_left_out_and_the_rest_compiles_as_before() {
+    let good = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: good, namespace: shop}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
+    let mut snapshot = policies(good);
+    snapshot.add_pod(policy::Pod {
+        namespace: "shop".into(),
+        name: "a".into(),
+        labels: Default::default(),
+        ips: vec!["10.0.0.1".parse().unwrap()],
+        ports: vec![],
+        node_name: None,
+        uid: None,
+    });
+    let before = policy::compile(&snapshot);
+    for object in
+        manifest::parse("bad", &connection("  podSelector: {}\n  ingress:\n    - ports: [{port: 70000}]\n")).unwrap()
+    {
+        snapshot.apply(Change::Applied(object));
+    }
+    let after = policy::compile(&snapshot);
+    assert_eq!(after.rejected.len(), 1);
+    assert_eq!(after.policy, before.policy);
+    assert_eq!(after.ipcache, before.ipcache);
+    assert!(policy::diff(&before, &after).is_empty(), "nothing to change in the datapath");
+}

@@ -1,0 +1,53 @@
+//! `BH_ENDPOINTS`, `BH_ENDPOINTS_IX`, `BH_CG_ENDPOINTS`: which endpoint a
+//! packet (by ifindex) or a socket call (by cgroup) belongs to.
+
+use crate::address::Address;
+
+/// Value of the endpoint maps (keys: ifindex `u32`, cgroup id `u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointInfo {
+    pub endpoint_id: u32,
+    /// `ENDPOINT_FLAG_*`.
+    pub flags: u32,
+    /// The pod's own addresses (IPv4-mapped), so the anti-spoofing check of
+    /// a pod's packets needs no map lookup; which slots hold one is in
+    /// `flags`. A pod with more addresses is checked against `LOCAL_ADDRS`.
+    pub addresses: [Address; 2],
+}
+/// Endpoint ids start at 1: an `ENDPOINTS_BY_IFINDEX` slot holding this id
+/// holds no endpoint.
+pub const NO_ENDPOINT: u32 = 0;
+
+/// The endpoint's policy could not be fully programmed: drop everything but
+/// node traffic rather than enforce a partial allowlist.
+pub const ENDPOINT_FLAG_FAIL_CLOSED: u32 = 1;
+pub const ENDPOINT_FLAG_ADDRESS_0: u32 = 2;
+pub const ENDPOINT_FLAG_ADDRESS_1: u32 = 4;
+
+impl EndpointInfo {
+    /// An endpoint carrying (up to) its first two addresses.
+    pub fn new(endpoint_id: u32, flags: u32, addresses: &[[u8; 16]]) -> Self {
+        let mut info = EndpointInfo {
+            endpoint_id,
+            flags: flags & ENDPOINT_FLAG_FAIL_CLOSED,
+            addresses: [Address::UNSPECIFIED; 2],
+        };
+        for (slot, (address, flag)) in
+            addresses.iter().zip([ENDPOINT_FLAG_ADDRESS_0, ENDPOINT_FLAG_ADDRESS_1]).enumerate()
+        {
+            info.addresses[slot] = Address::from_octets(*address);
+            info.flags |= flag;
+        }
+        info
+    }
+
+    /// Whether `address` is one of the addresses carried here.
+    #[inline(always)]
+    pub fn carries(&self, address: &Address) -> bool {
+        (self.flags & ENDPOINT_FLAG_ADDRESS_0 != 0 && self.addresses[0] == *address)
+            || (self.flags & ENDPOINT_FLAG_ADDRESS_1 != 0 && self.addresses[1] == *address)
+    }
+}
+
+crate::user_pod!(EndpointInfo);

@@ -1,0 +1,12 @@
+//! Bulkhead's lab: everything that proves the product and ships nowhere.
+//!
+//! - [`testbed`]: pods as network namespaces behind a node namespace, crafted
+//!   packets, a real kube-apiserver with etcd; each removed by name on drop.
+//! - [`probe`]: scenario directories with real traffic through the agent.
+//! - [`demo`]: a small shop enforced end to end (`cargo xtask demo`).
+//! - [`bench`]: the benchmarks (`cargo xtask bench`).
+
+pub mod bench;
+pub mod demo;
+pub mod probe;
+pub mod testbed;

@@ -1,0 +1,205 @@
+//! A real control plane for tests: Debian's etcd and a kube-apiserver built
+//! from Debian's `kubernetes` source package (tests/tools/kube-apiserver-build.sh,
+//! cached by version, built on first use), started on loopback inside a
+//! network namespace — the test's node — with TLS, token authentication and
+//! RBAC. Three identities: `admin` (system:masters) for the test itself, and
+//! the agent's and the controller's service accounts, which get only what
+//! manifests/deploy/rbac.yaml grants them. Everything is removed on drop.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+pub struct ControlPlane {
+    pub dir: PathBuf,
+    netns: String,
+    apiserver_bin: PathBuf,
+    etcd: Option<Child>,
+    apiserver: Option<Child>,
+    pub port: u16,
+}
+
+fn run_ok(command: &mut Command) -> String {
+    let out = command.output().unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub const AGENT_USER: &str = "system:serviceaccount:bulkhead-system:bulkhead-agent";
+pub const CONTROLLER_USER: &str = "system:serviceaccount:bulkhead-system:bulkhead-controller";
+
+impl ControlPlane {
+    /// Build (once) and start etcd and kube-apiserver inside `netns`.
+    pub fn start(netns: &str, tag: &str) -> Self {
+        let script = super::workspace_root().join("tests/tools/kube-apiserver-build.sh");
+        assert!(script.exists(), "{} is part of the checkout", script.display());
+        let built = run_ok(Command::new("bash").arg(&script).stderr(Stdio::inherit()));
+        let apiserver_bin =
+            PathBuf::from(built.lines().last().expect("the build script prints the folder")).join("kube-apiserver");
+        let dir = std::env::temp_dir().join(format!("bulkhead-apiserver-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sh =
+            |script: &str| run_ok(Command::new("sh").arg("-ec").arg(script).current_dir(&dir).stderr(Stdio::piped()));
+        sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=bulkhead-test-ca 2>/dev/null
+            openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=kube-apiserver 2>/dev/null
+            printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > san.ext
+            openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile san.ext 2>/dev/null
+            openssl genrsa -out sa.key 2048 2>/dev/null");
+        let tokens = format!(
+            "admin-token,admin,admin,\"system:masters\"\nagent-token,{AGENT_USER},agent,\"system:serviceaccounts,system:serviceaccounts:bulkhead-system\"\ncontroller-token,{CONTROLLER_USER},controller,\"system:serviceaccounts,system:serviceaccounts:bulkhead-system\"\n"
+        );
+        std::fs::write(dir.join("tokens.csv"), tokens).unwrap();
+        let port = 6443;
+        for (user, token) in [("admin", "admin-token"), ("agent", "agent-token"), ("controller", "controller-token")] {
+            let kubeconfig = format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: test, cluster: {{server: \"https://127.0.0.1:{port}\", certificate-authority: \"{ca}\"}}}}]\nusers: [{{name: {user}, user: {{token: {token}}}}}]\ncontexts: [{{name: test, context: {{cluster: test, user: {user}}}}}]\ncurrent-context: test\n",
+                ca = dir.join("ca.crt").display()
+            );
+            std::fs::write(dir.join(format!("{user}.kubeconfig")), kubeconfig).unwrap();
+        }
+        let mut plane = Self { dir, netns: netns.to_string(), apiserver_bin, etcd: None, apiserver: None, port };
+        plane.start_etcd();
+        plane.start_apiserver();
+        plane
+    }
+
+    fn in_netns(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net=/var/run/netns/{}", self.netns)).arg("--").arg(program);
+        command
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{name}.log"))).unwrap()
+    }
+
+    fn start_etcd(&mut self) {
+        let child = self
+            .in_netns("etcd")
+            .args(["--data-dir", &self.dir.join("etcd").display().to_string()])
+            .args([
+                "--listen-client-urls",
+                "http://127.0.0.1:2379",
+                "--advertise-client-urls",
+                "http://127.0.0.1:2379",
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+            ])
+            .arg("--unsafe-no-fsync")
+            .stdout(Stdio::null())
+            .stderr(self.log("etcd"))
+            .spawn()
+            .expect("etcd (apt etcd-server)");
+        self.etcd = Some(child);
+    }
+
+    pub fn start_apiserver(&mut self) {
+        let file = |name: &str| self.dir.join(name).display().to_string();
+        let child = self
+            .in_netns(&self.apiserver_bin)
+            .args([
+                "--etcd-servers=http://127.0.0.1:2379",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--insecure-port=0",
+            ])
+            .arg(format!("--secure-port={}", self.port))
+            .arg(format!("--tls-cert-file={}", file("server.crt")))
+            .arg(format!("--tls-private-key-file={}", file("server.key")))
+            .arg(format!("--token-auth-file={}", file("tokens.csv")))
+            .arg("--authorization-mode=RBAC")
+            .arg(format!("--service-account-key-file={}", file("sa.key")))
+            .arg(format!("--service-account-signing-key-file={}", file("sa.key")))
+            .arg("--service-account-issuer=https://kubernetes.default.svc")
+            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--disable-admission-plugins=ServiceAccount")
+            .stdout(Stdio::null())
+            .stderr(self.log("kube-apiserver"))
+            .spawn()
+            .expect("kube-apiserver");
+        self.apiserver = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if self.kubectl(&["get", "--raw", "/readyz"]).status.success() {
+                return;
+            }
+            if let Some(Ok(Some(_))) = self.apiserver.as_mut().map(Child::try_wait) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let log = std::fs::read_to_string(self.dir.join("kube-apiserver.log")).unwrap_or_default();
+        panic!("kube-apiserver exited or was not ready in 90 s:\n{}", &log[log.len().saturating_sub(4000)..]);
+    }
+
+    pub fn stop_apiserver(&mut self) {
+        if let Some(mut child) = self.apiserver.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn kubeconfig(&self, user: &str) -> PathBuf {
+        self.dir.join(format!("{user}.kubeconfig"))
+    }
+
+    /// kubectl as `admin`, inside the node's namespace.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_as("admin", args, None)
+    }
+
+    pub fn kubectl_as(&self, user: &str, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut command = self.in_netns("kubectl");
+        command.arg(format!("--kubeconfig={}", self.kubeconfig(user).display())).args(args);
+        match stdin {
+            None => command.stdin(Stdio::null()).output().unwrap(),
+            Some(text) => {
+                use std::io::Write;
+                let mut child =
+                    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+                child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+                child.wait_with_output().unwrap()
+            }
+        }
+    }
+
+    /// `kubectl apply -f -` as admin; panics with kubectl's words on failure.
+    pub fn apply(&self, yaml: &str) {
+        let out = self.kubectl_as("admin", &["apply", "-f", "-"], Some(yaml));
+        assert!(out.status.success(), "kubectl apply: {}\n{yaml}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.kubectl(&all);
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// A command run in the node's namespace with a user's kubeconfig.
+    pub fn command_as(&self, user: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = self.in_netns(program);
+        command.env("KUBECONFIG", self.kubeconfig(user));
+        command
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.stop_apiserver();
+        if let Some(mut child) = self.etcd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,402 @@
+//! A test bed: a node and its pods in network namespaces, wired as a CNI would: each pod
+//! a namespace with `eth0`, its veth peer on the node, a /32 (and /128)
+//! route to it, 169.254.1.1 and fe80::1 as the gateway; plus a cgroup per pod.
+//! Everything is named after the test's tag and removed by name on drop,
+//! pass or fail.
+
+pub mod apiserver;
+pub mod packet;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::IpAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
+
+/// The checkout this lab belongs to.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// The `bulkhead` binary the lab drives: `$BULKHEAD_BIN`, else the one cargo
+/// built beside this program (`target/<profile>/bulkhead`; test binaries sit
+/// one folder deeper, in `deps/`). `cargo xtask` builds both.
+pub fn product_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("BULKHEAD_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the lab knows where it runs from");
+    let mut dir = exe.parent().expect("a binary is in a folder").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let binary = dir.join("bulkhead");
+    assert!(
+        binary.exists(),
+        "{} is not built: run `cargo build -p bulkhead` (cargo xtask does) or set BULKHEAD_BIN",
+        binary.display()
+    );
+    binary
+}
+
+/// Where agents the test bed runs serve /metrics and /debug, inside the node's namespace.
+pub const AGENT_ADDRESS: &str = "127.0.0.1:9464";
+
+/// Put a file in place whole: written under a hidden name, then renamed, so
+/// an agent following the folder never reads half of it.
+pub fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let temporary = path.with_file_name(format!(".{}.tmp", path.file_name().unwrap_or_default().to_string_lossy()));
+    std::fs::write(&temporary, text)?;
+    std::fs::rename(&temporary, path)
+}
+
+/// Whether an agent's `/debug/state` says it holds a folder's `revision`
+/// with `pods` local pods attached.
+pub fn agent_holds(state: &serde_json::Value, revision: &str, pods: usize) -> bool {
+    state["revision"] == revision && state["endpoints"].as_object().is_some_and(|e| e.len() == pods)
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn note_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Turn Ctrl-C and SIGTERM into a flag that `interrupted` reports, so a
+/// runner stops at its next check and its drops remove what it set up
+/// (the default action would kill it with everything left behind).
+pub fn catch_interrupts() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(signal, note_interrupt as *const () as libc::sighandler_t) };
+    }
+}
+
+/// An error once Ctrl-C or SIGTERM arrived.
+pub fn interrupted() -> std::io::Result<()> {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted; cleaning up"));
+    }
+    Ok(())
+}
+
+pub fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn run_quiet(args: &[&str]) {
+    let _ = Command::new(args[0]).args(&args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+/// The listener/prober script (tests/tools/netprobe.py) of this checkout.
+pub fn netprobe() -> String {
+    workspace_root().join("tests/tools/netprobe.py").display().to_string()
+}
+
+#[derive(Clone, Debug)]
+pub struct TestPod {
+    pub name: String,
+    pub netns: String,
+    pub host_interface: String,
+    pub ipv4: IpAddr,
+    pub ipv6: IpAddr,
+    pub cgroup: PathBuf,
+    /// What the pod's manifest gives as `metadata.uid`: its cgroup is
+    /// `pod<uid>` under the topology's kubepods folder, as kubelet names it.
+    pub uid: String,
+}
+
+pub struct Topology {
+    pub tag: String,
+    pub node_netns: String,
+    pub node_ipv4: IpAddr,
+    pub node_ipv6: IpAddr,
+    pub pods: Vec<TestPod>,
+    /// Where the pods' cgroups are (the agent's `--cgroup-root`).
+    pub kubepods: PathBuf,
+    subnet: u8,
+    children: Vec<Child>,
+}
+
+impl Topology {
+    /// `tag`: up to 4 characters, unique per test; `subnet`: unique per test.
+    pub fn new(tag: &str, subnet: u8) -> Self {
+        assert!(tag.len() <= 4);
+        let node_netns = format!("bh-{tag}-node");
+        let topology = Self {
+            tag: tag.to_string(),
+            node_netns: node_netns.clone(),
+            node_ipv4: format!("10.{subnet}.0.1").parse().unwrap(),
+            node_ipv6: format!("fd00:{subnet}::1").parse().unwrap(),
+            pods: vec![],
+            kubepods: PathBuf::from(CGROUP2_ROOT).join(format!("bh-{tag}-kubepods")),
+            subnet,
+            children: vec![],
+        };
+        topology.remove_leftovers();
+        std::fs::create_dir_all(&topology.kubepods).unwrap();
+        run(&["ip", "netns", "add", &node_netns]);
+        let exec = |cmd: &[&str]| {
+            let mut args = vec!["ip", "netns", "exec", &node_netns];
+            args.extend_from_slice(cmd);
+            run(&args);
+        };
+        exec(&["ip", "link", "set", "lo", "up"]);
+        exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]);
+        // The node's own addresses (this kernel has no dummy links): on lo.
+        exec(&["ip", "addr", "add", &format!("{}/32", topology.node_ipv4), "dev", "lo"]);
+        // The pods' gateway: local, so the node answers ARP for it on every
+        // veth; link scope, so it is never a source address.
+        exec(&["ip", "addr", "add", "169.254.1.1/32", "dev", "lo", "scope", "link"]);
+        exec(&["ip", "-6", "addr", "add", &format!("{}/128", topology.node_ipv6), "dev", "lo", "nodad"]);
+        topology
+    }
+
+    /// Remove anything a previous, interrupted run of this test left.
+    fn remove_leftovers(&self) {
+        let prefix = format!("bh-{}-", self.tag);
+        if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let name = line.split_whitespace().next().unwrap_or_default();
+                if name.starts_with(&prefix) {
+                    run_quiet(&["ip", "netns", "del", name]);
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(CGROUP2_ROOT) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    for child in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+                        if child.file_type().is_ok_and(|t| t.is_dir()) {
+                            let _ = std::fs::remove_dir(child.path());
+                        }
+                    }
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
+    }
+
+    pub fn node_exec(&self, cmd: &[&str]) {
+        let mut args = vec!["ip", "netns", "exec", &self.node_netns];
+        args.extend_from_slice(cmd);
+        run(&args);
+    }
+
+    pub fn add_pod(&mut self, name: &str) -> TestPod {
+        let index = self.pods.len();
+        let ipv4: IpAddr = format!("10.{}.1.{}", self.subnet, 10 + index).parse().unwrap();
+        let ipv6: IpAddr = format!("fd00:{}:1::{:x}", self.subnet, 10 + index).parse().unwrap();
+        self.add_pod_at(name, ipv4, ipv6)
+    }
+
+    /// A pod with the given addresses.
+    pub fn add_pod_at(&mut self, name: &str, ipv4: IpAddr, ipv6: IpAddr) -> TestPod {
+        let index = self.pods.len();
+        let netns = format!("bh-{}-{name}", self.tag);
+        let host_interface = format!("bh{}{index}", self.tag);
+        run(&["ip", "netns", "add", &netns]);
+        let pod_exec = |cmd: &[&str]| {
+            let mut args = vec!["ip", "netns", "exec", &netns];
+            args.extend_from_slice(cmd);
+            run(&args);
+        };
+        pod_exec(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]);
+        self.node_exec(&[
+            "ip",
+            "link",
+            "add",
+            &host_interface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+        ]);
+        pod_exec(&["ip", "link", "set", "lo", "up"]);
+        pod_exec(&["ip", "link", "set", "eth0", "up"]);
+        pod_exec(&["ip", "addr", "add", &format!("{ipv4}/32"), "dev", "eth0"]);
+        pod_exec(&["ip", "-6", "addr", "add", &format!("{ipv6}/128"), "dev", "eth0", "nodad"]);
+        pod_exec(&["ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
+        pod_exec(&["ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+        pod_exec(&["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]);
+        self.node_exec(&["ip", "link", "set", &host_interface, "up"]);
+        self.node_exec(&["ip", "-6", "addr", "add", "fe80::1/64", "dev", &host_interface, "nodad"]);
+        self.node_exec(&["ip", "route", "add", &format!("{ipv4}/32"), "dev", &host_interface]);
+        self.node_exec(&["ip", "-6", "route", "add", &format!("{ipv6}/128"), "dev", &host_interface]);
+        let uid = format!("{}-{index}", self.tag);
+        let cgroup = self.kubepods.join(format!("pod{uid}"));
+        std::fs::create_dir_all(&cgroup).unwrap();
+        let pod = TestPod { name: name.to_string(), netns, host_interface, ipv4, ipv6, cgroup, uid };
+        self.pods.push(pod.clone());
+        pod
+    }
+
+    pub fn pod(&self, name: &str) -> &TestPod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Serve `80/TCP`-style ports in a pod until the topology is dropped.
+    pub fn serve(&mut self, pod: &str, ports: &[&str]) {
+        let pod = self.pod(pod).clone();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &pod.netns, "python3", &netprobe(), "serve"])
+            .args(ports)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "listener in {}", pod.name);
+        self.children.push(child);
+    }
+
+    /// A command run inside a pod: its network namespace and its cgroup.
+    pub fn pod_command(&self, pod: &str, args: &[&str]) -> Command {
+        let pod = self.pod(pod);
+        let script =
+            format!("echo $$ > {}/cgroup.procs && exec ip netns exec {} \"$@\"", pod.cgroup.display(), pod.netns);
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(script).arg("sh").args(args);
+        command
+    }
+
+    /// One connection attempt: "allow", "deny" (no answer) or "eperm" (refused by the socket hook).
+    pub fn probe(&self, from: &str, protocol: &str, to: IpAddr, port: u16) -> String {
+        let out = self
+            .pod_command(from, &["python3", &netprobe(), "probe", protocol, &to.to_string(), &port.to_string()])
+            .env("PROBE_TIMEOUT", "1.0")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "probe failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn ping(&self, from: &str, to: IpAddr) -> String {
+        let status = self
+            .pod_command(from, &["ping", "-c1", "-W1", &to.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        if status.success() { "allow" } else { "deny" }.to_string()
+    }
+
+    /// Run a closure with this thread inside the node's network namespace,
+    /// where the host-side veths are.
+    pub fn enter_node(&self) {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(format!("/var/run/netns/{}", self.node_netns)).unwrap();
+        // SAFETY: setns on a valid namespace fd; affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+
+    /// An HTTP GET to a server listening inside the node's namespace (the
+    /// agent's metrics address): the status code and the body.
+    pub fn node_http_get(&self, address: &str, path: &str) -> std::io::Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let netns = std::fs::File::open(format!("/var/run/netns/{}", self.node_netns))?;
+        let (address, path) = (address.to_string(), path.to_string());
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid namespace fd; affects only this thread.
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut stream = std::net::TcpStream::connect(&address)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            let (head, body) =
+                response.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("not an HTTP response"))?;
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| std::io::Error::other("no HTTP status"))?;
+            Ok((status, body.to_string()))
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("the request thread panicked"))?
+    }
+
+    /// A command run in the node's network namespace only. Unlike `ip netns
+    /// exec`, which also gives it a mount namespace with a fresh /sys, it
+    /// sees the host's bpffs and cgroup mounts — as an agent on a node does.
+    pub fn node_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net=/var/run/netns/{}", self.node_netns)).arg("--").arg(program);
+        command
+    }
+
+    /// Start `bulkhead agent` in the node's namespace, following the object
+    /// files in `folder`, its log in the temp directory under `log_name`.
+    pub fn spawn_agent(
+        &self,
+        node_name: &str,
+        pin_dir: &str,
+        folder: &std::path::Path,
+        log_name: &str,
+        rust_log: &str,
+    ) -> std::io::Result<std::process::Child> {
+        let log = std::fs::File::create(std::env::temp_dir().join(log_name))?;
+        self.node_command(product_binary())
+            .args(["agent", "--node-name", node_name, "--pin-dir", pin_dir, "--metrics-address", AGENT_ADDRESS])
+            .arg(format!("--source=dir:{}", folder.display()))
+            .arg(format!("--cgroup-root={}", self.kubepods.display()))
+            .env("RUST_LOG", rust_log)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+    }
+
+    /// GET a path from the node's agent (at `AGENT_ADDRESS`); anything but 200 is an error.
+    pub fn agent_get(&self, path: &str) -> std::io::Result<String> {
+        match self.node_http_get(AGENT_ADDRESS, path)? {
+            (200, body) => Ok(body),
+            (status, body) => Err(std::io::Error::other(format!("GET {path}: {status} {body}"))),
+        }
+    }
+
+    /// The agent's `/debug/state`, or null while it does not answer.
+    pub fn agent_state(&self) -> serde_json::Value {
+        self.agent_get("/debug/state").ok().and_then(|body| serde_json::from_str(&body).ok()).unwrap_or_default()
+    }
+
+    pub fn ifindex(&self, interface: &str) -> u32 {
+        let name = std::ffi::CString::new(interface).unwrap();
+        // SAFETY: a NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(index, 0, "no interface {interface} here (call enter_node first)");
+        index
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pod in &self.pods {
+            run_quiet(&["ip", "netns", "del", &pod.netns]);
+            // Processes left in the cgroup would keep it busy; they are gone with their netns commands.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while std::fs::remove_dir(&pod.cgroup).is_err() && pod.cgroup.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = std::fs::remove_dir(&self.kubepods);
+        run_quiet(&["ip", "netns", "del", &self.node_netns]);
+    }
+}

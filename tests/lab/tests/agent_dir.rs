@@ -1,0 +1,304 @@
+//! The agent in dir mode, as a real process in a node namespace, following a
+//! folder of manifests: verdicts follow file edits, counters and events reach
+//! /metrics and the log, an invalid edit changes nothing, a killed agent's
+//! enforcement stays and its successor adopts it, and a deleted pod loses its
+//! programs. Also the probe runner over every scenario directory.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use bulkhead::dataplane::Datapath;
+use bulkhead_lab::testbed::{Topology, AGENT_ADDRESS as METRICS};
+
+const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-test-agent";
+
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(topology: &Topology, folder: &Path, log: &Path) -> Self {
+        Self::start_with(topology, folder, log, PIN_DIR, &[])
+    }
+
+    fn start_with(topology: &Topology, folder: &Path, log: &Path, pin_dir: &str, extra: &[&str]) -> Self {
+        let child = topology
+            .node_command(bulkhead_lab::testbed::product_binary())
+            .args(["agent", "--node-name", "node-a", "--pin-dir", pin_dir])
+            .args(extra)
+            .arg(format!("--source=dir:{}", folder.display()))
+            .arg(format!("--cgroup-root={}", topology.kubepods.display()))
+            .arg(format!("--metrics-address={METRICS}"))
+            .arg("--log-format=json")
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, log: log.to_path_buf() }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Cleanup(PathBuf, &'static str);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = Datapath::unpin_all(self.1);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn get(topology: &Topology, path: &str) -> (u16, String) {
+    topology.node_http_get(METRICS, path).unwrap_or((0, String::new()))
+}
+
+fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting until {what}");
+}
+
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(name_and_labels)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn pod_yaml(name: &str, app: &str, uid: &str, ip: &str, port: u16) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, uid: \"{uid}\", labels: {{app: {app}}}}}\nspec:\n  nodeName: node-a\n  containers: [{{name: c, ports: [{{containerPort: {port}}}]}}]\nstatus: {{podIPs: [{{ip: \"{ip}\"}}]}}\n"
+    )
+}
+
+const DB_FROM_API: &str = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: db-from-api, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n    - from: [{podSelector: {matchLabels: {app: api}}}]\n      ports: [{protocol: TCP, port: 5432}]\n";
+
+fn write(path: &Path, text: &str) {
+    bulkhead_lab::testbed::write_atomically(path, text).unwrap();
+}
+
+#[test]
+fn the_agent_enforces_a_folder_and_follows_its_edits() {
+    assert!(common::require_root(), "not root");
+    let folder = std::env::temp_dir().join("bulkhead-test-agent-objects");
+    let _ = std::fs::remove_dir_all(&folder);
+    std::fs::create_dir_all(&folder).unwrap();
+    let _cleanup = Cleanup(folder.clone(), PIN_DIR);
+    let _ = Datapath::unpin_all(PIN_DIR);
+    let log = folder.join("agent.log.txt");
+
+    let mut topology = Topology::new("agt", 181);
+    let frontend = topology.add_pod("frontend");
+    let api = topology.add_pod("api");
+    let db = topology.add_pod("db");
+    topology.serve("db", &["5432/TCP"]);
+    topology.serve("api", &["8080/TCP"]);
+    let mut cluster = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n".to_string();
+    for (pod, app, port) in [(&frontend, "frontend", 80), (&api, "api", 8080), (&db, "db", 5432)] {
+        cluster.push_str(&pod_yaml(&pod.name, app, &pod.uid, &pod.ipv4.to_string(), port));
+    }
+    write(&folder.join("cluster.yaml"), &cluster);
+    write(&folder.join("db-from-api.yaml"), DB_FROM_API);
+
+    let agent = Agent::start(&topology, &folder, &log);
+    eventually("the agent is ready", Duration::from_secs(20), || get(&topology, "/readyz").0 == 200);
+    assert_eq!(get(&topology, "/healthz").0, 200);
+    let state = get(&topology, "/debug/state").1;
+    assert!(state.contains("shop/db") && state.contains(&db.host_interface), "{state}");
+
+    assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow");
+    assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "deny");
+    let blocked = "bulkhead_blocked_connections_total{direction=\"ingress\",namespace=\"shop\",pod=\"db\",policy=\"shop/db-from-api\"}";
+    eventually("the refused connection is counted once", Duration::from_secs(5), || {
+        metric(&get(&topology, "/metrics").1, blocked) == Some(1.0)
+    });
+    eventually("the deny is logged with its policy", Duration::from_secs(5), || {
+        agent
+            .log()
+            .lines()
+            .any(|l| l.contains("connection denied") && l.contains("shop/db-from-api") && l.contains("shop/frontend"))
+    });
+    let metrics = get(&topology, "/metrics").1;
+    assert!(metric(&metrics, "bulkhead_policy_convergence_seconds_count").is_some_and(|n| n >= 1.0), "{metrics}");
+    assert!(
+        metric(&metrics, "bulkhead_dropped_packets_total{direction=\"ingress\",reason=\"policy_denied\"}")
+            .is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+
+    // The socket hook: the pod's cgroup was found by its uid.
+    let egress = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: frontend-egress, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: frontend}}\n  policyTypes: [Egress]\n  egress:\n    - to: [{podSelector: {matchLabels: {app: api}}}]\n";
+    write(&folder.join("frontend-egress.yaml"), egress);
+    eventually("frontend's egress is limited, at connect()", Duration::from_secs(5), || {
+        topology.probe("frontend", "TCP", db.ipv4, 5432) == "eperm"
+    });
+    assert_eq!(topology.probe("frontend", "TCP", api.ipv4, 8080), "allow");
+
+    // An invalid edit is rejected, named, and changes nothing.
+    write(&folder.join("db-from-api.yaml"), &DB_FROM_API.replace("port: 5432", "port: 5432, endPort: 10"));
+    eventually("the rejection is reported", Duration::from_secs(5), || {
+        get(&topology, "/debug/state").1.contains("endPort")
+    });
+    assert!(agent.log().contains("policy rejected"), "{}", agent.log());
+    assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow", "the last good version stays enforced");
+
+    // Killed, the agent leaves enforcement in place; its successor adopts it.
+    agent.kill();
+    write(&folder.join("db-from-api.yaml"), DB_FROM_API);
+    assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow");
+    assert_eq!(topology.probe("frontend", "TCP", api.ipv4, 8080), "allow");
+    assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "eperm", "still enforced with no agent running");
+    let agent = Agent::start(&topology, &folder, &log);
+    eventually("the new agent is ready", Duration::from_secs(20), || get(&topology, "/readyz").0 == 200);
+    assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow");
+
+    // Edits after the restart take effect: db closed to api too.
+    write(&folder.join("db-from-api.yaml"), &DB_FROM_API.replace("app: api}", "app: nobody}"));
+    eventually("api is refused by db", Duration::from_secs(5), || {
+        topology.probe("api", "TCP", db.ipv4, 5432) == "deny"
+    });
+
+    // A pod deleted from the folder loses its programs and pins.
+    write(
+        &folder.join("cluster.yaml"),
+        &cluster.replace(&pod_yaml(&db.name, "db", &db.uid, &db.ipv4.to_string(), 5432), ""),
+    );
+    eventually("db is no longer enforced", Duration::from_secs(5), || {
+        let state: serde_json::Value = serde_json::from_str(&get(&topology, "/debug/state").1).unwrap_or_default();
+        state["endpoints"].is_object() && state["endpoints"].get("shop/db").is_none()
+    });
+    let pins: Vec<String> = std::fs::read_dir(Path::new(PIN_DIR).join("links"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!pins.iter().any(|p| p.starts_with(&db.host_interface)), "{pins:?}");
+    assert!(pins.iter().any(|p| p.starts_with(&api.host_interface)), "{pins:?}");
+    drop(agent);
+}
+
+#[test]
+fn the_probe_runner_passes_every_scenario_and_agrees_with_check() {
+    assert!(common::require_root(), "not root");
+    let scenarios = bulkhead_lab::testbed::workspace_root().join("tests/scenarios");
+    let mut dirs: Vec<PathBuf> =
+        std::fs::read_dir(&scenarios).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    dirs.sort();
+
+    // A wrong expectation must be reported with what the datapath said.
+    let wrong = std::env::temp_dir().join("bulkhead-test-wrong-expectation");
+    let _ = std::fs::remove_dir_all(&wrong);
+    std::fs::create_dir_all(&wrong).unwrap();
+    let source = scenarios.join("default-deny-ingress");
+    std::fs::copy(source.join("policies.yaml"), wrong.join("policies.yaml")).unwrap();
+    // The copy names the shared cluster file by its full path.
+    let shared = scenarios.join("../clusters/xyz.yaml");
+    let expect = std::fs::read_to_string(source.join("expect.yaml"))
+        .unwrap()
+        .replace("cluster: ../../clusters/xyz.yaml", &format!("cluster: {}", shared.display()));
+    let flipped = expect.replacen("\"expect\": \"deny\"", "\"expect\": \"allow\"", 1);
+    assert_ne!(flipped, expect);
+    std::fs::write(wrong.join("expect.yaml"), flipped).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead-lab")).arg("probe").arg(&wrong).output().unwrap();
+    let _ = std::fs::remove_dir_all(&wrong);
+    assert!(!out.status.success(), "a failing probe fails the run");
+    let report: serde_json::Value = serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(report["failed"].as_array().map(Vec::len), Some(1), "{report}");
+    assert_eq!(report["failed"][0]["observed"], "deny");
+    assert!(
+        report["failed"][0]["policy"].as_str().is_some_and(|p| !p.is_empty()),
+        "the datapath's policy is named: {report}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead-lab")).arg("probe").args(&dirs).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let reports: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(reports.len(), dirs.len());
+    let check = Command::new(bulkhead_lab::testbed::product_binary()).arg("check").args(&dirs).output().unwrap();
+    let checked: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&check.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for (probed, checked) in reports.iter().zip(&checked) {
+        assert_eq!(probed["scenario"], checked["scenario"]);
+        assert_eq!(probed["probes"], checked["probes"], "{probed}");
+        assert_eq!(probed["passed"], probed["probes"], "{probed}");
+        assert_eq!(probed["disagreements_with_check"], 0, "{probed}");
+    }
+}
+
+#[test]
+fn egress_outside_the_learned_baseline_is_counted_once() {
+    assert!(common::require_root(), "not root");
+    const PINS: &str = "/sys/fs/bpf/bulkhead-test-anomaly";
+    let folder = std::env::temp_dir().join("bulkhead-test-anomaly-objects");
+    let _ = std::fs::remove_dir_all(&folder);
+    std::fs::create_dir_all(&folder).unwrap();
+    let _cleanup = Cleanup(folder.clone(), PINS);
+    let _ = Datapath::unpin_all(PINS);
+    let log = std::env::temp_dir().join("bulkhead-test-anomaly-agent.log");
+    let _ = std::fs::remove_file(&log);
+
+    let mut topology = Topology::new("anm", 184);
+    let web = topology.add_pod("web");
+    let db = topology.add_pod("db");
+    let cache = topology.add_pod("cache");
+    topology.serve("db", &["5432/TCP"]);
+    topology.serve("cache", &["6379/TCP"]);
+    let mut cluster = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n".to_string();
+    for (pod, app, port) in [(&web, "web", 80), (&db, "db", 5432), (&cache, "cache", 6379)] {
+        cluster.push_str(&pod_yaml(&pod.name, app, &pod.uid, &pod.ipv4.to_string(), port));
+    }
+    write(&folder.join("cluster.yaml"), &cluster);
+
+    let learning = Duration::from_secs(4);
+    let agent = Agent::start_with(&topology, &folder, &log, PINS, &["--egress-learning-seconds", "4"]);
+    eventually("the agent is ready", Duration::from_secs(20), || get(&topology, "/readyz").0 == 200);
+    let learning_ends = Instant::now() + learning;
+    // Learned: web talks to db.
+    assert_eq!(topology.probe("web", "TCP", db.ipv4, 5432), "allow");
+    std::thread::sleep(learning_ends.saturating_duration_since(Instant::now()) + Duration::from_millis(500));
+
+    let anomalies = "bulkhead_egress_anomalies_total{namespace=\"shop\",workload=\"web\"}";
+    assert_eq!(topology.probe("web", "TCP", db.ipv4, 5432), "allow");
+    assert_eq!(topology.probe("web", "TCP", cache.ipv4, 6379), "allow");
+    eventually("the new destination is one anomaly", Duration::from_secs(5), || {
+        metric(&get(&topology, "/metrics").1, anomalies) == Some(1.0)
+    });
+    assert_eq!(topology.probe("web", "TCP", cache.ipv4, 6379), "allow");
+    assert_eq!(topology.probe("web", "TCP", db.ipv4, 5432), "allow");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        metric(&get(&topology, "/metrics").1, anomalies),
+        Some(1.0),
+        "known destinations are not anomalies: {}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("outside the workload's learned baseline") && agent.log().contains("shop/cache"),
+        "{}",
+        agent.log()
+    );
+}

@@ -1,0 +1,230 @@
+//! Kubernetes mode against a real kube-apiserver and etcd: the agent and the
+//! controller authenticate as service accounts bound only by
+//! manifests/deploy/rbac.yaml. Pods are created and their status patched as a
+//! kubelet would, each mapped to a network-namespace pod; policies created,
+//! changed and deleted move real connections; an invalid policy is rejected
+//! by name with an Event; conditions and selectedPods are right; with the API
+//! server gone the last good state stays enforced, and after it returns the
+//! agent resyncs.
+
+mod common;
+
+use std::{
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use bulkhead::dataplane::Datapath;
+use bulkhead_lab::testbed::{apiserver::ControlPlane, Topology};
+
+const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-test-kubernetes";
+const NODE: &str = "node-k8s";
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Unpin;
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        let _ = Datapath::unpin_all(PIN_DIR);
+    }
+}
+
+fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting until {what}");
+}
+
+fn workspace(path: &str) -> String {
+    std::fs::read_to_string(bulkhead_lab::testbed::workspace_root().join(path)).unwrap()
+}
+
+fn condition(object: &serde_json::Value, type_: &str) -> (String, String, String) {
+    let found = object["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_).cloned())
+        .unwrap_or_default();
+    let text = |k: &str| found[k].as_str().unwrap_or_default().to_string();
+    (text("status"), text("reason"), text("message"))
+}
+
+const DB_FROM_API: &str = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: db-from-api, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress:\n    - from: [{podSelector: {matchLabels: {app: api}}}]\n      ports: [{protocol: TCP, port: 5432}]\n";
+
+#[test]
+fn kubernetes_mode_follows_the_api_server() {
+    assert!(common::require_root(), "not root");
+    let _ = Datapath::unpin_all(PIN_DIR);
+    let _unpin = Unpin;
+    let mut topology = Topology::new("k8s", 182);
+    let mut plane = ControlPlane::start(&topology.node_netns, "k8s");
+
+    for file in [
+        "manifests/crds/connectionpolicies.bulkhead.io.yaml",
+        "manifests/crds/clusterconnectionpolicies.bulkhead.io.yaml",
+        "manifests/deploy/namespace.yaml",
+        "manifests/deploy/rbac.yaml",
+    ] {
+        plane.apply(&workspace(file));
+    }
+    let established = plane.kubectl(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        "crd/connectionpolicies.bulkhead.io",
+        "crd/clusterconnectionpolicies.bulkhead.io",
+    ]);
+    assert!(established.status.success(), "{}", String::from_utf8_lossy(&established.stderr));
+    // The agent's identity can read policies but not write them.
+    let denied = plane.kubectl_as("agent", &["create", "namespace", "nope"], None);
+    assert!(!denied.status.success());
+
+    plane.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
+    let mut pods = Vec::new();
+    for (name, app, port) in [("frontend", "frontend", 80), ("api", "api", 8080), ("db", "db", 5432)] {
+        let pod = topology.add_pod(name);
+        topology.serve(name, &[&format!("{port}/TCP")]);
+        plane.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {app}}}}}\nspec:\n  nodeName: {NODE}\n  containers: [{{name: main, image: none, ports: [{{containerPort: {port}}}]}}]\n"
+        ));
+        // What a kubelet does once the sandbox runs: report the addresses.
+        let status = format!(
+            "{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\"podIPs\":[{{\"ip\":\"{ip}\"}}]}}}}",
+            ip = pod.ipv4
+        );
+        let out =
+            plane.kubectl(&["patch", "pod", name, "-n", "shop", "--subresource=status", "--type=merge", "-p", &status]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // kubelet names the pod's cgroup after its uid.
+        let uid = plane.json(&["get", "pod", name, "-n", "shop"])["metadata"]["uid"].as_str().unwrap().to_string();
+        let cgroup = topology.kubepods.join(format!("pod{uid}"));
+        // (cgroup v2 does not rename: a new one, and the empty old one goes.)
+        std::fs::create_dir(&cgroup).unwrap();
+        std::fs::remove_dir(&pod.cgroup).unwrap();
+        topology.pods.iter_mut().find(|p| p.name == name).unwrap().cgroup = cgroup;
+        pods.push(pod);
+    }
+    let (api, db) = (pods[1].clone(), pods[2].clone());
+
+    let log = plane.dir.join("agent.log");
+    let agent = plane
+        .command_as("agent", bulkhead_lab::testbed::product_binary())
+        .args([
+            "agent",
+            "--source=kubernetes",
+            "--node-name",
+            NODE,
+            "--pin-dir",
+            PIN_DIR,
+            "--report-namespace",
+            "bulkhead-system",
+        ])
+        .arg(format!("--cgroup-root={}", topology.kubepods.display()))
+        .arg("--metrics-address=127.0.0.1:9464")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _agent = Process(agent);
+    let controller = plane
+        .command_as("controller", bulkhead_lab::testbed::product_binary())
+        .args(["controller", "--agent-namespace", "bulkhead-system"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(plane.dir.join("controller.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let _controller = Process(controller);
+    let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let ready = || topology.node_http_get("127.0.0.1:9464", "/readyz").map(|(s, _)| s == 200).unwrap_or(false);
+    eventually("the agent is ready", Duration::from_secs(30), ready);
+
+    // Created: db takes only api.
+    plane.apply(DB_FROM_API);
+    eventually("frontend is refused by db", Duration::from_secs(10), || {
+        topology.probe("frontend", "TCP", db.ipv4, 5432) == "deny"
+    });
+    assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow");
+    eventually("the status says accepted, programmed, one pod", Duration::from_secs(20), || {
+        let policy = plane.json(&["get", "connectionpolicy", "db-from-api", "-n", "shop"]);
+        condition(&policy, "Accepted").0 == "True"
+            && condition(&policy, "Programmed").0 == "True"
+            && policy["status"]["selectedPods"] == 1
+            && policy["status"]["observedGeneration"] == policy["metadata"]["generation"]
+    });
+
+    // Changed: db takes frontend instead.
+    plane.apply(&DB_FROM_API.replace("app: api}", "app: frontend}"));
+    eventually("api is refused by db", Duration::from_secs(10), || {
+        topology.probe("api", "TCP", db.ipv4, 5432) == "deny"
+    });
+    assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "allow");
+
+    // Invalid: rejected by name, with an Event, and nothing else changes.
+    let bad = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: broken, namespace: shop}\nspec:\n  podSelector: {matchExpressions: [{key: app, operator: Near, values: [api]}]}\n  ingress: []\n";
+    plane.apply(bad);
+    eventually("the invalid policy is Accepted=False naming the field", Duration::from_secs(20), || {
+        let (status, reason, message) =
+            condition(&plane.json(&["get", "connectionpolicy", "broken", "-n", "shop"]), "Accepted");
+        status == "False"
+            && reason == "InvalidSelector"
+            && message.contains("spec.podSelector.matchExpressions[0].operator")
+    });
+    eventually("a PolicyRejected Event names it", Duration::from_secs(20), || {
+        let events = plane.json(&["get", "events.v1.events.k8s.io", "-n", "shop"]);
+        events["items"].as_array().is_some_and(|items| {
+            items.iter().any(|e| {
+                e["reason"] == "PolicyRejected"
+                    && e["regarding"]["name"] == "broken"
+                    && e["note"].as_str().is_some_and(|n| n.contains("matchExpressions"))
+            })
+        })
+    });
+    assert_eq!(topology.probe("api", "TCP", api.ipv4, 8080), "allow", "api is not isolated by the rejected policy");
+    assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "allow");
+    assert!(agent_log().contains("policy rejected"), "{}", agent_log());
+
+    // Deleted: db open again.
+    assert!(plane.kubectl(&["delete", "connectionpolicy", "db-from-api", "-n", "shop"]).status.success());
+    eventually("api reaches db again", Duration::from_secs(10), || {
+        topology.probe("api", "TCP", db.ipv4, 5432) == "allow"
+    });
+
+    // The API server goes away: the last good state stays enforced.
+    plane.apply(DB_FROM_API);
+    eventually("frontend is refused by db", Duration::from_secs(10), || {
+        topology.probe("frontend", "TCP", db.ipv4, 5432) == "deny"
+    });
+    plane.stop_apiserver();
+    for _ in 0..3 {
+        assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "deny", "enforced with no API server");
+        assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow", "enforced with no API server");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(ready(), "the agent stays ready on its last good state");
+    // It returns, with a change made meanwhile (a direct write to etcd's
+    // state through the restarted server): the agent re-lists and follows.
+    plane.start_apiserver();
+    plane.apply(&DB_FROM_API.replace("app: api}", "app: frontend}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while topology.probe("api", "TCP", db.ipv4, 5432) != "deny" {
+        assert!(
+            Instant::now() < deadline,
+            "after the restart, the change is not enforced; the agent's log:\n{}",
+            agent_log()
+        );
+    }
+    assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "allow");
+}
