@@ -319,40 +319,35 @@ fn parse_l4(ctx: &TcContext, offset: usize, ipv6: bool, packet: &mut Packet) -> 
             packet.dport = u16::from_be(hdr.dport);
             packet.l4 = L4::Plain;
         }
-        proto::ICMP if !ipv6 => {
+        proto::ICMP | proto::ICMPV6 if (packet.protocol == proto::ICMPV6) == ipv6 => {
             let hdr = load::<IcmpHeader>(ctx, offset)?;
-            match hdr.kind {
-                // echo reply, echo request
-                0 | 8 => {
-                    let id = u16::from_be(hdr.id);
-                    packet.sport = id;
-                    packet.dport = id;
-                    packet.l4 = L4::IcmpEcho;
-                }
-                // destination unreachable, time exceeded, parameter problem
-                3 | 11 | 12 => packet.l4 = L4::IcmpError { quote_offset: (offset + 8) as u32 },
-                _ => packet.l4 = L4::IcmpOther,
-            }
-        }
-        proto::ICMPV6 if ipv6 => {
-            let hdr = load::<IcmpHeader>(ctx, offset)?;
-            match hdr.kind {
-                128 | 129 => {
-                    let id = u16::from_be(hdr.id);
-                    packet.sport = id;
-                    packet.dport = id;
-                    packet.l4 = L4::IcmpEcho;
-                }
-                1..=4 => packet.l4 = L4::IcmpError { quote_offset: (offset + 8) as u32 },
-                // MLD query/report/done, router/neighbour solicitation and
-                // advertisement, redirect, MLDv2 report.
-                130..=137 | 143 => packet.l4 = L4::NeighbourDiscovery,
-                _ => packet.l4 = L4::IcmpOther,
+            packet.l4 = icmp_message(hdr.kind, ipv6, (offset + 8) as u32);
+            if let L4::IcmpEcho = packet.l4 {
+                // An echo and its reply are one connection, keyed by the identifier.
+                let id = u16::from_be(hdr.id);
+                packet.sport = id;
+                packet.dport = id;
             }
         }
         _ => packet.l4 = L4::Plain,
     }
     Ok(())
+}
+
+/// What an ICMP or ICMPv6 message is, by its type.
+#[inline(always)]
+fn icmp_message(kind: u8, ipv6: bool, quote_offset: u32) -> L4 {
+    match (ipv6, kind) {
+        // Echo request and reply.
+        (false, 0 | 8) | (true, 128 | 129) => L4::IcmpEcho,
+        // Destination unreachable, time exceeded, parameter problem (and,
+        // for IPv6, packet too big).
+        (false, 3 | 11 | 12) | (true, 1..=4) => L4::IcmpError { quote_offset },
+        // MLD query/report/done, router/neighbour solicitation and
+        // advertisement, redirect, MLDv2 report.
+        (true, 130..=137 | 143) => L4::NeighbourDiscovery,
+        _ => L4::IcmpOther,
+    }
 }
 
 /// Fill `conn` with the addresses, protocol and ports of the packet an ICMP

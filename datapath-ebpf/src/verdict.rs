@@ -11,7 +11,7 @@ use datapath_common::{
     capacity, identity, policy_prefix, proto, reason, verdict, Address, ConnKey, ConntrackValue, DropKey, EndpointInfo,
     Event, FragmentKey, FragmentValue, PolicyExactKey, PolicyKey, PolicyValue, VerdictKey, CONFIG_EVENTS_PER_SECOND,
     CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, CONNTRACK_FLAG_REVOKED, EGRESS, ENDPOINT_FLAG_FAIL_CLOSED, EVENT_AUDIT,
-    EVENT_DENY, EVENT_NEW_FLOW, NO_ENDPOINT, RULE_DEFAULT_DENY, SOURCE_CGROUP, SOURCE_TC,
+    EVENT_DENY, EVENT_NEW_FLOW, NO_ENDPOINT, SOURCE_CGROUP, SOURCE_TC,
 };
 
 use crate::{
@@ -114,14 +114,7 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     let revision = policy_revision();
 
     if packet.fragment.kind == FRAG_LATER {
-        let key = FragmentKey {
-            saddr: packet.saddr,
-            daddr: packet.daddr,
-            id: packet.fragment.id,
-            protocol: packet.protocol,
-            _pad: 0,
-            _pad2: 0,
-        };
+        let key = fragment_key(packet);
         let Some(ports) = FRAGMENTS.get_ptr(&key) else {
             return Err(reason::UNKNOWN_FRAGMENT);
         };
@@ -221,16 +214,22 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     Err(reason::POLICY_DENIED)
 }
 
-#[inline(never)]
-fn remember_fragment(packet: &Packet) {
-    let key = FragmentKey {
+/// Where the fragments of one packet find each other: addresses, IP id, protocol.
+#[inline(always)]
+fn fragment_key(packet: &Packet) -> FragmentKey {
+    FragmentKey {
         saddr: packet.saddr,
         daddr: packet.daddr,
         id: packet.fragment.id,
         protocol: packet.protocol,
         _pad: 0,
         _pad2: 0,
-    };
+    }
+}
+
+#[inline(never)]
+fn remember_fragment(packet: &Packet) {
+    let key = fragment_key(packet);
     let ports = FragmentValue { sport: packet.sport, dport: packet.dport, _pad: 0 };
     let _ = FRAGMENTS.insert(&key, &ports, 0);
 }
@@ -294,7 +293,7 @@ pub fn lookup_policy(endpoint: u32, direction: u8, peer: u32, protocol: u8, port
     if let Some(value) = policy_for(endpoint, direction, identity::ANY, protocol, port)? {
         return Ok(value);
     }
-    Ok(NO_ENTRY)
+    Ok(PolicyValue::NO_ENTRY)
 }
 
 #[inline(always)]
@@ -306,17 +305,6 @@ fn policy_for(endpoint: u32, direction: u8, peer: u32, protocol: u8, port: u16) 
     let key = Key::new(policy_prefix::FULL, PolicyKey::new(endpoint, direction, peer, protocol, port));
     Ok(POLICY.get(&key).copied())
 }
-
-/// What an endpoint without entries (or failed closed) gets: deny.
-const NO_ENTRY: PolicyValue = PolicyValue {
-    verdict: verdict::DENY,
-    audit: 0,
-    _pad: [0; 2],
-    policy_id: 0,
-    rule: RULE_DEFAULT_DENY,
-    audit_policy_id: 0,
-    audit_rule: 0,
-};
 
 #[inline(always)]
 fn peer_identity(address: &Address) -> Result<u32, Busy> {
@@ -511,7 +499,7 @@ pub fn judge_socket(ctx: &SockAddrContext, ipv6: bool) -> i32 {
         _pad2: 0,
     };
     let decision = if endpoint.flags & ENDPOINT_FLAG_FAIL_CLOSED != 0 {
-        NO_ENTRY
+        PolicyValue::NO_ENTRY
     } else {
         match lookup_policy(endpoint.endpoint_id, EGRESS, peer, protocol, port) {
             Ok(decision) => decision,

@@ -59,6 +59,9 @@ struct Class {
     members: BTreeMap<PodRef, u32>,
 }
 
+/// A pod's plain identity, and each of its addresses with the identity it carries.
+type PodIdentities = (IdentityKey, Vec<(IpAddr, IdentityKey)>);
+
 /// What the compiler holds of one pod.
 struct CompiledPod {
     namespace: String,
@@ -256,11 +259,10 @@ pub struct Compiler {
 impl Compiler {
     /// Compile a whole snapshot.
     pub fn new(snapshot: &Snapshot) -> Self {
-        let mut state = DesiredState::default();
-
         // Policies were validated as they entered the snapshot; the rejected
         // ones are reported, and their last accepted versions compiled.
-        state.rejected = snapshot.rejected.values().map(|r| r.error.clone()).collect();
+        let rejected = snapshot.rejected.values().map(|r| r.error.clone()).collect();
+        let mut state = DesiredState { rejected, ..Default::default() };
         let normalized = snapshot.policies.clone();
         let policy_numbers = Numbering::new(normalized.keys(), 1, 1 << 30, ref_hash);
         for (r, id) in policy_numbers.numbers() {
@@ -355,10 +357,6 @@ impl Compiler {
         let cluster_policies = compiler.subjects.get("").cloned().unwrap_or_default();
         for (pod_ref, pod, plain, addresses) in planned {
             let endpoint = compiler.endpoint_numbers.get(pod_ref).expect("numbered");
-            compiler.state.endpoints.insert(
-                pod_ref.clone(),
-                Endpoint { id: endpoint, addresses: pod.ips.clone(), node_name: pod.node_name.clone() },
-            );
             let namespace_cluster = cluster_by_namespace.entry(pod.namespace.as_str()).or_insert_with(|| {
                 let labels = &compiler.namespace_labels[&pod.namespace];
                 cluster_policies
@@ -372,20 +370,27 @@ impl Compiler {
                 &pod.labels,
             );
             let class = (selected, named_ports_of(pod));
-            compiler.join_class(pod_ref, endpoint, &class);
-            compiler.pods.insert(
-                pod_ref.clone(),
-                CompiledPod {
-                    namespace: pod.namespace.clone(),
-                    labels: pod.labels.clone(),
-                    endpoint,
-                    plain_identity: plain,
-                    addresses,
-                    class,
-                },
-            );
+            compiler.place_pod(pod_ref, pod, endpoint, (plain, addresses), class);
         }
         compiler
+    }
+
+    /// A pod takes its place: its endpoint, its class's entries stamped on
+    /// it, and what the compiler keeps of it.
+    fn place_pod(&mut self, pod_ref: &PodRef, pod: &Pod, endpoint: u32, identities: PodIdentities, class: ClassKey) {
+        let endpoint_entry = Endpoint { id: endpoint, addresses: pod.ips.clone(), node_name: pod.node_name.clone() };
+        self.state.endpoints.insert(pod_ref.clone(), endpoint_entry);
+        self.join_class(pod_ref, endpoint, &class);
+        let (plain_identity, addresses) = identities;
+        let compiled = CompiledPod {
+            namespace: pod.namespace.clone(),
+            labels: pod.labels.clone(),
+            endpoint,
+            plain_identity,
+            addresses,
+            class,
+        };
+        self.pods.insert(pod_ref.clone(), compiled);
     }
 
     pub fn state(&self) -> &DesiredState {
@@ -464,7 +469,7 @@ impl Compiler {
     }
 
     /// A pod's plain identity and the identity of each of its addresses.
-    fn identity_keys_of(&self, pod: &Pod) -> (IdentityKey, Vec<(IpAddr, IdentityKey)>) {
+    fn identity_keys_of(&self, pod: &Pod) -> PodIdentities {
         let named_ports = named_ports_of(pod);
         let key = |cidr| IdentityKey::Pod {
             namespace: pod.namespace.clone(),
@@ -659,27 +664,12 @@ impl Compiler {
                     Some(old) => old.endpoint,
                     None => self.endpoint_numbers.add(pod_ref, ref_hash),
                 };
-                self.state.endpoints.insert(
-                    pod_ref.clone(),
-                    Endpoint { id: endpoint, addresses: pod.ips.clone(), node_name: pod.node_name.clone() },
-                );
                 for (address, _) in &pod_addresses {
                     addresses.insert(*address);
                     self.address_owners.entry(*address).or_default().insert(pod_ref.clone());
                 }
                 let class = self.class_key_of(pod);
-                self.join_class(pod_ref, endpoint, &class);
-                self.pods.insert(
-                    pod_ref.clone(),
-                    CompiledPod {
-                        namespace: pod.namespace.clone(),
-                        labels: pod.labels.clone(),
-                        endpoint,
-                        plain_identity: plain,
-                        addresses: pod_addresses,
-                        class,
-                    },
-                );
+                self.place_pod(pod_ref, pod, endpoint, (plain, pod_addresses), class);
             }
             _ => {
                 if old.is_some() {

@@ -41,18 +41,10 @@ pub struct Decision {
 
 impl Decision {
     fn value(&self) -> PolicyValue {
-        let (audit, audit_policy_id, audit_rule) = match self.audit {
-            Some((p, r)) => (1, p, r),
-            None => (0, 0, 0),
-        };
-        PolicyValue {
-            verdict: if self.allow { verdict::ALLOW } else { verdict::DENY },
-            audit,
-            _pad: [0; 2],
-            policy_id: self.policy,
-            rule: self.rule,
-            audit_policy_id,
-            audit_rule,
+        let value = PolicyValue::new(if self.allow { verdict::ALLOW } else { verdict::DENY }, self.policy, self.rule);
+        match self.audit {
+            Some((policy, rule)) => value.with_audit(policy, rule),
+            None => value,
         }
     }
 }
@@ -168,6 +160,10 @@ pub struct Evaluator<'a> {
     pub direction: u8,
     pub own_named_ports: &'a NamedPorts,
 }
+
+/// Which identities can share entries: the rules that name them, and (when
+/// egress rules use named ports) how they resolve those names.
+type SignatureKey = (Vec<u32>, Option<NamedPorts>);
 
 /// A peer class: one identity, or `None` for every identity no rule names.
 type Class = Option<u32>;
@@ -398,7 +394,7 @@ impl Evaluator<'_> {
         // Identities that match the same rules (and resolve named ports the
         // same way) share one verdict function.
         let any_named_egress = self.any_named_egress();
-        let mut by_signature: HashMap<(Vec<u32>, Option<NamedPorts>), Rc<Vec<ClassEntry>>> = HashMap::new();
+        let mut by_signature: HashMap<SignatureKey, Rc<Vec<ClassEntry>>> = HashMap::new();
         for (id, signature) in self.signatures() {
             let named = if any_named_egress { self.universe.named_ports(id).cloned() } else { None };
             let key = (signature, named);
@@ -442,9 +438,8 @@ impl Evaluator<'_> {
             let mut run: Option<(u16, u16, Decision)> = None;
             for w in points.windows(2) {
                 let (start, end) = (w[0] as u16, (w[1] - 1) as u16);
-                let mine = at(intervals, start);
-                if mine.is_some() && mine != at(any_intervals, start) {
-                    let mine = mine.expect("checked");
+                let differs = at(intervals, start).filter(|mine| Some(*mine) != at(any_intervals, start));
+                if let Some(mine) = differs {
                     match &mut run {
                         Some(r) if r.2 == mine && r.1 as u32 + 1 == start as u32 => r.1 = end,
                         _ => {

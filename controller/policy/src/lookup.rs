@@ -5,9 +5,7 @@
 
 use std::net::IpAddr;
 
-use datapath_common::{
-    identity, policy_prefix, verdict, PolicyKey, PolicyValue, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, RULE_DEFAULT_DENY,
-};
+use datapath_common::{identity, policy_prefix, verdict, PolicyKey, PolicyValue, EGRESS, INGRESS, IPV4_MAPPED_PREFIX};
 
 use crate::model::PodRef;
 use crate::state::{address_key, DesiredState};
@@ -59,15 +57,7 @@ pub fn lookup_policy(
 ) -> PolicyValue {
     lpm(state, endpoint, direction, peer, protocol, port)
         .or_else(|| lpm(state, endpoint, direction, identity::ANY, protocol, port))
-        .unwrap_or(PolicyValue {
-            verdict: verdict::DENY,
-            audit: 0,
-            _pad: [0; 2],
-            policy_id: 0,
-            rule: RULE_DEFAULT_DENY,
-            audit_policy_id: 0,
-            audit_rule: 0,
-        })
+        .unwrap_or(PolicyValue::NO_ENTRY)
 }
 
 /// One hop's verdict: which endpoint, which way, and what the datapath decides.

@@ -4,8 +4,8 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use bulkhead_crds::{ClusterConnectionPolicy, ConnectionPolicy, Protocol};
-use k8s_openapi::api::{core::v1 as core, networking::v1::NetworkPolicy};
+use bulkhead_crds::Protocol;
+use k8s_openapi::api::core::v1 as core;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -75,13 +75,11 @@ pub fn object(origin: &str, document: usize, value: Value) -> Result<Option<Obje
             ))
         }
         "Pod" => Object::Pod(typed(value.clone()).and_then(pod_of).map_err(err)?),
-        "ConnectionPolicy" => {
-            Object::Policy(PolicyObject::Connection(typed::<ConnectionPolicy>(value.clone()).map_err(err)?))
-        }
+        "ConnectionPolicy" => Object::Policy(Box::new(PolicyObject::Connection(typed(value.clone()).map_err(err)?))),
         "ClusterConnectionPolicy" => {
-            Object::Policy(PolicyObject::Cluster(typed::<ClusterConnectionPolicy>(value.clone()).map_err(err)?))
+            Object::Policy(Box::new(PolicyObject::Cluster(typed(value.clone()).map_err(err)?)))
         }
-        "NetworkPolicy" => Object::Policy(PolicyObject::Network(typed::<NetworkPolicy>(value.clone()).map_err(err)?)),
+        "NetworkPolicy" => Object::Policy(Box::new(PolicyObject::Network(typed(value.clone()).map_err(err)?))),
         _ => return Ok(None),
     };
     Ok(Some(object))

@@ -408,6 +408,9 @@ fn connection_policy(ctx: &Ctx, spec: &crd::ConnectionPolicySpec) -> Result<Poli
     })
 }
 
+/// A rule's peers and ports in the CRDs' shape.
+type RuleParts = (Option<Vec<crd::Peer>>, Option<Vec<crd::PortSpec>>);
+
 /// A NetworkPolicy rule in the CRDs' shape (the same fields, with the
 /// protocol validated), so both kinds share one validation.
 fn network_rule(
@@ -415,7 +418,7 @@ fn network_rule(
     field: &str,
     peers: Option<&Vec<NetworkPolicyPeer>>,
     ports: Option<&Vec<NetworkPolicyPort>>,
-) -> Result<(Option<Vec<crd::Peer>>, Option<Vec<crd::PortSpec>>), ValidationError> {
+) -> Result<RuleParts, ValidationError> {
     let peers = peers.map(|list| {
         list.iter()
             .map(|p| crd::Peer {
@@ -451,7 +454,7 @@ fn network_rule(
     Ok((peers, ports))
 }
 
-fn allow_rule((peers, ports): &(Option<Vec<crd::Peer>>, Option<Vec<crd::PortSpec>>)) -> RuleSpec<'_> {
+fn allow_rule((peers, ports): &RuleParts) -> RuleSpec<'_> {
     RuleSpec { action: Action::Allow, peers: peers.as_ref(), ports: ports.as_ref() }
 }
 

@@ -110,7 +110,7 @@ impl Selector {
 fn check_label_key(key: &str) -> Result<(), String> {
     let name = match key.rsplit_once('/') {
         Some((prefix, name)) => {
-            if prefix.is_empty() || prefix.len() > 253 || !prefix.split('.').all(|p| is_dns_label(p)) {
+            if prefix.is_empty() || prefix.len() > 253 || !prefix.split('.').all(is_dns_label) {
                 return Err(format!("label key {key:?} has an invalid prefix"));
             }
             name

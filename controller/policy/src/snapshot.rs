@@ -20,7 +20,9 @@ use crate::{
 pub enum Object {
     Namespace(Namespace),
     Pod(Pod),
-    Policy(PolicyObject),
+    /// Boxed: a policy object is several times a pod's size, and re-lists
+    /// carry every pod of the cluster as an `Object`.
+    Policy(Box<PolicyObject>),
 }
 
 /// Which object a change is about.

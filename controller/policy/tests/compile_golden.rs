@@ -388,7 +388,8 @@ fn everyday_changes_are_compiled_incrementally() {
     let mut snap = snapshot(&policy(5432));
     let mut compiler = policy::Compiler::new(&snap).tracking_changes();
     let mut untracked = policy::Compiler::new(&snap);
-    let steps: Vec<(&str, Box<dyn Fn(&mut Snapshot) -> policy::Changed>)> = vec![
+    type Edit = Box<dyn Fn(&mut Snapshot) -> policy::Changed>;
+    let steps: Vec<(&str, Edit)> = vec![
         (
             "relabel",
             Box::new(|s: &mut Snapshot| {

@@ -255,9 +255,12 @@ fn policy_kind(kind: &str) -> Result<PolicyKind> {
     })
 }
 
-/// The addresses a probe uses: source pod and address, destination pod (if
-/// any) and address.
-pub fn probe_addresses(snapshot: &Snapshot, probe: &Probe) -> Result<((PodRef, IpAddr), (Option<PodRef>, IpAddr))> {
+/// A probe's two ends: the source pod and address, the destination pod (if
+/// the address is one's) and address.
+pub type ProbeEnds = ((PodRef, IpAddr), (Option<PodRef>, IpAddr));
+
+/// The addresses a probe uses.
+pub fn probe_addresses(snapshot: &Snapshot, probe: &Probe) -> Result<ProbeEnds> {
     let pod = |text: &str| -> Result<&Pod> {
         let (ns, name) = text.split_once('/').with_context(|| format!("{text:?} is not namespace/pod"))?;
         snapshot.pods.get(&PodRef::new(ns, name)).with_context(|| format!("no pod {text}"))

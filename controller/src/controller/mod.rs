@@ -150,7 +150,7 @@ impl Objects {
     fn apply(&mut self, change: &Change) {
         match change {
             Change::Applied(Object::Policy(policy)) => {
-                self.policies.insert(policy.policy_ref(), policy.clone());
+                self.policies.insert(policy.policy_ref(), (**policy).clone());
             }
             Change::Deleted(ObjectKey::Policy(key)) => {
                 self.policies.remove(key);
@@ -159,7 +159,7 @@ impl Objects {
                 self.policies.retain(|key, _| key.kind != *kind);
                 for object in objects {
                     if let Object::Policy(policy) = object {
-                        self.policies.insert(policy.policy_ref(), policy.clone());
+                        self.policies.insert(policy.policy_ref(), (**policy).clone());
                     }
                 }
             }

@@ -111,7 +111,10 @@ fn nix_statfs_magic(path: &Path) -> std::io::Result<i64> {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: statfs succeeded and filled the buffer.
-    Ok(unsafe { buf.assume_init() }.f_type as i64)
+    let f_type = unsafe { buf.assume_init() }.f_type;
+    // `f_type` is an i64 with glibc and an unsigned long with musl.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(f_type as i64)
 }
 
 impl Datapath {

@@ -70,7 +70,7 @@ macro_rules! watched_policy {
         impl Watched for $type {
             const KIND: ObjectKind = ObjectKind::Policy(PolicyKind::$kind);
             fn object(self) -> Result<Option<Object>, String> {
-                Ok(Some(Object::Policy(PolicyObject::$variant(self))))
+                Ok(Some(Object::Policy(Box::new(PolicyObject::$variant(self)))))
             }
             fn key(&self) -> ObjectKey {
                 ObjectKey::Policy(PolicyRef::of(PolicyKind::$kind, &self.metadata))

@@ -16,6 +16,8 @@ pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
 /// through a `bcmp` call that a BPF program cannot make.
 #[repr(C)]
 #[derive(Clone, Copy, Default, Hash)]
+// `eq` compares exactly the words the derived `Hash` hashes, without branches.
+#[allow(clippy::derived_hash_with_manual_eq)]
 pub struct Address {
     pub(crate) words: [u32; 4],
 }

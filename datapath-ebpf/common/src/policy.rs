@@ -133,6 +133,21 @@ pub struct PolicyValue {
 /// Rule index meaning "no rule matched; denied because the pod is isolated".
 pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
 
+impl PolicyValue {
+    /// What a lookup that finds no entry answers: deny, decided by no policy.
+    pub const NO_ENTRY: PolicyValue = PolicyValue::new(verdict::DENY, 0, RULE_DEFAULT_DENY);
+
+    /// A verdict and the policy and rule that decided it.
+    pub const fn new(verdict: u8, policy_id: u32, rule: u32) -> Self {
+        PolicyValue { verdict, audit: 0, _pad: [0; 2], policy_id, rule, audit_policy_id: 0, audit_rule: 0 }
+    }
+
+    /// The same verdict, with the Audit-mode rule that would have denied it.
+    pub const fn with_audit(self, audit_policy_id: u32, audit_rule: u32) -> Self {
+        PolicyValue { audit: 1, audit_policy_id, audit_rule, ..self }
+    }
+}
+
 /// An exact policy entry: one peer (or any peer), one protocol, one port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

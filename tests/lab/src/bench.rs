@@ -40,7 +40,7 @@ pub fn run(what: &str) -> Result<()> {
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     let middle = values.len() / 2;
-    if values.len() % 2 == 0 {
+    if values.len().is_multiple_of(2) {
         (values[middle - 1] + values[middle]) / 2.0
     } else {
         values[middle]
@@ -56,15 +56,7 @@ const PEER: Ipv4Addr = Ipv4Addr::new(10, 199, 2, 20);
 const PEER_IDENTITY: u32 = 5000;
 
 fn allow() -> PolicyValue {
-    PolicyValue {
-        verdict: verdict::ALLOW,
-        audit: 0,
-        _pad: [0; 2],
-        policy_id: 1,
-        rule: 0,
-        audit_policy_id: 0,
-        audit_rule: 0,
-    }
+    PolicyValue::new(verdict::ALLOW, 1, 0)
 }
 
 /// Fill the policy map with `total` entries: the hot ones of the bench
@@ -470,7 +462,7 @@ fn synthetic_cluster(pods: usize, namespaces: usize, policies: usize) -> (Snapsh
         };
         for object in manifest::parse("bench", &text).expect("bench policy parses") {
             if let Object::Policy(policy) = &object {
-                objects.insert(policy.policy_ref(), policy.clone());
+                objects.insert(policy.policy_ref(), (**policy).clone());
             }
             snapshot.apply(Change::Applied(object));
         }
@@ -627,6 +619,24 @@ fn convergence_policy(port: u16) -> String {
     format!("apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {{name: server-ingress, namespace: bench}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n    - from: [{{podSelector: {{matchLabels: {{app: client}}}}}}]\n      ports: [{{protocol: TCP, port: {port}}}]\n")
 }
 
+/// The convergence bench's agent, from `command` (in the node's namespace),
+/// following `source`; returned once it enforces both pods.
+fn convergence_agent(topology: &Topology, mut command: Command, source: &str) -> Result<Killed> {
+    let agent = Killed(
+        command
+            .args(["agent", "--node-name", "bench-node", "--pin-dir", CONVERGENCE_PIN_DIR])
+            .args(["--metrics-address", crate::testbed::AGENT_ADDRESS])
+            .arg(format!("--source={source}"))
+            .env("RUST_LOG", "warn,netlink_packet_route=error")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    wait_for("the agent enforces both pods", Duration::from_secs(30), || {
+        topology.agent_state()["endpoints"].as_object().is_some_and(|e| e.len() == 2)
+    })?;
+    Ok(agent)
+}
+
 fn convergence() -> Result<()> {
     let _ = Datapath::unpin_all(CONVERGENCE_PIN_DIR);
     let mut topology = Topology::new("cvg", 183);
@@ -654,26 +664,7 @@ fn convergence() -> Result<()> {
     let write = |name: &str, text: &str| crate::testbed::write_atomically(&folder.join(name), text);
     write("cluster.yaml", &cluster(true))?;
     write("policy.yaml", &convergence_policy(1000))?;
-    let agent = Killed(
-        topology
-            .node_command(&exe)
-            .args([
-                "agent",
-                "--node-name",
-                "bench-node",
-                "--pin-dir",
-                CONVERGENCE_PIN_DIR,
-                "--metrics-address",
-                crate::testbed::AGENT_ADDRESS,
-            ])
-            .arg(format!("--source=dir:{}", folder.display()))
-            .env("RUST_LOG", "warn,netlink_packet_route=error")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    wait_for("the agent enforces both pods", Duration::from_secs(30), || {
-        topology.agent_state()["endpoints"].as_object().is_some_and(|e| e.len() == 2)
-    })?;
+    let agent = convergence_agent(&topology, topology.node_command(&exe), &format!("dir:{}", folder.display()))?;
     let mut dir_ms = Vec::new();
     for round in 0..100u16 {
         let started = Instant::now();
@@ -691,22 +682,11 @@ fn convergence() -> Result<()> {
 
     // Through a real API server, running inside the node's namespace.
     let plane = crate::testbed::apiserver::ControlPlane::start(&topology.node_netns, "cvg");
-    let root = crate::testbed::workspace_root();
-    for file in [
+    plane.install(&[
         "manifests/crds/connectionpolicies.bulkhead.io.yaml",
         "manifests/crds/clusterconnectionpolicies.bulkhead.io.yaml",
         "manifests/deploy/namespace.yaml",
-    ] {
-        plane.apply(&std::fs::read_to_string(root.join(file))?);
-    }
-    let established = plane.kubectl(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "--timeout=60s",
-        "crd/connectionpolicies.bulkhead.io",
     ]);
-    anyhow::ensure!(established.status.success(), "CRDs not established");
     plane.apply(&cluster(false));
     for (name, pod) in [("client", &client), ("server", &server)] {
         let status = format!(
@@ -728,26 +708,7 @@ fn convergence() -> Result<()> {
     }
     plane.apply(&convergence_policy(1000));
     let _ = Datapath::unpin_all(CONVERGENCE_PIN_DIR);
-    let agent = Killed(
-        plane
-            .command_as("admin", &exe)
-            .args([
-                "agent",
-                "--source=kubernetes",
-                "--node-name",
-                "bench-node",
-                "--pin-dir",
-                CONVERGENCE_PIN_DIR,
-                "--metrics-address",
-                crate::testbed::AGENT_ADDRESS,
-            ])
-            .env("RUST_LOG", "warn,netlink_packet_route=error")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    wait_for("the agent enforces both pods", Duration::from_secs(30), || {
-        topology.agent_state()["endpoints"].as_object().is_some_and(|e| e.len() == 2)
-    })?;
+    let agent = convergence_agent(&topology, plane.command_as("admin", &exe), "kubernetes")?;
     // The bench's own client talks to the API server from the node's namespace.
     topology.enter_node();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

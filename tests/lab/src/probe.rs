@@ -286,7 +286,7 @@ fn write_objects(work: &Path, world: &World, uids: &BTreeMap<PodRef, String>) ->
             if key.namespace.is_empty() { "cluster" } else { &key.namespace },
             key.name
         );
-        let text = match object {
+        let text = match &**object {
             PolicyObject::Connection(p) => serde_saphyr::to_string(p)?,
             PolicyObject::Cluster(p) => serde_saphyr::to_string(p)?,
             PolicyObject::Network(p) => serde_saphyr::to_string(p)?,

@@ -7,7 +7,9 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use bulkhead_lab::testbed::packet::{self, PacketSpec, L4, TCP_ACK, TCP_SYN};
 use common::{TestDatapath, TC_ACT_OK, TC_ACT_SHOT};
-use datapath_common::{capacity, identity, proto, reason, verdict, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, TABLE_WAYS};
+use datapath_common::{
+    capacity, identity, proto, reason, verdict, PolicyValue, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, TABLE_WAYS,
+};
 
 const POD: &str = "10.244.1.10";
 const PEER: &str = "10.244.2.20";
@@ -28,11 +30,11 @@ fn allowlist(name: &str) -> TestDatapath {
     dp.identity(PEER, PEER_ID);
     dp.identity(PEER6, PEER_ID);
     for (protocol, port) in [(proto::TCP, 80), (proto::UDP, 53), (proto::SCTP, 9000)] {
-        dp.rule(7, EGRESS, PEER_ID, Some((protocol, port, 16)), verdict::ALLOW, 11, 0);
+        dp.rule(7, EGRESS, PEER_ID, Some((protocol, port, 16)), PolicyValue::new(verdict::ALLOW, 11, 0));
     }
-    dp.rule(7, INGRESS, PEER_ID, None, verdict::ALLOW, 12, 0);
-    dp.rule(7, EGRESS, identity::ANY, None, verdict::DENY, 13, 4);
-    dp.rule(7, INGRESS, identity::ANY, None, verdict::DENY, 13, 5);
+    dp.rule(7, INGRESS, PEER_ID, None, PolicyValue::new(verdict::ALLOW, 12, 0));
+    dp.rule(7, EGRESS, identity::ANY, None, PolicyValue::new(verdict::DENY, 13, 4));
+    dp.rule(7, INGRESS, identity::ANY, None, PolicyValue::new(verdict::DENY, 13, 5));
     dp
 }
 
@@ -43,19 +45,19 @@ fn out(src: &str, dst: &str, l4: L4) -> Vec<u8> {
 #[test]
 fn arp_passes_and_unknown_l3_is_dropped() {
     let dp = allowlist("arp");
-    assert_eq!(dp.from_pod(&packet::arp_frame()), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&packet::arp_frame()), TC_ACT_OK);
     let mut frame = packet::arp_frame();
     frame[12] = 0x88;
     frame[13] = 0xcc; // LLDP
-    assert_eq!(dp.from_pod(&frame), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&frame), TC_ACT_SHOT);
     assert_eq!(dp.drops(7, EGRESS, reason::UNSUPPORTED_L3), 1);
 }
 
 #[test]
 fn ipv4_tcp_allowed_port_passes_other_port_is_denied() {
     let dp = allowlist("v4tcp");
-    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 40000, dport: 80, flags: TCP_SYN })), TC_ACT_OK);
-    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 40001, dport: 81, flags: TCP_SYN })), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 40000, dport: 80, flags: TCP_SYN })), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 40001, dport: 81, flags: TCP_SYN })), TC_ACT_SHOT);
     assert_eq!(dp.drops(7, EGRESS, reason::POLICY_DENIED), 1);
     assert_eq!(dp.blocked(7, EGRESS, 13, 4), 1);
 }
@@ -66,18 +68,18 @@ fn replies_pass_through_conntrack_both_ways() {
     // Ingress from the peer on TCP 80 source is denied for a stranger...
     let stranger = "10.244.9.9";
     assert_eq!(
-        dp.to_pod(&out(stranger, POD, L4::Tcp { sport: 80, dport: 40000, flags: TCP_SYN | TCP_ACK })),
+        dp.sent_to_pod(&out(stranger, POD, L4::Tcp { sport: 80, dport: 40000, flags: TCP_SYN | TCP_ACK })),
         TC_ACT_SHOT
     );
     // ...but the reply of a connection the pod opened passes.
     dp.identity(stranger, 2000);
-    dp.rule(7, EGRESS, 2000, Some((proto::TCP, 443, 16)), verdict::ALLOW, 14, 0);
-    assert_eq!(dp.from_pod(&out(POD, stranger, L4::Tcp { sport: 40002, dport: 443, flags: TCP_SYN })), TC_ACT_OK);
+    dp.rule(7, EGRESS, 2000, Some((proto::TCP, 443, 16)), PolicyValue::new(verdict::ALLOW, 14, 0));
+    assert_eq!(dp.sent_by_pod(&out(POD, stranger, L4::Tcp { sport: 40002, dport: 443, flags: TCP_SYN })), TC_ACT_OK);
     assert_eq!(
-        dp.to_pod(&out(stranger, POD, L4::Tcp { sport: 443, dport: 40002, flags: TCP_SYN | TCP_ACK })),
+        dp.sent_to_pod(&out(stranger, POD, L4::Tcp { sport: 443, dport: 40002, flags: TCP_SYN | TCP_ACK })),
         TC_ACT_OK
     );
-    assert_eq!(dp.from_pod(&out(POD, stranger, L4::Tcp { sport: 40002, dport: 443, flags: TCP_ACK })), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&out(POD, stranger, L4::Tcp { sport: 40002, dport: 443, flags: TCP_ACK })), TC_ACT_OK);
 }
 
 #[test]
@@ -85,7 +87,7 @@ fn retransmitted_denied_syn_counts_one_blocked_connection() {
     let dp = allowlist("retrans");
     let syn = out(POD, PEER, L4::Tcp { sport: 40010, dport: 22, flags: TCP_SYN });
     for _ in 0..3 {
-        assert_eq!(dp.from_pod(&syn), TC_ACT_SHOT);
+        assert_eq!(dp.sent_by_pod(&syn), TC_ACT_SHOT);
     }
     assert_eq!(dp.blocked(7, EGRESS, 13, 4), 1);
     assert_eq!(dp.drops(7, EGRESS, reason::POLICY_DENIED), 3);
@@ -97,11 +99,11 @@ fn retransmitted_denied_syn_counts_one_blocked_connection() {
 #[test]
 fn udp_and_sctp_ports_are_enforced() {
     let dp = allowlist("udpsctp");
-    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Udp { sport: 5000, dport: 53 })), TC_ACT_OK);
-    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Udp { sport: 5000, dport: 54 })), TC_ACT_SHOT);
-    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Sctp { sport: 5000, dport: 9000 })), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Udp { sport: 5000, dport: 53 })), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Udp { sport: 5000, dport: 54 })), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Sctp { sport: 5000, dport: 9000 })), TC_ACT_OK);
     // TCP 9000 is not SCTP 9000.
-    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 5000, dport: 9000, flags: TCP_SYN })), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 5000, dport: 9000, flags: TCP_SYN })), TC_ACT_SHOT);
 }
 
 #[test]
@@ -109,37 +111,37 @@ fn icmp_echo_follows_any_protocol_rules_and_replies_pass() {
     let dp = allowlist("icmp");
     let echo = L4::Icmp { kind: 8, code: 0, rest: [0, 7, 0, 1], quoted: vec![] };
     // Egress allows only ports: ping out is denied.
-    assert_eq!(dp.from_pod(&out(POD, PEER, echo.clone())), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, echo.clone())), TC_ACT_SHOT);
     // Ingress allows any protocol from the peer: ping in passes, its reply too.
-    assert_eq!(dp.to_pod(&out(PEER, POD, echo)), TC_ACT_OK);
+    assert_eq!(dp.sent_to_pod(&out(PEER, POD, echo)), TC_ACT_OK);
     let reply = L4::Icmp { kind: 0, code: 0, rest: [0, 7, 0, 1], quoted: vec![] };
-    assert_eq!(dp.from_pod(&out(POD, PEER, reply)), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, reply)), TC_ACT_OK);
     let echo6 = L4::Icmp { kind: 128, code: 0, rest: [0, 9, 0, 1], quoted: vec![] };
-    assert_eq!(dp.to_pod(&out(PEER6, POD6, echo6)), TC_ACT_OK);
+    assert_eq!(dp.sent_to_pod(&out(PEER6, POD6, echo6)), TC_ACT_OK);
 }
 
 #[test]
 fn icmp_errors_of_allowed_flows_pass_unrelated_ones_do_not() {
     let dp = allowlist("icmperr");
     let udp = PacketSpec::new(ip(POD), ip(PEER), L4::Udp { sport: 5001, dport: 53 });
-    assert_eq!(dp.from_pod(&udp.frame()), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&udp.frame()), TC_ACT_OK);
     // Port unreachable from a host that is not the peer (a router): related.
     let router = "10.244.0.254";
     let quoted = udp.ip_bytes()[..28].to_vec();
     let error = L4::Icmp { kind: 3, code: 3, rest: [0; 4], quoted };
-    assert_eq!(dp.to_pod(&out(router, POD, error)), TC_ACT_OK);
+    assert_eq!(dp.sent_to_pod(&out(router, POD, error)), TC_ACT_OK);
     let unrelated = PacketSpec::new(ip(POD), ip(PEER), L4::Udp { sport: 5999, dport: 53 });
     let error = L4::Icmp { kind: 3, code: 3, rest: [0; 4], quoted: unrelated.ip_bytes()[..28].to_vec() };
-    assert_eq!(dp.to_pod(&out(router, POD, error)), TC_ACT_SHOT);
+    assert_eq!(dp.sent_to_pod(&out(router, POD, error)), TC_ACT_SHOT);
 }
 
 #[test]
 fn spoofed_source_is_dropped_and_counted() {
     let dp = allowlist("spoof");
-    assert_eq!(dp.from_pod(&out("10.244.1.11", PEER, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&out("10.244.1.11", PEER, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
     assert_eq!(dp.drops(7, EGRESS, reason::SPOOFED_SOURCE), 1);
     assert_eq!(
-        dp.from_pod(&out("fd00:10:244::b", PEER6, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })),
+        dp.sent_by_pod(&out("fd00:10:244::b", PEER6, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })),
         TC_ACT_SHOT
     );
     assert_eq!(dp.drops(7, EGRESS, reason::SPOOFED_SOURCE), 2);
@@ -153,17 +155,17 @@ fn addresses_beyond_the_endpoint_entry_are_checked_in_the_address_map() {
     dp.endpoint_on_loopback(7, &[POD, POD6, "10.244.1.99"]);
     dp.endpoint_on_loopback(8, &["10.244.1.98"]);
     dp.endpoint_on_loopback(7, &[POD, POD6, "10.244.1.99"]);
-    assert_eq!(dp.from_pod(&out("10.244.1.99", PEER, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_OK);
-    assert_eq!(dp.from_pod(&out("10.244.1.98", PEER, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&out("10.244.1.99", PEER, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&out("10.244.1.98", PEER, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
     assert_eq!(dp.drops(7, EGRESS, reason::SPOOFED_SOURCE), 1);
 }
 
 #[test]
 fn ipv6_tcp_and_udp_follow_the_same_rules() {
     let dp = allowlist("v6");
-    assert_eq!(dp.from_pod(&out(POD6, PEER6, L4::Tcp { sport: 40000, dport: 80, flags: TCP_SYN })), TC_ACT_OK);
-    assert_eq!(dp.from_pod(&out(POD6, PEER6, L4::Tcp { sport: 40000, dport: 81, flags: TCP_SYN })), TC_ACT_SHOT);
-    assert_eq!(dp.from_pod(&out(POD6, PEER6, L4::Udp { sport: 40000, dport: 53 })), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&out(POD6, PEER6, L4::Tcp { sport: 40000, dport: 80, flags: TCP_SYN })), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&out(POD6, PEER6, L4::Tcp { sport: 40000, dport: 81, flags: TCP_SYN })), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&out(POD6, PEER6, L4::Udp { sport: 40000, dport: 53 })), TC_ACT_OK);
 }
 
 #[test]
@@ -173,16 +175,16 @@ fn ipv6_extension_headers_are_walked_to_the_transport_header() {
         let mut spec =
             PacketSpec::new(ip(POD6), ip(PEER6), L4::Tcp { sport: 41000 + kind as u16, dport: 80, flags: TCP_SYN });
         spec.ipv6_extensions = vec![(kind, body.clone())];
-        assert_eq!(dp.from_pod(&spec.frame()), TC_ACT_OK, "allowed port behind extension header {kind}");
+        assert_eq!(dp.sent_by_pod(&spec.frame()), TC_ACT_OK, "allowed port behind extension header {kind}");
         let mut spec =
             PacketSpec::new(ip(POD6), ip(PEER6), L4::Tcp { sport: 42000 + kind as u16, dport: 22, flags: TCP_SYN });
         spec.ipv6_extensions = vec![(kind, body)];
-        assert_eq!(dp.from_pod(&spec.frame()), TC_ACT_SHOT, "denied port behind extension header {kind}");
+        assert_eq!(dp.sent_by_pod(&spec.frame()), TC_ACT_SHOT, "denied port behind extension header {kind}");
     }
     // A chain longer than the parser walks is dropped as malformed.
     let mut spec = PacketSpec::new(ip(POD6), ip(PEER6), L4::Tcp { sport: 43000, dport: 80, flags: TCP_SYN });
     spec.ipv6_extensions = (0..9).map(|_| (60u8, vec![0u8; 6])).collect();
-    assert_eq!(dp.from_pod(&spec.frame()), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&spec.frame()), TC_ACT_SHOT);
     assert_eq!(dp.drops(7, EGRESS, reason::MALFORMED), 1);
 }
 
@@ -191,9 +193,9 @@ fn ipv4_options_are_skipped() {
     let dp = allowlist("v4opt");
     let mut spec = PacketSpec::new(ip(POD), ip(PEER), L4::Tcp { sport: 40100, dport: 80, flags: TCP_SYN });
     spec.ipv4_options = vec![1, 1, 1, 1, 7, 7, 4, 0]; // NOPs and a record-route stub
-    assert_eq!(dp.from_pod(&spec.frame()), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&spec.frame()), TC_ACT_OK);
     spec.l4 = L4::Tcp { sport: 40101, dport: 81, flags: TCP_SYN };
-    assert_eq!(dp.from_pod(&spec.frame()), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&spec.frame()), TC_ACT_SHOT);
 }
 
 #[test]
@@ -205,10 +207,10 @@ fn later_fragments_pass_only_when_their_flow_is_known() {
     later.ipv4_fragment = Some((false, 3, 0x1234));
     let mut stray = first.clone();
     stray.ipv4_fragment = Some((false, 3, 0x9999));
-    assert_eq!(dp.from_pod(&stray.frame()), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&stray.frame()), TC_ACT_SHOT);
     assert_eq!(dp.drops(7, EGRESS, reason::UNKNOWN_FRAGMENT), 1);
-    assert_eq!(dp.from_pod(&first.frame()), TC_ACT_OK);
-    assert_eq!(dp.from_pod(&later.frame()), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&first.frame()), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&later.frame()), TC_ACT_OK);
 
     // The same over IPv6's fragment header.
     let mut first6 = PacketSpec::new(ip(POD6), ip(PEER6), L4::Udp { sport: 6001, dport: 53 });
@@ -217,16 +219,16 @@ fn later_fragments_pass_only_when_their_flow_is_known() {
     later6.ipv6_extensions = vec![(44, packet::ipv6_fragment(2, false, 77))];
     let mut stray6 = first6.clone();
     stray6.ipv6_extensions = vec![(44, packet::ipv6_fragment(2, false, 78))];
-    assert_eq!(dp.from_pod(&stray6.frame()), TC_ACT_SHOT);
-    assert_eq!(dp.from_pod(&first6.frame()), TC_ACT_OK);
-    assert_eq!(dp.from_pod(&later6.frame()), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&stray6.frame()), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&first6.frame()), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&later6.frame()), TC_ACT_OK);
     // A denied first fragment leaves its later fragments unknown.
     let mut denied = PacketSpec::new(ip(POD), ip(PEER), L4::Udp { sport: 6002, dport: 99 });
     denied.ipv4_fragment = Some((true, 0, 0x4444));
     let mut denied_later = denied.clone();
     denied_later.ipv4_fragment = Some((false, 3, 0x4444));
-    assert_eq!(dp.from_pod(&denied.frame()), TC_ACT_SHOT);
-    assert_eq!(dp.from_pod(&denied_later.frame()), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&denied.frame()), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&denied_later.frame()), TC_ACT_SHOT);
 }
 
 #[test]
@@ -237,27 +239,27 @@ fn truncated_and_malformed_headers_are_dropped() {
     // BPF_PROG_TEST_RUN refuses frames that end inside the IP header itself;
     // an IHL pointing past the packet is tested below instead.)
     for cut in [14 + 20 + 10, 14 + 20 + 1, 14 + 20] {
-        assert_eq!(dp.from_pod(&good[..cut]), TC_ACT_SHOT, "cut at {cut}");
+        assert_eq!(dp.sent_by_pod(&good[..cut]), TC_ACT_SHOT, "cut at {cut}");
     }
     // IHL below 5, and IHL beyond the packet.
     let mut bad_ihl = good.clone();
     bad_ihl[14] = 0x44;
-    assert_eq!(dp.from_pod(&bad_ihl), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&bad_ihl), TC_ACT_SHOT);
     let mut long_ihl = good.clone();
     long_ihl[14] = 0x4f;
-    assert_eq!(dp.from_pod(&long_ihl), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&long_ihl), TC_ACT_SHOT);
     // Version 6 in an IPv4 ethertype.
     let mut bad_version = good.clone();
     bad_version[14] = 0x65;
-    assert_eq!(dp.from_pod(&bad_version), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&bad_version), TC_ACT_SHOT);
     // Total length beyond the frame.
     let mut long = good.clone();
     long[16] = 0x05;
-    assert_eq!(dp.from_pod(&long), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&long), TC_ACT_SHOT);
     // TCP data offset below 5.
     let mut bad_doff = good.clone();
     bad_doff[14 + 20 + 12] = 0x40;
-    assert_eq!(dp.from_pod(&bad_doff), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&bad_doff), TC_ACT_SHOT);
     // Truncated UDP, SCTP, ICMP and IPv6.
     for (l4, keep) in [
         (L4::Udp { sport: 1, dport: 53 }, 4),
@@ -269,11 +271,11 @@ fn truncated_and_malformed_headers_are_dropped() {
         frame.truncate(14 + 20 + keep);
         let total = (20 + keep) as u16;
         frame[16..18].copy_from_slice(&total.to_be_bytes());
-        assert_eq!(dp.from_pod(&frame), TC_ACT_SHOT);
+        assert_eq!(dp.sent_by_pod(&frame), TC_ACT_SHOT);
         spec.src = ip(POD6);
         spec.dst = ip(PEER6);
         let frame = spec.frame();
-        assert_eq!(dp.from_pod(&frame[..14 + 40 + keep]), TC_ACT_SHOT);
+        assert_eq!(dp.sent_by_pod(&frame[..14 + 40 + keep]), TC_ACT_SHOT);
     }
     assert_eq!(dp.drops(7, EGRESS, reason::MALFORMED), 14);
     assert_eq!(dp.drops(7, EGRESS, reason::POLICY_DENIED), 0, "no malformed packet reached the policy");
@@ -284,26 +286,26 @@ fn node_traffic_and_neighbour_discovery_always_pass() {
     let dp = allowlist("host");
     let node = "10.244.1.1";
     dp.identity(node, identity::HOST);
-    assert_eq!(dp.to_pod(&out(node, POD, L4::Tcp { sport: 50000, dport: 8080, flags: TCP_SYN })), TC_ACT_OK);
+    assert_eq!(dp.sent_to_pod(&out(node, POD, L4::Tcp { sport: 50000, dport: 8080, flags: TCP_SYN })), TC_ACT_OK);
     assert_eq!(
-        dp.from_pod(&out(POD, node, L4::Tcp { sport: 8080, dport: 50000, flags: TCP_SYN | TCP_ACK })),
+        dp.sent_by_pod(&out(POD, node, L4::Tcp { sport: 8080, dport: 50000, flags: TCP_SYN | TCP_ACK })),
         TC_ACT_OK
     );
     let ns = L4::Icmp { kind: 135, code: 0, rest: [0; 4], quoted: vec![0; 16] };
-    assert_eq!(dp.from_pod(&out("fe80::1", "ff02::1:ff00:1", ns)), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&out("fe80::1", "ff02::1:ff00:1", ns)), TC_ACT_OK);
 }
 
 #[test]
 fn most_specific_port_prefix_wins_and_ranges_cover_exactly() {
     let dp = allowlist("ranges");
     // 8000-8007 allowed as one /13 prefix of the port; 8003 denied by a longer one.
-    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 8000, 13)), verdict::ALLOW, 20, 0);
-    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 8003, 16)), verdict::DENY, 21, 0);
+    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 8000, 13)), PolicyValue::new(verdict::ALLOW, 20, 0));
+    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 8003, 16)), PolicyValue::new(verdict::DENY, 21, 0));
     for (port, expect) in
         [(7999, TC_ACT_SHOT), (8000, TC_ACT_OK), (8003, TC_ACT_SHOT), (8007, TC_ACT_OK), (8008, TC_ACT_SHOT)]
     {
         assert_eq!(
-            dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 30000 + port, dport: port, flags: TCP_SYN })),
+            dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 30000 + port, dport: port, flags: TCP_SYN })),
             expect,
             "port {port}"
         );
@@ -317,20 +319,20 @@ fn peer_entries_come_before_any_peer_entries_whichever_map_holds_them() {
     dp.identity(other, 2000);
     // Any peer may reach TCP 8080 (a full-length entry: the exact hash), but
     // PEER_ID is denied 8080-8087 (a range: the trie). The peer's own entry wins.
-    dp.rule(7, EGRESS, identity::ANY, Some((proto::TCP, 8080, 16)), verdict::ALLOW, 50, 0);
-    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 8080, 13)), verdict::DENY, 51, 0);
-    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 47000, dport: 8080, flags: TCP_SYN })), TC_ACT_SHOT);
+    dp.rule(7, EGRESS, identity::ANY, Some((proto::TCP, 8080, 16)), PolicyValue::new(verdict::ALLOW, 50, 0));
+    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 8080, 13)), PolicyValue::new(verdict::DENY, 51, 0));
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 47000, dport: 8080, flags: TCP_SYN })), TC_ACT_SHOT);
     assert_eq!(dp.blocked(7, EGRESS, 51, 0), 1);
-    assert_eq!(dp.from_pod(&out(POD, other, L4::Tcp { sport: 47001, dport: 8080, flags: TCP_SYN })), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&out(POD, other, L4::Tcp { sport: 47001, dport: 8080, flags: TCP_SYN })), TC_ACT_OK);
     // And the other way round: the peer's exact allow beats any peer's range deny.
-    dp.rule(7, EGRESS, identity::ANY, Some((proto::TCP, 9000, 13)), verdict::DENY, 52, 0);
-    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 9001, 16)), verdict::ALLOW, 53, 0);
-    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 47002, dport: 9001, flags: TCP_SYN })), TC_ACT_OK);
-    assert_eq!(dp.from_pod(&out(POD, other, L4::Tcp { sport: 47003, dport: 9001, flags: TCP_SYN })), TC_ACT_SHOT);
+    dp.rule(7, EGRESS, identity::ANY, Some((proto::TCP, 9000, 13)), PolicyValue::new(verdict::DENY, 52, 0));
+    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 9001, 16)), PolicyValue::new(verdict::ALLOW, 53, 0));
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 47002, dport: 9001, flags: TCP_SYN })), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&out(POD, other, L4::Tcp { sport: 47003, dport: 9001, flags: TCP_SYN })), TC_ACT_SHOT);
     assert_eq!(dp.blocked(7, EGRESS, 52, 0), 1);
     // Removing the exact entry falls back to the range.
     dp.remove_rule(7, EGRESS, PEER_ID, Some((proto::TCP, 9001, 16)));
-    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 47004, dport: 9001, flags: TCP_SYN })), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 47004, dport: 9001, flags: TCP_SYN })), TC_ACT_SHOT);
 }
 
 #[test]
@@ -349,7 +351,7 @@ fn exact_entries_beyond_a_full_set_overflow_to_the_hash_and_are_still_found() {
     assert_eq!(dp.dp.borrow().ipcache_entries().len(), count as usize + 2);
     // Each address has PEER_ID, whichever place holds it: TCP 80 passes.
     let syn = |i: u32, sport: u16| out(POD, &address(i).to_string(), L4::Tcp { sport, dport: 80, flags: TCP_SYN });
-    let refused: Vec<u32> = (0..count).filter(|&i| dp.from_pod(&syn(i, 40000)) != TC_ACT_OK).collect();
+    let refused: Vec<u32> = (0..count).filter(|&i| dp.sent_by_pod(&syn(i, 40000)) != TC_ACT_OK).collect();
     assert!(
         refused.is_empty(),
         "{} addresses not found, first {:?}",
@@ -362,7 +364,7 @@ fn exact_entries_beyond_a_full_set_overflow_to_the_hash_and_are_still_found() {
     }
     assert_eq!(dp.dp.borrow().exact_overflow().0, 0);
     assert_eq!(dp.dp.borrow().ipcache_entries().len(), 2);
-    let passed = (0..count).step_by(97).filter(|&i| dp.from_pod(&syn(i, 40001)) == TC_ACT_OK).count();
+    let passed = (0..count).step_by(97).filter(|&i| dp.sent_by_pod(&syn(i, 40001)) == TC_ACT_OK).count();
     assert_eq!(passed, 0, "removed addresses still resolve");
 }
 
@@ -398,20 +400,23 @@ fn endpoints_are_found_by_any_ifindex_and_gone_once_removed() {
     let _link = IndexedLink::new("bh-test-ix", high);
     dp.endpoint_on(high, 8, &[POD]);
     dp.identity(PEER, PEER_ID);
-    dp.rule(8, EGRESS, PEER_ID, Some((proto::TCP, 80, 16)), verdict::ALLOW, 60, 0);
-    assert_eq!(dp.from_pod_on(high, &syn), TC_ACT_OK);
-    assert_eq!(dp.from_pod_on(high, &out(POD, PEER, L4::Tcp { sport: 48001, dport: 81, flags: TCP_SYN })), TC_ACT_SHOT);
+    dp.rule(8, EGRESS, PEER_ID, Some((proto::TCP, 80, 16)), PolicyValue::new(verdict::ALLOW, 60, 0));
+    assert_eq!(dp.sent_by_pod_on(high, &syn), TC_ACT_OK);
+    assert_eq!(
+        dp.sent_by_pod_on(high, &out(POD, PEER, L4::Tcp { sport: 48001, dport: 81, flags: TCP_SYN })),
+        TC_ACT_SHOT
+    );
     assert_eq!(dp.drops(8, EGRESS, reason::POLICY_DENIED), 1);
     // Loopback (ifindex 1) is in the array: nothing there until set.
-    assert_eq!(dp.from_pod(&syn), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&syn), TC_ACT_SHOT);
     assert_eq!(dp.drops(0, EGRESS, reason::NO_ENDPOINT), 1);
     dp.endpoint_on_loopback(8, &[POD]);
-    assert_eq!(dp.from_pod(&syn), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&syn), TC_ACT_OK);
     // Removed endpoints drop everything again, whichever map held them.
     dp.dp.borrow_mut().remove_endpoint(1).unwrap();
     dp.dp.borrow_mut().remove_endpoint(high).unwrap();
-    assert_eq!(dp.from_pod(&syn), TC_ACT_SHOT);
-    assert_eq!(dp.from_pod_on(high, &syn), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&syn), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod_on(high, &syn), TC_ACT_SHOT);
     assert_eq!(dp.drops(0, EGRESS, reason::NO_ENDPOINT), 3);
 }
 
@@ -421,20 +426,20 @@ fn revoked_allow_cuts_an_established_connection() {
     let syn = out(POD, PEER, L4::Tcp { sport: 45000, dport: 80, flags: TCP_SYN });
     let ack = out(POD, PEER, L4::Tcp { sport: 45000, dport: 80, flags: TCP_ACK });
     let reply = out(PEER, POD, L4::Tcp { sport: 80, dport: 45000, flags: TCP_ACK });
-    assert_eq!(dp.from_pod(&syn), TC_ACT_OK);
-    assert_eq!(dp.to_pod(&reply), TC_ACT_OK);
-    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 80, 16)), verdict::DENY, 30, 2);
+    assert_eq!(dp.sent_by_pod(&syn), TC_ACT_OK);
+    assert_eq!(dp.sent_to_pod(&reply), TC_ACT_OK);
+    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 80, 16)), PolicyValue::new(verdict::DENY, 30, 2));
     // Unchanged revision: conntrack still admits the flow.
-    assert_eq!(dp.from_pod(&ack), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&ack), TC_ACT_OK);
     dp.bump_revision();
-    assert_eq!(dp.from_pod(&ack), TC_ACT_SHOT);
-    assert_eq!(dp.to_pod(&reply), TC_ACT_SHOT, "replies of a revoked connection are dropped too");
+    assert_eq!(dp.sent_by_pod(&ack), TC_ACT_SHOT);
+    assert_eq!(dp.sent_to_pod(&reply), TC_ACT_SHOT, "replies of a revoked connection are dropped too");
     assert_eq!(dp.drops(7, EGRESS, reason::POLICY_REVOKED), 1);
     assert_eq!(dp.blocked(7, EGRESS, 30, 2), 1);
     // Allowed again: the connection resumes.
-    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 80, 16)), verdict::ALLOW, 11, 0);
+    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 80, 16)), PolicyValue::new(verdict::ALLOW, 11, 0));
     dp.bump_revision();
-    assert_eq!(dp.from_pod(&ack), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&ack), TC_ACT_OK);
 }
 
 #[test]
@@ -442,18 +447,18 @@ fn a_full_conntrack_set_displaces_its_least_recently_seen_connection() {
     let dp = allowlist("ctfull");
     let server = "10.244.3.30";
     dp.identity(server, 3000);
-    dp.rule(7, EGRESS, 3000, Some((proto::TCP, 0, 0)), verdict::ALLOW, 15, 0);
+    dp.rule(7, EGRESS, 3000, Some((proto::TCP, 0, 0)), PolicyValue::new(verdict::ALLOW, 15, 0));
     // Ports with one sum: one conntrack set whatever the seed; nine of them
     // for eight ways. Ingress from the server is not allowed, so a reply
     // passes only while its connection is in conntrack.
     let ports = |i: u16| (41000 + i, 2000 - i);
     let open = |i: u16| {
         let (sport, dport) = ports(i);
-        dp.from_pod(&out(POD, server, L4::Tcp { sport, dport, flags: TCP_SYN }))
+        dp.sent_by_pod(&out(POD, server, L4::Tcp { sport, dport, flags: TCP_SYN }))
     };
     let reply = |i: u16| {
         let (sport, dport) = ports(i);
-        dp.to_pod(&out(server, POD, L4::Tcp { sport: dport, dport: sport, flags: TCP_SYN | TCP_ACK }))
+        dp.sent_to_pod(&out(server, POD, L4::Tcp { sport: dport, dport: sport, flags: TCP_SYN | TCP_ACK }))
     };
     for i in 0..8 {
         assert_eq!(open(i), TC_ACT_OK);
@@ -474,7 +479,7 @@ fn a_full_conntrack_set_displaces_its_least_recently_seen_connection() {
 fn audit_entries_never_drop_but_count_and_report() {
     let dp = allowlist("audit");
     dp.rule_audit(7, EGRESS, PEER_ID, Some((proto::TCP, 8443, 16)), 40, 1);
-    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 46000, dport: 8443, flags: TCP_SYN })), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 46000, dport: 8443, flags: TCP_SYN })), TC_ACT_OK);
     assert_eq!(dp.audited(7, EGRESS, 40, 1), 1);
     let events = dp.events();
     assert_eq!(events.len(), 1);
@@ -486,10 +491,10 @@ fn endpoint_without_entries_and_fail_closed_endpoints_deny() {
     let dp = TestDatapath::new("failclosed");
     dp.endpoint_on_loopback(9, &[POD]);
     // No policy entries at all: fail closed.
-    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
-    dp.rule(9, EGRESS, identity::ANY, None, verdict::ALLOW, 1, 0);
-    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 2, dport: 80, flags: TCP_SYN })), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
+    dp.rule(9, EGRESS, identity::ANY, None, PolicyValue::new(verdict::ALLOW, 1, 0));
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 2, dport: 80, flags: TCP_SYN })), TC_ACT_OK);
     dp.fail_closed(9);
-    assert_eq!(dp.from_pod(&out(POD, PEER, L4::Tcp { sport: 3, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 3, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
     assert_eq!(dp.drops(9, EGRESS, reason::ENDPOINT_FAIL_CLOSED), 1);
 }

@@ -7,7 +7,7 @@ mod common;
 fn the_demo_blocks_counts_and_rolls_out_default_deny() {
     assert!(common::require_root(), "not root");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-lab")).arg("demo").output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).replace(|c: char| c == '\x1b', "");
+    let text = String::from_utf8_lossy(&out.stdout).replace('\x1b', "");
     assert!(out.status.success(), "demo failed: {}\n{text}", String::from_utf8_lossy(&out.stderr));
     let blocked: u64 = text
         .lines()

@@ -48,10 +48,6 @@ fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     panic!("timed out waiting until {what}");
 }
 
-fn workspace(path: &str) -> String {
-    std::fs::read_to_string(bulkhead_lab::testbed::workspace_root().join(path)).unwrap()
-}
-
 fn condition(object: &serde_json::Value, type_: &str) -> (String, String, String) {
     let found = object["status"]["conditions"]
         .as_array()
@@ -71,23 +67,12 @@ fn kubernetes_mode_follows_the_api_server() {
     let mut topology = Topology::new("k8s", 182);
     let mut plane = ControlPlane::start(&topology.node_netns, "k8s");
 
-    for file in [
+    plane.install(&[
         "manifests/crds/connectionpolicies.bulkhead.io.yaml",
         "manifests/crds/clusterconnectionpolicies.bulkhead.io.yaml",
         "manifests/deploy/namespace.yaml",
         "manifests/deploy/rbac.yaml",
-    ] {
-        plane.apply(&workspace(file));
-    }
-    let established = plane.kubectl(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "--timeout=60s",
-        "crd/connectionpolicies.bulkhead.io",
-        "crd/clusterconnectionpolicies.bulkhead.io",
     ]);
-    assert!(established.status.success(), "{}", String::from_utf8_lossy(&established.stderr));
     // The agent's identity can read policies but not write them.
     let denied = plane.kubectl_as("agent", &["create", "namespace", "nope"], None);
     assert!(!denied.status.success());

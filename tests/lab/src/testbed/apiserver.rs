@@ -177,6 +177,18 @@ impl ControlPlane {
         assert!(out.status.success(), "kubectl apply: {}\n{yaml}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Apply files of this checkout (paths from its root) in order, then
+    /// wait until every CRD is established, as `kubectl apply` users do.
+    pub fn install(&self, files: &[&str]) {
+        for file in files {
+            let path = super::workspace_root().join(file);
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            self.apply(&text);
+        }
+        let out = self.kubectl(&["wait", "--for", "condition=established", "--timeout=60s", "crd", "--all"]);
+        assert!(out.status.success(), "CRDs not established: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut all = args.to_vec();
         all.extend(["-o", "json"]);

@@ -118,7 +118,7 @@ impl PacketSpec {
                     self.l4.bytes()
                 };
                 let mut options = self.ipv4_options.clone();
-                while options.len() % 4 != 0 {
+                while !options.len().is_multiple_of(4) {
                     options.push(0);
                 }
                 let header_len = 20 + options.len();

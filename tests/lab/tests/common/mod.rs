@@ -68,25 +68,11 @@ impl TestDatapath {
     }
 
     /// One policy entry; `ports` is (protocol, port, port prefix bits) or all.
-    pub fn rule(
-        &self,
-        endpoint: u32,
-        direction: u8,
-        peer: u32,
-        ports: Option<(u8, u16, u32)>,
-        verdict: u8,
-        policy_id: u32,
-        rule: u32,
-    ) {
-        self.entry(
-            endpoint,
-            direction,
-            peer,
-            ports,
-            PolicyValue { verdict, audit: 0, _pad: [0; 2], policy_id, rule, audit_policy_id: 0, audit_rule: 0 },
-        );
+    pub fn rule(&self, endpoint: u32, direction: u8, peer: u32, ports: Option<(u8, u16, u32)>, value: PolicyValue) {
+        self.entry(endpoint, direction, peer, ports, value);
     }
 
+    /// An allow entry an Audit-mode rule would have denied.
     pub fn rule_audit(
         &self,
         endpoint: u32,
@@ -101,15 +87,7 @@ impl TestDatapath {
             direction,
             peer,
             ports,
-            PolicyValue {
-                verdict: datapath_common::verdict::ALLOW,
-                audit: 1,
-                _pad: [0; 2],
-                policy_id: 0,
-                rule: 0,
-                audit_policy_id: policy_id,
-                audit_rule: rule,
-            },
+            PolicyValue::new(datapath_common::verdict::ALLOW, 0, 0).with_audit(policy_id, rule),
         );
     }
 
@@ -131,15 +109,15 @@ impl TestDatapath {
         self.dp.borrow_mut().fail_closed(endpoint).unwrap();
     }
 
-    pub fn from_pod_on(&self, ifindex: u32, frame: &[u8]) -> i32 {
+    pub fn sent_by_pod_on(&self, ifindex: u32, frame: &[u8]) -> i32 {
         self.dp.borrow().test_run_on(program_names::FROM_POD, frame, ifindex, 1).unwrap().0
     }
 
-    pub fn from_pod(&self, frame: &[u8]) -> i32 {
+    pub fn sent_by_pod(&self, frame: &[u8]) -> i32 {
         self.dp.borrow().test_run(program_names::FROM_POD, frame, 1).unwrap().0
     }
 
-    pub fn to_pod(&self, frame: &[u8]) -> i32 {
+    pub fn sent_to_pod(&self, frame: &[u8]) -> i32 {
         self.dp.borrow().test_run(program_names::TO_POD, frame, 1).unwrap().0
     }
 
