@@ -1,7 +1,7 @@
 //! `bulkhead`: the node agent, the cluster controller, and the offline
 //! commands that check, explain and compile policies.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{bail, Context, Result};
 use bulkhead::cli::{
@@ -43,12 +43,9 @@ enum Command {
     },
     /// The node agent: follow the objects, compile, keep the datapath in step.
     Agent(AgentArgs),
-    /// The status writer: policy conditions, selectedPods and Events (one replica per cluster).
-    Controller {
-        /// Where the agents' report Leases are.
-        #[arg(long, env = "POD_NAMESPACE", default_value = "bulkhead-system")]
-        agent_namespace: String,
-    },
+    /// The status writer: policy conditions, selectedPods and Events. Run
+    /// several replicas: they elect one leader, which alone writes.
+    Controller(ControllerArgs),
     /// Datapath maintenance.
     Datapath {
         #[command(subcommand)]
@@ -69,9 +66,13 @@ struct AgentArgs {
     /// Where kubelet's pod cgroups are; the cgroup v2 mount when left out.
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
-    /// Serves /metrics, /healthz, /readyz and /debug/{state,events}.
+    /// Serves /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:9464")]
-    metrics_address: std::net::SocketAddr,
+    metrics_address: SocketAddr,
+    /// Serves /debug/state and /debug/events, which name pods and flows:
+    /// loopback unless given (the same address as metrics serves all).
+    #[arg(long, default_value = "127.0.0.1:9465")]
+    debug_address: SocketAddr,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Seconds a workload's egress destinations are learned before a new one
@@ -84,6 +85,21 @@ struct AgentArgs {
     /// Deny/audit events per second and CPU sent to the log; the rest are counted only.
     #[arg(long)]
     events_per_second: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// Where the agents' report Leases and the election Lease are.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "bulkhead-system")]
+    namespace: String,
+    /// This replica's name in the leader election (the pod's name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Serves /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:9466")]
+    metrics_address: SocketAddr,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -156,19 +172,25 @@ fn run() -> Result<ExitCode> {
             agent(args)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Controller { agent_namespace } => {
-            init_logging(LogFormat::Text);
+        Command::Controller(args) => {
+            init_logging(args.log_format);
+            let identity = match args.identity {
+                Some(identity) => identity,
+                None => hostname()?,
+            };
+            let config = bulkhead::controller::Config {
+                namespace: args.namespace,
+                identity,
+                metrics_address: args.metrics_address,
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(async move {
                 let client = kube::Client::try_default()
                     .await
                     .context("connecting to the API server (kubeconfig or in-cluster)")?;
-                tokio::select! {
-                    result = bulkhead::controller::run(client, agent_namespace) => result,
-                    _ = tokio::signal::ctrl_c() => Ok(()),
-                    _ = terminated() => Ok(()),
-                }
+                bulkhead::controller::run(client, config).await
             })?;
+            tracing::info!("stopped");
             Ok(ExitCode::SUCCESS)
         }
         Command::Datapath { command: DatapathCommand::Hold { pin_dir } } => {
@@ -191,10 +213,7 @@ fn agent(args: AgentArgs) -> Result<()> {
     init_logging(args.log_format);
     let node_name = match args.node_name {
         Some(name) => name,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .context("reading the hostname for --node-name")?
-            .trim()
-            .to_string(),
+        None => hostname()?,
     };
     let mut config = Config::new(&node_name, args.pin_dir);
     config.cgroup_root = Some(args.cgroup_root.unwrap_or_else(default_cgroup_root));
@@ -231,10 +250,10 @@ fn agent(args: AgentArgs) -> Result<()> {
                 shared.clone(),
             ));
         }
-        let address = agent::http::serve(args.metrics_address, shared)
+        let (metrics, debug_views) = agent::http::serve(args.metrics_address, args.debug_address, shared)
             .await
-            .with_context(|| format!("serving metrics on {}", args.metrics_address))?;
-        tracing::info!(source = %args.source, node = %node_name, metrics = %address, "agent started");
+            .with_context(|| format!("serving on {} and {}", args.metrics_address, args.debug_address))?;
+        tracing::info!(source = %args.source, node = %node_name, %metrics, %debug_views, "agent started");
         tokio::select! {
             () = agent.run(received) => bail!("the source stopped"),
             result = source => match result {
@@ -242,8 +261,7 @@ fn agent(args: AgentArgs) -> Result<()> {
                 Ok(Err(error)) => Err(error.context("the source failed")),
                 Err(error) => Err(anyhow::anyhow!("the source task: {error}")),
             },
-            _ = tokio::signal::ctrl_c() => Ok(()),
-            _ = terminated() => Ok(()),
+            () = bulkhead::stop_requested() => Ok(()),
         }
     })?;
     // The pinned programs and maps stay: enforcement outlives the agent, and the next one adopts them.
@@ -261,13 +279,8 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn terminated() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut signal) => {
-            signal.recv().await;
-        }
-        Err(_) => std::future::pending().await,
-    }
+fn hostname() -> Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname")?.trim().to_string())
 }
 
 /// The cgroup v2 hierarchy: /sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host.

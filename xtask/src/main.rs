@@ -1,5 +1,7 @@
-//! Project tasks: `cargo xtask setup | test | crds | bench <what>`.
+//! Project tasks: `cargo xtask setup | test | manifests | image | demo | probe | bench <what>`.
 
+mod image;
+mod manifests;
 mod setup;
 
 use std::process::Command;
@@ -18,14 +20,18 @@ struct Cli {
 enum Task {
     /// Install what the build and the tests need (idempotent).
     Setup,
-    /// Set up, then run the whole test suite.
+    /// Set up, then run the whole suite: formatting, purity, build, clippy,
+    /// the manifests' checks, the image, every test.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Write the CRD manifests to manifests/crds/.
-    Crds,
+    /// Write manifests/crds/ and manifests/install.yaml.
+    #[command(alias = "crds")]
+    Manifests,
+    /// Build the OCI image into target/image/bulkhead-<version>.oci.tar.
+    Image,
     /// The product end to end on this machine: a small shop, its policies, a default-deny rollout.
     Demo,
     /// Scenario directories with real traffic through the agent (needs root).
@@ -48,18 +54,16 @@ fn main() -> Result<()> {
             // build.rs for the BPF target, never for the host.
             cargo(&["build", "--all-targets"])?;
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            setup::checkov(&workspace_root().join("manifests"))?;
+            image::build()?;
             let mut test = vec!["test"];
             test.extend(args.iter().map(String::as_str));
             cargo(&test)
         }
-        Task::Crds => {
-            let dir = workspace_root().join("manifests/crds");
-            for (file, yaml) in bulkhead_crds::manifests() {
-                let path = dir.join(file);
-                std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
-                println!("wrote {}", path.display());
-            }
-            Ok(())
+        Task::Manifests => manifests::write(),
+        Task::Image => {
+            setup::run()?;
+            image::build().map(|_| ())
         }
         Task::Demo => lab(&["demo"]),
         Task::Probe { dirs } => {
@@ -116,13 +120,14 @@ pub fn workspace_root() -> std::path::PathBuf {
 
 pub fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .args(args)
-        .current_dir(workspace_root())
-        .status()
-        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    run(Command::new(&cargo).args(args).current_dir(workspace_root()))
+}
+
+/// Run a command to success, or say which failed and how.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
-        bail!("cargo {} failed: {status}", args.join(" "));
+        bail!("{cmd:?} failed: {status}");
     }
     Ok(())
 }

@@ -1,15 +1,23 @@
 //! `cargo xtask setup`: everything a fresh machine of this kind lacks to
-//! build and test Bulkhead, installed idempotently (each step is skipped when
-//! what it installs is already there). See ../shared/design/toolchain.md.
+//! build, test and package Bulkhead, installed idempotently (each step is
+//! skipped when what it installs is already there). See
+//! ../shared/design/toolchain.md.
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{bail, Context, Result};
+
+use crate::run as run_cmd;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The LLVM major version bpf-linker is built against; the rustc compiling
 /// the eBPF crate must use the same one.
 const LLVM_MAJOR: &str = "22";
+/// checkov, the manifests' linter, pinned: its checks change from release to release.
+const CHECKOV_VERSION: &str = "3.3.30";
 
 /// Debian packages and a file each one provides, to tell whether it is there.
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -21,27 +29,31 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("netcat-openbsd", "/usr/bin/nc.openbsd"),
     ("iperf3", "/usr/bin/iperf3"),
     ("iptables", "/usr/sbin/iptables"),
+    // The image: a static binary (musl), assembled as OCI without a daemon.
+    ("musl-tools", "/usr/bin/musl-gcc"),
+    ("umoci", "/usr/bin/umoci"),
 ];
 
 pub fn run() -> Result<()> {
     apt_packages()?;
     rust_src()?;
+    rust_target(crate::image::TARGET)?;
     bpf_linker()?;
     check_llvm_match()?;
     Ok(())
 }
 
+/// Where setup keeps what it builds: `$BULKHEAD_CACHE`, else ~/.cache/bulkhead.
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("BULKHEAD_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/bulkhead"),
+    }
+}
+
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(cmd).args(args).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn run_cmd(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
 }
 
 fn apt_packages() -> Result<()> {
@@ -69,6 +81,15 @@ fn rust_src() -> Result<()> {
     run_cmd(Command::new("rustup").args(["component", "add", "rust-src"]))
 }
 
+fn rust_target(target: &str) -> Result<()> {
+    let installed = output("rustup", &["target", "list", "--installed"]).unwrap_or_default();
+    if installed.lines().any(|l| l.trim() == target) {
+        return Ok(());
+    }
+    eprintln!("setup: adding the {target} target (the image's static binary)");
+    run_cmd(Command::new("rustup").args(["target", "add", target]))
+}
+
 fn bpf_linker() -> Result<()> {
     if let Some(version) = output("bpf-linker", &["--version"]) {
         if version.contains(BPF_LINKER_VERSION) {
@@ -92,5 +113,32 @@ fn check_llvm_match() -> Result<()> {
     if !llvm.starts_with(&format!("{LLVM_MAJOR}.")) {
         bail!("rustc uses LLVM {llvm}, bpf-linker LLVM {LLVM_MAJOR}: the eBPF link would fail with \"Invalid record\"; use a toolchain on LLVM {LLVM_MAJOR} (stable 1.95.0)");
     }
+    Ok(())
+}
+
+/// checkov over a folder of manifests, from a virtualenv in the cache
+/// (made once); fails when any check fails. Skips are annotated in the
+/// manifests themselves, each with its reason.
+pub fn checkov(folder: &Path) -> Result<()> {
+    let venv = cache_dir().join(format!("checkov-{CHECKOV_VERSION}"));
+    let checkov = venv.join("bin/checkov");
+    let complete = venv.join(".complete");
+    if !complete.exists() {
+        eprintln!("setup: installing checkov {CHECKOV_VERSION} into {}", venv.display());
+        let _ = std::fs::remove_dir_all(&venv);
+        run_cmd(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        run_cmd(Command::new(venv.join("bin/pip")).args(["install", "-q", &format!("checkov=={CHECKOV_VERSION}")]))?;
+        std::fs::write(&complete, CHECKOV_VERSION)?;
+    }
+    let out = Command::new(&checkov)
+        .args(["--framework", "kubernetes", "--compact", "--quiet", "--skip-download", "-d"])
+        .arg(folder)
+        .output()
+        .with_context(|| format!("running {}", checkov.display()))?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("checkov found failures in {}:\n{report}{}", folder.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    println!("checkov: no failures in {}", folder.display());
     Ok(())
 }

@@ -1,61 +1,50 @@
-//! `/metrics`, `/healthz`, `/readyz`, and two debugging views:
-//! `/debug/state` (what the agent has enforced) and `/debug/events` (the
-//! latest deny and audit events).
+//! The agent's endpoints: `/metrics`, `/healthz` and `/readyz` on the
+//! metrics address, which Prometheus and the kubelet reach; `/debug/state`
+//! (what is enforced) and `/debug/events` (the latest deny and audit events)
+//! on the debug address, loopback unless the operator says otherwise, since
+//! they name pods and flows.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
-
-use http_body_util::Full;
-use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use std::{net::SocketAddr, sync::Arc};
 
 use super::Shared;
+use crate::http::{self, Reply};
 
-/// Serve until the process ends. Returns the bound address (port 0 picks one).
-pub async fn serve(address: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(address).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(respond(&shared, &request)) }
-                });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-            });
-        }
-    });
-    Ok(bound)
+/// Serve both until the process ends; the bound addresses (port 0 picks one).
+pub async fn serve(
+    metrics: SocketAddr,
+    debug: SocketAddr,
+    shared: Arc<Shared>,
+) -> std::io::Result<(SocketAddr, SocketAddr)> {
+    if metrics == debug {
+        let bound = http::serve(metrics, move |path| respond(&shared, path)).await?;
+        return Ok((bound, bound));
+    }
+    let for_debug = shared.clone();
+    let metrics = http::serve(metrics, move |path| observe(&shared, path)).await?;
+    let debug = http::serve(debug, move |path| debug_view(&for_debug, path)).await?;
+    Ok((metrics, debug))
 }
 
-fn respond<B>(shared: &Shared, request: &Request<B>) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match request.uri().path() {
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.render()),
-        "/healthz" => match shared.health() {
-            Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{why}\n")),
-        },
-        "/readyz" => {
-            if shared.is_ready() {
-                (StatusCode::OK, "text/plain", "ready\n".to_string())
-            } else {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "the first full sync is not in the datapath yet\n".to_string(),
-                )
-            }
-        }
-        "/debug/state" => (StatusCode::OK, "application/json", shared.state_json()),
-        "/debug/events" => (StatusCode::OK, "application/json", shared.events_json()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
-    };
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .body(Full::new(Bytes::from(body)))
-        .expect("a valid response")
+fn respond(shared: &Shared, path: &str) -> Reply {
+    match path {
+        "/debug/state" | "/debug/events" => debug_view(shared, path),
+        _ => observe(shared, path),
+    }
+}
+
+fn observe(shared: &Shared, path: &str) -> Reply {
+    match path {
+        "/metrics" => Reply::ok("text/plain; version=0.0.4", shared.metrics.render()),
+        "/healthz" => Reply::probe(shared.health().map(|()| "ok")),
+        "/readyz" => Reply::probe(shared.readiness()),
+        _ => Reply::not_found(),
+    }
+}
+
+fn debug_view(shared: &Shared, path: &str) -> Reply {
+    match path {
+        "/debug/state" => Reply::ok("application/json", shared.state_json()),
+        "/debug/events" => Reply::ok("application/json", shared.events_json()),
+        _ => Reply::not_found(),
+    }
 }

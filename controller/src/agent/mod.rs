@@ -143,6 +143,15 @@ impl Shared {
         self.ready.load(Ordering::Relaxed)
     }
 
+    /// `/readyz`: the first complete view of the source is in the datapath.
+    pub fn readiness(&self) -> Result<&'static str, String> {
+        if self.is_ready() {
+            Ok("ready")
+        } else {
+            Err("the first full sync is not in the datapath yet".into())
+        }
+    }
+
     pub fn health(&self) -> Result<(), String> {
         let since = self.heartbeat.lock().expect("heartbeat lock").elapsed();
         if since > STUCK {

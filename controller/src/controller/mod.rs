@@ -1,5 +1,6 @@
 //! `bulkhead controller`: policy status, written by one writer (agents never
-//! write status, so no two writers race on an object).
+//! write status, and replicas elect one leader, so no two writers race on an
+//! object).
 //!
 //! Each agent in Kubernetes mode reports what its datapath holds in a Lease
 //! of its own (`crate::report`). The controller follows the same objects the
@@ -9,21 +10,27 @@
 //! becomes a Warning Event on the object. NetworkPolicy has no status
 //! field: its rejections are Events only.
 
+pub mod leader;
+pub mod metrics;
+pub mod status;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::Duration,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use bulkhead_crds::{ClusterConnectionPolicy, ConnectionPolicy, PolicyStatus};
 use bulkhead_policy::{
     rules::ValidationError, Change, Object, ObjectKey, ObjectKind, PolicyKind, PolicyObject, PolicyRef, Snapshot,
 };
 use futures::StreamExt;
-use k8s_openapi::{
-    api::coordination::v1::Lease,
-    apimachinery::pkg::apis::meta::v1::{Condition, Time},
-    jiff::Timestamp,
-};
+use k8s_openapi::{api::coordination::v1::Lease, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     api::{Patch, PatchParams},
     runtime::{
@@ -36,106 +43,49 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::{
-    report::{node_report, NodeReport, AGENT_LEASE_LABEL, STALE},
+    http::{self, Reply},
+    report::{node_report, NodeReport, AGENT_LEASE_LABEL},
     source::{kubernetes, Update},
 };
+use leader::Leadership;
+use metrics::Metrics;
+use status::{current_status, desired_statuses};
 
-/// The status a policy should have, and its rejection if any.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Desired {
-    pub status: PolicyStatus,
-    pub rejection: Option<ValidationError>,
+pub struct Config {
+    /// Where the agents' report Leases and the election Lease are.
+    pub namespace: String,
+    /// This replica's name in the election.
+    pub identity: String,
+    /// Serves /metrics, /healthz and /readyz.
+    pub metrics_address: SocketAddr,
 }
 
-fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-    previous: &[Condition],
-    now: &Time,
-) -> Condition {
-    let status = if ok { "True" } else { "False" }.to_string();
-    // The transition time moves only when the status does.
-    let since = previous
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| now.clone());
-    Condition {
-        type_: type_.into(),
-        status,
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: since,
-    }
+/// What the HTTP endpoints read.
+#[derive(Default)]
+struct Shared {
+    metrics: Metrics,
+    synced: AtomicBool,
+    heartbeat: Mutex<Option<Instant>>,
 }
 
-/// The status of every policy in the snapshot, accepted or not. Pure: the
-/// clock comes in as `now`.
-pub fn desired_statuses(
-    snapshot: &Snapshot,
-    reports: &BTreeMap<String, NodeReport>,
-    previous: &BTreeMap<PolicyRef, PolicyStatus>,
-    now: &Time,
-) -> BTreeMap<PolicyRef, Desired> {
-    let compiled = bulkhead_policy::compile(snapshot);
-    let live: Vec<&NodeReport> = reports.values().filter(|r| r.age < STALE).collect();
-    let keys: BTreeSet<&PolicyRef> = snapshot.policies.keys().chain(snapshot.rejected.keys()).collect();
-    let mut out = BTreeMap::new();
-    for key in keys {
-        let rejection = snapshot.rejected.get(key);
-        let generation = match rejection {
-            Some(rejected) => rejected.generation,
-            None => snapshot.policies[key].generation,
-        };
-        let empty = PolicyStatus::default();
-        let before = previous.get(key).unwrap_or(&empty);
-        let condition = |type_: &str, ok: bool, reason: &str, message: String| {
-            condition(type_, ok, reason, message, generation, &before.conditions, now)
-        };
-        let accepted = match rejection {
-            None => condition("Accepted", true, "Accepted", "the policy is valid".into()),
-            Some(rejected) => {
-                let error = &rejected.error;
-                condition("Accepted", false, &error.reason.to_string(), format!("{}: {}", error.field, error.message))
-            }
-        };
-        let programmed = if rejection.is_some() {
-            let message = "an invalid policy is not programmed; its last accepted version stays enforced";
-            condition("Programmed", false, "NotAccepted", message.into())
-        } else if live.is_empty() {
-            condition("Programmed", false, "NoAgents", "no agent has reported".into())
-        } else {
-            let name = key.to_string();
-            let holding = live.iter().filter(|r| r.programmed.get(&name).copied() == generation.or(Some(0))).count();
-            if holding == live.len() {
-                condition("Programmed", true, "Programmed", format!("in the datapath of {holding} node(s)"))
+/// The loop is stuck when it has not ticked for this long (it ticks every 5 s).
+const STUCK: Duration = Duration::from_secs(30);
+
+impl Shared {
+    fn respond(&self, path: &str) -> Reply {
+        match path {
+            "/metrics" => Reply::ok("text/plain; version=0.0.4", self.metrics.render()),
+            "/healthz" => Reply::probe(match *self.heartbeat.lock().expect("heartbeat lock") {
+                Some(at) if at.elapsed() > STUCK => Err(format!("the status loop has not run for {:?}", at.elapsed())),
+                _ => Ok("ok"),
+            }),
+            "/readyz" => Reply::probe(if self.synced.load(Ordering::Relaxed) {
+                Ok("ready")
             } else {
-                condition(
-                    "Programmed",
-                    false,
-                    "Pending",
-                    format!("in the datapath of {holding} of {} node(s)", live.len()),
-                )
-            }
-        };
-        // What the enforced version selects: the last accepted one, when this one was rejected.
-        let selected_pods = compiled.selected_pods.get(key).map(|n| *n as i32).or(before.selected_pods);
-        let status =
-            PolicyStatus { conditions: vec![accepted, programmed], selected_pods, observed_generation: generation };
-        out.insert(key.clone(), Desired { status, rejection: rejection.map(|r| r.error.clone()) });
-    }
-    out
-}
-
-fn current_status(object: &PolicyObject) -> Option<PolicyStatus> {
-    match object {
-        PolicyObject::Connection(p) => p.status.clone(),
-        PolicyObject::Cluster(p) => p.status.clone(),
-        PolicyObject::Network(_) => None,
+                Err("the first complete list of policies, pods and namespaces is not in yet".into())
+            }),
+            _ => Reply::not_found(),
+        }
     }
 }
 
@@ -168,11 +118,32 @@ impl Objects {
     }
 }
 
-/// Write policy status until the source stops.
-pub async fn run(client: Client, agent_namespace: String) -> anyhow::Result<()> {
+/// Follow the objects and, while leading, write their status; returns when
+/// SIGTERM or Ctrl-C arrives (having stepped down) or with the error that
+/// stopped it.
+pub async fn run(client: Client, config: Config) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared::default());
+    let for_http = shared.clone();
+    let address = http::serve(config.metrics_address, move |path| for_http.respond(path))
+        .await
+        .with_context(|| format!("serving metrics on {}", config.metrics_address))?;
+    let mut leadership = Leadership::join(client.clone(), &config.namespace, &config.identity)
+        .await
+        .context("joining the leader election")?;
+    tracing::info!(identity = %config.identity, metrics = %address, "controller started");
+    let result = tokio::select! {
+        result = follow(client, &config, &shared, &mut leadership) => result,
+        () = crate::stop_requested() => Ok(()),
+    };
+    shared.metrics.leader.set(0);
+    leadership.resign().await;
+    result
+}
+
+async fn follow(client: Client, config: &Config, shared: &Shared, leadership: &mut Leadership) -> anyhow::Result<()> {
     let (updates, mut received) = mpsc::channel::<Update>(1024);
     let source = tokio::spawn(kubernetes::run(client.clone(), updates));
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &agent_namespace);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
     let mut lease_events = watcher(leases, watcher::Config::default().labels(AGENT_LEASE_LABEL))
         .backoff(kubernetes::Reconnect::new())
         .applied_objects()
@@ -180,20 +151,22 @@ pub async fn run(client: Client, agent_namespace: String) -> anyhow::Result<()> 
     let mut lease_objects: BTreeMap<String, Lease> = BTreeMap::new();
     let recorder = Recorder::new(
         client.clone(),
-        Reporter { controller: "bulkhead-controller".into(), instance: std::env::var("POD_NAME").ok() },
+        Reporter { controller: "bulkhead-controller".into(), instance: Some(config.identity.clone()) },
     );
     let mut snapshot = Snapshot::default();
     let mut objects = Objects::default();
-    let mut synced = false;
     let mut evented: BTreeSet<(PolicyRef, Option<i64>)> = BTreeSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     let mut dirty = false;
+    let mut leading = leadership.is_leader();
     loop {
         tokio::select! {
             update = received.recv() => {
                 let Some(update) = update else { break };
                 for change in update.changes {
-                    synced |= matches!(change, Change::Synced);
+                    if matches!(change, Change::Synced) {
+                        shared.synced.store(true, Ordering::Relaxed);
+                    }
                     objects.apply(&change);
                     snapshot.apply(change);
                 }
@@ -207,55 +180,87 @@ pub async fn run(client: Client, agent_namespace: String) -> anyhow::Result<()> 
                 Some(Err(error)) => tracing::warn!(%error, "watching agent reports failed; retrying"),
                 None => break,
             },
-            _ = tick.tick() => dirty = true,
+            now_leading = leadership.changed() => {
+                leading = now_leading;
+                shared.metrics.leader.set(i64::from(leading));
+                if leading {
+                    tracing::info!(identity = %config.identity, "leading: this replica writes status");
+                    dirty = true;
+                } else {
+                    tracing::warn!(identity = %config.identity, "no longer leading: status writes stop");
+                }
+            }
+            _ = tick.tick() => {
+                *shared.heartbeat.lock().expect("heartbeat lock") = Some(Instant::now());
+                dirty = true;
+            }
         }
-        if !dirty || !synced || !received.is_empty() {
+        if !dirty || !leading || !shared.synced.load(Ordering::Relaxed) || !received.is_empty() {
             continue;
         }
         dirty = false;
-        let now = Timestamp::now();
-        let reports: BTreeMap<String, NodeReport> =
-            lease_objects.values().filter_map(|l| node_report(l, now)).collect();
-        let previous: BTreeMap<PolicyRef, PolicyStatus> =
-            objects.policies.iter().filter_map(|(k, o)| Some((k.clone(), current_status(o)?))).collect();
-        for (key, wanted) in desired_statuses(&snapshot, &reports, &previous, &Time(now)) {
-            let Some(object) = objects.policies.get(&key) else { continue };
-            if let Some(error) = &wanted.rejection {
-                if evented.insert((key.clone(), object.generation())) {
-                    publish_rejection(&recorder, object, error).await;
-                }
-            }
-            if key.kind == PolicyKind::NetworkPolicy || previous.get(&key) == Some(&wanted.status) {
-                continue;
-            }
-            let patch = Patch::Merge(json!({ "status": wanted.status }));
-            let params = PatchParams::default();
-            let result = match key.kind {
-                PolicyKind::ConnectionPolicy => Api::<ConnectionPolicy>::namespaced(client.clone(), &key.namespace)
-                    .patch_status(&key.name, &params, &patch)
-                    .await
-                    .map(PolicyObject::Connection),
-                _ => Api::<ClusterConnectionPolicy>::all(client.clone())
-                    .patch_status(&key.name, &params, &patch)
-                    .await
-                    .map(PolicyObject::Cluster),
-            };
-            match result {
-                // Keep the written status, so it is not written again.
-                Ok(updated) => {
-                    objects.policies.insert(key, updated);
-                }
-                Err(error) => {
-                    tracing::warn!(policy = %key, %error, "writing status failed; retrying at the next change")
-                }
-            }
-        }
+        let started = Instant::now();
+        write_statuses(&client, &recorder, shared, &snapshot, &mut objects, &lease_objects, &mut evented).await;
+        shared.metrics.reconciles.inc();
+        shared.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
     }
     source.abort();
     anyhow::bail!("the Kubernetes source stopped")
 }
 
-async fn publish_rejection(recorder: &Recorder, object: &PolicyObject, error: &ValidationError) {
+/// One status pass: every policy's desired status written where it differs,
+/// and each rejected version's Event published once.
+async fn write_statuses(
+    client: &Client,
+    recorder: &Recorder,
+    shared: &Shared,
+    snapshot: &Snapshot,
+    objects: &mut Objects,
+    leases: &BTreeMap<String, Lease>,
+    evented: &mut BTreeSet<(PolicyRef, Option<i64>)>,
+) {
+    let now = Timestamp::now();
+    let reports: BTreeMap<String, NodeReport> = leases.values().filter_map(|l| node_report(l, now)).collect();
+    let previous: BTreeMap<PolicyRef, PolicyStatus> =
+        objects.policies.iter().filter_map(|(k, o)| Some((k.clone(), current_status(o)?))).collect();
+    for (key, wanted) in desired_statuses(snapshot, &reports, &previous, &Time(now)) {
+        let Some(object) = objects.policies.get(&key) else { continue };
+        if let Some(error) = &wanted.rejection {
+            if evented.insert((key.clone(), object.generation())) && !publish_rejection(recorder, object, error).await {
+                shared.metrics.reconcile_errors.with_label_values(&["event"]).inc();
+            }
+        }
+        if key.kind == PolicyKind::NetworkPolicy || previous.get(&key) == Some(&wanted.status) {
+            continue;
+        }
+        let patch = Patch::Merge(json!({ "status": wanted.status }));
+        let params = PatchParams::default();
+        let result = match key.kind {
+            PolicyKind::ConnectionPolicy => Api::<ConnectionPolicy>::namespaced(client.clone(), &key.namespace)
+                .patch_status(&key.name, &params, &patch)
+                .await
+                .map(PolicyObject::Connection),
+            _ => Api::<ClusterConnectionPolicy>::all(client.clone())
+                .patch_status(&key.name, &params, &patch)
+                .await
+                .map(PolicyObject::Cluster),
+        };
+        match result {
+            // Keep the written status, so it is not written again.
+            Ok(updated) => {
+                shared.metrics.status_writes.inc();
+                objects.policies.insert(key, updated);
+            }
+            Err(error) => {
+                shared.metrics.reconcile_errors.with_label_values(&["status"]).inc();
+                tracing::warn!(policy = %key, %error, "writing status failed; retrying at the next change");
+            }
+        }
+    }
+}
+
+/// A Warning Event on the object; false when it could not be published.
+async fn publish_rejection(recorder: &Recorder, object: &PolicyObject, error: &ValidationError) -> bool {
     let reference = match object {
         PolicyObject::Connection(p) => p.object_ref(&()),
         PolicyObject::Cluster(p) => p.object_ref(&()),
@@ -268,72 +273,11 @@ async fn publish_rejection(recorder: &Recorder, object: &PolicyObject, error: &V
         action: "Validate".into(),
         secondary: None,
     };
-    if let Err(e) = recorder.publish(&event, &reference).await {
-        tracing::warn!(policy = %error.policy, error = %e, "publishing the rejection Event failed");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bulkhead_policy::manifest;
-
-    fn snapshot(text: &str) -> Snapshot {
-        let mut snapshot = Snapshot::default();
-        for object in manifest::parse("test", text).unwrap() {
-            snapshot.apply(Change::Applied(object));
+    match recorder.publish(&event, &reference).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(policy = %error.policy, error = %e, "publishing the rejection Event failed");
+            false
         }
-        snapshot
-    }
-
-    const OBJECTS: &str = "kind: Pod\nmetadata: {name: a, namespace: x, labels: {app: a}}\nspec: {containers: []}\nstatus: {podIPs: [{ip: 10.0.0.1}]}\n---\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {app: b}}\nspec: {containers: []}\nstatus: {podIPs: [{ip: 10.0.0.2}]}\n---\napiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: good, namespace: x, generation: 3}\nspec:\n  podSelector: {matchLabels: {app: a}}\n  ingress: [{}]\n---\napiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: bad, namespace: x, generation: 1}\nspec:\n  podSelector: {matchExpressions: [{key: app, operator: Near}]}\n";
-
-    fn find<'a>(status: &'a PolicyStatus, type_: &str) -> &'a Condition {
-        status.conditions.iter().find(|c| c.type_ == type_).unwrap()
-    }
-
-    #[test]
-    fn conditions_follow_validation_and_agent_reports() {
-        let snapshot = snapshot(OBJECTS);
-        let good = snapshot.policies.keys().find(|k| k.name == "good").unwrap().clone();
-        let bad = snapshot.rejected.keys().find(|k| k.name == "bad").unwrap().clone();
-        let now = Time(Timestamp::from_second(1_000_000).unwrap());
-        let report = |generation: i64, age: u64| NodeReport {
-            age: Duration::from_secs(age),
-            programmed: [(good.to_string(), generation)].into(),
-        };
-
-        let none = desired_statuses(&snapshot, &BTreeMap::new(), &BTreeMap::new(), &now);
-        assert_eq!(find(&none[&good].status, "Accepted").status, "True");
-        assert_eq!(find(&none[&good].status, "Programmed").reason, "NoAgents");
-        assert_eq!(none[&good].status.selected_pods, Some(1));
-        assert_eq!(none[&good].status.observed_generation, Some(3));
-        let rejected = find(&none[&bad].status, "Accepted");
-        assert_eq!((rejected.status.as_str(), rejected.reason.as_str()), ("False", "InvalidSelector"));
-        assert!(rejected.message.contains("spec.podSelector.matchExpressions[0].operator"), "{}", rejected.message);
-        assert!(none[&bad].rejection.is_some());
-        assert_eq!(none[&bad].status.observed_generation, Some(1));
-
-        let reports: BTreeMap<String, NodeReport> =
-            [("n1".to_string(), report(3, 1)), ("n2".to_string(), report(2, 1))].into();
-        let pending = desired_statuses(&snapshot, &reports, &BTreeMap::new(), &now);
-        let programmed = find(&pending[&good].status, "Programmed");
-        assert_eq!((programmed.status.as_str(), programmed.reason.as_str()), ("False", "Pending"));
-        assert!(programmed.message.contains("1 of 2"), "{}", programmed.message);
-
-        // A node silent for longer than STALE no longer holds the policy back.
-        let reports: BTreeMap<String, NodeReport> =
-            [("n1".to_string(), report(3, 1)), ("n2".to_string(), report(2, 600))].into();
-        let later = Time(Timestamp::from_second(1_000_100).unwrap());
-        let previous: BTreeMap<PolicyRef, PolicyStatus> = [(good.clone(), pending[&good].status.clone())].into();
-        let done = desired_statuses(&snapshot, &reports, &previous, &later);
-        let programmed = find(&done[&good].status, "Programmed");
-        assert_eq!(programmed.status, "True");
-        assert_eq!(programmed.last_transition_time, later, "it changed: a new transition time");
-        assert_eq!(
-            find(&done[&good].status, "Accepted").last_transition_time,
-            now,
-            "unchanged: the old transition time"
-        );
     }
 }

@@ -625,7 +625,12 @@ fn convergence_agent(topology: &Topology, mut command: Command, source: &str) ->
     let agent = Killed(
         command
             .args(["agent", "--node-name", "bench-node", "--pin-dir", CONVERGENCE_PIN_DIR])
-            .args(["--metrics-address", crate::testbed::AGENT_ADDRESS])
+            .args([
+                "--metrics-address",
+                crate::testbed::AGENT_ADDRESS,
+                "--debug-address",
+                crate::testbed::AGENT_ADDRESS,
+            ])
             .arg(format!("--source={source}"))
             .env("RUST_LOG", "warn,netlink_packet_route=error")
             .stdout(Stdio::null())

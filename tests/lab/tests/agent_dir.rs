@@ -35,6 +35,7 @@ impl Agent {
             .arg(format!("--source=dir:{}", folder.display()))
             .arg(format!("--cgroup-root={}", topology.kubepods.display()))
             .arg(format!("--metrics-address={METRICS}"))
+            .arg(format!("--debug-address={METRICS}"))
             .arg("--log-format=json")
             .stdout(Stdio::null())
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())

@@ -118,7 +118,7 @@ fn kubernetes_mode_follows_the_api_server() {
             "bulkhead-system",
         ])
         .arg(format!("--cgroup-root={}", topology.kubepods.display()))
-        .arg("--metrics-address=127.0.0.1:9464")
+        .args(["--metrics-address=127.0.0.1:9464", "--debug-address=127.0.0.1:9464"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

@@ -352,6 +352,7 @@ impl Topology {
         let log = std::fs::File::create(std::env::temp_dir().join(log_name))?;
         self.node_command(product_binary())
             .args(["agent", "--node-name", node_name, "--pin-dir", pin_dir, "--metrics-address", AGENT_ADDRESS])
+            .args(["--debug-address", AGENT_ADDRESS])
             .arg(format!("--source=dir:{}", folder.display()))
             .arg(format!("--cgroup-root={}", self.kubepods.display()))
             .env("RUST_LOG", rust_log)
