@@ -292,3 +292,19 @@ fn default_cgroup_root() -> PathBuf {
         root.join("unified")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_views_default_to_loopback_and_metrics_to_every_address() {
+        let Command::Agent(args) = Cli::parse_from(["bulkhead", "agent"]).command else { panic!("an agent") };
+        assert!(args.debug_address.ip().is_loopback(), "{}", args.debug_address);
+        assert!(args.metrics_address.ip().is_unspecified());
+        let Command::Controller(args) = Cli::parse_from(["bulkhead", "controller"]).command else {
+            panic!("a controller")
+        };
+        assert_ne!(args.metrics_address.port(), 9464, "the controller's port differs from the agent's");
+    }
+}

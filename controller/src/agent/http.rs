@@ -48,3 +48,35 @@ fn debug_view(shared: &Shared, path: &str) -> Reply {
         _ => Reply::not_found(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    fn get(address: SocketAddr, path: &str) -> u16 {
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn debug_views_are_served_only_on_the_debug_address() {
+        let (metrics, debug) =
+            serve("127.0.0.1:0".parse().unwrap(), "127.0.0.2:0".parse().unwrap(), Arc::new(Shared::new()))
+                .await
+                .unwrap();
+        assert_ne!(metrics, debug);
+        let status = |address, path: &'static str| tokio::task::spawn_blocking(move || get(address, path));
+        assert_eq!(status(metrics, "/metrics").await.unwrap(), 200);
+        assert_eq!(status(metrics, "/healthz").await.unwrap(), 200);
+        assert_eq!(status(metrics, "/readyz").await.unwrap(), 503, "not ready before the first sync");
+        assert_eq!(status(metrics, "/debug/state").await.unwrap(), 404, "pod names stay off the metrics address");
+        assert_eq!(status(metrics, "/debug/events").await.unwrap(), 404);
+        assert_eq!(status(debug, "/debug/state").await.unwrap(), 200);
+        assert_eq!(status(debug, "/metrics").await.unwrap(), 404);
+    }
+}

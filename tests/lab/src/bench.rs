@@ -595,15 +595,6 @@ fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
     values[((values.len() - 1) as f64 * p).round() as usize]
 }
 
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while !done() {
@@ -621,8 +612,8 @@ fn convergence_policy(port: u16) -> String {
 
 /// The convergence bench's agent, from `command` (in the node's namespace),
 /// following `source`; returned once it enforces both pods.
-fn convergence_agent(topology: &Topology, mut command: Command, source: &str) -> Result<Killed> {
-    let agent = Killed(
+fn convergence_agent(topology: &Topology, mut command: Command, source: &str) -> Result<crate::testbed::Process> {
+    let agent = crate::testbed::Process(
         command
             .args(["agent", "--node-name", "bench-node", "--pin-dir", CONVERGENCE_PIN_DIR])
             .args([
@@ -687,11 +678,7 @@ fn convergence() -> Result<()> {
 
     // Through a real API server, running inside the node's namespace.
     let plane = crate::testbed::apiserver::ControlPlane::start(&topology.node_netns, "cvg");
-    plane.install(&[
-        "manifests/crds/connectionpolicies.bulkhead.io.yaml",
-        "manifests/crds/clusterconnectionpolicies.bulkhead.io.yaml",
-        "manifests/deploy/namespace.yaml",
-    ]);
+    plane.install_bulkhead();
     plane.apply(&cluster(false));
     for (name, pod) in [("client", &client), ("server", &server)] {
         let status = format!(

@@ -13,7 +13,7 @@ use std::{
 };
 
 use bulkhead::dataplane::Datapath;
-use bulkhead_lab::testbed::{Topology, AGENT_ADDRESS as METRICS};
+use bulkhead_lab::testbed::{eventually, metric, Topology, AGENT_ADDRESS as METRICS};
 
 const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-test-agent";
 
@@ -72,21 +72,6 @@ impl Drop for Cleanup {
 
 fn get(topology: &Topology, path: &str) -> (u16, String) {
     topology.node_http_get(METRICS, path).unwrap_or((0, String::new()))
-}
-
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting until {what}");
-}
-
-fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines().find(|l| l.starts_with(name_and_labels)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 fn pod_yaml(name: &str, app: &str, uid: &str, ip: &str, port: u16) -> String {

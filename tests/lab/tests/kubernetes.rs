@@ -10,24 +10,15 @@
 mod common;
 
 use std::{
-    process::{Child, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use bulkhead::dataplane::Datapath;
-use bulkhead_lab::testbed::{apiserver::ControlPlane, Topology};
+use bulkhead_lab::testbed::{apiserver::ControlPlane, eventually, Process, Topology};
 
 const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-test-kubernetes";
 const NODE: &str = "node-k8s";
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Unpin;
 
@@ -35,17 +26,6 @@ impl Drop for Unpin {
     fn drop(&mut self) {
         let _ = Datapath::unpin_all(PIN_DIR);
     }
-}
-
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting until {what}");
 }
 
 fn condition(object: &serde_json::Value, type_: &str) -> (String, String, String) {
@@ -67,12 +47,7 @@ fn kubernetes_mode_follows_the_api_server() {
     let mut topology = Topology::new("k8s", 182);
     let mut plane = ControlPlane::start(&topology.node_netns, "k8s");
 
-    plane.install(&[
-        "manifests/crds/connectionpolicies.bulkhead.io.yaml",
-        "manifests/crds/clusterconnectionpolicies.bulkhead.io.yaml",
-        "manifests/deploy/namespace.yaml",
-        "manifests/deploy/rbac.yaml",
-    ]);
+    plane.install_bulkhead();
     // The agent's identity can read policies but not write them.
     let denied = plane.kubectl_as("agent", &["create", "namespace", "nope"], None);
     assert!(!denied.status.success());
@@ -126,7 +101,7 @@ fn kubernetes_mode_follows_the_api_server() {
     let _agent = Process(agent);
     let controller = plane
         .command_as("controller", bulkhead_lab::testbed::product_binary())
-        .args(["controller", "--agent-namespace", "bulkhead-system"])
+        .args(["controller", "--namespace", "bulkhead-system", "--metrics-address=127.0.0.1:9466"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(plane.dir.join("controller.log")).unwrap())
         .spawn()

@@ -1,5 +1,5 @@
 //! A real control plane for tests: Debian's etcd and a kube-apiserver built
-//! from Debian's `kubernetes` source package (tests/tools/kube-apiserver-build.sh,
+//! from Debian's `kubernetes` source package (tests/tools/kubernetes-build.sh,
 //! cached by version, built on first use), started on loopback inside a
 //! network namespace — the test's node — with TLS, token authentication and
 //! RBAC. Three identities: `admin` (system:masters) for the test itself, and
@@ -15,9 +15,12 @@ use std::{
 pub struct ControlPlane {
     pub dir: PathBuf,
     netns: String,
-    apiserver_bin: PathBuf,
+    /// Where the build script left kube-apiserver and kube-controller-manager.
+    binaries: PathBuf,
     etcd: Option<Child>,
     apiserver: Option<Child>,
+    /// Namespace deletion and garbage collection, as in a cluster.
+    controller_manager: Option<Child>,
     pub port: u16,
 }
 
@@ -32,17 +35,26 @@ fn run_ok(command: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// What this API server (v1.20, the newest Debian builds) refuses of
+/// install.yaml: the PodDisruptionBudget, whose `policy/v1` came in 1.21.
+pub const VERSION_GAP: &str = "no matches for kind \"PodDisruptionBudget\" in version \"policy/v1\"";
+
+/// The errors kubectl reports, but the version gap's.
+pub fn refusals(stderr: &str) -> Vec<&str> {
+    let error = |l: &&str| l.starts_with("error:") || l.starts_with("Error from server");
+    stderr.lines().filter(error).filter(|l| !l.contains(VERSION_GAP)).collect()
+}
+
 pub const AGENT_USER: &str = "system:serviceaccount:bulkhead-system:bulkhead-agent";
 pub const CONTROLLER_USER: &str = "system:serviceaccount:bulkhead-system:bulkhead-controller";
 
 impl ControlPlane {
     /// Build (once) and start etcd and kube-apiserver inside `netns`.
     pub fn start(netns: &str, tag: &str) -> Self {
-        let script = super::workspace_root().join("tests/tools/kube-apiserver-build.sh");
+        let script = super::workspace_root().join("tests/tools/kubernetes-build.sh");
         assert!(script.exists(), "{} is part of the checkout", script.display());
         let built = run_ok(Command::new("bash").arg(&script).stderr(Stdio::inherit()));
-        let apiserver_bin =
-            PathBuf::from(built.lines().last().expect("the build script prints the folder")).join("kube-apiserver");
+        let binaries = PathBuf::from(built.lines().last().expect("the build script prints the folder"));
         let dir = std::env::temp_dir().join(format!("bulkhead-apiserver-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -65,9 +77,18 @@ impl ControlPlane {
             );
             std::fs::write(dir.join(format!("{user}.kubeconfig")), kubeconfig).unwrap();
         }
-        let mut plane = Self { dir, netns: netns.to_string(), apiserver_bin, etcd: None, apiserver: None, port };
+        let mut plane = Self {
+            dir,
+            netns: netns.to_string(),
+            binaries,
+            etcd: None,
+            apiserver: None,
+            controller_manager: None,
+            port,
+        };
         plane.start_etcd();
         plane.start_apiserver();
+        plane.start_controller_manager();
         plane
     }
 
@@ -104,7 +125,7 @@ impl ControlPlane {
     pub fn start_apiserver(&mut self) {
         let file = |name: &str| self.dir.join(name).display().to_string();
         let child = self
-            .in_netns(&self.apiserver_bin)
+            .in_netns(self.binaries.join("kube-apiserver"))
             .args([
                 "--etcd-servers=http://127.0.0.1:2379",
                 "--bind-address=127.0.0.1",
@@ -138,6 +159,18 @@ impl ControlPlane {
         }
         let log = std::fs::read_to_string(self.dir.join("kube-apiserver.log")).unwrap_or_default();
         panic!("kube-apiserver exited or was not ready in 90 s:\n{}", &log[log.len().saturating_sub(4000)..]);
+    }
+
+    fn start_controller_manager(&mut self) {
+        let child = self
+            .in_netns(self.binaries.join("kube-controller-manager"))
+            .arg(format!("--kubeconfig={}", self.kubeconfig("admin").display()))
+            .args(["--controllers=namespace,garbagecollector", "--leader-elect=false", "--port=0", "--secure-port=0"])
+            .stdout(Stdio::null())
+            .stderr(self.log("kube-controller-manager"))
+            .spawn()
+            .expect("kube-controller-manager");
+        self.controller_manager = Some(child);
     }
 
     pub fn stop_apiserver(&mut self) {
@@ -177,14 +210,14 @@ impl ControlPlane {
         assert!(out.status.success(), "kubectl apply: {}\n{yaml}", String::from_utf8_lossy(&out.stderr));
     }
 
-    /// Apply files of this checkout (paths from its root) in order, then
-    /// wait until every CRD is established, as `kubectl apply` users do.
-    pub fn install(&self, files: &[&str]) {
-        for file in files {
-            let path = super::workspace_root().join(file);
-            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            self.apply(&text);
-        }
+    /// `kubectl apply -f manifests/install.yaml`, exactly the README's
+    /// install command, as admin; then every CRD established. Panics on any
+    /// refusal but the one this v1.20 server must make (`VERSION_GAP`).
+    pub fn install_bulkhead(&self) {
+        let install = super::workspace_root().join("manifests/install.yaml");
+        let out = self.kubectl(&["apply", "-f", &install.display().to_string()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(refusals(&stderr).is_empty(), "kubectl apply -f manifests/install.yaml: {stderr}");
         let out = self.kubectl(&["wait", "--for", "condition=established", "--timeout=60s", "crd", "--all"]);
         assert!(out.status.success(), "CRDs not established: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -207,6 +240,10 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        for child in [&mut self.controller_manager].into_iter().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         self.stop_apiserver();
         if let Some(mut child) = self.etcd.take() {
             let _ = child.kill();

@@ -1,28 +1,40 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver v1.20.2 from Debian bookworm's `kubernetes` source package and installs
-# etcd-server, as ../shared/design/kube-apiserver.md describes. Idempotent: the binaries are cached by
-# version under $BULKHEAD_CACHE (default ~/.cache/bulkhead) and nothing is done when they are present.
-# Prints the directory holding kube-apiserver on its last line.
+# Builds the Kubernetes v1.20.2 control plane the tests run (kube-apiserver, and kube-controller-manager
+# for namespace deletion and garbage collection) from Debian bookworm's `kubernetes` source package, and
+# installs etcd-server, as ../shared/design/kube-apiserver.md describes. Idempotent: the binaries are
+# cached by version under $BULKHEAD_CACHE (default ~/.cache/bulkhead), with Go's build cache beside them,
+# and nothing is built when they are present. Prints the directory holding them on its last line.
 set -euo pipefail
+# Run from a cargo build or test, OUT_DIR names cargo's folder; the Kubernetes
+# Makefile reads it as where its own output goes, and the binaries land there.
+unset OUT_DIR
 
 VERSION=1.20.2
 DEB_VERSION=1.20.5+really1.20.2-1.1+deb12u1
 CACHE=${BULKHEAD_CACHE:-$HOME/.cache/bulkhead}
-OUT=$CACHE/kube-apiserver-v$VERSION
+OUT=$CACHE/kubernetes-v$VERSION
+COMPONENTS=(kube-apiserver kube-controller-manager)
+
+# One build at a time: tests that start control planes side by side wait here for the first to finish.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.kubernetes-build.lock"
+flock 9
 
 need_pkgs=()
 for p in golang-1.19-go etcd-server rsync make golang-github-modern-go-reflect2-dev openssl; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then
-    echo "kube-apiserver-build: installing ${need_pkgs[*]}" >&2
+    echo "kubernetes-build: installing ${need_pkgs[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >&2
     apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >&2
 fi
-command -v kubectl >/dev/null || { echo "kube-apiserver-build: kubectl is not installed" >&2; exit 1; }
+command -v kubectl >/dev/null || { echo "kubernetes-build: kubectl is not installed" >&2; exit 1; }
 
-if [[ -x $OUT/kube-apiserver ]]; then
+built=1
+for c in "${COMPONENTS[@]}"; do [[ -x $OUT/$c ]] || built=0; done
+if ((built)); then
     echo "$OUT"
     exit 0
 fi
@@ -45,11 +57,13 @@ cd "$W/kubernetes-$VERSION"
 rm -rf vendor/github.com/modern-go/reflect2
 cp -rL /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/reflect2
 rm -f vendor/github.com/modern-go/reflect2/go.mod
-echo "kube-apiserver-build: building kube-apiserver v$VERSION (about 5 minutes on 2 cores)" >&2
+WHAT=()
+for c in "${COMPONENTS[@]}"; do WHAT+=("cmd/$c"); done
+echo "kubernetes-build: building ${COMPONENTS[*]} v$VERSION (about 7 minutes on 2 cores)" >&2
 PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 GOPROXY=off HOME=$W/home \
     KUBE_GIT_VERSION=v$VERSION KUBE_GIT_MAJOR=1 KUBE_GIT_MINOR=20 KUBE_GIT_TREE_STATE=clean \
-    make WHAT="cmd/kube-apiserver" GOLDFLAGS="-s -w" >&2
+    make WHAT="${WHAT[*]}" GOLDFLAGS="-s -w" >&2
 mkdir -p "$OUT.tmp"
-cp _output/bin/kube-apiserver "$OUT.tmp/"
+for c in "${COMPONENTS[@]}"; do cp "_output/bin/$c" "$OUT.tmp/"; done
 rm -rf "$OUT" && mv "$OUT.tmp" "$OUT"
 echo "$OUT"
