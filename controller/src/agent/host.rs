@@ -1,6 +1,14 @@
 //! What the agent learns from the node itself: which host-side veth leads to
-//! a pod (a route lookup, then the link, as a CNI left them), which cgroup
-//! holds it (kubelet's hierarchy), and the node's own addresses.
+//! a pod, which cgroup holds it (kubelet's hierarchy), and the node's own
+//! addresses.
+//!
+//! A pod's veth is found whatever wired it. Routed CNIs (ptp, Calico,
+//! kindnet) route the pod's address to its veth; bridge CNIs (bridge,
+//! flannel) route the whole subnet to the bridge, whose ports are the veths.
+//! Either way the proof is the same: a veth whose other end is in another
+//! network namespace, where that end holds the pod's address. The agent asks
+//! the kernel for the addresses of that namespace by its id (netlink's
+//! target-netnsid, CAP_NET_ADMIN), without entering it.
 
 use std::{
     collections::BTreeSet,
@@ -9,12 +17,20 @@ use std::{
 };
 
 use futures::TryStreamExt;
+use rtnetlink::packet_core::DefaultNla;
 use rtnetlink::packet_route::{
-    address::{AddressAttribute, AddressScope},
-    link::{InfoKind, LinkAttribute, LinkInfo},
+    address::{AddressAttribute, AddressMessage, AddressScope},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
     route::RouteAttribute,
+    AddressFamily,
 };
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::{
+    sys::{AsyncSocket, TokioSocket},
+    Handle, RouteMessageBuilder,
+};
+
+/// `IFA_TARGET_NETNSID`: the address dump of another namespace, by its id.
+const IFA_TARGET_NETNSID: u16 = 10;
 
 /// A pod's host-side interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,22 +39,80 @@ pub struct HostInterface {
     pub ifindex: u32,
 }
 
+/// Where a pod's address leads on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wiring {
+    /// The host side of the pod's veth.
+    Veth(HostInterface),
+    /// No veth leads to the pod: why, for the operator.
+    Missing(String),
+}
+
+/// A veth of this node whose other end is in another namespace.
+struct Veth {
+    interface: HostInterface,
+    /// The namespace of the other end, as this namespace numbers it.
+    peer_netns: i32,
+    /// The other end's ifindex there.
+    peer_ifindex: u32,
+}
+
 pub struct Host {
     netlink: Handle,
+    /// A second connection with strict checking on, which the kernel
+    /// requires to honour a target namespace in a dump.
+    peers: Handle,
     cgroup_root: Option<PathBuf>,
 }
 
 impl Host {
-    /// Open a netlink connection in this process's network namespace.
+    /// Open netlink connections in this process's network namespace.
     pub fn new(cgroup_root: Option<PathBuf>) -> std::io::Result<Self> {
         let (connection, netlink, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
-        Ok(Self { netlink, cgroup_root })
+        let socket = TokioSocket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)?;
+        socket.socket_ref().set_netlink_get_strict_chk(true)?;
+        let (connection, peers, _) = rtnetlink::from_socket(socket);
+        tokio::spawn(connection);
+        Ok(Self { netlink, peers, cgroup_root })
     }
 
-    /// The veth the node routes `address` out of, when there is one: a route
-    /// through a gateway or to a device that is not a veth leads elsewhere.
-    pub async fn interface_to(&self, address: IpAddr) -> Result<Option<HostInterface>, rtnetlink::Error> {
+    /// The veth that leads to `address`: the one the node routes it out of
+    /// when that veth's other end holds it (routed CNIs), else any veth whose
+    /// other end holds it (bridges). `Missing` says what the node does with
+    /// the address instead.
+    pub async fn wiring(&self, address: IpAddr) -> Result<Wiring, rtnetlink::Error> {
+        let route = self.route_device(address).await?;
+        if let Some(link) = &route {
+            if let Some(veth) = veth_of(link) {
+                if self.peer_holds(&veth, address).await? {
+                    return Ok(Wiring::Veth(veth.interface));
+                }
+            }
+        }
+        for veth in self.veths().await? {
+            if self.peer_holds(&veth, address).await? {
+                return Ok(Wiring::Veth(veth.interface));
+            }
+        }
+        let why = match route.as_ref().map(|link| (name_of(link), kind_of(link))) {
+            None => format!("the node has no route to {address} yet (the CNI has not wired the pod)"),
+            Some((name, Some(InfoKind::Bridge))) => {
+                format!("the node routes {address} to the bridge {name}, and no veth's other end holds it yet")
+            }
+            Some((name, Some(InfoKind::MacVlan | InfoKind::IpVlan | InfoKind::MacVtap | InfoKind::IpVtap))) => format!(
+                "the node routes {address} to {name}, a macvlan/ipvlan device: such pods have no host-side veth, which Bulkhead needs (unsupported)"
+            ),
+            Some((name, kind)) => format!(
+                "the node routes {address} to {name} ({}), and no veth's other end holds it: the pod is not wired by a veth-based CNI (unsupported), or not yet",
+                kind.map(|k| format!("{k:?}").to_lowercase()).unwrap_or_else(|| "no kind".into())
+            ),
+        };
+        Ok(Wiring::Missing(why))
+    }
+
+    /// The device the node routes `address` out of directly (no gateway).
+    async fn route_device(&self, address: IpAddr) -> Result<Option<LinkMessage>, rtnetlink::Error> {
         let request = match address {
             IpAddr::V4(v4) => RouteMessageBuilder::<std::net::Ipv4Addr>::new().destination_prefix(v4, 32).build(),
             IpAddr::V6(v6) => RouteMessageBuilder::<std::net::Ipv6Addr>::new().destination_prefix(v6, 128).build(),
@@ -61,13 +135,35 @@ impl Host {
             return Ok(None);
         };
         let mut links = self.netlink.link().get().match_index(ifindex).execute();
-        let Some(link) = links.try_next().await? else { return Ok(None) };
-        let is_veth = link.attributes.iter().any(|a| matches!(a, LinkAttribute::LinkInfo(infos) if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)))));
-        let name = link.attributes.iter().find_map(|a| match a {
-            LinkAttribute::IfName(name) => Some(name.clone()),
-            _ => None,
-        });
-        Ok(name.filter(|_| is_veth).map(|name| HostInterface { name, ifindex }))
+        links.try_next().await
+    }
+
+    /// Every veth of this node whose other end is in another namespace.
+    async fn veths(&self) -> Result<Vec<Veth>, rtnetlink::Error> {
+        let links: Vec<LinkMessage> = self.netlink.link().get().execute().try_collect().await?;
+        Ok(links.iter().filter_map(veth_of).collect())
+    }
+
+    /// Whether a veth's other end holds `address`.
+    async fn peer_holds(&self, veth: &Veth, address: IpAddr) -> Result<bool, rtnetlink::Error> {
+        let mut request = self.peers.address().get();
+        let message: &mut AddressMessage = request.message_mut();
+        message.header.family = if address.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        message.header.index = veth.peer_ifindex;
+        message
+            .attributes
+            .push(AddressAttribute::Other(DefaultNla::new(IFA_TARGET_NETNSID, veth.peer_netns.to_ne_bytes().to_vec())));
+        let messages: Vec<AddressMessage> = match request.execute().try_collect().await {
+            Ok(messages) => messages,
+            // The namespace went away meanwhile (a pod deleted).
+            Err(rtnetlink::Error::NetlinkError(_)) => return Ok(false),
+            Err(error) => return Err(error),
+        };
+        Ok(messages.iter().filter(|m| m.header.index == veth.peer_ifindex).any(|m| {
+            m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(a) | AddressAttribute::Local(a) if *a == address))
+        }))
     }
 
     /// The node's own addresses (global scope): kubelet probes come from them.
@@ -93,6 +189,44 @@ impl Host {
     pub fn cgroup_of(&self, uid: &str) -> Option<PathBuf> {
         find_pod_cgroup(self.cgroup_root.as_deref()?, uid)
     }
+}
+
+fn name_of(link: &LinkMessage) -> String {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| format!("ifindex {}", link.header.index))
+}
+
+fn kind_of(link: &LinkMessage) -> Option<InfoKind> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(kind) => Some(kind.clone()),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// A veth whose other end is in another namespace (its peer's namespace id
+/// and ifindex are known); `None` for anything else.
+fn veth_of(link: &LinkMessage) -> Option<Veth> {
+    if kind_of(link) != Some(InfoKind::Veth) {
+        return None;
+    }
+    let peer_netns = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkNetNsId(id) => Some(*id),
+        _ => None,
+    })?;
+    let peer_ifindex = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Link(index) => Some(*index),
+        _ => None,
+    })?;
+    let interface = HostInterface { name: name_of(link), ifindex: link.header.index };
+    Some(Veth { interface, peer_netns, peer_ifindex })
 }
 
 /// kubelet names a pod's cgroup `pod<uid>` (cgroupfs driver) or

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub map_capacity: IntGaugeVec,
     pub endpoints: IntGauge,
     pub endpoints_failed_closed: IntGauge,
+    pub endpoints_unenforced: IntGauge,
     pub policies_rejected: IntGauge,
     pub sync_errors: IntCounterVec,
     pub events_received: IntCounterVec,
@@ -64,6 +65,10 @@ impl Metrics {
             endpoints_failed_closed: r.gauge(
                 "bulkhead_endpoints_failed_closed",
                 "Local pods failed closed because their allowlist did not fit in the maps.",
+            ),
+            endpoints_unenforced: r.gauge(
+                "bulkhead_endpoints_unenforced",
+                "Local pods not enforced for longer than the grace (5 s): their connections are not policed.",
             ),
             policies_rejected: r.gauge(
                 "bulkhead_policies_rejected",

@@ -38,7 +38,7 @@ pub mod metrics;
 pub mod report;
 
 use baseline::{Destination, EgressBaselines, Workload};
-use host::{Host, HostInterface};
+use host::{Host, HostInterface, Wiring};
 use metrics::Metrics;
 
 #[derive(Clone, Debug)]
@@ -100,8 +100,8 @@ pub struct StateView {
     pub syncs: u64,
     /// Local pods and the interface each is enforced on.
     pub endpoints: BTreeMap<String, String>,
-    /// Local pods not enforced yet (no veth found yet).
-    pub waiting: Vec<String>,
+    /// Local pods not enforced yet, and why.
+    pub waiting: BTreeMap<String, String>,
     pub failed_closed: Vec<String>,
     pub rejected: Vec<String>,
     /// Accepted policies with their `metadata.generation` and selected pods.
@@ -121,6 +121,8 @@ pub struct Shared {
     heartbeat: Mutex<Instant>,
     state: Mutex<StateView>,
     events: Mutex<VecDeque<EventRecord>>,
+    /// Local pods unenforced beyond the grace, and why.
+    unenforced: Mutex<BTreeMap<String, String>>,
 }
 
 const RECENT_EVENTS: usize = 512;
@@ -136,6 +138,7 @@ impl Shared {
             heartbeat: Mutex::new(Instant::now()),
             state: Mutex::new(StateView::default()),
             events: Mutex::new(VecDeque::new()),
+            unenforced: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -143,13 +146,18 @@ impl Shared {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// `/readyz`: the first complete view of the source is in the datapath.
+    /// `/readyz`: the first complete view of the source is in the datapath,
+    /// and every local pod is enforced (or not yet for `ENFORCE_GRACE`).
     pub fn readiness(&self) -> Result<&'static str, String> {
-        if self.is_ready() {
-            Ok("ready")
-        } else {
-            Err("the first full sync is not in the datapath yet".into())
+        if !self.is_ready() {
+            return Err("the first full sync is not in the datapath yet".into());
         }
+        let unenforced = self.unenforced.lock().expect("unenforced lock");
+        if !unenforced.is_empty() {
+            let pods: Vec<String> = unenforced.iter().map(|(pod, why)| format!("{pod}: {why}")).collect();
+            return Err(format!("{} local pod(s) not enforced: {}", pods.len(), pods.join("; ")));
+        }
+        Ok("ready")
     }
 
     pub fn health(&self) -> Result<(), String> {
@@ -189,6 +197,18 @@ struct Attached {
     cgroup: Option<PathBuf>,
 }
 
+/// A local pod not enforced yet.
+struct Waiting {
+    since: Instant,
+    why: String,
+    /// Overdue and logged as such.
+    warned: bool,
+}
+
+/// How long a local pod may stay unenforced (the CNI wiring it) before the
+/// agent says so loudly.
+const ENFORCE_GRACE: Duration = Duration::from_secs(5);
+
 struct Pending {
     first_observed: Instant,
     last_change: Instant,
@@ -208,8 +228,8 @@ pub struct Agent {
     pods_by_endpoint: HashMap<u32, PodRef>,
     pods_by_address: HashMap<IpAddr, PodRef>,
     attached: BTreeMap<PodRef, Attached>,
-    /// Local pods whose veth is not there yet.
-    waiting: BTreeSet<PodRef>,
+    /// Local pods not enforced yet, since when and why.
+    waiting: BTreeMap<PodRef, Waiting>,
     source_synced: bool,
     pending: Option<Pending>,
     /// The source revision of the newest update taken.
@@ -253,7 +273,7 @@ impl Agent {
             pods_by_endpoint: HashMap::new(),
             pods_by_address: HashMap::new(),
             attached: BTreeMap::new(),
-            waiting: BTreeSet::new(),
+            waiting: BTreeMap::new(),
             source_synced: false,
             pending: None,
             revision: None,
@@ -387,7 +407,7 @@ impl Agent {
         for pod in stale {
             self.detach(&pod);
         }
-        self.waiting.retain(|pod| local.contains_key(pod));
+        self.waiting.retain(|pod, _| local.contains_key(pod));
 
         let started = Instant::now();
         let synced = self.programmer.sync(&local_state);
@@ -456,16 +476,14 @@ impl Agent {
             .map(|(pod, e)| (pod.clone(), e.id, e.addresses.clone()))
             .collect();
         for (pod, endpoint_id, addresses) in local {
-            let interface = match self.host.interface_to(addresses[0]).await {
-                Ok(Some(interface)) => interface,
-                Ok(None) => {
-                    if self.waiting.insert(pod.clone()) {
-                        tracing::debug!(%pod, address = %addresses[0], "no veth routes to the pod yet; waiting");
-                    }
+            let interface = match self.host.wiring(addresses[0]).await {
+                Ok(Wiring::Veth(interface)) => interface,
+                Ok(Wiring::Missing(why)) => {
+                    self.wait(&pod, why);
                     continue;
                 }
                 Err(error) => {
-                    tracing::warn!(%pod, %error, "route lookup failed");
+                    self.wait(&pod, format!("looking up its interface failed: {error}"));
                     continue;
                 }
             };
@@ -480,20 +498,50 @@ impl Agent {
             ) {
                 Ok(()) => {
                     tracing::info!(%pod, interface = %interface.name, cgroup = ?cgroup, endpoint = endpoint_id, "enforcing");
-                    self.waiting.remove(&pod);
+                    if let Some(waited) = self.waiting.remove(&pod).filter(|w| w.warned) {
+                        tracing::warn!(%pod, after_s = waited.since.elapsed().as_secs_f64(), "enforced at last");
+                    }
                     if let (Some(baselines), Some(object)) = (self.baselines.as_mut(), self.snapshot.pods.get(&pod)) {
                         baselines.start(&Workload::of(object), Instant::now());
                     }
                     self.attached.insert(pod, Attached { endpoint_id, interface, addresses, cgroup });
                 }
                 Err(error) => {
-                    tracing::error!(%pod, interface = %interface.name, %error, "cannot attach the datapath to the pod");
                     self.shared.metrics.sync_errors.with_label_values(&["attach"]).inc();
-                    self.waiting.insert(pod);
+                    self.wait(&pod, format!("attaching to {} failed: {error}", interface.name));
                 }
             }
         }
+        self.report_overdue();
         self.shared.metrics.endpoints.set(self.attached.len() as i64);
+    }
+
+    /// A local pod that could not be enforced this time, and why.
+    fn wait(&mut self, pod: &PodRef, why: String) {
+        let waiting = self.waiting.entry(pod.clone()).or_insert_with(|| {
+            tracing::debug!(%pod, %why, "not enforced yet; retrying");
+            Waiting { since: Instant::now(), why: String::new(), warned: false }
+        });
+        waiting.why = why;
+    }
+
+    /// Local pods unenforced beyond `ENFORCE_GRACE` are loud: a WARN each
+    /// (once), the `bulkhead_endpoints_unenforced` gauge, and `/readyz`.
+    fn report_overdue(&mut self) {
+        let mut overdue = BTreeMap::new();
+        for (pod, waiting) in &mut self.waiting {
+            if waiting.since.elapsed() < ENFORCE_GRACE {
+                continue;
+            }
+            if !waiting.warned {
+                waiting.warned = true;
+                tracing::warn!(%pod, why = %waiting.why, "local pod not enforced after {} s: its connections are not policed", ENFORCE_GRACE.as_secs());
+            }
+            overdue.insert(pod.to_string(), waiting.why.clone());
+        }
+        self.shared.metrics.endpoints_unenforced.set(overdue.len() as i64);
+        self.shared.metrics.endpoints.set(self.attached.len() as i64);
+        *self.shared.unenforced.lock().expect("unenforced lock") = overdue;
     }
 
     fn detach(&mut self, pod: &PodRef) {
@@ -659,7 +707,7 @@ impl Agent {
             revision: self.revision.clone(),
             syncs: self.syncs,
             endpoints: self.attached.iter().map(|(p, a)| (p.to_string(), a.interface.name.clone())).collect(),
-            waiting: self.waiting.iter().map(PodRef::to_string).collect(),
+            waiting: self.waiting.iter().map(|(pod, w)| (pod.to_string(), w.why.clone())).collect(),
             failed_closed: self
                 .pods_by_endpoint
                 .iter()

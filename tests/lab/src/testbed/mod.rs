@@ -163,6 +163,8 @@ pub struct Topology {
     /// Where the pods' cgroups are (the agent's `--cgroup-root`).
     pub kubepods: PathBuf,
     subnet: u8,
+    /// The node has its pod bridge (`add_bridged_pod`).
+    bridged: bool,
     children: Vec<Child>,
 }
 
@@ -179,6 +181,7 @@ impl Topology {
             pods: vec![],
             kubepods: PathBuf::from(CGROUP2_ROOT).join(format!("bh-{tag}-kubepods")),
             subnet,
+            bridged: false,
             children: vec![],
         };
         topology.remove_leftovers();
@@ -274,6 +277,68 @@ impl Topology {
         self.node_exec(&["ip", "-6", "addr", "add", "fe80::1/64", "dev", &host_interface, "nodad"]);
         self.node_exec(&["ip", "route", "add", &format!("{ipv4}/32"), "dev", &host_interface]);
         self.node_exec(&["ip", "-6", "route", "add", &format!("{ipv6}/128"), "dev", &host_interface]);
+        let uid = format!("{}-{index}", self.tag);
+        let cgroup = self.kubepods.join(format!("pod{uid}"));
+        std::fs::create_dir_all(&cgroup).unwrap();
+        let pod = TestPod { name: name.to_string(), netns, host_interface, ipv4, ipv6, cgroup, uid };
+        self.pods.push(pod.clone());
+        pod
+    }
+
+    /// A pod wired as bridge CNIs (bridge, flannel) wire one: its veth is a
+    /// port of the node's bridge, which holds the gateway address of the
+    /// subnet; the node routes the subnet to the bridge, not the pod to its
+    /// veth. The pod's addresses are 10.<subnet>.2.x and fd00:<subnet>:2::x.
+    pub fn add_bridged_pod(&mut self, name: &str) -> TestPod {
+        let bridge = format!("bh{}br", self.tag);
+        let index = self.pods.len();
+        if !self.bridged {
+            self.bridged = true;
+            self.node_exec(&["ip", "link", "add", &bridge, "type", "bridge"]);
+            self.node_exec(&["ip", "addr", "add", &format!("10.{}.2.1/24", self.subnet), "dev", &bridge]);
+            self.node_exec(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("fd00:{}:2::1/64", self.subnet),
+                "dev",
+                &bridge,
+                "nodad",
+            ]);
+            self.node_exec(&["ip", "link", "set", &bridge, "up"]);
+        }
+        let netns = format!("bh-{}-{name}", self.tag);
+        let host_interface = format!("bh{}b{index}", self.tag);
+        let ipv4: IpAddr = format!("10.{}.2.{}", self.subnet, 10 + index).parse().unwrap();
+        let ipv6: IpAddr = format!("fd00:{}:2::{:x}", self.subnet, 10 + index).parse().unwrap();
+        run(&["ip", "netns", "add", &netns]);
+        let pod_exec = |cmd: &[&str]| {
+            let mut args = vec!["ip", "netns", "exec", &netns];
+            args.extend_from_slice(cmd);
+            run(&args);
+        };
+        pod_exec(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]);
+        self.node_exec(&[
+            "ip",
+            "link",
+            "add",
+            &host_interface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+        ]);
+        self.node_exec(&["ip", "link", "set", &host_interface, "master", &bridge, "up"]);
+        pod_exec(&["ip", "link", "set", "lo", "up"]);
+        pod_exec(&["ip", "link", "set", "eth0", "up"]);
+        pod_exec(&["ip", "addr", "add", &format!("{ipv4}/24"), "dev", "eth0"]);
+        pod_exec(&["ip", "-6", "addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"]);
+        pod_exec(&["ip", "route", "add", "default", "via", &format!("10.{}.2.1", self.subnet)]);
+        pod_exec(&["ip", "-6", "route", "add", "default", "via", &format!("fd00:{}:2::1", self.subnet)]);
         let uid = format!("{}-{index}", self.tag);
         let cgroup = self.kubepods.join(format!("pod{uid}"));
         std::fs::create_dir_all(&cgroup).unwrap();
