@@ -49,6 +49,30 @@ pub fn compile(snapshot: &Snapshot) -> DesiredState {
     Compiler::new(snapshot).into_state()
 }
 
+/// Whose allowlists a compiler writes. Every pod gets its identity (what
+/// identifies it as a peer) whatever the scope; only the pods in scope get an
+/// endpoint and entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every pod: the CLI and the scenario checks.
+    Cluster,
+    /// The pods of one node (`spec.nodeName`): an agent. A folder describes
+    /// one node, so there pods without a node are this node's too.
+    Node { name: String, unscheduled_are_local: bool },
+}
+
+impl Scope {
+    pub fn includes(&self, pod: &Pod) -> bool {
+        match self {
+            Scope::Cluster => true,
+            Scope::Node { name, unscheduled_are_local } => match &pod.node_name {
+                Some(node) => node == name,
+                None => *unscheduled_are_local,
+            },
+        }
+    }
+}
+
 /// The policies a class's pods are selected by (sorted) and their named ports.
 type ClassKey = (Vec<PolicyRef>, NamedPorts);
 
@@ -66,11 +90,16 @@ type PodIdentities = (IdentityKey, Vec<(IpAddr, IdentityKey)>);
 struct CompiledPod {
     namespace: String,
     labels: Labels,
-    endpoint: u32,
     plain_identity: IdentityKey,
     /// Each address and the identity it carries (it differs from the plain
     /// one when the address falls in an ipBlock CIDR).
     addresses: Vec<(IpAddr, IdentityKey)>,
+    /// For a pod in scope: its endpoint and class.
+    placement: Option<Placement>,
+}
+
+struct Placement {
+    endpoint: u32,
     class: ClassKey,
 }
 
@@ -234,6 +263,7 @@ fn restamp(state: &mut DesiredState, touched: &mut Touched, endpoint: u32, old: 
 
 /// A compiled state and what it was made of, updatable in place.
 pub struct Compiler {
+    scope: Scope,
     state: DesiredState,
     policies: BTreeMap<PolicyRef, Rc<Accepted>>,
     policy_numbers: Numbering<PolicyRef>,
@@ -250,6 +280,9 @@ pub struct Compiler {
     node_addresses: BTreeSet<IpAddr>,
     endpoint_numbers: Numbering<PodRef>,
     pods: HashMap<PodRef, CompiledPod>,
+    /// The pods in scope, by namespace: what a policy or namespace change
+    /// looks through.
+    local: HashMap<String, BTreeSet<PodRef>>,
     address_owners: HashMap<IpAddr, BTreeSet<PodRef>>,
     classes: HashMap<ClassKey, Class>,
     touched: Touched,
@@ -257,8 +290,13 @@ pub struct Compiler {
 }
 
 impl Compiler {
-    /// Compile a whole snapshot.
+    /// Compile a whole snapshot, every pod's allowlist.
     pub fn new(snapshot: &Snapshot) -> Self {
+        Self::scoped(snapshot, Scope::Cluster)
+    }
+
+    /// Compile a whole snapshot, the allowlists of the pods in `scope`.
+    pub fn scoped(snapshot: &Snapshot, scope: Scope) -> Self {
         // Policies were validated as they entered the snapshot; the rejected
         // ones are reported, and their last accepted versions compiled.
         let rejected = snapshot.rejected.values().map(|r| r.error.clone()).collect();
@@ -282,7 +320,10 @@ impl Compiler {
                 namespace_labels.insert(pod.namespace.clone(), snapshot.namespace_labels(&pod.namespace));
             }
         }
+        let in_scope = snapshot.pods.iter().filter(|(_, pod)| scope.includes(pod)).map(|(r, _)| r);
+        let endpoint_numbers = Numbering::new(in_scope, 1, 1 << 30, ref_hash);
         let mut compiler = Compiler {
+            scope,
             state,
             policies: BTreeMap::new(),
             policy_numbers,
@@ -294,8 +335,9 @@ impl Compiler {
             universe: Universe::default(),
             namespace_labels,
             node_addresses: snapshot.node_addresses.clone(),
-            endpoint_numbers: Numbering::new(snapshot.pods.keys(), 1, 1 << 30, ref_hash),
+            endpoint_numbers,
             pods: HashMap::new(),
+            local: HashMap::new(),
             address_owners: HashMap::new(),
             classes: HashMap::new(),
             touched: Touched::default(),
@@ -356,7 +398,10 @@ impl Compiler {
         let mut cluster_by_namespace: HashMap<&str, Vec<(&PolicyRef, &Rc<Accepted>)>> = HashMap::new();
         let cluster_policies = compiler.subjects.get("").cloned().unwrap_or_default();
         for (pod_ref, pod, plain, addresses) in planned {
-            let endpoint = compiler.endpoint_numbers.get(pod_ref).expect("numbered");
+            let Some(endpoint) = compiler.endpoint_numbers.get(pod_ref) else {
+                compiler.place_pod(pod_ref, pod, (plain, addresses), None);
+                continue;
+            };
             let namespace_cluster = cluster_by_namespace.entry(pod.namespace.as_str()).or_insert_with(|| {
                 let labels = &compiler.namespace_labels[&pod.namespace];
                 cluster_policies
@@ -370,27 +415,35 @@ impl Compiler {
                 &pod.labels,
             );
             let class = (selected, named_ports_of(pod));
-            compiler.place_pod(pod_ref, pod, endpoint, (plain, addresses), class);
+            compiler.place_pod(pod_ref, pod, (plain, addresses), Some(Placement { endpoint, class }));
         }
         compiler
     }
 
-    /// A pod takes its place: its endpoint, its class's entries stamped on
-    /// it, and what the compiler keeps of it.
-    fn place_pod(&mut self, pod_ref: &PodRef, pod: &Pod, endpoint: u32, identities: PodIdentities, class: ClassKey) {
-        let endpoint_entry = Endpoint { id: endpoint, addresses: pod.ips.clone(), node_name: pod.node_name.clone() };
-        self.state.endpoints.insert(pod_ref.clone(), endpoint_entry);
-        self.join_class(pod_ref, endpoint, &class);
+    /// A pod takes its place: when in scope, its endpoint and its class's
+    /// entries stamped on it; and what the compiler keeps of it.
+    fn place_pod(&mut self, pod_ref: &PodRef, pod: &Pod, identities: PodIdentities, placement: Option<Placement>) {
+        if let Some(Placement { endpoint, class }) = &placement {
+            let endpoint_entry =
+                Endpoint { id: *endpoint, addresses: pod.ips.clone(), node_name: pod.node_name.clone() };
+            self.state.endpoints.insert(pod_ref.clone(), endpoint_entry);
+            self.join_class(pod_ref, *endpoint, class);
+            self.local.entry(pod.namespace.clone()).or_default().insert(pod_ref.clone());
+        }
         let (plain_identity, addresses) = identities;
         let compiled = CompiledPod {
             namespace: pod.namespace.clone(),
             labels: pod.labels.clone(),
-            endpoint,
             plain_identity,
             addresses,
-            class,
+            placement,
         };
         self.pods.insert(pod_ref.clone(), compiled);
+    }
+
+    /// The pods in scope of one namespace.
+    fn local_in(&self, namespace: &str) -> Vec<PodRef> {
+        self.local.get(namespace).into_iter().flatten().cloned().collect()
     }
 
     pub fn state(&self) -> &DesiredState {
@@ -421,7 +474,8 @@ impl Compiler {
                 Changed::Pod(pod) => self.update_pod(snapshot, pod),
                 Changed::Policy(policy) => self.update_policy(snapshot, policy),
                 Changed::Namespace(name) => {
-                    self.namespace_labels.get(name).is_none_or(|labels| *labels == snapshot.namespace_labels(name))
+                    self.update_namespace(snapshot, name);
+                    true
                 }
                 Changed::NodeAddresses => {
                     self.update_node_addresses(&snapshot.node_addresses);
@@ -457,7 +511,7 @@ impl Compiler {
         let before_policy = revert(mem::take(&mut self.state.policy), touched.policy);
         let before_ipcache = revert(mem::take(&mut self.state.ipcache), touched.ipcache);
         let full_compiles = self.full_compiles + 1;
-        *self = Compiler::new(snapshot);
+        *self = Compiler::scoped(snapshot, self.scope.clone());
         self.full_compiles = full_compiles;
         if touched.enabled {
             self.touched = Touched {
@@ -612,8 +666,10 @@ impl Compiler {
         {
             return false;
         }
-        let endpoint_born = old.is_none() && new.is_some();
-        let endpoint_gone = old.is_some() && new.is_none();
+        let was_local = old.is_some_and(|p| p.placement.is_some());
+        let is_local = new.is_some_and(|pod| self.scope.includes(pod));
+        let endpoint_born = !was_local && is_local;
+        let endpoint_gone = was_local && !is_local;
         if (endpoint_born && !self.endpoint_numbers.can_add_all([pod_ref], ref_hash))
             || (endpoint_gone && !self.endpoint_numbers.can_remove())
         {
@@ -623,8 +679,11 @@ impl Compiler {
 
         // The pod leaves its class; identities change; it joins its new class.
         let old = self.pods.remove(pod_ref);
-        if let Some(old) = &old {
-            self.leave_class(pod_ref, old.endpoint, &old.class);
+        if let Some(Placement { endpoint, class }) = old.as_ref().and_then(|o| o.placement.as_ref()) {
+            self.leave_class(pod_ref, *endpoint, class);
+            if let Some(local) = self.local.get_mut(&old.as_ref().expect("placed").namespace) {
+                local.remove(pod_ref);
+            }
         }
         for (key, change) in delta {
             let users = self.identity_users.entry(key.clone()).or_insert(0);
@@ -658,25 +717,23 @@ impl Compiler {
                 }
             }
         }
-        match (new, planned) {
-            (Some(pod), Some((plain, pod_addresses))) => {
-                let endpoint = match &old {
-                    Some(old) => old.endpoint,
+        if endpoint_gone {
+            self.endpoint_numbers.remove(pod_ref);
+            self.state.endpoints.remove(pod_ref);
+        }
+        if let (Some(pod), Some((plain, pod_addresses))) = (new, planned) {
+            for (address, _) in &pod_addresses {
+                addresses.insert(*address);
+                self.address_owners.entry(*address).or_default().insert(pod_ref.clone());
+            }
+            let placement = is_local.then(|| {
+                let endpoint = match old.as_ref().and_then(|o| o.placement.as_ref()) {
+                    Some(placed) => placed.endpoint,
                     None => self.endpoint_numbers.add(pod_ref, ref_hash),
                 };
-                for (address, _) in &pod_addresses {
-                    addresses.insert(*address);
-                    self.address_owners.entry(*address).or_default().insert(pod_ref.clone());
-                }
-                let class = self.class_key_of(pod);
-                self.place_pod(pod_ref, pod, endpoint, (plain, pod_addresses), class);
-            }
-            _ => {
-                if old.is_some() {
-                    self.endpoint_numbers.remove(pod_ref);
-                    self.state.endpoints.remove(pod_ref);
-                }
-            }
+                Placement { endpoint, class: self.class_key_of(pod) }
+            });
+            self.place_pod(pod_ref, pod, (plain, pod_addresses), placement);
         }
         for address in addresses {
             self.refresh_address(address);
@@ -803,9 +860,15 @@ impl Compiler {
             .collect();
         let mut moving: BTreeSet<PodRef> = stale.values().flat_map(|c| c.members.keys().cloned()).collect();
         if let Some(policy) = self.policies.get(policy_ref) {
-            for (pod_ref, pod) in &self.pods {
-                if selects(&policy.policy, &pod.namespace, &self.namespace_labels[&pod.namespace], &pod.labels) {
-                    moving.insert(pod_ref.clone());
+            for (namespace, pods) in &self.local {
+                if matches!(&policy.subject_namespaces, NamespaceScope::Same(ns) if ns != namespace) {
+                    continue;
+                }
+                for pod_ref in pods {
+                    let pod = &self.pods[pod_ref];
+                    if selects(&policy.policy, namespace, &self.namespace_labels[namespace], &pod.labels) {
+                        moving.insert(pod_ref.clone());
+                    }
                 }
             }
         }
@@ -815,8 +878,7 @@ impl Compiler {
         }
         for pod_ref in &moving {
             let pod = &self.pods[pod_ref];
-            let (endpoint, old_key) = (pod.endpoint, pod.class.clone());
-            let mut key = old_key.clone();
+            let mut key = pod.placement.as_ref().expect("moving pods are placed").class.clone();
             key.0.retain(|r| r != policy_ref);
             if let Some(policy) = self.policies.get(policy_ref) {
                 if selects(&policy.policy, &pod.namespace, &self.namespace_labels[&pod.namespace], &pod.labels) {
@@ -825,30 +887,74 @@ impl Compiler {
                     *self.state.selected_pods.get_mut(policy_ref).expect("inserted above") += 1;
                 }
             }
-            if !self.classes.contains_key(&key) {
-                let class = self.compute_class(&key);
-                self.classes.insert(key.clone(), class);
-            }
-            // Only the entries that differ are written.
-            let mut cached_old = if stale.contains_key(&old_key) { None } else { self.classes.remove(&old_key) };
-            let old_class =
-                cached_old.as_ref().or_else(|| stale.get(&old_key)).expect("a pod's class is cached or stale");
-            let Self { classes, state, touched, .. } = self;
-            let new_class = classes.get_mut(&key).expect("inserted above");
-            restamp(state, touched, endpoint, &old_class.groups, &new_class.groups);
-            new_class.members.insert(pod_ref.clone(), endpoint);
-            if let Some(mut class) = cached_old.take() {
-                class.members.remove(pod_ref);
-                if !class.members.is_empty() {
-                    self.classes.insert(old_key, class);
-                }
-            }
-            self.pods.get_mut(pod_ref).expect("moving pods exist").class = key;
+            self.move_to_class(pod_ref, key, &stale);
         }
         if let Some(old) = &old {
             old.release(&mut self.universe);
         }
         true
+    }
+
+    /// Move a pod in scope to the class `key` (computed when new), writing
+    /// only the entries that differ. `stale` holds classes already taken out
+    /// of the cache (those of a changed policy).
+    fn move_to_class(&mut self, pod_ref: &PodRef, key: ClassKey, stale: &HashMap<ClassKey, Class>) {
+        let placed = self.pods[pod_ref].placement.as_ref().expect("a pod in scope");
+        let (endpoint, old_key) = (placed.endpoint, placed.class.clone());
+        if old_key == key && !stale.contains_key(&old_key) {
+            return;
+        }
+        if !self.classes.contains_key(&key) {
+            let class = self.compute_class(&key);
+            self.classes.insert(key.clone(), class);
+        }
+        let mut cached_old = if stale.contains_key(&old_key) { None } else { self.classes.remove(&old_key) };
+        let old_class = cached_old.as_ref().or_else(|| stale.get(&old_key)).expect("a pod's class is cached or stale");
+        let Self { classes, state, touched, .. } = self;
+        let new_class = classes.get_mut(&key).expect("inserted above");
+        restamp(state, touched, endpoint, &old_class.groups, &new_class.groups);
+        new_class.members.insert(pod_ref.clone(), endpoint);
+        if let Some(mut class) = cached_old.take() {
+            class.members.remove(pod_ref);
+            if !class.members.is_empty() {
+                self.classes.insert(old_key, class);
+            }
+        }
+        self.pods.get_mut(pod_ref).and_then(|p| p.placement.as_mut()).expect("a pod in scope").class = key;
+    }
+
+    /// A namespace's labels changed. Identity numbers stay (they do not
+    /// include namespace labels); what changes is which selectors match the
+    /// namespace's identities, so their entries are redone, and which cluster
+    /// policies select its pods in scope, which may change class.
+    fn update_namespace(&mut self, snapshot: &Snapshot, name: &str) {
+        let labels = snapshot.namespace_labels(name);
+        match self.namespace_labels.get(name) {
+            Some(known) if *known != labels => {}
+            // Unchanged, or a namespace no pod is in: nothing holds its labels.
+            _ => return,
+        }
+        self.namespace_labels.insert(name.to_string(), labels.clone());
+        let ids = self.universe.identities_in(name);
+        for id in &ids {
+            self.drop_identity_entries(*id);
+        }
+        self.universe.relabel_namespace(name, &labels);
+        for id in &ids {
+            self.add_identity_entries(*id);
+        }
+        for pod_ref in self.local_in(name) {
+            let pod = &self.pods[&pod_ref];
+            let old = pod.placement.as_ref().expect("a pod in scope").class.clone();
+            let key = (self.selected_policies(name, &pod.labels), old.1.clone());
+            for policy in old.0.iter().filter(|p| !key.0.contains(p)) {
+                *self.state.selected_pods.get_mut(policy).expect("accepted policy") -= 1;
+            }
+            for policy in key.0.iter().filter(|p| !old.0.contains(p)) {
+                *self.state.selected_pods.get_mut(policy).expect("accepted policy") += 1;
+            }
+            self.move_to_class(&pod_ref, key, &HashMap::new());
+        }
     }
 }
 

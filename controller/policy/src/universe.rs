@@ -84,6 +84,34 @@ impl Universe {
         }
     }
 
+    /// The pod identities of a namespace.
+    pub fn identities_in(&self, namespace: &str) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.by_namespace.get(namespace).into_iter().flatten().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// A namespace's labels changed: its identities are matched again
+    /// against every selector in use.
+    pub fn relabel_namespace(&mut self, namespace: &str, labels: &Labels) {
+        let ids = self.identities_in(namespace);
+        for id in &ids {
+            if let Some(pod) = self.pods.get_mut(id) {
+                pod.namespace_labels = labels.clone();
+            }
+        }
+        let Self { pods, cidrs, selected, .. } = self;
+        for selected in selected.iter_mut().flatten() {
+            for id in &ids {
+                if selects(pods, cidrs, &selected.peer, *id) {
+                    selected.ids.insert(*id);
+                } else {
+                    selected.ids.remove(id);
+                }
+            }
+        }
+    }
+
     pub fn remove_identity(&mut self, id: u32) {
         if let Some(pod) = self.pods.remove(&id) {
             if let Some(ids) = self.by_namespace.get_mut(&pod.namespace) {

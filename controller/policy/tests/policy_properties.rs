@@ -559,8 +559,9 @@ fn pod(index: usize) -> impl Strategy<Value = Pod> {
         prop::option::of(prop::sample::select(vec!["front", "back"])),
         any::<bool>(),
         prop::sample::select(vec![80u16, 81, 8080]),
+        prop::sample::select(vec![None, Some("n1"), Some("n2")]),
     )
-        .prop_map(move |(ns, app, tier, dual, http_port)| {
+        .prop_map(move |(ns, app, tier, dual, http_port, node)| {
             let mut labels: BTreeMap<String, String> = [("app".to_string(), app.to_string())].into();
             if let Some(t) = tier {
                 labels.insert("tier".into(), t.into());
@@ -574,7 +575,8 @@ fn pod(index: usize) -> impl Strategy<Value = Pod> {
             if app == "db" {
                 ports.push(ContainerPort { name: Some("metrics".into()), port: 81, protocol: crd::Protocol::UDP });
             }
-            Pod { namespace: ns.into(), name: format!("pod{index}"), labels, ips, ports, node_name: None, uid: None }
+            let node_name = node.map(String::from);
+            Pod { namespace: ns.into(), name: format!("pod{index}"), labels, ips, ports, node_name, uid: None }
         })
 }
 
@@ -779,6 +781,8 @@ enum Step {
     ApplyPolicy(usize),
     DeletePolicy(usize),
     ToggleProdY,
+    /// Pod i moves to the other node (into or out of a node's scope).
+    Reschedule(usize),
     /// Pod i's first address becomes (or stops being) a node address.
     ToggleNodeAddress(usize),
 }
@@ -791,6 +795,7 @@ fn step() -> impl Strategy<Value = Step> {
         3 => (0..6usize).prop_map(Step::ApplyPolicy),
         1 => (0..6usize).prop_map(Step::DeletePolicy),
         1 => Just(Step::ToggleProdY),
+        1 => (0..8usize).prop_map(Step::Reschedule),
         1 => (0..8usize).prop_map(Step::ToggleNodeAddress),
     ]
 }
@@ -837,6 +842,12 @@ fn take_step(cluster: &mut Cluster, other: &Cluster, step: &Step) -> Option<poli
             cluster.remove_policy(&policy_ref);
             Some(policy::Changed::Policy(policy_ref))
         }
+        Step::Reschedule(i) => {
+            let pod_ref = nth_pod(snapshot, *i)?;
+            let pod = snapshot.pods.get_mut(&pod_ref)?;
+            pod.node_name = Some(if pod.node_name.as_deref() == Some("n1") { "n2" } else { "n1" }.to_string());
+            Some(policy::Changed::Pod(pod_ref))
+        }
         Step::ToggleProdY => {
             let mut labels = snapshot.namespace_labels("y");
             labels.remove("kubernetes.io/metadata.name");
@@ -860,14 +871,20 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
 
     #[test]
-    fn incremental_updates_equal_a_fresh_compile(a in cluster(), other in cluster(), steps in prop::collection::vec(step(), 1..8), batch in 1..3usize) {
-        let mut compiler = policy::Compiler::new(&a.snapshot).tracking_changes();
-        let mut programmed = policy::compile(&a.snapshot);
+    fn incremental_updates_equal_a_fresh_compile(a in cluster(), other in cluster(), steps in prop::collection::vec(step(), 1..8), batch in 1..3usize, node_scope in any::<bool>()) {
+        // Cluster scope (every pod's entries) or one node's, as an agent compiles.
+        let scope = if node_scope {
+            policy::compile::Scope::Node { name: "n1".into(), unscheduled_are_local: false }
+        } else {
+            policy::compile::Scope::Cluster
+        };
+        let mut compiler = policy::Compiler::scoped(&a.snapshot, scope.clone()).tracking_changes();
+        let mut programmed = policy::Compiler::scoped(&a.snapshot, scope.clone()).into_state();
         let mut cluster = a.clone();
         for chunk in steps.chunks(batch) {
             let changed: Vec<policy::Changed> = chunk.iter().filter_map(|s| take_step(&mut cluster, &other, s)).collect();
             compiler.update(&cluster.snapshot, &changed);
-            let fresh = policy::compile(&cluster.snapshot);
+            let fresh = policy::Compiler::scoped(&cluster.snapshot, scope.clone()).into_state();
             prop_assert_eq!(compiler.state(), &fresh, "after {:?}", chunk);
             // The operations it hands out bring the maps there too.
             policy::apply(&mut programmed, &compiler.take_ops());
@@ -875,4 +892,5 @@ proptest! {
             prop_assert_eq!(&programmed.ipcache, &fresh.ipcache);
         }
     }
+
 }
