@@ -1,14 +1,23 @@
 //! What each agent tells the controller through the API server: a Lease of
 //! its own (`bulkhead-agent-<node>`), renewed every `RENEW`, annotated with
-//! the generation of every policy its datapath holds. The agent writes it
+//! the generation of every policy that selects one of its pods as its
+//! datapath holds it, the local pods it enforces, and those it cannot, with
+//! why. Its size follows the node, not the cluster. The agent writes it
 //! (`agent::report`), the controller reads it (`controller`).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp};
 
 /// The annotation on an agent's Lease: `{"<Kind> <namespace>/<name>": generation}`.
 pub const PROGRAMMED_ANNOTATION: &str = "bulkhead.io/programmed";
+/// `["<namespace>/<pod>", ...]`: local pods with their programs attached.
+pub const ENFORCED_ANNOTATION: &str = "bulkhead.io/enforced";
+/// `{"<namespace>/<pod>": "why"}`: local pods unenforced past the grace.
+pub const UNENFORCED_ANNOTATION: &str = "bulkhead.io/unenforced";
 pub const AGENT_LEASE_LABEL: &str = "bulkhead.io/agent-report";
 /// An agent renews its Lease this often; one silent for `STALE` is gone.
 pub const RENEW: Duration = Duration::from_secs(10);
@@ -23,7 +32,23 @@ pub fn lease_name(node: &str) -> String {
 pub struct NodeReport {
     /// Since the Lease was renewed.
     pub age: Duration,
+    /// The policies selecting its pods, and the generation it enforces.
     pub programmed: BTreeMap<String, i64>,
+    pub enforced: BTreeSet<String>,
+    pub unenforced: BTreeMap<String, String>,
+}
+
+impl NodeReport {
+    /// The Lease's annotations.
+    pub fn annotations(&self) -> BTreeMap<&'static str, String> {
+        let json = |value: serde_json::Value| value.to_string();
+        [
+            (PROGRAMMED_ANNOTATION, json(serde_json::json!(self.programmed))),
+            (ENFORCED_ANNOTATION, json(serde_json::json!(self.enforced))),
+            (UNENFORCED_ANNOTATION, json(serde_json::json!(self.unenforced))),
+        ]
+        .into()
+    }
 }
 
 /// The node and its report, from an agent's Lease.
@@ -31,12 +56,15 @@ pub fn node_report(lease: &Lease, now: Timestamp) -> Option<(String, NodeReport)
     let node = lease.spec.as_ref()?.holder_identity.clone()?;
     let renewed = lease.spec.as_ref()?.renew_time.as_ref()?.0;
     let age = now.duration_since(renewed).unsigned_abs();
-    let programmed = lease
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(PROGRAMMED_ANNOTATION)
-        .and_then(|text| serde_json::from_str(text).ok())
-        .unwrap_or_default();
-    Some((node, NodeReport { age, programmed }))
+    let annotations = lease.metadata.annotations.as_ref()?;
+    fn read<T: serde::de::DeserializeOwned + Default>(annotations: &BTreeMap<String, String>, name: &str) -> T {
+        annotations.get(name).and_then(|text| serde_json::from_str(text).ok()).unwrap_or_default()
+    }
+    let report = NodeReport {
+        age,
+        programmed: read(annotations, PROGRAMMED_ANNOTATION),
+        enforced: read(annotations, ENFORCED_ANNOTATION),
+        unenforced: read(annotations, UNENFORCED_ANNOTATION),
+    };
+    Some((node, report))
 }

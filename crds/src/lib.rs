@@ -26,10 +26,16 @@ pub const VERSION: &str = "v1alpha1";
     kind = "ConnectionPolicy",
     namespaced,
     status = "PolicyStatus",
-    shortname = "cpol",
+    shortname = "bhcp",
     printcolumn(name = "MODE", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(name = "ACCEPTED", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(
+        name = "PROGRAMMED",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Programmed\")].status"
+    ),
     printcolumn(name = "SELECTED", type_ = "integer", json_path = ".status.selectedPods"),
-    printcolumn(name = "READY", type_ = "string", json_path = ".status.conditions[?(@.type==\"Programmed\")].status"),
+    printcolumn(name = "ENFORCED", type_ = "integer", json_path = ".status.enforcedPods"),
     printcolumn(name = "AGE", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -129,12 +135,18 @@ pub enum Protocol {
     version = "v1alpha1",
     kind = "ClusterConnectionPolicy",
     status = "PolicyStatus",
-    shortname = "ccpol",
+    shortname = "bhccp",
     printcolumn(name = "TIER", type_ = "string", json_path = ".spec.tier"),
     printcolumn(name = "PRIORITY", type_ = "integer", json_path = ".spec.priority"),
     printcolumn(name = "MODE", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(name = "ACCEPTED", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(
+        name = "PROGRAMMED",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Programmed\")].status"
+    ),
     printcolumn(name = "SELECTED", type_ = "integer", json_path = ".status.selectedPods"),
-    printcolumn(name = "READY", type_ = "string", json_path = ".status.conditions[?(@.type==\"Programmed\")].status"),
+    printcolumn(name = "ENFORCED", type_ = "integer", json_path = ".status.enforcedPods"),
     printcolumn(name = "AGE", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -204,8 +216,15 @@ pub struct ClusterEgressRule {
 pub struct PolicyStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Pods the policy selects (those with an address: a pod without one
+    /// has no connection to police).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selected_pods: Option<i32>,
+    /// Selected pods whose node's agent holds this generation with its
+    /// programs attached to them. Programmed is True when it equals
+    /// selectedPods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforced_pods: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }

@@ -152,15 +152,6 @@ fn by_length<'a>(prefixes: impl Iterator<Item = &'a IpNet>) -> Vec<HashSet<IpNet
     by_len
 }
 
-/// Whether a policy's subject selects a pod.
-fn selects(policy: &Policy, namespace: &str, namespace_labels: &Labels, pod_labels: &Labels) -> bool {
-    let namespace_ok = match &policy.subject_namespaces {
-        NamespaceScope::Same(ns) => ns == namespace,
-        NamespaceScope::Selected(selector) => selector.matches(namespace_labels),
-    };
-    namespace_ok && policy.subject_pods.matches(pod_labels)
-}
-
 /// Write one entry of a desired-state map, remembering (when tracking) what
 /// the key held before the first write since the last `take_ops`.
 fn write_entry<K: Ord + Copy, V: Copy>(
@@ -489,6 +480,19 @@ impl Compiler {
         }
     }
 
+    /// Compile everything again (a re-listed kind may have changed
+    /// anything), keeping what the maps held so `take_ops` hands out only
+    /// the difference.
+    pub fn recompile(&mut self, snapshot: &Snapshot) {
+        self.rebuild(snapshot);
+    }
+
+    /// The pod an address belongs to, any node's (a later pod wins an
+    /// address two claim, as in the ipcache).
+    pub fn pod_at(&self, address: IpAddr) -> Option<&PodRef> {
+        self.address_owners.get(&address).and_then(|owners| owners.last())
+    }
+
     /// The map operations, in `diff`'s safe order, that turn the state as it
     /// was at the last call (or at `tracking_changes`) into the state now.
     pub fn take_ops(&mut self) -> Vec<MapOp> {
@@ -542,12 +546,8 @@ impl Compiler {
     /// The policies whose subject selects a pod, sorted.
     fn selected_policies(&self, namespace: &str, labels: &Labels) -> Vec<PolicyRef> {
         let namespace_labels = &self.namespace_labels[namespace];
-        let cluster = self
-            .subjects
-            .get("")
-            .into_iter()
-            .flatten()
-            .filter(|(_, p)| selects(p, namespace, namespace_labels, labels));
+        let cluster =
+            self.subjects.get("").into_iter().flatten().filter(|(_, p)| p.selects(namespace, namespace_labels, labels));
         self.selected_in(cluster, namespace, labels)
     }
 
@@ -866,7 +866,7 @@ impl Compiler {
                 }
                 for pod_ref in pods {
                     let pod = &self.pods[pod_ref];
-                    if selects(&policy.policy, namespace, &self.namespace_labels[namespace], &pod.labels) {
+                    if policy.selects(namespace, &self.namespace_labels[namespace], &pod.labels) {
                         moving.insert(pod_ref.clone());
                     }
                 }
@@ -881,7 +881,7 @@ impl Compiler {
             let mut key = pod.placement.as_ref().expect("moving pods are placed").class.clone();
             key.0.retain(|r| r != policy_ref);
             if let Some(policy) = self.policies.get(policy_ref) {
-                if selects(&policy.policy, &pod.namespace, &self.namespace_labels[&pod.namespace], &pod.labels) {
+                if policy.selects(&pod.namespace, &self.namespace_labels[&pod.namespace], &pod.labels) {
                     key.0.push(policy_ref.clone());
                     key.0.sort_unstable();
                     *self.state.selected_pods.get_mut(policy_ref).expect("inserted above") += 1;

@@ -20,6 +20,7 @@ pub mod lookup;
 pub mod manifest;
 pub mod model;
 pub mod rules;
+pub mod selection;
 pub mod selector;
 pub mod snapshot;
 pub mod state;

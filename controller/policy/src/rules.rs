@@ -13,7 +13,7 @@ use k8s_openapi::{
 
 use crate::{
     model::{PolicyObject, PolicyRef},
-    selector::Selector,
+    selector::{Labels, Selector},
 };
 use datapath_common::{EGRESS, INGRESS};
 
@@ -82,6 +82,18 @@ pub struct Policy {
     pub isolates: [bool; 2],
     /// Indexed by direction.
     pub rules: [Vec<Rule>; 2],
+}
+
+impl Policy {
+    /// Whether the policy's subject selects a pod of `namespace` (whose
+    /// labels are `namespace_labels`) with `pod_labels`.
+    pub fn selects(&self, namespace: &str, namespace_labels: &Labels, pod_labels: &Labels) -> bool {
+        let namespace_ok = match &self.subject_namespaces {
+            NamespaceScope::Same(ns) => ns == namespace,
+            NamespaceScope::Selected(selector) => selector.matches(namespace_labels),
+        };
+        namespace_ok && self.subject_pods.matches(pod_labels)
+    }
 }
 
 /// Why a policy was not accepted: the `Accepted=False` condition reason.

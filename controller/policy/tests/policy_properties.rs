@@ -881,9 +881,18 @@ proptest! {
         let mut compiler = policy::Compiler::scoped(&a.snapshot, scope.clone()).tracking_changes();
         let mut programmed = policy::Compiler::scoped(&a.snapshot, scope.clone()).into_state();
         let mut cluster = a.clone();
+        let mut selection = policy::selection::Selection::new(&a.snapshot);
         for chunk in steps.chunks(batch) {
             let changed: Vec<policy::Changed> = chunk.iter().filter_map(|s| take_step(&mut cluster, &other, s)).collect();
             compiler.update(&cluster.snapshot, &changed);
+            // Which pods each policy selects, kept the same way.
+            selection.update(&cluster.snapshot, &changed);
+            let fresh_selection = policy::selection::Selection::new(&cluster.snapshot);
+            for policy_ref in cluster.snapshot.policies.keys() {
+                let mine: std::collections::BTreeSet<_> = selection.pods_of(policy_ref).collect();
+                let theirs: std::collections::BTreeSet<_> = fresh_selection.pods_of(policy_ref).collect();
+                prop_assert_eq!(mine, theirs, "selection of {} after {:?}", policy_ref, chunk);
+            }
             let fresh = policy::Compiler::scoped(&cluster.snapshot, scope.clone()).into_state();
             prop_assert_eq!(compiler.state(), &fresh, "after {:?}", chunk);
             // The operations it hands out bring the maps there too.

@@ -2,7 +2,7 @@
 //! contract; the rest describe the agent itself (compile, sync, convergence,
 //! map fill).
 
-use prometheus::{Histogram, IntCounterVec, IntGauge, IntGaugeVec};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
 pub struct Metrics {
     registry: crate::metrics::Metrics,
@@ -20,6 +20,7 @@ pub struct Metrics {
     pub endpoints_unenforced: IntGauge,
     pub policies_rejected: IntGauge,
     pub sync_errors: IntCounterVec,
+    pub map_writes: IntCounter,
     pub events_received: IntCounterVec,
 }
 
@@ -74,6 +75,8 @@ impl Metrics {
                 "bulkhead_policies_rejected",
                 "Policy objects rejected as invalid (their last good version, if any, stays enforced).",
             ),
+            map_writes: r
+                .count("bulkhead_datapath_map_writes_total", "Entries written to or deleted from the datapath's maps."),
             sync_errors: r.counter(
                 "bulkhead_sync_errors_total",
                 "Datapath writes or attachments that failed.",

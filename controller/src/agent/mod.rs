@@ -23,11 +23,12 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use bulkhead_policy::{
-    state::Endpoint, Admission, Change, Changed, Compiler, DesiredState, ObjectKey, PodRef, PolicyRef, Snapshot,
+    compile::Scope, Admission, Change, Changed, Compiler, DesiredState, ObjectKey, PodRef, PolicyRef, Snapshot,
 };
 
 use crate::{
     dataplane::{sync::Programmer, Datapath, DropCount, VerdictCount},
+    report::NodeReport,
     source::Update,
 };
 
@@ -104,7 +105,10 @@ pub struct StateView {
     pub waiting: BTreeMap<String, String>,
     pub failed_closed: Vec<String>,
     pub rejected: Vec<String>,
-    /// Accepted policies with their `metadata.generation` and selected pods.
+    /// Accepted policies in all.
+    pub accepted_policies: usize,
+    /// The policies that select this node's pods: the generation enforced
+    /// and how many local pods each selects.
     pub policies: BTreeMap<String, PolicyView>,
 }
 
@@ -123,6 +127,8 @@ pub struct Shared {
     events: Mutex<VecDeque<EventRecord>>,
     /// Local pods unenforced beyond the grace, and why.
     unenforced: Mutex<BTreeMap<String, String>>,
+    /// What this node tells the controller, and a counter of its changes.
+    report: Mutex<(u64, NodeReport)>,
 }
 
 const RECENT_EVENTS: usize = 512;
@@ -139,6 +145,7 @@ impl Shared {
             state: Mutex::new(StateView::default()),
             events: Mutex::new(VecDeque::new()),
             unenforced: Mutex::new(BTreeMap::new()),
+            report: Mutex::new((0, NodeReport::default())),
         }
     }
 
@@ -166,6 +173,18 @@ impl Shared {
             return Err(format!("the agent loop has not run for {since:?}"));
         }
         Ok(())
+    }
+
+    fn set_report(&self, report: NodeReport) {
+        let mut current = self.report.lock().expect("report lock");
+        if current.1 != report {
+            *current = (current.0 + 1, report);
+        }
+    }
+
+    /// What this node tells the controller, with a counter that moves when it changes.
+    pub fn report(&self) -> (u64, NodeReport) {
+        self.report.lock().expect("report lock").clone()
     }
 
     pub fn state(&self) -> StateView {
@@ -225,8 +244,8 @@ pub struct Agent {
     /// Objects changed since the last compile; `compile_all` after a re-list.
     changed: BTreeSet<Changed>,
     compile_all: bool,
+    /// Local pods by endpoint id: what events and counters name.
     pods_by_endpoint: HashMap<u32, PodRef>,
-    pods_by_address: HashMap<IpAddr, PodRef>,
     attached: BTreeMap<PodRef, Attached>,
     /// Local pods not enforced yet, since when and why.
     waiting: BTreeMap<PodRef, Waiting>,
@@ -271,7 +290,6 @@ impl Agent {
             changed: BTreeSet::new(),
             compile_all: true,
             pods_by_endpoint: HashMap::new(),
-            pods_by_address: HashMap::new(),
             attached: BTreeMap::new(),
             waiting: BTreeMap::new(),
             source_synced: false,
@@ -344,11 +362,9 @@ impl Agent {
         }
     }
 
-    fn is_local(&self, node_name: Option<&str>) -> bool {
-        match node_name {
-            Some(node) => node == self.config.node_name,
-            None => self.config.unscheduled_pods_are_local,
-        }
+    /// The pod an address belongs to, any node's.
+    fn pod_at(&self, address: IpAddr) -> Option<&PodRef> {
+        self.compiler.as_ref()?.pod_at(address)
     }
 
     async fn reconcile(&mut self) {
@@ -367,33 +383,24 @@ impl Agent {
             "reconciling"
         );
         let started = Instant::now();
-        let compile_all = self.compile_all;
-        match self.compiler.as_mut().filter(|_| !compile_all) {
+        match self.compiler.as_mut() {
+            Some(compiler) if self.compile_all => compiler.recompile(&self.snapshot),
             Some(compiler) => compiler.update(&self.snapshot, &self.changed),
-            None => self.compiler = Some(Compiler::new(&self.snapshot)),
+            None => {
+                let scope = Scope::Node {
+                    name: self.config.node_name.clone(),
+                    unscheduled_are_local: self.config.unscheduled_pods_are_local,
+                };
+                self.compiler = Some(Compiler::scoped(&self.snapshot, scope).tracking_changes());
+            }
         }
         self.changed.clear();
         self.compile_all = false;
         self.shared.metrics.compile_seconds.observe(started.elapsed().as_secs_f64());
-        let desired = self.compiler.as_ref().expect("compiled above").state();
-
-        let local: BTreeMap<PodRef, Endpoint> = desired
-            .endpoints
-            .iter()
-            .filter(|(_, e)| self.is_local(e.node_name.as_deref()))
-            .map(|(p, e)| (p.clone(), e.clone()))
-            .collect();
-        let local_ids: BTreeSet<u32> = local.values().map(|e| e.id).collect();
-        let local_state = DesiredState {
-            ipcache: desired.ipcache.clone(),
-            policy: desired
-                .policy
-                .iter()
-                .filter(|((_, key), _)| local_ids.contains(&key.endpoint()))
-                .map(|(k, v)| (*k, *v))
-                .collect(),
-            ..Default::default()
-        };
+        let compiler = self.compiler.as_mut().expect("compiled above");
+        let ops = compiler.take_ops();
+        // The compiler's endpoints are this node's pods.
+        let local = &compiler.state().endpoints;
 
         // Pods gone, moved or renumbered lose their programs before their entries go.
         let stale: Vec<PodRef> = self
@@ -407,10 +414,13 @@ impl Agent {
         for pod in stale {
             self.detach(&pod);
         }
-        self.waiting.retain(|pod, _| local.contains_key(pod));
+        let endpoints = &self.compiler.as_ref().expect("compiled above").state().endpoints;
+        self.waiting.retain(|pod, _| endpoints.contains_key(pod));
 
         let started = Instant::now();
-        let synced = self.programmer.sync(&local_state);
+        let writes_before = self.programmer.writes();
+        let synced = self.programmer.apply(self.compiler.as_ref().expect("compiled above").state(), ops);
+        self.shared.metrics.map_writes.inc_by(self.programmer.writes() - writes_before);
         self.shared.metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
         let ok = match synced {
             Ok(report) => {
@@ -431,11 +441,7 @@ impl Agent {
                 false
             }
         };
-        let endpoints = &self.state().endpoints;
-        let pods_by_endpoint = endpoints.iter().map(|(p, e)| (e.id, p.clone())).collect();
-        let pods_by_address =
-            endpoints.iter().flat_map(|(p, e)| e.addresses.iter().map(move |a| (*a, p.clone()))).collect();
-        (self.pods_by_endpoint, self.pods_by_address) = (pods_by_endpoint, pods_by_address);
+        self.pods_by_endpoint = self.state().endpoints.iter().map(|(p, e)| (e.id, p.clone())).collect();
         self.attach_missing().await;
         if let Some(baselines) = self.baselines.as_mut() {
             let present = self.attached.keys().filter_map(|p| self.snapshot.pods.get(p)).map(Workload::of).collect();
@@ -470,9 +476,7 @@ impl Agent {
             .state()
             .endpoints
             .iter()
-            .filter(|(pod, e)| {
-                self.is_local(e.node_name.as_deref()) && !self.attached.contains_key(*pod) && !e.addresses.is_empty()
-            })
+            .filter(|(pod, e)| !self.attached.contains_key(*pod) && !e.addresses.is_empty())
             .map(|(pod, e)| (pod.clone(), e.id, e.addresses.clone()))
             .collect();
         for (pod, endpoint_id, addresses) in local {
@@ -644,13 +648,15 @@ impl Agent {
 
     /// An egress connection (allowed, denied or audited) against its workload's baseline.
     fn check_baseline(&mut self, event: &Event) {
-        let Some(baselines) = self.baselines.as_mut() else { return };
+        if self.baselines.is_none() {
+            return;
+        }
         let Some(pod) = self.pods_by_endpoint.get(&event.endpoint).and_then(|p| self.snapshot.pods.get(p)) else {
             return;
         };
         let workload = Workload::of(pod);
         let address = event_address(event.daddr.octets());
-        let peer = match self.pods_by_address.get(&address).and_then(|p| self.snapshot.pods.get(p)) {
+        let peer = match self.pod_at(address).and_then(|p| self.snapshot.pods.get(p)) {
             Some(peer) => {
                 let peer = Workload::of(peer);
                 format!("{}/{}", peer.namespace, peer.name)
@@ -658,6 +664,7 @@ impl Agent {
             None => address.to_string(),
         };
         let destination = Destination { peer, protocol: event.protocol, port: event.dport };
+        let baselines = self.baselines.as_mut().expect("checked above");
         if baselines.observe(&workload, destination.clone(), Instant::now()) {
             self.shared
                 .metrics
@@ -680,7 +687,7 @@ impl Agent {
             .unwrap_or_else(|| format!("endpoint {}", event.endpoint));
         let name = |address: [u8; 16], port: u16| {
             let address = event_address(address);
-            match self.pods_by_address.get(&address) {
+            match self.pod_at(address) {
                 Some(pod) => format!("{pod} ({address}:{port})"),
                 None => format!("{address}:{port}"),
             }
@@ -715,25 +722,32 @@ impl Agent {
                 .map(|(_, p)| p.to_string())
                 .collect(),
             rejected: self.snapshot.rejected.values().map(|r| r.error.to_string()).collect(),
+            accepted_policies: self.snapshot.policies.len(),
             policies: self
-                .snapshot
-                .policies
+                .state()
+                .selected_pods
                 .iter()
-                .map(|(key, policy)| {
-                    let view = PolicyView {
-                        generation: policy.generation,
-                        selected_pods: self.state().selected_pods.get(key).copied().unwrap_or(0),
-                    };
-                    (key.to_string(), view)
+                .filter(|(_, selected)| **selected > 0)
+                .filter_map(|(key, selected)| {
+                    let generation = self.snapshot.policies.get(key)?.generation;
+                    Some((key.to_string(), PolicyView { generation, selected_pods: *selected }))
                 })
                 .collect(),
         };
+        let report = NodeReport {
+            programmed: view.policies.iter().map(|(k, v)| (k.clone(), v.generation.unwrap_or(0))).collect(),
+            enforced: view.endpoints.keys().cloned().collect(),
+            unenforced: self.shared.unenforced.lock().expect("unenforced lock").clone(),
+            ..Default::default()
+        };
+        self.shared.set_report(report);
         let metrics = &self.shared.metrics;
         metrics.endpoints_failed_closed.set(view.failed_closed.len() as i64);
         metrics.policies_rejected.set(self.snapshot.rejected.len() as i64);
-        let programmed = self.programmer.programmed();
-        metrics.map_entries.with_label_values(&["policy"]).set(programmed.policy.len() as i64);
-        metrics.map_entries.with_label_values(&["ipcache"]).set(programmed.ipcache.len() as i64);
+        let state = self.state();
+        let policy_entries = state.policy.len() - self.programmer.unwritten();
+        metrics.map_entries.with_label_values(&["policy"]).set(policy_entries as i64);
+        metrics.map_entries.with_label_values(&["ipcache"]).set(state.ipcache.len() as i64);
         metrics.map_entries.with_label_values(&["endpoints"]).set(self.attached.len() as i64);
         metrics
             .map_entries

@@ -1,7 +1,7 @@
 //! The agent's report to the controller (`crate::report`): this node's
 //! Lease, saying which policy generations the datapath holds.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::{api::coordination::v1::Lease, apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp};
 use kube::{
@@ -11,38 +11,33 @@ use kube::{
 use serde_json::json;
 
 use super::Shared;
-use crate::report::{lease_name, AGENT_LEASE_LABEL, PROGRAMMED_ANNOTATION, RENEW, STALE};
+use crate::report::{lease_name, AGENT_LEASE_LABEL, RENEW, STALE};
 
 /// Keep this node's Lease saying which policy generations the datapath
 /// holds: renewed every `RENEW`, at once when that changes.
 pub async fn report_programmed(client: Client, namespace: String, node: String, shared: Arc<Shared>) {
     let leases: Api<Lease> = Api::namespaced(client, &namespace);
     let name = lease_name(&node);
-    let mut last: Option<BTreeMap<String, i64>> = None;
+    let mut reported: Option<u64> = None;
     let mut renewed = std::time::Instant::now() - RENEW;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         if !shared.is_ready() {
             continue;
         }
-        let programmed: BTreeMap<String, i64> =
-            shared.state().policies.into_iter().map(|(k, v)| (k, v.generation.unwrap_or(0))).collect();
-        if last.as_ref() == Some(&programmed) && renewed.elapsed() < RENEW {
+        let (version, report) = shared.report();
+        if reported == Some(version) && renewed.elapsed() < RENEW {
             continue;
         }
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {
-                "name": name,
-                "labels": { AGENT_LEASE_LABEL: "true" },
-                "annotations": { PROGRAMMED_ANNOTATION: serde_json::to_string(&programmed).expect("a map serializes") },
-            },
+            "metadata": { "name": name, "labels": { AGENT_LEASE_LABEL: "true" }, "annotations": report.annotations() },
             "spec": { "holderIdentity": node, "renewTime": MicroTime(Timestamp::now()), "leaseDurationSeconds": STALE.as_secs() },
         });
         match leases.patch(&name, &PatchParams::apply("bulkhead-agent").force(), &Patch::Apply(&lease)).await {
             Ok(_) => {
-                last = Some(programmed);
+                reported = Some(version);
                 renewed = std::time::Instant::now();
             }
             Err(error) => {

@@ -25,10 +25,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use bulkhead_crds::{ClusterConnectionPolicy, ConnectionPolicy, PolicyStatus};
-use bulkhead_policy::{
-    rules::ValidationError, Change, Object, ObjectKey, ObjectKind, PolicyKind, PolicyObject, PolicyRef, Snapshot,
-};
+use bulkhead_crds::{ClusterConnectionPolicy, ConnectionPolicy};
+use bulkhead_policy::{rules::ValidationError, PolicyKind, PolicyObject, PolicyRef};
 use futures::StreamExt;
 use k8s_openapi::{api::coordination::v1::Lease, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
@@ -44,12 +42,12 @@ use tokio::sync::mpsc;
 
 use crate::{
     http::{self, Reply},
-    report::{node_report, NodeReport, AGENT_LEASE_LABEL},
+    report::{node_report, AGENT_LEASE_LABEL},
     source::{kubernetes, Update},
 };
 use leader::Leadership;
 use metrics::Metrics;
-use status::{current_status, desired_statuses};
+use status::{current_status, Desired, Engine};
 
 pub struct Config {
     /// Where the agents' report Leases and the election Lease are.
@@ -89,35 +87,6 @@ impl Shared {
     }
 }
 
-/// The policy objects as the API server has them: their present status and
-/// what an Event refers to.
-#[derive(Default)]
-struct Objects {
-    policies: BTreeMap<PolicyRef, PolicyObject>,
-}
-
-impl Objects {
-    fn apply(&mut self, change: &Change) {
-        match change {
-            Change::Applied(Object::Policy(policy)) => {
-                self.policies.insert(policy.policy_ref(), (**policy).clone());
-            }
-            Change::Deleted(ObjectKey::Policy(key)) => {
-                self.policies.remove(key);
-            }
-            Change::Relisted(ObjectKind::Policy(kind), objects) => {
-                self.policies.retain(|key, _| key.kind != *kind);
-                for object in objects {
-                    if let Object::Policy(policy) = object {
-                        self.policies.insert(policy.policy_ref(), (**policy).clone());
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
 /// Follow the objects and, while leading, write their status; returns when
 /// SIGTERM or Ctrl-C arrives (having stepped down) or with the error that
 /// stopped it.
@@ -148,34 +117,27 @@ async fn follow(client: Client, config: &Config, shared: &Shared, leadership: &m
         .backoff(kubernetes::Reconnect::new())
         .applied_objects()
         .boxed();
-    let mut lease_objects: BTreeMap<String, Lease> = BTreeMap::new();
     let recorder = Recorder::new(
         client.clone(),
         Reporter { controller: "bulkhead-controller".into(), instance: Some(config.identity.clone()) },
     );
-    let mut snapshot = Snapshot::default();
-    let mut objects = Objects::default();
+    let mut engine = Engine::default();
     let mut evented: BTreeSet<(PolicyRef, Option<i64>)> = BTreeSet::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    let mut dirty = false;
+    let mut tick = tokio::time::interval(TICK);
     let mut leading = leadership.is_leader();
     loop {
         tokio::select! {
             update = received.recv() => {
                 let Some(update) = update else { break };
-                for change in update.changes {
-                    if matches!(change, Change::Synced) {
-                        shared.synced.store(true, Ordering::Relaxed);
-                    }
-                    objects.apply(&change);
-                    snapshot.apply(change);
-                }
-                dirty = true;
+                engine.apply(update.changes);
+                shared.synced.store(engine.synced(), Ordering::Relaxed);
             }
             lease = lease_events.next() => match lease {
                 Some(Ok(lease)) => {
-                    lease_objects.insert(lease.metadata.name.clone().unwrap_or_default(), lease);
-                    dirty = true;
+                    if let Some((node, report)) = node_report(&lease, Timestamp::now()) {
+                        let age = report.age;
+                        engine.report(&node, report, age);
+                    }
                 }
                 Some(Err(error)) => tracing::warn!(%error, "watching agent reports failed; retrying"),
                 None => break,
@@ -185,22 +147,25 @@ async fn follow(client: Client, config: &Config, shared: &Shared, leadership: &m
                 shared.metrics.leader.set(i64::from(leading));
                 if leading {
                     tracing::info!(identity = %config.identity, "leading: this replica writes status");
-                    dirty = true;
+                    engine.mark_all();
                 } else {
                     tracing::warn!(identity = %config.identity, "no longer leading: status writes stop");
                 }
             }
             _ = tick.tick() => {
                 *shared.heartbeat.lock().expect("heartbeat lock") = Some(Instant::now());
-                dirty = true;
+                engine.age_reports(TICK);
             }
         }
-        if !dirty || !leading || !shared.synced.load(Ordering::Relaxed) || !received.is_empty() {
+        if !leading || !engine.synced() || !received.is_empty() {
             continue;
         }
-        dirty = false;
         let started = Instant::now();
-        write_statuses(&client, &recorder, shared, &snapshot, &mut objects, &lease_objects, &mut evented).await;
+        let desired = engine.take_desired(&Time(Timestamp::now()));
+        if desired.is_empty() {
+            continue;
+        }
+        write_statuses(&client, &recorder, shared, &mut engine, desired, &mut evented).await;
         shared.metrics.reconciles.inc();
         shared.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
     }
@@ -208,29 +173,27 @@ async fn follow(client: Client, config: &Config, shared: &Shared, leadership: &m
     anyhow::bail!("the Kubernetes source stopped")
 }
 
-/// One status pass: every policy's desired status written where it differs,
-/// and each rejected version's Event published once.
+/// How often reports age and liveness is looked at.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Write the statuses that differ from the objects', and publish each
+/// rejected version's Event once.
 async fn write_statuses(
     client: &Client,
     recorder: &Recorder,
     shared: &Shared,
-    snapshot: &Snapshot,
-    objects: &mut Objects,
-    leases: &BTreeMap<String, Lease>,
+    engine: &mut Engine,
+    desired: BTreeMap<PolicyRef, Desired>,
     evented: &mut BTreeSet<(PolicyRef, Option<i64>)>,
 ) {
-    let now = Timestamp::now();
-    let reports: BTreeMap<String, NodeReport> = leases.values().filter_map(|l| node_report(l, now)).collect();
-    let previous: BTreeMap<PolicyRef, PolicyStatus> =
-        objects.policies.iter().filter_map(|(k, o)| Some((k.clone(), current_status(o)?))).collect();
-    for (key, wanted) in desired_statuses(snapshot, &reports, &previous, &Time(now)) {
-        let Some(object) = objects.policies.get(&key) else { continue };
+    for (key, wanted) in desired {
+        let Some(object) = engine.object(&key) else { continue };
         if let Some(error) = &wanted.rejection {
             if evented.insert((key.clone(), object.generation())) && !publish_rejection(recorder, object, error).await {
                 shared.metrics.reconcile_errors.with_label_values(&["event"]).inc();
             }
         }
-        if key.kind == PolicyKind::NetworkPolicy || previous.get(&key) == Some(&wanted.status) {
+        if key.kind == PolicyKind::NetworkPolicy || current_status(object).as_ref() == Some(&wanted.status) {
             continue;
         }
         let patch = Patch::Merge(json!({ "status": wanted.status }));
@@ -249,7 +212,7 @@ async fn write_statuses(
             // Keep the written status, so it is not written again.
             Ok(updated) => {
                 shared.metrics.status_writes.inc();
-                objects.policies.insert(key, updated);
+                engine.written(updated);
             }
             Err(error) => {
                 shared.metrics.reconcile_errors.with_label_values(&["status"]).inc();

@@ -1,10 +1,19 @@
-//! The status a policy should have, from the snapshot and what the agents
-//! report. Pure: the clock comes in as `now`.
+//! The status every policy should have, kept change by change: the objects
+//! (through the one validating `Snapshot`), which pods each policy selects
+//! (`Selection`) and what each node's agent reports. A change marks only the
+//! policies it can affect, and only those are computed again. Pure: no API
+//! client, and the clock comes in as arguments.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use bulkhead_crds::PolicyStatus;
-use bulkhead_policy::{rules::ValidationError, PolicyObject, PolicyRef, Snapshot};
+use bulkhead_policy::{
+    rules::ValidationError, selection::Selection, Change, Changed, Object, ObjectKey, ObjectKind, PodRef, PolicyObject,
+    PolicyRef, Snapshot,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::report::{NodeReport, STALE};
@@ -14,6 +23,269 @@ use crate::report::{NodeReport, STALE};
 pub struct Desired {
     pub status: PolicyStatus,
     pub rejection: Option<ValidationError>,
+}
+
+/// How many pods behind a policy its Programmed message names.
+const NAMED_BEHIND: usize = 5;
+
+#[derive(Default)]
+pub struct Engine {
+    snapshot: Snapshot,
+    selection: Option<Selection>,
+    /// The policy objects as the API server has them: their present status
+    /// and what an Event refers to.
+    objects: BTreeMap<PolicyRef, PolicyObject>,
+    /// Each node's report, as of its last renewal (`age` at that time 0).
+    reports: BTreeMap<String, (NodeReport, Duration)>,
+    /// Nodes whose report was live at the last look.
+    live: BTreeSet<String>,
+    dirty: BTreeSet<PolicyRef>,
+    synced: bool,
+}
+
+impl Engine {
+    /// The source's first complete view is in.
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    pub fn object(&self, key: &PolicyRef) -> Option<&PolicyObject> {
+        self.objects.get(key)
+    }
+
+    /// Keep what the API server answered a status write with, so the same
+    /// status is not written again.
+    pub fn written(&mut self, object: PolicyObject) {
+        self.objects.insert(object.policy_ref(), object);
+    }
+
+    /// Watch-shaped changes from the source.
+    pub fn apply(&mut self, changes: Vec<Change>) {
+        let mut changed = BTreeSet::new();
+        let mut relisted = false;
+        for change in changes {
+            match &change {
+                Change::Applied(object) => {
+                    changed.insert(changed_of(object.key()));
+                }
+                Change::Deleted(key) => {
+                    changed.insert(changed_of(key.clone()));
+                }
+                Change::Relisted(..) => relisted = true,
+                Change::Synced => self.synced = true,
+            }
+            self.keep_object(&change);
+            self.snapshot.apply(change);
+        }
+        match self.selection.as_mut().filter(|_| !relisted) {
+            Some(selection) => {
+                let affected = selection.update(&self.snapshot, &changed);
+                self.dirty.extend(affected);
+                self.dirty.extend(changed.into_iter().filter_map(|c| match c {
+                    Changed::Policy(policy) => Some(policy),
+                    _ => None,
+                }));
+            }
+            None => {
+                self.selection = Some(Selection::new(&self.snapshot));
+                self.mark_all();
+            }
+        }
+    }
+
+    fn keep_object(&mut self, change: &Change) {
+        match change {
+            Change::Applied(Object::Policy(policy)) => {
+                self.objects.insert(policy.policy_ref(), (**policy).clone());
+            }
+            Change::Deleted(ObjectKey::Policy(key)) => {
+                self.objects.remove(key);
+            }
+            Change::Relisted(ObjectKind::Policy(kind), objects) => {
+                self.objects.retain(|key, _| key.kind != *kind);
+                for object in objects {
+                    if let Object::Policy(policy) = object {
+                        self.objects.insert(policy.policy_ref(), (**policy).clone());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Every policy needs its status looked at (a new leader).
+    pub fn mark_all(&mut self) {
+        self.dirty.extend(self.snapshot.policies.keys().cloned());
+        self.dirty.extend(self.snapshot.rejected.keys().cloned());
+    }
+
+    /// A node's report, renewed `age` ago. Marks the policies whose
+    /// enforcement on that node it changes.
+    pub fn report(&mut self, node: &str, report: NodeReport, age: Duration) {
+        let empty = NodeReport::default();
+        let before = self.reports.get(node).map(|(r, _)| r).unwrap_or(&empty);
+        if before.programmed != report.programmed
+            || before.enforced != report.enforced
+            || before.unenforced != report.unenforced
+        {
+            let mut affected: BTreeSet<PolicyRef> = BTreeSet::new();
+            let policies = before.programmed.keys().chain(report.programmed.keys());
+            let changed_policies: BTreeSet<&String> =
+                policies.filter(|p| before.programmed.get(*p) != report.programmed.get(*p)).collect();
+            affected
+                .extend(self.snapshot.policies.keys().filter(|k| changed_policies.contains(&k.to_string())).cloned());
+            let pods = before.enforced.symmetric_difference(&report.enforced).chain(
+                before
+                    .unenforced
+                    .keys()
+                    .chain(report.unenforced.keys())
+                    .filter(|p| before.unenforced.get(*p) != report.unenforced.get(*p)),
+            );
+            if let Some(selection) = &self.selection {
+                for pod in pods {
+                    if let Some((namespace, name)) = pod.split_once('/') {
+                        affected.extend(selection.policies_of(&PodRef::new(namespace, name)).iter().cloned());
+                    }
+                }
+            }
+            self.dirty.extend(affected);
+        }
+        self.reports.insert(node.to_string(), (report, age));
+        if age < STALE && self.live.insert(node.to_string()) {
+            self.mark_nodes(&[node.to_string()].into());
+        }
+    }
+
+    /// Mark the policies selecting pods on these nodes.
+    fn mark_nodes(&mut self, nodes: &BTreeSet<String>) {
+        let Some(selection) = &self.selection else { return };
+        for pod in self.snapshot.pods.values().filter(|pod| pod.node_name.as_ref().is_some_and(|n| nodes.contains(n))) {
+            self.dirty.extend(selection.policies_of(&pod.pod_ref()).iter().cloned());
+        }
+    }
+
+    /// Time passed: reports go stale after `STALE` without renewal, and
+    /// their nodes' policies need a look.
+    pub fn age_reports(&mut self, elapsed: Duration) {
+        for (_, age) in self.reports.values_mut() {
+            *age += elapsed;
+        }
+        let live: BTreeSet<String> =
+            self.reports.iter().filter(|(_, (_, age))| *age < STALE).map(|(n, _)| n.clone()).collect();
+        let flipped: BTreeSet<String> = live.symmetric_difference(&self.live).cloned().collect();
+        self.live = live;
+        if !flipped.is_empty() {
+            self.mark_nodes(&flipped);
+        }
+    }
+
+    /// The desired status of every policy marked since the last call.
+    pub fn take_desired(&mut self, now: &Time) -> BTreeMap<PolicyRef, Desired> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty.into_iter().filter_map(|key| Some((key.clone(), self.desired(&key, now)?))).collect()
+    }
+
+    fn desired(&self, key: &PolicyRef, now: &Time) -> Option<Desired> {
+        let rejection = self.snapshot.rejected.get(key);
+        let accepted = self.snapshot.policies.get(key);
+        let generation = match (rejection, accepted) {
+            (Some(rejected), _) => rejected.generation,
+            (None, Some(policy)) => policy.generation,
+            (None, None) => return None,
+        };
+        let before = self.objects.get(key).and_then(current_status).unwrap_or_default();
+        let condition = |type_: &str, ok: bool, reason: &str, message: String| {
+            condition(type_, ok, reason, message, generation, &before.conditions, now)
+        };
+        let accepted_condition = match rejection {
+            None => condition("Accepted", true, "Accepted", "the policy is valid".into()),
+            Some(rejected) => {
+                let error = &rejected.error;
+                condition("Accepted", false, &error.reason.to_string(), format!("{}: {}", error.field, error.message))
+            }
+        };
+        let selection = self.selection.as_ref()?;
+        let name = key.to_string();
+        let wanted = generation.unwrap_or(0);
+        let mut selected = 0;
+        let mut enforced = 0;
+        let mut behind = Vec::new();
+        let mut nodes = BTreeSet::new();
+        for pod_ref in selection.pods_of(key) {
+            selected += 1;
+            let node = self.snapshot.pods.get(pod_ref).and_then(|p| p.node_name.as_deref()).unwrap_or_default();
+            let why = match self.reports.get(node).filter(|_| self.live.contains(node)).map(|(r, _)| r) {
+                None => Some(format!("no agent reports from node {node:?}")),
+                Some(report) => match report.programmed.get(&name) {
+                    Some(held) if *held == wanted => {
+                        if report.enforced.contains(&pod_ref.to_string()) {
+                            None
+                        } else {
+                            Some(
+                                report
+                                    .unenforced
+                                    .get(&pod_ref.to_string())
+                                    .cloned()
+                                    .unwrap_or_else(|| "not attached yet".into()),
+                            )
+                        }
+                    }
+                    Some(held) => Some(format!("node {node} holds generation {held}")),
+                    None => Some(format!("node {node} does not hold it yet")),
+                },
+            };
+            match why {
+                None => {
+                    enforced += 1;
+                    nodes.insert(node);
+                }
+                Some(why) if behind.len() < NAMED_BEHIND => behind.push(format!("{pod_ref}: {why}")),
+                Some(_) => {}
+            }
+        }
+        let programmed = if rejection.is_some() {
+            let message = "an invalid policy is not programmed; its last accepted version stays enforced";
+            condition("Programmed", false, "NotAccepted", message.into())
+        } else if selected == 0 {
+            condition("Programmed", true, "Programmed", "it selects no pod".into())
+        } else if enforced == selected {
+            condition(
+                "Programmed",
+                true,
+                "Programmed",
+                format!("enforced on all {selected} selected pods, on {} node(s)", nodes.len()),
+            )
+        } else if self.live.is_empty() {
+            condition("Programmed", false, "NoAgents", "no agent has reported".into())
+        } else {
+            let more = if selected - enforced > behind.len() {
+                format!(" and {} more", selected - enforced - behind.len())
+            } else {
+                String::new()
+            };
+            condition(
+                "Programmed",
+                false,
+                "Pending",
+                format!("{enforced} of {selected} selected pods enforced; behind: {}{more}", behind.join("; ")),
+            )
+        };
+        let status = PolicyStatus {
+            conditions: vec![accepted_condition, programmed],
+            selected_pods: Some(selected as i32),
+            enforced_pods: Some(enforced as i32),
+            observed_generation: generation,
+        };
+        Some(Desired { status, rejection: rejection.map(|r| r.error.clone()) })
+    }
+}
+
+fn changed_of(key: ObjectKey) -> Changed {
+    match key {
+        ObjectKey::Namespace(name) => Changed::Namespace(name),
+        ObjectKey::Pod(pod) => Changed::Pod(pod),
+        ObjectKey::Policy(policy) => Changed::Policy(policy),
+    }
 }
 
 fn condition(
@@ -42,64 +314,6 @@ fn condition(
     }
 }
 
-/// The status of every policy in the snapshot, accepted or not. Pure: the
-/// clock comes in as `now`.
-pub fn desired_statuses(
-    snapshot: &Snapshot,
-    reports: &BTreeMap<String, NodeReport>,
-    previous: &BTreeMap<PolicyRef, PolicyStatus>,
-    now: &Time,
-) -> BTreeMap<PolicyRef, Desired> {
-    let compiled = bulkhead_policy::compile(snapshot);
-    let live: Vec<&NodeReport> = reports.values().filter(|r| r.age < STALE).collect();
-    let keys: BTreeSet<&PolicyRef> = snapshot.policies.keys().chain(snapshot.rejected.keys()).collect();
-    let mut out = BTreeMap::new();
-    for key in keys {
-        let rejection = snapshot.rejected.get(key);
-        let generation = match rejection {
-            Some(rejected) => rejected.generation,
-            None => snapshot.policies[key].generation,
-        };
-        let empty = PolicyStatus::default();
-        let before = previous.get(key).unwrap_or(&empty);
-        let condition = |type_: &str, ok: bool, reason: &str, message: String| {
-            condition(type_, ok, reason, message, generation, &before.conditions, now)
-        };
-        let accepted = match rejection {
-            None => condition("Accepted", true, "Accepted", "the policy is valid".into()),
-            Some(rejected) => {
-                let error = &rejected.error;
-                condition("Accepted", false, &error.reason.to_string(), format!("{}: {}", error.field, error.message))
-            }
-        };
-        let programmed = if rejection.is_some() {
-            let message = "an invalid policy is not programmed; its last accepted version stays enforced";
-            condition("Programmed", false, "NotAccepted", message.into())
-        } else if live.is_empty() {
-            condition("Programmed", false, "NoAgents", "no agent has reported".into())
-        } else {
-            let name = key.to_string();
-            let holding = live.iter().filter(|r| r.programmed.get(&name).copied() == generation.or(Some(0))).count();
-            if holding == live.len() {
-                condition("Programmed", true, "Programmed", format!("in the datapath of {holding} node(s)"))
-            } else {
-                condition(
-                    "Programmed",
-                    false,
-                    "Pending",
-                    format!("in the datapath of {holding} of {} node(s)", live.len()),
-                )
-            }
-        };
-        // What the enforced version selects: the last accepted one, when this one was rejected.
-        let selected_pods = compiled.selected_pods.get(key).map(|n| *n as i32).or(before.selected_pods);
-        let status =
-            PolicyStatus { conditions: vec![accepted, programmed], selected_pods, observed_generation: generation };
-        out.insert(key.clone(), Desired { status, rejection: rejection.map(|r| r.error.clone()) });
-    }
-    out
-}
-
 pub fn current_status(object: &PolicyObject) -> Option<PolicyStatus> {
     match object {
         PolicyObject::Connection(p) => p.status.clone(),
@@ -111,66 +325,98 @@ pub fn current_status(object: &PolicyObject) -> Option<PolicyStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bulkhead_policy::{manifest, Change};
+    use bulkhead_policy::manifest;
     use k8s_openapi::jiff::Timestamp;
-    use std::time::Duration;
 
-    fn snapshot(text: &str) -> Snapshot {
-        let mut snapshot = Snapshot::default();
-        for object in manifest::parse("test", text).unwrap() {
-            snapshot.apply(Change::Applied(object));
-        }
-        snapshot
+    const OBJECTS: &str = "kind: Pod\nmetadata: {name: a, namespace: x, labels: {app: a}}\nspec: {nodeName: n1, containers: []}\nstatus: {podIPs: [{ip: 10.0.0.1}]}\n---\nkind: Pod\nmetadata: {name: a2, namespace: x, labels: {app: a}}\nspec: {nodeName: n2, containers: []}\nstatus: {podIPs: [{ip: 10.0.0.3}]}\n---\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {app: b}}\nspec: {nodeName: n1, containers: []}\nstatus: {podIPs: [{ip: 10.0.0.2}]}\n---\napiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: good, namespace: x, generation: 3}\nspec:\n  podSelector: {matchLabels: {app: a}}\n  ingress: [{}]\n---\napiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: bad, namespace: x, generation: 1}\nspec:\n  podSelector: {matchExpressions: [{key: app, operator: Near}]}\n";
+
+    fn engine() -> Engine {
+        let mut engine = Engine::default();
+        let mut changes: Vec<Change> =
+            manifest::parse("test", OBJECTS).unwrap().into_iter().map(Change::Applied).collect();
+        changes.push(Change::Synced);
+        engine.apply(changes);
+        engine
     }
-
-    const OBJECTS: &str = "kind: Pod\nmetadata: {name: a, namespace: x, labels: {app: a}}\nspec: {containers: []}\nstatus: {podIPs: [{ip: 10.0.0.1}]}\n---\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {app: b}}\nspec: {containers: []}\nstatus: {podIPs: [{ip: 10.0.0.2}]}\n---\napiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: good, namespace: x, generation: 3}\nspec:\n  podSelector: {matchLabels: {app: a}}\n  ingress: [{}]\n---\napiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: bad, namespace: x, generation: 1}\nspec:\n  podSelector: {matchExpressions: [{key: app, operator: Near}]}\n";
 
     fn find<'a>(status: &'a PolicyStatus, type_: &str) -> &'a Condition {
         status.conditions.iter().find(|c| c.type_ == type_).unwrap()
     }
 
-    #[test]
-    fn conditions_follow_validation_and_agent_reports() {
-        let snapshot = snapshot(OBJECTS);
-        let good = snapshot.policies.keys().find(|k| k.name == "good").unwrap().clone();
-        let bad = snapshot.rejected.keys().find(|k| k.name == "bad").unwrap().clone();
-        let now = Time(Timestamp::from_second(1_000_000).unwrap());
-        let report = |generation: i64, age: u64| NodeReport {
-            age: Duration::from_secs(age),
-            programmed: [(good.to_string(), generation)].into(),
-        };
+    fn report(programmed: &[(&str, i64)], enforced: &[&str], unenforced: &[(&str, &str)]) -> NodeReport {
+        NodeReport {
+            age: Duration::ZERO,
+            programmed: programmed.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            enforced: enforced.iter().map(|p| p.to_string()).collect(),
+            unenforced: unenforced.iter().map(|(p, w)| (p.to_string(), w.to_string())).collect(),
+        }
+    }
 
-        let none = desired_statuses(&snapshot, &BTreeMap::new(), &BTreeMap::new(), &now);
-        assert_eq!(find(&none[&good].status, "Accepted").status, "True");
-        assert_eq!(find(&none[&good].status, "Programmed").reason, "NoAgents");
-        assert_eq!(none[&good].status.selected_pods, Some(1));
-        assert_eq!(none[&good].status.observed_generation, Some(3));
-        let rejected = find(&none[&bad].status, "Accepted");
+    #[test]
+    fn programmed_only_when_every_selected_pod_is_enforced() {
+        let mut engine = engine();
+        let good = engine.snapshot.policies.keys().find(|k| k.name == "good").unwrap().clone();
+        let bad = engine.snapshot.rejected.keys().find(|k| k.name == "bad").unwrap().clone();
+        let now = Time(Timestamp::from_second(1_000_000).unwrap());
+
+        let first = engine.take_desired(&now);
+        assert_eq!(find(&first[&good].status, "Accepted").status, "True");
+        assert_eq!(find(&first[&good].status, "Programmed").reason, "NoAgents");
+        assert_eq!((first[&good].status.selected_pods, first[&good].status.enforced_pods), (Some(2), Some(0)));
+        assert_eq!(first[&good].status.observed_generation, Some(3));
+        let rejected = find(&first[&bad].status, "Accepted");
         assert_eq!((rejected.status.as_str(), rejected.reason.as_str()), ("False", "InvalidSelector"));
         assert!(rejected.message.contains("spec.podSelector.matchExpressions[0].operator"), "{}", rejected.message);
-        assert!(none[&bad].rejection.is_some());
-        assert_eq!(none[&bad].status.observed_generation, Some(1));
+        assert!(engine.take_desired(&now).is_empty(), "nothing changed: nothing to compute");
 
-        let reports: BTreeMap<String, NodeReport> =
-            [("n1".to_string(), report(3, 1)), ("n2".to_string(), report(2, 1))].into();
-        let pending = desired_statuses(&snapshot, &reports, &BTreeMap::new(), &now);
+        // n1 holds the generation and enforces a; n2 has not attached a2.
+        let name = good.to_string();
+        engine.report("n1", report(&[(&name, 3)], &["x/a", "x/b"], &[]), Duration::ZERO);
+        engine.report(
+            "n2",
+            report(&[(&name, 3)], &[], &[("x/a2", "the node has no route to 10.0.0.3 yet")]),
+            Duration::ZERO,
+        );
+        engine.age_reports(Duration::from_secs(1));
+        let pending = engine.take_desired(&now);
+        assert_eq!(pending.keys().collect::<Vec<_>>(), [&good], "only the policy the reports touch");
         let programmed = find(&pending[&good].status, "Programmed");
         assert_eq!((programmed.status.as_str(), programmed.reason.as_str()), ("False", "Pending"));
-        assert!(programmed.message.contains("1 of 2"), "{}", programmed.message);
+        assert!(
+            programmed.message.contains("1 of 2") && programmed.message.contains("x/a2: the node has no route"),
+            "{}",
+            programmed.message
+        );
+        assert_eq!(pending[&good].status.enforced_pods, Some(1));
+        engine.written(with_status(engine.object(&good).unwrap().clone(), pending[&good].status.clone()));
 
-        // A node silent for longer than STALE no longer holds the policy back.
-        let reports: BTreeMap<String, NodeReport> =
-            [("n1".to_string(), report(3, 1)), ("n2".to_string(), report(2, 600))].into();
+        // a2 attached: programmed.
         let later = Time(Timestamp::from_second(1_000_100).unwrap());
-        let previous: BTreeMap<PolicyRef, PolicyStatus> = [(good.clone(), pending[&good].status.clone())].into();
-        let done = desired_statuses(&snapshot, &reports, &previous, &later);
+        engine.report("n2", report(&[(&name, 3)], &["x/a2"], &[]), Duration::ZERO);
+        let done = engine.take_desired(&later);
         let programmed = find(&done[&good].status, "Programmed");
-        assert_eq!(programmed.status, "True");
+        assert_eq!(programmed.status, "True", "{}", programmed.message);
         assert_eq!(programmed.last_transition_time, later, "it changed: a new transition time");
         assert_eq!(
             find(&done[&good].status, "Accepted").last_transition_time,
             now,
             "unchanged: the old transition time"
         );
+
+        // n2 falls silent: its pod is behind again.
+        engine.age_reports(STALE);
+        engine.report("n1", report(&[(&name, 3)], &["x/a", "x/b"], &[]), Duration::ZERO);
+        let stale = engine.take_desired(&later);
+        assert!(find(&stale[&good].status, "Programmed").message.contains("no agent reports from node \"n2\""));
+    }
+
+    fn with_status(object: PolicyObject, status: PolicyStatus) -> PolicyObject {
+        match object {
+            PolicyObject::Connection(mut p) => {
+                p.status = Some(status);
+                PolicyObject::Connection(p)
+            }
+            other => other,
+        }
     }
 }

@@ -1,18 +1,31 @@
-//! Keeps the kernel's maps equal to the compiled desired state: applies
-//! `diff` operations in their safe order, bumps the policy revision so live
-//! connections are judged again, and fails an endpoint closed when its
-//! entries cannot all be written.
+//! Writes the compiler's map operations into the kernel's maps, in the safe
+//! order they come in, bumps the policy revision so live connections are
+//! judged again, and fails an endpoint closed when its entries cannot all be
+//! written.
+//!
+//! One road from compiler to kernel: the operations the compiler hands out
+//! (`Compiler::take_ops`) are what is written. The only whole-state
+//! difference is taken once, when an agent adopts a datapath pinned by its
+//! predecessor: between what the pins hold and what it compiled first.
 
-use std::{collections::BTreeSet, net::IpAddr, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::Path,
+};
 
-use datapath_common::EndpointInfo;
+use bulkhead_policy::{
+    state::{address_key, PolicyEntryKey},
+    DesiredState, MapOp,
+};
+use datapath_common::{EndpointInfo, PolicyValue};
 
 use super::{AttachError, Datapath, DatapathError};
-use bulkhead_policy::{self as policy, state::address_key, DesiredState, MapOp};
 
-/// What one sync did.
+/// What one application did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
+    /// Map writes and deletions made.
     pub operations: usize,
     /// Endpoints failed closed because a map was full, with the error.
     pub failed_closed: Vec<(u32, String)>,
@@ -22,24 +35,38 @@ pub struct SyncReport {
 
 pub struct Programmer {
     datapath: Datapath,
-    /// The policy and ipcache maps as last written.
-    programmed: DesiredState,
+    /// What the pinned maps held when adopted, until the first application.
+    adopted: Option<DesiredState>,
+    /// Operations not applied yet because a write failed: first next time.
+    pending: Vec<MapOp>,
+    /// Policy entries that did not fit (a full map), retried at every
+    /// application; their endpoints are failed closed meanwhile.
+    unwritten: BTreeMap<PolicyEntryKey, PolicyValue>,
     failed_closed: BTreeSet<u32>,
+    /// Map writes and deletions since the start.
+    writes: u64,
 }
 
 impl Programmer {
     /// Take over a datapath, reading what its (possibly pinned, adopted)
-    /// maps already hold so the first sync writes only differences.
+    /// maps already hold so the first application writes only differences.
     pub fn adopt(datapath: Datapath) -> Self {
-        let mut programmed = DesiredState::default();
+        let mut adopted = DesiredState::default();
         for (prefix_len, key, value) in datapath.policy_entries() {
-            programmed.policy.insert((prefix_len, key), value);
+            adopted.policy.insert((prefix_len, key), value);
         }
         for (prefix_len, address, identity) in datapath.ipcache_entries() {
-            programmed.ipcache.insert((prefix_len, address), identity);
+            adopted.ipcache.insert((prefix_len, address), identity);
         }
         let failed_closed = datapath.failed_closed_endpoints();
-        Self { datapath, programmed, failed_closed }
+        Self {
+            datapath,
+            adopted: Some(adopted),
+            pending: Vec::new(),
+            unwritten: BTreeMap::new(),
+            failed_closed,
+            writes: 0,
+        }
     }
 
     pub fn datapath(&self) -> &Datapath {
@@ -54,59 +81,91 @@ impl Programmer {
         &self.failed_closed
     }
 
-    pub fn programmed(&self) -> &DesiredState {
-        &self.programmed
+    /// Map writes and deletions made since the start.
+    pub fn writes(&self) -> u64 {
+        self.writes
     }
 
-    /// Bring the maps to `desired`.
-    pub fn sync(&mut self, desired: &DesiredState) -> Result<SyncReport, DatapathError> {
-        let ops = policy::diff(&self.programmed, desired);
-        let mut report = SyncReport { operations: ops.len(), ..Default::default() };
-        let mut still_incomplete = BTreeSet::new();
-        for op in &ops {
-            let result = match op {
-                MapOp::PolicyUpsert((prefix_len, key), value) => self.datapath.set_policy(*prefix_len, *key, *value),
-                MapOp::PolicyDelete((prefix_len, key)) => self.datapath.remove_policy(*prefix_len, *key),
-                MapOp::IpcacheUpsert((prefix_len, address), identity) => {
-                    self.datapath.set_ipcache(*prefix_len, *address, *identity)
-                }
-                MapOp::IpcacheDelete((prefix_len, address)) => self.datapath.remove_ipcache(*prefix_len, *address),
-            };
-            match result {
-                Ok(()) => policy::diff::apply_one(&mut self.programmed, op),
+    /// Policy entries the maps lack because they did not fit.
+    pub fn unwritten(&self) -> usize {
+        self.unwritten.len()
+    }
+
+    /// Bring the maps to `desired`: the compiler's `ops` since the last
+    /// application, or, the first time, the difference between what the
+    /// adopted pins hold and `desired`.
+    pub fn apply(&mut self, desired: &DesiredState, ops: Vec<MapOp>) -> Result<SyncReport, DatapathError> {
+        let ops = match self.adopted.take() {
+            Some(adopted) => bulkhead_policy::diff(&adopted, desired),
+            None => ops,
+        };
+        let mut ops = std::mem::take(&mut self.pending).into_iter().chain(ops).collect::<Vec<_>>().into_iter();
+        let mut report = SyncReport::default();
+        while let Some(op) = ops.next() {
+            if let MapOp::PolicyUpsert(key, _) | MapOp::PolicyDelete(key) = &op {
+                // A newer operation on an entry that did not fit supersedes it.
+                self.unwritten.remove(key);
+            }
+            match self.write(&op) {
+                Ok(()) => report.operations += 1,
                 Err(error @ DatapathError::MapFull { .. }) => {
                     // A partial allowlist is never enforced: the endpoint
                     // whose entry did not fit drops everything but node traffic.
-                    if let MapOp::PolicyUpsert((_, key), _) = op {
-                        let endpoint = key.endpoint();
-                        still_incomplete.insert(endpoint);
-                        if self.failed_closed.insert(endpoint) {
-                            self.datapath.fail_closed(endpoint)?;
-                        }
-                        report.failed_closed.push((endpoint, error.to_string()));
-                    } else {
+                    let MapOp::PolicyUpsert(key, value) = op else {
+                        self.pending = ops.collect();
                         return Err(error);
+                    };
+                    self.unwritten.insert(key, value);
+                    let endpoint = key.1.endpoint();
+                    if self.failed_closed.insert(endpoint) {
+                        self.datapath.fail_closed(endpoint)?;
+                        report.failed_closed.push((endpoint, error.to_string()));
                     }
                 }
-                Err(error) => return Err(error),
+                Err(error) => {
+                    self.pending = std::iter::once(op).chain(ops).collect();
+                    return Err(error);
+                }
             }
         }
-        // An endpoint whose entries all went in this time is whole again
-        // (the entries that did not fit before were retried by this diff).
-        let complete: Vec<u32> = self.failed_closed.difference(&still_incomplete).copied().collect();
+        // What did not fit before may fit now (entries went away).
+        let retries: Vec<(PolicyEntryKey, PolicyValue)> = self.unwritten.iter().map(|(k, v)| (*k, *v)).collect();
+        for (key, value) in retries {
+            if self.write(&MapOp::PolicyUpsert(key, value)).is_ok() {
+                self.unwritten.remove(&key);
+                report.operations += 1;
+            }
+        }
+        let incomplete: BTreeSet<u32> = self.unwritten.keys().map(|(_, key)| key.endpoint()).collect();
+        let complete: Vec<u32> = self.failed_closed.difference(&incomplete).copied().collect();
         for endpoint in complete {
             self.datapath.reopen(endpoint)?;
             self.failed_closed.remove(&endpoint);
             report.reopened.push(endpoint);
         }
-        if !ops.is_empty() {
+        if report.operations > 0 {
             self.datapath.bump_policy_revision()?;
         }
         Ok(report)
     }
 
+    fn write(&mut self, op: &MapOp) -> Result<(), DatapathError> {
+        let result = match op {
+            MapOp::PolicyUpsert((prefix_len, key), value) => self.datapath.set_policy(*prefix_len, *key, *value),
+            MapOp::PolicyDelete((prefix_len, key)) => self.datapath.remove_policy(*prefix_len, *key),
+            MapOp::IpcacheUpsert((prefix_len, address), identity) => {
+                self.datapath.set_ipcache(*prefix_len, *address, *identity)
+            }
+            MapOp::IpcacheDelete((prefix_len, address)) => self.datapath.remove_ipcache(*prefix_len, *address),
+        };
+        if result.is_ok() {
+            self.writes += 1;
+        }
+        result
+    }
+
     /// Enforce on a local pod: its addresses (anti-spoofing), its host-side
-    /// veth, and its cgroup when known. Policy entries must be synced first.
+    /// veth, and its cgroup when known. Policy entries must be written first.
     pub fn attach_endpoint(
         &mut self,
         endpoint_id: u32,

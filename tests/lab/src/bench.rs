@@ -294,7 +294,7 @@ fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
     let _ = Datapath::unpin_all(&pin_dir);
     topology.enter_node();
     let mut programmer = Programmer::adopt(Datapath::load(&pin_dir)?);
-    programmer.sync(&desired)?;
+    programmer.apply(&desired, Vec::new())?;
     let server_endpoint = desired.endpoints[&PodRef::new("bench", "server")].id;
     for i in 0..10_000u32 {
         programmer.datapath_mut().set_policy(

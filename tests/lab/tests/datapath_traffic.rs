@@ -53,6 +53,7 @@ struct Cluster {
     topology: Topology,
     snapshot: Snapshot,
     programmer: Option<Programmer>,
+    compiler: Option<policy::Compiler>,
     pin_dir: PathBuf,
 }
 
@@ -78,7 +79,7 @@ impl Cluster {
         snapshot.node_addresses = [topology.node_ipv4, topology.node_ipv6].into();
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-traffic-{tag}"));
         let _ = Datapath::unpin_all(&pin_dir);
-        Self { topology, snapshot, programmer: None, pin_dir }
+        Self { topology, snapshot, programmer: None, compiler: None, pin_dir }
     }
 
     fn set_policies(&mut self, text: &str) {
@@ -88,16 +89,23 @@ impl Cluster {
         }
     }
 
-    /// Compile and sync, then (first time) attach every pod: what the agent does.
+    /// Compile and write what changed, then (first time) attach every pod:
+    /// what the agent does.
     fn enforce(&mut self) {
-        let desired = policy::compile(&self.snapshot);
+        match self.compiler.as_mut() {
+            Some(compiler) => compiler.recompile(&self.snapshot),
+            None => self.compiler = Some(policy::Compiler::new(&self.snapshot).tracking_changes()),
+        }
+        let compiler = self.compiler.as_mut().expect("compiled");
+        let ops = compiler.take_ops();
+        let desired = compiler.state().clone();
         assert!(desired.rejected.is_empty(), "{:?}", desired.rejected);
         self.topology.enter_node();
         let first = self.programmer.is_none();
         let programmer = self
             .programmer
             .get_or_insert_with(|| Programmer::adopt(Datapath::load(&self.pin_dir).expect("load datapath")));
-        programmer.sync(&desired).expect("sync");
+        programmer.apply(&desired, ops).expect("write the maps");
         if first {
             for pod in &self.topology.pods {
                 let endpoint = desired.endpoints[&PodRef::new("app", &pod.name)].id;
