@@ -2,7 +2,8 @@
 //! one registry, which `/metrics` renders.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Buckets from 1 ms to 10 s: convergence is milliseconds in a folder and
@@ -36,6 +37,12 @@ impl Metrics {
 
     pub fn gauges(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
         let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+        self.registry.register(Box::new(metric.clone())).expect("unique metric");
+        metric
+    }
+
+    pub fn float_gauge(&self, name: &str, help: &str) -> Gauge {
+        let metric = Gauge::new(name, help).expect("valid metric");
         self.registry.register(Box::new(metric.clone())).expect("unique metric");
         metric
     }

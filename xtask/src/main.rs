@@ -39,7 +39,7 @@ enum Task {
         #[arg(required = true)]
         dirs: Vec<String>,
     },
-    /// Run a benchmark: `datapath`, `compile` or `convergence`.
+    /// Run a benchmark: `datapath`, `compile`, `convergence` or `scale` (`scale:10000` for chosen sizes).
     Bench { what: String },
 }
 
@@ -72,8 +72,9 @@ fn main() -> Result<()> {
             lab(&args)
         }
         Task::Bench { what } => match what.as_str() {
-            "datapath" | "compile" | "convergence" => lab(&["bench", &what]),
-            other => bail!("unknown benchmark {other:?}: datapath, compile or convergence"),
+            "datapath" | "compile" | "convergence" | "scale" => lab(&["bench", &what]),
+            other if other.starts_with("scale:") => lab(&["bench", &what]),
+            other => bail!("unknown benchmark {other:?}: datapath, compile, convergence or scale[:sizes]"),
         },
     }
 }

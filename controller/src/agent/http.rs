@@ -27,7 +27,7 @@ pub async fn serve(
 
 fn respond(shared: &Shared, path: &str) -> Reply {
     match path {
-        "/debug/state" | "/debug/events" => debug_view(shared, path),
+        "/debug/state" | "/debug/events" | "/debug/revision" => debug_view(shared, path),
         _ => observe(shared, path),
     }
 }
@@ -45,6 +45,7 @@ fn debug_view(shared: &Shared, path: &str) -> Reply {
     match path {
         "/debug/state" => Reply::ok("application/json", shared.state_json()),
         "/debug/events" => Reply::ok("application/json", shared.events_json()),
+        "/debug/revision" => Reply::ok("application/json", shared.revision_json()),
         _ => Reply::not_found(),
     }
 }

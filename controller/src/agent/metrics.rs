@@ -2,7 +2,7 @@
 //! contract; the rest describe the agent itself (compile, sync, convergence,
 //! map fill).
 
-use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
+use prometheus::{Gauge, Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
 pub struct Metrics {
     registry: crate::metrics::Metrics,
@@ -21,6 +21,8 @@ pub struct Metrics {
     pub policies_rejected: IntGauge,
     pub sync_errors: IntCounterVec,
     pub map_writes: IntCounter,
+    pub source_synced_seconds: Gauge,
+    pub ready_seconds: Gauge,
     pub events_received: IntCounterVec,
 }
 
@@ -74,6 +76,14 @@ impl Metrics {
             policies_rejected: r.gauge(
                 "bulkhead_policies_rejected",
                 "Policy objects rejected as invalid (their last good version, if any, stays enforced).",
+            ),
+            source_synced_seconds: r.float_gauge(
+                "bulkhead_agent_source_synced_seconds",
+                "Seconds from the agent's start to its source's first complete view.",
+            ),
+            ready_seconds: r.float_gauge(
+                "bulkhead_agent_ready_seconds",
+                "Seconds from the agent's start to that view in the datapath (ready).",
             ),
             map_writes: r
                 .count("bulkhead_datapath_map_writes_total", "Entries written to or deleted from the datapath's maps."),

@@ -121,6 +121,8 @@ pub struct PolicyView {
 /// What the HTTP endpoints read.
 pub struct Shared {
     pub metrics: Metrics,
+    /// When the agent started.
+    pub started: Instant,
     ready: AtomicBool,
     heartbeat: Mutex<Instant>,
     state: Mutex<StateView>,
@@ -140,6 +142,7 @@ impl Shared {
     pub fn new() -> Self {
         Self {
             metrics: Metrics::new(),
+            started: Instant::now(),
             ready: AtomicBool::new(false),
             heartbeat: Mutex::new(Instant::now()),
             state: Mutex::new(StateView::default()),
@@ -193,6 +196,18 @@ impl Shared {
 
     pub fn state_json(&self) -> String {
         serde_json::to_string_pretty(&self.state()).expect("serializable state")
+    }
+
+    /// `/debug/revision`: the folder revision the datapath holds, local pods
+    /// enforced and map writes so far; small enough to poll.
+    pub fn revision_json(&self) -> String {
+        let state = self.state.lock().expect("state lock");
+        serde_json::json!({
+            "revision": state.revision,
+            "endpoints": state.endpoints.len(),
+            "map_writes": self.metrics.map_writes.get(),
+        })
+        .to_string()
     }
 
     pub fn events_json(&self) -> String {
@@ -353,8 +368,9 @@ impl Agent {
                 Change::Relisted(..) => self.compile_all = true,
                 Change::Synced => {}
             }
-            if matches!(change, Change::Synced) {
+            if matches!(change, Change::Synced) && !self.source_synced {
                 self.source_synced = true;
+                self.shared.metrics.source_synced_seconds.set(self.shared.started.elapsed().as_secs_f64());
             }
             for admission in self.snapshot.apply(change) {
                 log_admission(&admission);
@@ -456,6 +472,7 @@ impl Agent {
         self.shared.metrics.policy_convergence.observe(pending.first_observed.elapsed().as_secs_f64());
         self.publish();
         if !self.shared.ready.swap(true, Ordering::Relaxed) {
+            self.shared.metrics.ready_seconds.set(self.shared.started.elapsed().as_secs_f64());
             tracing::info!(
                 endpoints = self.attached.len(),
                 policies = self.snapshot.policies.len(),

@@ -113,6 +113,21 @@ impl Engine {
         }
     }
 
+    /// The policies selecting any of `pods` (`namespace/name`), at their
+    /// generations: what a node enforcing those pods reports.
+    pub fn programmed_for(&self, pods: &BTreeSet<String>) -> BTreeMap<String, i64> {
+        let Some(selection) = &self.selection else { return BTreeMap::new() };
+        let mut programmed = BTreeMap::new();
+        for pod in pods {
+            let Some((namespace, name)) = pod.split_once('/') else { continue };
+            for policy in selection.policies_of(&PodRef::new(namespace, name)) {
+                let generation = self.snapshot.policies.get(policy).and_then(|p| p.generation).unwrap_or(0);
+                programmed.insert(policy.to_string(), generation);
+            }
+        }
+        programmed
+    }
+
     /// Every policy needs its status looked at (a new leader).
     pub fn mark_all(&mut self) {
         self.dirty.extend(self.snapshot.policies.keys().cloned());

@@ -6,7 +6,7 @@
 //! objects it last gave: bad input never changes what is enforced.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -18,6 +18,8 @@ use bulkhead_policy::{identity::stable_hash, manifest, Change, Object, ObjectKey
 use super::Update;
 
 struct FileState {
+    /// What identifies this version without reading it: length, mtime, inode.
+    stamp: (u64, i128, u64),
     content_hash: u64,
     /// The objects of the last version that parsed, and that version's hash.
     objects: Vec<Object>,
@@ -27,8 +29,14 @@ struct FileState {
 pub struct DirSource {
     root: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
-    /// Which file and which version of it each object came from.
-    origins: BTreeMap<ObjectKey, (PathBuf, u64)>,
+    /// Which files hold each object; the last (by path) wins, as a later
+    /// `kubectl apply` would.
+    owners: BTreeMap<ObjectKey, BTreeSet<PathBuf>>,
+    /// Each object as last handed out, and the version of the file it came from.
+    current: BTreeMap<ObjectKey, (PathBuf, u64)>,
+    /// The folder's digest: a sum over files of (path, content), kept as
+    /// files change so a scan of one file costs one file.
+    digest: u64,
 }
 
 /// What one scan found.
@@ -41,64 +49,135 @@ pub struct Scan {
 
 impl DirSource {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into(), files: BTreeMap::new(), origins: BTreeMap::new() }
+        Self { root: root.into(), files: BTreeMap::new(), owners: BTreeMap::new(), current: BTreeMap::new(), digest: 0 }
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// Read the folder again and say what changed since the last scan.
+    /// The revision of what the last scan saw.
+    pub fn revision(&self) -> String {
+        format!("{:016x}", self.digest)
+    }
+
+    /// Look at the whole folder again (a file is read only when its length
+    /// or mtime moved) and say what changed since the last scan.
     pub fn scan(&mut self) -> std::io::Result<Scan> {
+        let listed: BTreeSet<PathBuf> = followed_files(&self.root)?.into_iter().collect();
+        let mut paths: BTreeSet<PathBuf> = self.files.keys().filter(|p| !listed.contains(*p)).cloned().collect();
+        paths.extend(listed);
+        self.look_at(&paths, true)
+    }
+
+    /// Look at these paths only (what inotify named): read them again, drop
+    /// the ones that are gone.
+    pub fn scan_paths(&mut self, paths: &BTreeSet<PathBuf>) -> std::io::Result<Scan> {
+        self.look_at(paths, false)
+    }
+
+    /// `trust_stamps`: skip a file whose length, mtime and inode are as
+    /// last read (mtimes are coarse: a file inotify names is read anyway).
+    fn look_at(&mut self, paths: &BTreeSet<PathBuf>, trust_stamps: bool) -> std::io::Result<Scan> {
         let mut errors = Vec::new();
-        let mut seen = BTreeMap::new();
-        for path in followed_files(&self.root)? {
-            let text = match std::fs::read(&path) {
+        let mut touched = Vec::new();
+        for path in paths.iter().filter(|p| is_manifest(p)) {
+            let stamp = match std::fs::metadata(path) {
+                Ok(meta) if meta.is_file() => {
+                    use std::os::unix::fs::MetadataExt;
+                    (meta.len(), meta.modified().map(nanos).unwrap_or(0), meta.ino())
+                }
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if let Some(gone) = self.files.remove(path) {
+                        self.digest = self.digest.wrapping_sub(file_digest(&self.root, path, gone.content_hash));
+                        touched.push((path.clone(), gone.objects, Vec::new()));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if trust_stamps && self.files.get(path).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            let text = match std::fs::read(path) {
                 Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-                // Removed between the listing and the read.
+                // Removed between the look and the read: the next event says so.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
             let content_hash = stable_hash(&text);
-            let unchanged = self.files.get(&path).is_some_and(|f| f.content_hash == content_hash);
-            if !unchanged {
-                match manifest::parse(&path.display().to_string(), &text).map_err(|e| e.to_string()) {
-                    Ok(objects) => {
-                        self.files.insert(path.clone(), FileState { content_hash, objects, parsed_hash: content_hash });
-                    }
+            let before = self.files.remove(path);
+            if let Some(before) = &before {
+                self.digest = self.digest.wrapping_sub(file_digest(&self.root, path, before.content_hash));
+            }
+            self.digest = self.digest.wrapping_add(file_digest(&self.root, path, content_hash));
+            let (old_objects, old_parsed) = before.map(|f| (f.objects, f.parsed_hash)).unwrap_or_default();
+            let state = if old_parsed == content_hash && !old_objects.is_empty() {
+                FileState { stamp, content_hash, objects: old_objects.clone(), parsed_hash: content_hash }
+            } else {
+                match manifest::parse(&path.display().to_string(), &text) {
+                    Ok(objects) => FileState { stamp, content_hash, objects, parsed_hash: content_hash },
                     Err(error) => {
-                        errors.push(error);
-                        let (objects, parsed_hash) =
-                            self.files.remove(&path).map(|f| (f.objects, f.parsed_hash)).unwrap_or_default();
-                        self.files.insert(path.clone(), FileState { content_hash, objects, parsed_hash });
+                        errors.push(error.to_string());
+                        FileState { stamp, content_hash, objects: old_objects.clone(), parsed_hash: old_parsed }
                     }
                 }
-            }
-            seen.insert(path, content_hash);
+            };
+            touched.push((path.clone(), old_objects, state.objects.clone()));
+            self.files.insert(path.clone(), state);
         }
-        self.files.retain(|path, _| seen.contains_key(path));
-
-        // Later files win for an object defined twice, as a later `kubectl apply` would.
-        let mut current: BTreeMap<ObjectKey, (&Object, (PathBuf, u64))> = BTreeMap::new();
-        for (path, file) in &self.files {
-            for object in &file.objects {
-                current.insert(object.key(), (object, (path.clone(), file.parsed_hash)));
+        let mut keys = BTreeSet::new();
+        for (path, old, new) in &touched {
+            for object in old {
+                let key = object.key();
+                if let Some(owners) = self.owners.get_mut(&key) {
+                    owners.remove(path);
+                }
+                keys.insert(key);
+            }
+            for object in new {
+                let key = object.key();
+                self.owners.entry(key.clone()).or_default().insert(path.clone());
+                keys.insert(key);
             }
         }
         let mut changes = Vec::new();
-        for key in self.origins.keys() {
-            if !current.contains_key(key) {
-                changes.push(Change::Deleted(key.clone()));
+        for key in keys {
+            let winner = self.owners.get(&key).and_then(|owners| owners.last()).cloned();
+            match winner {
+                None => {
+                    self.owners.remove(&key);
+                    if self.current.remove(&key).is_some() {
+                        changes.push(Change::Deleted(key));
+                    }
+                }
+                Some(path) => {
+                    let file = &self.files[&path];
+                    let origin = (path.clone(), file.parsed_hash);
+                    if self.current.get(&key) != Some(&origin) {
+                        let object = file.objects.iter().rev().find(|o| o.key() == key).expect("the file holds it");
+                        changes.push(Change::Applied(object.clone()));
+                        self.current.insert(key, origin);
+                    }
+                }
             }
         }
-        for (key, (object, origin)) in &current {
-            if self.origins.get(key) != Some(origin) {
-                changes.push(Change::Applied((*object).clone()));
-            }
-        }
-        self.origins = current.into_iter().map(|(key, (_, origin))| (key, origin)).collect();
-        Ok(Scan { changes, revision: revision_of(&self.root, &seen), errors })
+        Ok(Scan { changes, revision: self.revision(), errors })
     }
+}
+
+fn nanos(time: std::time::SystemTime) -> i128 {
+    match time.duration_since(std::time::UNIX_EPOCH) {
+        Ok(since) => since.as_nanos() as i128,
+        Err(before) => -(before.duration().as_nanos() as i128),
+    }
+}
+
+/// One file's part of the folder's digest.
+fn file_digest(root: &Path, path: &Path, content_hash: u64) -> u64 {
+    let relative = path.strip_prefix(root).unwrap_or(path);
+    stable_hash(&format!("{}={content_hash:016x}", relative.display()))
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -126,15 +205,6 @@ fn followed_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn revision_of(root: &Path, files: &BTreeMap<PathBuf, u64>) -> String {
-    let mut text = String::new();
-    for (path, hash) in files {
-        let relative = path.strip_prefix(root).unwrap_or(path);
-        text.push_str(&format!("{}={hash:016x};", relative.display()));
-    }
-    format!("{:016x}", stable_hash(&text))
-}
-
 /// The revision an agent following `root` reports once it has enforced the
 /// folder's present content.
 pub fn revision(root: &Path) -> std::io::Result<String> {
@@ -144,18 +214,31 @@ pub fn revision(root: &Path) -> std::io::Result<String> {
 /// How long a burst of file events is gathered before a scan: an editor's
 /// write, rename and chmod arrive as one change.
 const SETTLE: Duration = Duration::from_millis(3);
-/// A scan now and then, in case inotify lost events (its queue overflowed).
+/// A whole look now and then, in case inotify lost events (its queue overflowed).
 const RESCAN: Duration = Duration::from_secs(10);
+
+/// What inotify says: paths that changed, or that everything must be looked at.
+enum Wake {
+    Paths(Vec<PathBuf>, Instant),
+    Everything(Instant),
+}
 
 /// Scan once, report it with `Synced`, then follow the folder until `updates` closes.
 pub async fn run(mut source: DirSource, updates: mpsc::Sender<Update>) -> anyhow::Result<()> {
     use notify::Watcher;
     let (wake, mut woken) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Reads are events too (our own scans among them): only changes wake us.
-        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
-            let _ = wake.send(Instant::now());
-        }
+        let wake_up = match event {
+            // Reads are events too (our own scans among them): only changes wake us.
+            Ok(event) if matches!(event.kind, notify::EventKind::Access(_)) => return,
+            // A directory appeared or went, or inotify lost count: look at everything.
+            Ok(event) if event.need_rescan() || event.paths.iter().any(|p| p.is_dir() || p.extension().is_none()) => {
+                Wake::Everything(Instant::now())
+            }
+            Ok(event) => Wake::Paths(event.paths, Instant::now()),
+            Err(_) => Wake::Everything(Instant::now()),
+        };
+        let _ = wake.send(wake_up);
     })?;
     watcher.watch(source.root(), notify::RecursiveMode::Recursive)?;
 
@@ -169,15 +252,22 @@ pub async fn run(mut source: DirSource, updates: mpsc::Sender<Update>) -> anyhow
         return Ok(());
     }
     loop {
-        let observed = match tokio::time::timeout(RESCAN, woken.recv()).await {
-            Ok(Some(at)) => at,
+        let (mut paths, mut everything, observed) = match tokio::time::timeout(RESCAN, woken.recv()).await {
+            Ok(Some(Wake::Paths(paths, at))) => (paths.into_iter().collect::<BTreeSet<_>>(), false, at),
+            Ok(Some(Wake::Everything(at))) => (BTreeSet::new(), true, at),
             Ok(None) => return Ok(()),
-            Err(_) => Instant::now(),
+            Err(_) => (BTreeSet::new(), true, Instant::now()),
         };
         tracing::debug!(after_ms = observed.elapsed().as_secs_f64() * 1e3, "folder changed");
         tokio::time::sleep(SETTLE).await;
-        while woken.try_recv().is_ok() {}
-        let scan = match source.scan() {
+        while let Ok(more) = woken.try_recv() {
+            match more {
+                Wake::Paths(more, _) => paths.extend(more),
+                Wake::Everything(_) => everything = true,
+            }
+        }
+        let scan = if everything { source.scan() } else { source.scan_paths(&paths) };
+        let scan = match scan {
             Ok(scan) => scan,
             Err(error) => {
                 tracing::error!(folder = %source.root().display(), %error, "cannot read the policy folder; what is enforced stays");

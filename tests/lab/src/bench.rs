@@ -32,7 +32,12 @@ pub fn run(what: &str) -> Result<()> {
         "datapath" => datapath(),
         "compile" => compile(),
         "convergence" => convergence(),
-        other => bail!("unknown benchmark {other:?}: datapath, compile or convergence"),
+        "scale" => crate::scale::run(&[10_000, 50_000, 150_000]),
+        other => match other.strip_prefix("scale:") {
+            // `scale:10000,50000`: chosen sizes.
+            Some(sizes) => crate::scale::run(&sizes.split(',').map(str::parse).collect::<Result<Vec<usize>, _>>()?),
+            None => bail!("unknown benchmark {other:?}: datapath, compile, convergence or scale[:sizes]"),
+        },
     }
 }
 

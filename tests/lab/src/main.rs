@@ -20,6 +20,8 @@ enum Command {
     Probe { dirs: Vec<PathBuf> },
     /// A benchmark; see BENCHMARKS.md.
     Bench { what: String },
+    /// The controller's status engine on a folder (what `bench scale` measures).
+    StatusEngine { folder: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
         Command::Demo => bulkhead_lab::demo::run().map(|()| true),
         Command::Probe { dirs } => bulkhead_lab::probe::run(&dirs),
         Command::Bench { what } => bulkhead_lab::bench::run(&what).map(|()| true),
+        Command::StatusEngine { folder } => bulkhead_lab::scale::status_engine(&folder).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
