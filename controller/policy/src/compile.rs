@@ -19,6 +19,7 @@ use std::{
     mem,
     net::IpAddr,
     rc::Rc,
+    sync::Arc,
 };
 
 use datapath_common::{identity, PolicyKey, PolicyValue, EGRESS, INGRESS};
@@ -83,17 +84,21 @@ struct Class {
     members: BTreeMap<PodRef, u32>,
 }
 
-/// A pod's plain identity, and each of its addresses with the identity it carries.
-type PodIdentities = (IdentityKey, Vec<(IpAddr, IdentityKey)>);
+/// An identity's key, held once however many pods and addresses carry it
+/// (`Compiler::identity_users` is where it is looked up).
+type SharedKey = Rc<IdentityKey>;
 
-/// What the compiler holds of one pod.
+/// A pod's plain identity, and each of its addresses with the identity it carries.
+type PodIdentities = (SharedKey, Vec<(IpAddr, SharedKey)>);
+
+/// What the compiler holds of one pod: a remote pod costs its labels' share,
+/// its identities' shares and its addresses. (Its namespace is its key's.)
 struct CompiledPod {
-    namespace: String,
-    labels: Labels,
-    plain_identity: IdentityKey,
+    labels: Arc<Labels>,
+    plain_identity: SharedKey,
     /// Each address and the identity it carries (it differs from the plain
     /// one when the address falls in an ipBlock CIDR).
-    addresses: Vec<(IpAddr, IdentityKey)>,
+    addresses: Vec<(IpAddr, SharedKey)>,
     /// For a pod in scope: its endpoint and class.
     placement: Option<Placement>,
 }
@@ -104,17 +109,45 @@ struct Placement {
 }
 
 impl CompiledPod {
-    fn identity_keys(&self) -> impl Iterator<Item = &IdentityKey> {
+    fn identity_keys(&self) -> impl Iterator<Item = &SharedKey> {
         identity_keys(&self.plain_identity, &self.addresses)
     }
 }
 
 /// A pod's plain identity, then its addresses' (one use each).
 fn identity_keys<'a>(
-    plain: &'a IdentityKey,
-    addresses: &'a [(IpAddr, IdentityKey)],
-) -> impl Iterator<Item = &'a IdentityKey> {
+    plain: &'a SharedKey,
+    addresses: &'a [(IpAddr, SharedKey)],
+) -> impl Iterator<Item = &'a SharedKey> {
     std::iter::once(plain).chain(addresses.iter().map(|(_, k)| k))
+}
+
+/// The pods claiming one address, sorted (almost always one: a pod's
+/// address is its own until it is gone).
+#[derive(Default)]
+struct Owners(Vec<PodRef>);
+
+impl Owners {
+    fn insert(&mut self, pod: PodRef) {
+        if let Err(at) = self.0.binary_search(&pod) {
+            self.0.insert(at, pod);
+        }
+    }
+
+    fn remove(&mut self, pod: &PodRef) {
+        if let Ok(at) = self.0.binary_search(pod) {
+            self.0.remove(at);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The one the ipcache gives the address to: the last by name, as a fresh compile does.
+    fn last(&self) -> Option<&PodRef> {
+        self.0.last()
+    }
 }
 
 /// Map keys written since the last `take_ops`, with the value each had
@@ -203,7 +236,7 @@ fn changes_between<K: Ord + Copy, V: PartialEq + Copy>(
 
 /// Write (or, with `present` false, remove) a class's entries for one endpoint.
 fn stamp(state: &mut DesiredState, touched: &mut Touched, endpoint: u32, groups: &EntryGroups, present: bool) {
-    for (peer, entries) in groups {
+    for ((_, peer), entries) in groups {
         stamp_group(state, touched, endpoint, *peer, entries, present);
     }
 }
@@ -225,13 +258,13 @@ fn stamp_group(
 /// Change one endpoint's entries from one class's to another's, writing
 /// only what differs.
 fn restamp(state: &mut DesiredState, touched: &mut Touched, endpoint: u32, old: &EntryGroups, new: &EntryGroups) {
-    for (peer, entries) in old {
-        match new.get(peer) {
-            Some(same) if same == entries => {}
+    for (group @ (_, peer), entries) in old {
+        match new.get(group) {
+            Some(same) if Rc::ptr_eq(same, entries) || same == entries => {}
             Some(other) => {
                 let kept: HashSet<(u32, u8, u8, u16)> =
                     other.iter().map(|(l, d, p, port, _)| (*l, *d, *p, *port)).collect();
-                for (prefix_len, direction, protocol, port, _) in entries {
+                for (prefix_len, direction, protocol, port, _) in entries.iter() {
                     if !kept.contains(&(*prefix_len, *direction, *protocol, *port)) {
                         write_policy(
                             state,
@@ -245,8 +278,8 @@ fn restamp(state: &mut DesiredState, touched: &mut Touched, endpoint: u32, old: 
             None => stamp_group(state, touched, endpoint, *peer, entries, false),
         }
     }
-    for (peer, entries) in new {
-        if old.get(peer) != Some(entries) {
+    for (group @ (_, peer), entries) in new {
+        if old.get(group).is_none_or(|same| !Rc::ptr_eq(same, entries) && same != entries) {
             stamp_group(state, touched, endpoint, *peer, entries, true);
         }
     }
@@ -265,7 +298,7 @@ pub struct Compiler {
     by_len: Vec<HashSet<IpNet>>,
     identities: Numbering<IdentityKey>,
     /// How many pod addresses (and plain pod identities) use each identity.
-    identity_users: HashMap<IdentityKey, usize>,
+    identity_users: HashMap<SharedKey, usize>,
     universe: Universe,
     namespace_labels: BTreeMap<String, Labels>,
     node_addresses: BTreeSet<IpAddr>,
@@ -274,7 +307,7 @@ pub struct Compiler {
     /// The pods in scope, by namespace: what a policy or namespace change
     /// looks through.
     local: HashMap<String, BTreeSet<PodRef>>,
-    address_owners: HashMap<IpAddr, BTreeSet<PodRef>>,
+    address_owners: HashMap<IpAddr, Owners>,
     classes: HashMap<ClassKey, Class>,
     touched: Touched,
     full_compiles: u64,
@@ -344,7 +377,7 @@ impl Compiler {
             }
             planned.push((pod_ref, pod, plain, addresses));
         }
-        let mut keys: BTreeSet<&IdentityKey> = compiler.identity_users.keys().collect();
+        let mut keys: BTreeSet<&IdentityKey> = compiler.identity_users.keys().map(|k| &**k).collect();
         let cidr_keys: Vec<IdentityKey> = compiler.prefixes.keys().map(|p| IdentityKey::Cidr(*p)).collect();
         keys.extend(&cidr_keys);
         compiler.identities = Numbering::new(keys, identity::FIRST_ALLOCATED, IDENTITY_SPACE, identity_hash);
@@ -422,13 +455,7 @@ impl Compiler {
             self.local.entry(pod.namespace.clone()).or_default().insert(pod_ref.clone());
         }
         let (plain_identity, addresses) = identities;
-        let compiled = CompiledPod {
-            namespace: pod.namespace.clone(),
-            labels: pod.labels.clone(),
-            plain_identity,
-            addresses,
-            placement,
-        };
+        let compiled = CompiledPod { labels: pod.labels.clone(), plain_identity, addresses, placement };
         self.pods.insert(pod_ref.clone(), compiled);
     }
 
@@ -529,11 +556,17 @@ impl Compiler {
     /// A pod's plain identity and the identity of each of its addresses.
     fn identity_keys_of(&self, pod: &Pod) -> PodIdentities {
         let named_ports = named_ports_of(pod);
-        let key = |cidr| IdentityKey::Pod {
-            namespace: pod.namespace.clone(),
-            labels: pod.labels.clone(),
-            named_ports: named_ports.clone(),
-            cidr,
+        let key = |cidr| {
+            let key = IdentityKey::Pod {
+                namespace: pod.namespace.clone(),
+                labels: pod.labels.clone(),
+                named_ports: named_ports.clone(),
+                cidr,
+            };
+            match self.identity_users.get_key_value(&key) {
+                Some((known, _)) => known.clone(),
+                None => Rc::new(key),
+            }
         };
         let addresses = pod.ips.iter().map(|address| (*address, key(longest_prefix(&self.by_len, *address)))).collect();
         (key(None), addresses)
@@ -642,7 +675,7 @@ impl Compiler {
         let old = self.pods.get(pod_ref);
 
         // Identities that lose their last user, and new ones.
-        let mut delta: BTreeMap<&IdentityKey, i64> = BTreeMap::new();
+        let mut delta: BTreeMap<&SharedKey, i64> = BTreeMap::new();
         for key in old.into_iter().flat_map(|p| p.identity_keys()) {
             *delta.entry(key).or_default() -= 1;
         }
@@ -662,7 +695,7 @@ impl Compiler {
             }
         }
         if (!gone.is_empty() && !self.identities.can_remove())
-            || !self.identities.can_add_all(born.iter(), identity_hash)
+            || !self.identities.can_add_all(born.iter().map(|k| &**k), identity_hash)
         {
             return false;
         }
@@ -675,13 +708,13 @@ impl Compiler {
         {
             return false;
         }
-        let delta: Vec<(IdentityKey, i64)> = delta.into_iter().map(|(k, d)| (k.clone(), d)).collect();
+        let delta: Vec<(SharedKey, i64)> = delta.into_iter().map(|(k, d)| (k.clone(), d)).collect();
 
         // The pod leaves its class; identities change; it joins its new class.
         let old = self.pods.remove(pod_ref);
         if let Some(Placement { endpoint, class }) = old.as_ref().and_then(|o| o.placement.as_ref()) {
             self.leave_class(pod_ref, *endpoint, class);
-            if let Some(local) = self.local.get_mut(&old.as_ref().expect("placed").namespace) {
+            if let Some(local) = self.local.get_mut(&pod_ref.namespace) {
                 local.remove(pod_ref);
             }
         }
@@ -702,7 +735,7 @@ impl Compiler {
         for key in born {
             let id = self.identities.add(&key, identity_hash);
             self.universe.add_identity(id, &key, &self.namespace_labels);
-            self.state.identities.insert(id, key);
+            self.state.identities.insert(id, (*key).clone());
             self.add_identity_entries(id);
         }
         let mut addresses: BTreeSet<IpAddr> = BTreeSet::new();
@@ -754,20 +787,20 @@ impl Compiler {
                 continue;
             }
             let chain = Chain::of(&key.0, policies);
-            let mut entries = Vec::new();
             for direction in [INGRESS, EGRESS] {
                 let evaluator = Evaluator { universe, chain: &chain, direction, own_named_ports: &key.1 };
-                if !evaluator.signature(id).is_empty() {
-                    entries.extend(evaluator.identity_entries(id, &class.any[direction as usize]));
+                if evaluator.signature(id).is_empty() {
+                    continue;
                 }
+                let entries = evaluator.identity_entries(id, &class.any[direction as usize]);
+                if entries.is_empty() {
+                    continue;
+                }
+                for endpoint in class.members.values() {
+                    stamp_group(state, touched, *endpoint, id, &entries, true);
+                }
+                class.groups.insert((direction, id), entries.into());
             }
-            if entries.is_empty() {
-                continue;
-            }
-            for endpoint in class.members.values() {
-                stamp_group(state, touched, *endpoint, id, &entries, true);
-            }
-            class.groups.insert(id, entries);
         }
     }
 
@@ -775,9 +808,11 @@ impl Compiler {
     fn drop_identity_entries(&mut self, id: u32) {
         let Self { classes, state, touched, .. } = self;
         for class in classes.values_mut() {
-            if let Some(entries) = class.groups.remove(&id) {
-                for endpoint in class.members.values() {
-                    stamp_group(state, touched, *endpoint, id, &entries, false);
+            for direction in [INGRESS, EGRESS] {
+                if let Some(entries) = class.groups.remove(&(direction, id)) {
+                    for endpoint in class.members.values() {
+                        stamp_group(state, touched, *endpoint, id, &entries, false);
+                    }
                 }
             }
         }
@@ -881,7 +916,8 @@ impl Compiler {
             let mut key = pod.placement.as_ref().expect("moving pods are placed").class.clone();
             key.0.retain(|r| r != policy_ref);
             if let Some(policy) = self.policies.get(policy_ref) {
-                if policy.selects(&pod.namespace, &self.namespace_labels[&pod.namespace], &pod.labels) {
+                let namespace = &pod_ref.namespace;
+                if policy.selects(namespace, &self.namespace_labels[namespace], &pod.labels) {
                     key.0.push(policy_ref.clone());
                     key.0.sort_unstable();
                     *self.state.selected_pods.get_mut(policy_ref).expect("inserted above") += 1;

@@ -26,8 +26,11 @@ use crate::{
 /// One entry of a class, without its endpoint and peer:
 /// (prefix length, direction, protocol, port, value).
 pub type ClassEntry = (u32, u8, u8, u16, PolicyValue);
-/// A class's entries grouped by peer identity (`identity::ANY` for "any peer").
-pub type EntryGroups = BTreeMap<u32, Vec<ClassEntry>>;
+/// A class's entries grouped by direction and peer identity
+/// (`identity::ANY` for "any peer"). Identities that match the same rules
+/// share one list: a class names thousands of identities, in a few dozen
+/// distinct ways.
+pub type EntryGroups = BTreeMap<(u8, u32), Rc<[ClassEntry]>>;
 
 /// A verdict and who decided it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -390,23 +393,27 @@ impl Evaluator<'_> {
     /// This direction's entries for every peer: "any peer" and each
     /// identity some rule names.
     pub fn entries(&self, any: &AnyPeer, groups: &mut EntryGroups) {
-        self.any_entries(any, groups.entry(identity::ANY).or_default());
+        let mut any_entries = Vec::new();
+        self.any_entries(any, &mut any_entries);
+        groups.insert((self.direction, identity::ANY), any_entries.into());
         // Identities that match the same rules (and resolve named ports the
         // same way) share one verdict function.
         let any_named_egress = self.any_named_egress();
-        let mut by_signature: HashMap<SignatureKey, Rc<Vec<ClassEntry>>> = HashMap::new();
+        let mut by_signature: HashMap<SignatureKey, Rc<[ClassEntry]>> = HashMap::new();
         for (id, signature) in self.signatures() {
             let named = if any_named_egress { self.universe.named_ports(id).cloned() } else { None };
             let key = (signature, named);
             let entries = match by_signature.get(&key) {
                 Some(e) => e.clone(),
                 None => {
-                    let e = Rc::new(self.identity_entries(id, any));
+                    let e: Rc<[ClassEntry]> = self.identity_entries(id, any).into();
                     by_signature.insert(key, e.clone());
                     e
                 }
             };
-            groups.entry(id).or_default().extend(entries.iter().copied());
+            if !entries.is_empty() {
+                groups.insert((self.direction, id), entries);
+            }
         }
     }
 

@@ -11,7 +11,10 @@
 //! order on a collision: the same snapshot always gives the same numbers, and
 //! a change elsewhere in the cluster does not renumber an identity.
 
-use std::collections::{BTreeMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+};
 
 use bulkhead_crds::Protocol;
 use ipnet::IpNet;
@@ -25,7 +28,7 @@ pub type NamedPorts = BTreeMap<(String, Protocol), u16>;
 pub enum IdentityKey {
     Pod {
         namespace: String,
-        labels: Labels,
+        labels: Arc<Labels>,
         /// (name, protocol) → port: egress rules with named ports resolve against it.
         named_ports: BTreeMap<(String, Protocol), u16>,
         /// The longest ipBlock CIDR containing this address, if any.

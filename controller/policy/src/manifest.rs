@@ -42,7 +42,7 @@ pub fn documents(origin: &str, text: &str) -> Result<Vec<Value>, ManifestError> 
     })
 }
 
-fn typed<T: DeserializeOwned>(value: Value) -> Result<T, String> {
+fn typed<T: DeserializeOwned>(value: &Value) -> Result<T, String> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         format!("{path}: {}", e.into_inner())
@@ -68,18 +68,16 @@ pub fn object(origin: &str, document: usize, value: Value) -> Result<Option<Obje
     let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
     let object = match kind {
         "Namespace" => {
-            let ns: core::Namespace = typed(value.clone()).map_err(err)?;
+            let ns: core::Namespace = typed(&value).map_err(err)?;
             Object::Namespace(Namespace::new(
                 &ns.metadata.name.unwrap_or_default(),
                 ns.metadata.labels.unwrap_or_default(),
             ))
         }
-        "Pod" => Object::Pod(typed(value.clone()).and_then(pod_of).map_err(err)?),
-        "ConnectionPolicy" => Object::Policy(Box::new(PolicyObject::Connection(typed(value.clone()).map_err(err)?))),
-        "ClusterConnectionPolicy" => {
-            Object::Policy(Box::new(PolicyObject::Cluster(typed(value.clone()).map_err(err)?)))
-        }
-        "NetworkPolicy" => Object::Policy(Box::new(PolicyObject::Network(typed(value.clone()).map_err(err)?))),
+        "Pod" => Object::Pod(typed(&value).and_then(pod_of).map_err(err)?),
+        "ConnectionPolicy" => Object::Policy(Box::new(PolicyObject::Connection(typed(&value).map_err(err)?))),
+        "ClusterConnectionPolicy" => Object::Policy(Box::new(PolicyObject::Cluster(typed(&value).map_err(err)?))),
+        "NetworkPolicy" => Object::Policy(Box::new(PolicyObject::Network(typed(&value).map_err(err)?))),
         _ => return Ok(None),
     };
     Ok(Some(object))
@@ -128,7 +126,7 @@ pub fn pod_of(pod: core::Pod) -> Result<Pod, String> {
     }
     let labels: BTreeMap<String, String> = pod.metadata.labels.unwrap_or_default();
     let node_name = pod.spec.and_then(|s| s.node_name);
-    Ok(Pod { namespace, name, labels, ips, ports, node_name, uid: pod.metadata.uid })
+    Ok(Pod { namespace, name, labels: labels.into(), ips, ports, node_name, uid: pod.metadata.uid })
 }
 
 #[cfg(test)]

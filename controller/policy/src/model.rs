@@ -1,7 +1,7 @@
 //! The objects the compiler reads, as plain values: namespaces, pods, and
 //! policy objects as their kinds define them (validated by `rules`).
 
-use std::{fmt, net::IpAddr};
+use std::{fmt, net::IpAddr, sync::Arc};
 
 use bulkhead_crds::{ClusterConnectionPolicy, ConnectionPolicy, Protocol};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -54,7 +54,9 @@ impl fmt::Display for PodRef {
 pub struct Pod {
     pub namespace: String,
     pub name: String,
-    pub labels: Labels,
+    /// Shared: the pods of one workload carry the same set, held once (see
+    /// `Snapshot::add_pod`).
+    pub labels: Arc<Labels>,
     pub ips: Vec<IpAddr>,
     pub ports: Vec<ContainerPort>,
     pub node_name: Option<String>,

@@ -259,7 +259,7 @@ mod tests {
 
         // A pod relabelled leaves the namespaced policy only.
         let pod = PodRef::new("a", "web");
-        snapshot.pods.get_mut(&pod).unwrap().labels.insert("app".into(), "api".into());
+        std::sync::Arc::make_mut(&mut snapshot.pods.get_mut(&pod).unwrap().labels).insert("app".into(), "api".into());
         let affected = selection.update(&snapshot, &[Changed::Pod(pod.clone())]);
         assert_eq!(affected, [web.clone()].into());
         assert_eq!(selection.policies_of(&pod), std::slice::from_ref(&red));

@@ -12,7 +12,7 @@ use std::{
 use crate::{
     model::{Namespace, Pod, PodRef, PolicyKind, PolicyObject, PolicyRef},
     rules::{normalize, Policy, ValidationError},
-    selector::Labels,
+    selector::{LabelSets, Labels},
 };
 
 /// An object a source delivers.
@@ -103,6 +103,7 @@ pub struct Snapshot {
     pub rejected: BTreeMap<PolicyRef, Rejection>,
     /// Addresses of the node itself: always allowed to and from its pods.
     pub node_addresses: BTreeSet<IpAddr>,
+    label_sets: LabelSets,
 }
 
 impl Snapshot {
@@ -110,7 +111,8 @@ impl Snapshot {
         self.namespaces.insert(namespace.name.clone(), namespace);
     }
 
-    pub fn add_pod(&mut self, pod: Pod) {
+    pub fn add_pod(&mut self, mut pod: Pod) {
+        pod.labels = self.label_sets.share(pod.labels);
         self.pods.insert(pod.pod_ref(), pod);
     }
 
@@ -214,5 +216,22 @@ mod tests {
         assert!(snapshot.namespaces.contains_key("x"), "a pod re-list leaves namespaces alone");
         snapshot.apply(Change::Deleted(ObjectKey::Pod(PodRef::new("x", "b"))));
         assert!(snapshot.pods.is_empty());
+    }
+
+    #[test]
+    fn pods_with_equal_labels_share_one_set() {
+        use std::sync::Arc;
+        let mut snapshot = Snapshot::default();
+        let labelled = |name: &str, app: &str| match pod("x", name) {
+            Object::Pod(pod) => Object::Pod(Pod { labels: Arc::new([("app".into(), app.into())].into()), ..pod }),
+            _ => unreachable!(),
+        };
+        for (name, app) in [("a", "web"), ("b", "web"), ("c", "db")] {
+            snapshot.apply(Change::Applied(labelled(name, app)));
+        }
+        let labels = |name: &str| snapshot.pods[&PodRef::new("x", name)].labels.clone();
+        assert!(Arc::ptr_eq(&labels("a"), &labels("b")));
+        assert!(!Arc::ptr_eq(&labels("a"), &labels("c")));
+        assert_eq!(labels("c")["app"], "db");
     }
 }

@@ -2,7 +2,10 @@
 //! selector → identities cache that is kept up to date as identities come
 //! and go instead of being recomputed.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
 
 use ipnet::IpNet;
 
@@ -16,7 +19,7 @@ use crate::{
 struct PodIdentity {
     namespace: String,
     namespace_labels: Labels,
-    labels: Labels,
+    labels: Arc<Labels>,
 }
 
 /// A peer in use, interned: rules hold its number, not the peer.

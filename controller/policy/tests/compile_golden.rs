@@ -393,7 +393,8 @@ fn everyday_changes_are_compiled_incrementally() {
         (
             "relabel",
             Box::new(|s: &mut Snapshot| {
-                s.pods.get_mut(&policy::PodRef::new("shop", "pay")).unwrap().labels.insert("tier".into(), "api".into());
+                std::sync::Arc::make_mut(&mut s.pods.get_mut(&policy::PodRef::new("shop", "pay")).unwrap().labels)
+                    .insert("tier".into(), "api".into());
                 policy::Changed::Pod(policy::PodRef::new("shop", "pay"))
             }),
         ),

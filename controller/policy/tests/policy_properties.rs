@@ -576,7 +576,15 @@ fn pod(index: usize) -> impl Strategy<Value = Pod> {
                 ports.push(ContainerPort { name: Some("metrics".into()), port: 81, protocol: crd::Protocol::UDP });
             }
             let node_name = node.map(String::from);
-            Pod { namespace: ns.into(), name: format!("pod{index}"), labels, ips, ports, node_name, uid: None }
+            Pod {
+                namespace: ns.into(),
+                name: format!("pod{index}"),
+                labels: labels.into(),
+                ips,
+                ports,
+                node_name,
+                uid: None,
+            }
         })
 }
 

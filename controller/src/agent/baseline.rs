@@ -115,9 +115,9 @@ mod tests {
             uid: None,
         };
         assert_eq!(Workload::of(&pod).name, "web-7d4b9");
-        pod.labels.insert("app".into(), "web".into());
+        std::sync::Arc::make_mut(&mut pod.labels).insert("app".into(), "web".into());
         assert_eq!(Workload::of(&pod).name, "web");
-        pod.labels.insert("app.kubernetes.io/name".into(), "shop-web".into());
+        std::sync::Arc::make_mut(&mut pod.labels).insert("app.kubernetes.io/name".into(), "shop-web".into());
         assert_eq!(Workload::of(&pod).name, "shop-web");
     }
 }

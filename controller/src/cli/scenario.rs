@@ -235,7 +235,7 @@ impl Scenario {
                     let Some(Object::Pod(pod)) = world.objects.get(&ObjectKey::Pod(pod_ref.clone())) else {
                         bail!("label: no pod {pod_ref}");
                     };
-                    Object::Pod(Pod { labels: change.labels.clone(), ..pod.clone() })
+                    Object::Pod(Pod { labels: change.labels.clone().into(), ..pod.clone() })
                 }
                 "Namespace" => Object::Namespace(Namespace::new(&change.name, change.labels.clone())),
                 other => bail!("label: kind {other:?} is neither Pod nor Namespace"),

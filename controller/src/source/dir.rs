@@ -6,34 +6,51 @@
 //! objects it last gave: bad input never changes what is enforced.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use tokio::sync::mpsc;
 
-use bulkhead_policy::{identity::stable_hash, manifest, Change, Object, ObjectKey};
+use bulkhead_policy::{identity::stable_hash, manifest, selector::LabelSets, Change, Object, ObjectKey};
 
 use super::Update;
 
+/// A file followed, by its place in `DirSource::paths`.
+type FileId = usize;
+
+/// What identifies a file's version without reading it: length, mtime, inode.
+type Stamp = (u64, i128, u64);
+
 struct FileState {
-    /// What identifies this version without reading it: length, mtime, inode.
-    stamp: (u64, i128, u64),
+    stamp: Stamp,
     content_hash: u64,
-    /// The objects of the last version that parsed, and that version's hash.
-    objects: Vec<Object>,
+    /// The keys of the objects of the last version that parsed (the objects
+    /// themselves are handed on, not kept), and that version's hash.
+    keys: Vec<ObjectKey>,
     parsed_hash: u64,
 }
 
+/// Who holds one object, and which version of it was handed out.
+#[derive(Default)]
+struct Holders {
+    /// The files holding it; the last by path wins, as a later `kubectl
+    /// apply` would.
+    files: Vec<FileId>,
+    /// The file and the object's hash as last handed out.
+    given: Option<(FileId, u64)>,
+}
+
+/// The objects of a folder. It keeps keys and hashes, not objects: the
+/// agent's snapshot is the one copy of the cluster.
 pub struct DirSource {
     root: PathBuf,
-    files: BTreeMap<PathBuf, FileState>,
-    /// Which files hold each object; the last (by path) wins, as a later
-    /// `kubectl apply` would.
-    owners: BTreeMap<ObjectKey, BTreeSet<PathBuf>>,
-    /// Each object as last handed out, and the version of the file it came from.
-    current: BTreeMap<ObjectKey, (PathBuf, u64)>,
+    paths: Vec<PathBuf>,
+    ids: BTreeMap<PathBuf, FileId>,
+    files: BTreeMap<FileId, FileState>,
+    objects: HashMap<ObjectKey, Holders>,
+    label_sets: LabelSets,
     /// The folder's digest: a sum over files of (path, content), kept as
     /// files change so a scan of one file costs one file.
     digest: u64,
@@ -49,7 +66,15 @@ pub struct Scan {
 
 impl DirSource {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into(), files: BTreeMap::new(), owners: BTreeMap::new(), current: BTreeMap::new(), digest: 0 }
+        Self {
+            root: root.into(),
+            paths: Vec::new(),
+            ids: BTreeMap::new(),
+            files: BTreeMap::new(),
+            objects: HashMap::new(),
+            label_sets: LabelSets::default(),
+            digest: 0,
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -65,7 +90,8 @@ impl DirSource {
     /// or mtime moved) and say what changed since the last scan.
     pub fn scan(&mut self) -> std::io::Result<Scan> {
         let listed: BTreeSet<PathBuf> = followed_files(&self.root)?.into_iter().collect();
-        let mut paths: BTreeSet<PathBuf> = self.files.keys().filter(|p| !listed.contains(*p)).cloned().collect();
+        let mut paths: BTreeSet<PathBuf> =
+            self.files.keys().map(|id| &self.paths[*id]).filter(|p| !listed.contains(*p)).cloned().collect();
         paths.extend(listed);
         self.look_at(&paths, true)
     }
@@ -76,11 +102,23 @@ impl DirSource {
         self.look_at(paths, false)
     }
 
+    fn id_of(&mut self, path: &Path) -> FileId {
+        if let Some(id) = self.ids.get(path) {
+            return *id;
+        }
+        self.paths.push(path.to_path_buf());
+        self.ids.insert(path.to_path_buf(), self.paths.len() - 1);
+        self.paths.len() - 1
+    }
+
     /// `trust_stamps`: skip a file whose length, mtime and inode are as
     /// last read (mtimes are coarse: a file inotify names is read anyway).
     fn look_at(&mut self, paths: &BTreeSet<PathBuf>, trust_stamps: bool) -> std::io::Result<Scan> {
         let mut errors = Vec::new();
-        let mut touched = Vec::new();
+        // Files whose objects changed, with the keys each held before; and their objects now.
+        let mut touched: Vec<(FileId, Vec<ObjectKey>)> = Vec::new();
+        let mut parsed: HashMap<FileId, HashMap<ObjectKey, Object>> = HashMap::new();
+        let mut to_read = Vec::new();
         for path in paths.iter().filter(|p| is_manifest(p)) {
             let stamp = match std::fs::metadata(path) {
                 Ok(meta) if meta.is_file() => {
@@ -89,82 +127,179 @@ impl DirSource {
                 }
                 Ok(_) => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    if let Some(gone) = self.files.remove(path) {
+                    let Some(id) = self.ids.get(path).copied() else { continue };
+                    if let Some(gone) = self.files.remove(&id) {
                         self.digest = self.digest.wrapping_sub(file_digest(&self.root, path, gone.content_hash));
-                        touched.push((path.clone(), gone.objects, Vec::new()));
+                        touched.push((id, gone.keys));
+                        parsed.insert(id, HashMap::new());
                     }
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            if trust_stamps && self.files.get(path).is_some_and(|f| f.stamp == stamp) {
+            let id = self.id_of(path);
+            if trust_stamps && self.files.get(&id).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
-            let text = match std::fs::read(path) {
-                Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            let parsed_hash = self.files.get(&id).map(|f| f.parsed_hash);
+            to_read.push((id, stamp, parsed_hash));
+        }
+        let reads = read_files(&self.paths, &to_read);
+        for ((id, stamp, _), read) in to_read.into_iter().zip(reads) {
+            let path = &self.paths[id];
+            let (content_hash, parse) = match read {
+                Ok(Some(read)) => read,
                 // Removed between the look and the read: the next event says so.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Ok(None) => continue,
                 Err(e) => return Err(e),
             };
-            let content_hash = stable_hash(&text);
-            let before = self.files.remove(path);
+            let before = self.files.remove(&id);
             if let Some(before) = &before {
                 self.digest = self.digest.wrapping_sub(file_digest(&self.root, path, before.content_hash));
             }
             self.digest = self.digest.wrapping_add(file_digest(&self.root, path, content_hash));
-            let (old_objects, old_parsed) = before.map(|f| (f.objects, f.parsed_hash)).unwrap_or_default();
-            let state = if old_parsed == content_hash && !old_objects.is_empty() {
-                FileState { stamp, content_hash, objects: old_objects.clone(), parsed_hash: content_hash }
-            } else {
-                match manifest::parse(&path.display().to_string(), &text) {
-                    Ok(objects) => FileState { stamp, content_hash, objects, parsed_hash: content_hash },
-                    Err(error) => {
-                        errors.push(error.to_string());
-                        FileState { stamp, content_hash, objects: old_objects.clone(), parsed_hash: old_parsed }
-                    }
+            let (old_keys, old_parsed) = before.map(|f| (f.keys, f.parsed_hash)).unwrap_or_default();
+            match parse {
+                // The same bytes as last parsed (a touch, a rewrite): nothing to hand on.
+                None => {
+                    self.files.insert(id, FileState { stamp, content_hash, keys: old_keys, parsed_hash: old_parsed });
                 }
-            };
-            touched.push((path.clone(), old_objects, state.objects.clone()));
-            self.files.insert(path.clone(), state);
+                Some(Ok(mut objects)) => {
+                    for object in &mut objects {
+                        if let Object::Pod(pod) = object {
+                            pod.labels = self.label_sets.share(pod.labels.clone());
+                        }
+                    }
+                    let keys = objects.iter().map(Object::key).collect();
+                    self.files.insert(id, FileState { stamp, content_hash, keys, parsed_hash: content_hash });
+                    touched.push((id, old_keys));
+                    parsed.insert(id, by_key(objects));
+                }
+                Some(Err(error)) => {
+                    errors.push(error.to_string());
+                    self.files.insert(id, FileState { stamp, content_hash, keys: old_keys, parsed_hash: old_parsed });
+                }
+            }
         }
         let mut keys = BTreeSet::new();
-        for (path, old, new) in &touched {
-            for object in old {
-                let key = object.key();
-                if let Some(owners) = self.owners.get_mut(&key) {
-                    owners.remove(path);
+        for (id, old_keys) in &touched {
+            for key in old_keys {
+                if let Some(holders) = self.objects.get_mut(key) {
+                    holders.files.retain(|f| f != id);
                 }
-                keys.insert(key);
+                keys.insert(key.clone());
             }
-            for object in new {
-                let key = object.key();
-                self.owners.entry(key.clone()).or_default().insert(path.clone());
-                keys.insert(key);
+            for key in &self.files.get(id).map(|f| f.keys.clone()).unwrap_or_default() {
+                let holders = self.objects.entry(key.clone()).or_default();
+                if !holders.files.contains(id) {
+                    holders.files.push(*id);
+                }
+                keys.insert(key.clone());
             }
         }
         let mut changes = Vec::new();
         for key in keys {
-            let winner = self.owners.get(&key).and_then(|owners| owners.last()).cloned();
-            match winner {
-                None => {
-                    self.owners.remove(&key);
-                    if self.current.remove(&key).is_some() {
-                        changes.push(Change::Deleted(key));
-                    }
+            let paths = &self.paths;
+            let holders = self.objects.get(&key);
+            let winner = holders.and_then(|h| h.files.iter().copied().max_by(|a, b| paths[*a].cmp(&paths[*b])));
+            let Some(winner) = winner else {
+                if self.objects.remove(&key).is_some_and(|h| h.given.is_some()) {
+                    changes.push(Change::Deleted(key));
                 }
-                Some(path) => {
-                    let file = &self.files[&path];
-                    let origin = (path.clone(), file.parsed_hash);
-                    if self.current.get(&key) != Some(&origin) {
-                        let object = file.objects.iter().rev().find(|o| o.key() == key).expect("the file holds it");
-                        changes.push(Change::Applied(object.clone()));
-                        self.current.insert(key, origin);
+                continue;
+            };
+            if let std::collections::hash_map::Entry::Vacant(slot) = parsed.entry(winner) {
+                // An object another file also holds, whose winning file was
+                // not read this time: read it again.
+                let path = &self.paths[winner];
+                match std::fs::read_to_string(path).map(|text| manifest::parse(&path.display().to_string(), &text)) {
+                    Ok(Ok(objects)) => {
+                        slot.insert(by_key(objects));
                     }
+                    Ok(Err(error)) => errors.push(error.to_string()),
+                    Err(error) => errors.push(format!("{}: {error}", path.display())),
                 }
+            }
+            let Some(object) = parsed.get_mut(&winner).and_then(|objects| objects.remove(&key)) else {
+                continue;
+            };
+            let given = Some((winner, object_hash(&object)));
+            let holders = self.objects.get_mut(&key).expect("a winner holds it");
+            if holders.given != given {
+                holders.given = given;
+                changes.push(Change::Applied(object));
             }
         }
         Ok(Scan { changes, revision: self.revision(), errors })
     }
+}
+
+/// A file's objects by key; of two with one key, the later wins.
+fn by_key(objects: Vec<Object>) -> HashMap<ObjectKey, Object> {
+    objects.into_iter().map(|object| (object.key(), object)).collect()
+}
+
+/// What reading one file gave: the hash of its bytes and, unless they are
+/// the bytes last parsed, their objects. `None`: the file is gone.
+type Read = Option<(u64, Option<Result<Vec<Object>, manifest::ManifestError>>)>;
+
+/// A file to read: its id, its stamp, and the hash of the bytes last parsed.
+type ToRead = (FileId, Stamp, Option<u64>);
+
+/// Read and parse files, on every core when there are many (a first scan
+/// of a large cluster): parsing YAML is most of a folder's start.
+fn read_files(paths: &[PathBuf], files: &[ToRead]) -> Vec<std::io::Result<Read>> {
+    let read = |(id, _, parsed_hash): &ToRead| -> std::io::Result<Read> {
+        let path = &paths[*id];
+        let text = match std::fs::read(path) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let content_hash = stable_hash(&text);
+        let parse = (*parsed_hash != Some(content_hash)).then(|| manifest::parse(&path.display().to_string(), &text));
+        Ok(Some((content_hash, parse)))
+    };
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len() / 16).max(1);
+    if workers == 1 {
+        return files.iter().map(read).collect();
+    }
+    let mut results: Vec<(usize, std::io::Result<Read>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|worker| {
+                scope.spawn(move || {
+                    files
+                        .iter()
+                        .enumerate()
+                        .skip(worker)
+                        .step_by(workers)
+                        .map(|(i, f)| (i, read(f)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("a reader thread does not panic")).collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+/// A hash of an object's content, so an edit of one document of a file
+/// hands on that object only.
+fn object_hash(object: &Object) -> u64 {
+    struct Fnv(u64);
+    impl std::fmt::Write for Fnv {
+        fn write_str(&mut self, text: &str) -> std::fmt::Result {
+            for byte in text.bytes() {
+                self.0 ^= byte as u64;
+                self.0 = self.0.wrapping_mul(0x100000001b3);
+            }
+            Ok(())
+        }
+    }
+    let mut hash = Fnv(0xcbf29ce484222325);
+    let _ = std::fmt::Write::write_fmt(&mut hash, format_args!("{object:?}"));
+    hash.0
 }
 
 fn nanos(time: std::time::SystemTime) -> i128 {
@@ -355,6 +490,36 @@ mod tests {
             kinds(&removed.changes),
             vec!["deleted Policy(PolicyRef { kind: ConnectionPolicy, namespace: \"x\", name: \"p\" })".to_string()]
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_edit_hands_on_the_objects_it_changed_and_a_shadowed_copy_returns() {
+        let dir = temp_dir("shadow");
+        let second = POLICY.replace("name: p,", "name: q,");
+        std::fs::write(dir.join("a.yaml"), format!("{POLICY}---\n{second}")).unwrap();
+        let mut source = DirSource::new(&dir);
+        assert_eq!(source.scan().unwrap().changes.len(), 2);
+
+        // One document of two edited: one object handed on.
+        std::fs::write(dir.join("a.yaml"), format!("{POLICY}---\n{}", second.replace("ingress: []", "ingress: [{}]")))
+            .unwrap();
+        let edited = kinds(&source.scan().unwrap().changes);
+        assert_eq!(edited.len(), 1, "{edited:?}");
+        assert!(edited[0].contains("name: \"q\""), "{edited:?}");
+
+        // b.yaml (later by path) shadows p; when it drops p, a.yaml's p is back.
+        std::fs::write(dir.join("b.yaml"), POLICY.replace("ingress: []", "ingress: [{}, {}]")).unwrap();
+        let shadowed = source.scan().unwrap().changes;
+        assert_eq!(kinds(&shadowed).len(), 1);
+        std::fs::write(dir.join("b.yaml"), "# nothing here\n").unwrap();
+        let back = source.scan().unwrap().changes;
+        match &back[..] {
+            [Change::Applied(Object::Policy(policy))] => {
+                assert!(format!("{policy:?}").contains("ingress: Some([])"), "a.yaml's version: {policy:?}")
+            }
+            other => panic!("expected a.yaml's p again, got {:?}", kinds(other)),
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -284,7 +284,7 @@ fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
         snapshot.add_pod(Pod {
             namespace: "bench".into(),
             name: name.into(),
-            labels: [("app".to_string(), name.to_string())].into(),
+            labels: std::sync::Arc::new([("app".to_string(), name.to_string())].into()),
             ips: vec![pod.ipv4],
             ports: vec![ContainerPort { name: None, port: 5201, protocol: Protocol::TCP }],
             node_name: None,
@@ -438,11 +438,13 @@ fn synthetic_cluster(pods: usize, namespaces: usize, policies: usize) -> (Snapsh
         snapshot.add_pod(Pod {
             namespace: format!("ns{ns}"),
             name: format!("pod{i}"),
-            labels: [
-                ("app".to_string(), format!("app{app}")),
-                ("tier".to_string(), ["web", "api", "db"][app % 3].to_string()),
-            ]
-            .into(),
+            labels: std::sync::Arc::new(
+                [
+                    ("app".to_string(), format!("app{app}")),
+                    ("tier".to_string(), ["web", "api", "db"][app % 3].to_string()),
+                ]
+                .into(),
+            ),
             ips: vec![IpAddr::V4(Ipv4Addr::new(10, (100 + i / 65536) as u8, (i / 256 % 256) as u8, (i % 256) as u8))],
             ports: vec![ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::TCP }],
             node_name: None,
@@ -536,7 +538,8 @@ fn compile() -> Result<()> {
     let mut pod_change = Vec::new();
     for round in 0..20 {
         let tier = if round % 2 == 0 { "db" } else { "web" };
-        changed.pods.get_mut(&pod_ref).expect("pod7").labels.insert("tier".into(), tier.into());
+        std::sync::Arc::make_mut(&mut changed.pods.get_mut(&pod_ref).expect("pod7").labels)
+            .insert("tier".into(), tier.into());
         pod_change.push(time_ms(|| {
             compiler.update(&changed, &[policy::Changed::Pod(pod_ref.clone())]);
             std::hint::black_box(compiler.take_ops());

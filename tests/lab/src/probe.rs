@@ -267,7 +267,7 @@ fn write_objects(work: &Path, world: &World, uids: &BTreeMap<PodRef, String>) ->
         let ips: Vec<serde_json::Value> = pod.ips.iter().map(|ip| serde_json::json!({"ip": ip.to_string()})).collect();
         let document = serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"namespace": pod.namespace, "name": pod.name, "labels": pod.labels, "uid": uids.get(&pod.pod_ref())},
+            "metadata": {"namespace": pod.namespace, "name": pod.name, "labels": *pod.labels, "uid": uids.get(&pod.pod_ref())},
             "spec": {"containers": [{"name": "main", "ports": ports}]},
             "status": {"podIPs": ips},
         });

@@ -69,7 +69,7 @@ impl Cluster {
             snapshot.add_pod(Pod {
                 namespace: "app".into(),
                 name: name.to_string(),
-                labels: [("pod".to_string(), name.to_string())].into(),
+                labels: std::sync::Arc::new([("pod".to_string(), name.to_string())].into()),
                 ips: vec![pod.ipv4, pod.ipv6],
                 ports: vec![ContainerPort { name: Some("http".into()), port: 80, protocol: Protocol::TCP }],
                 node_name: Some("node".into()),
