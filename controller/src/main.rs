@@ -20,8 +20,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Answer every probe of scenario directories from the compiled state.
+    /// Exits 1 when a probe fails or a policy is rejected.
     Check { dirs: Vec<PathBuf> },
     /// The verdict of each hop of one connection, and what decided it.
+    /// Exits 0 when it is allowed, 1 when denied, 2 on an error.
     Explain {
         dir: PathBuf,
         #[arg(long)]
@@ -34,11 +36,23 @@ enum Command {
         port: String,
         #[arg(long)]
         ipv6: bool,
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
-    /// The per-pod allowlists.
+    /// The per-pod allowlists: exactly the entries the datapath would hold.
+    /// Exits 1 when a policy is rejected.
     Compile {
         dir: PathBuf,
-        #[arg(long, value_enum, default_value_t = Output::Text)]
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Check manifests offline, as the agents would, before `kubectl apply`:
+    /// unknown fields and every semantic check, by file, object and field.
+    /// Exits 1 on any error.
+    Validate {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// The node agent: follow the objects, compile, keep the datapath in step.
@@ -146,15 +160,19 @@ fn run() -> Result<ExitCode> {
             for dir in dirs {
                 let scenario = Scenario::load(&dir).with_context(|| format!("loading scenario {}", dir.display()))?;
                 let report = scenario::check(&scenario)?;
-                failed |= !report.failed.is_empty();
+                failed |= !report.failed.is_empty() || !report.rejected.is_empty();
                 println!("{}", serde_json::to_string(&report)?);
             }
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
-        Command::Explain { dir, from, to, port, ipv6 } => {
+        Command::Explain { dir, from, to, port, ipv6, output } => {
             let snapshot = cli::load(&dir)?;
-            cli::explain(&snapshot, &from, &to, &port, ipv6)?;
-            Ok(ExitCode::SUCCESS)
+            let explanation = cli::explain(&snapshot, &from, &to, &port, ipv6)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+                Output::Text => cli::print_explanation(&explanation),
+            }
+            Ok(if explanation.allowed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Compile { dir, output } => {
             let snapshot = cli::load(&dir)?;
@@ -166,7 +184,15 @@ fn run() -> Result<ExitCode> {
             for error in &state.rejected {
                 eprintln!("rejected: {error}");
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(if state.rejected.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Validate { paths, output } => {
+            let validation = cli::validate::validate(&paths)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&validation)?),
+                Output::Text => cli::validate::print(&validation),
+            }
+            Ok(if validation.errors() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Agent(args) => {
             agent(args)?;

@@ -520,6 +520,17 @@ impl Compiler {
         self.address_owners.get(&address).and_then(|owners| owners.last())
     }
 
+    /// The policies selecting a pod in scope (sorted); empty for one out of
+    /// scope or selected by none.
+    pub fn policies_selecting(&self, pod: &PodRef) -> &[PolicyRef] {
+        self.pods.get(pod).and_then(|p| p.placement.as_ref()).map_or(&[], |placement| &placement.class.0)
+    }
+
+    /// An accepted policy, as compiled.
+    pub fn policy(&self, policy: &PolicyRef) -> Option<&Policy> {
+        self.policies.get(policy).map(|accepted| &***accepted)
+    }
+
     /// The map operations, in `diff`'s safe order, that turn the state as it
     /// was at the last call (or at `tracking_changes`) into the state now.
     pub fn take_ops(&mut self) -> Vec<MapOp> {

@@ -50,7 +50,7 @@ fn typed<T: DeserializeOwned>(value: &Value) -> Result<T, String> {
 }
 
 /// ` (Kind namespace/name)`: how errors name a document's object.
-fn describe(value: &Value) -> String {
+pub fn describe(value: &Value) -> String {
     let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
     let meta = value.get("metadata");
     let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("?");
@@ -81,6 +81,45 @@ pub fn object(origin: &str, document: usize, value: Value) -> Result<Option<Obje
         _ => return Ok(None),
     };
     Ok(Some(object))
+}
+
+/// The kinds Bulkhead reads; documents of other kinds are passed over.
+pub const KINDS: [&str; 5] = ["Namespace", "Pod", "ConnectionPolicy", "ClusterConnectionPolicy", "NetworkPolicy"];
+
+/// The fields of a document that its kind does not have (`form:` for
+/// `from:`), as paths like `spec.ingress[0].form`: an API server without
+/// strict field validation prunes them silently, which can turn a rule
+/// into one that allows every peer. Empty for other kinds.
+pub fn unknown_fields(value: &Value) -> Vec<String> {
+    fn of<T: DeserializeOwned>(value: &Value) -> Vec<String> {
+        let mut unknown = Vec::new();
+        let _: Result<T, _> = serde_ignored::deserialize(value, |path| unknown.push(field_path(&path)));
+        // Every object has them; some types read them outside serde.
+        unknown.retain(|field| field != "apiVersion" && field != "kind");
+        unknown
+    }
+    match value.get("kind").and_then(Value::as_str).unwrap_or_default() {
+        "Namespace" => of::<core::Namespace>(value),
+        "Pod" => of::<core::Pod>(value),
+        "ConnectionPolicy" => of::<bulkhead_crds::ConnectionPolicy>(value),
+        "ClusterConnectionPolicy" => of::<bulkhead_crds::ClusterConnectionPolicy>(value),
+        "NetworkPolicy" => of::<k8s_openapi::api::networking::v1::NetworkPolicy>(value),
+        _ => Vec::new(),
+    }
+}
+
+/// `spec.ingress[0].form`: a path as Kubernetes writes field paths.
+fn field_path(path: &serde_ignored::Path) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => match field_path(parent) {
+            parent if parent.is_empty() => key.clone(),
+            parent => format!("{parent}.{key}"),
+        },
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => field_path(parent),
+    }
 }
 
 /// Every object of a YAML text. `origin` names the text in errors.
@@ -139,6 +178,20 @@ mod tests {
         let error = parse("policies.yaml", text).unwrap_err().to_string();
         assert!(error.contains("ConnectionPolicy x/p"), "{error}");
         assert!(error.contains("spec.ingress[0].ports[0].protocol"), "{error}");
+    }
+
+    #[test]
+    fn unknown_fields_are_named_by_path() {
+        let text = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: p, namespace: x, labelz: {}}\nspec:\n  podSelector: {}\n  ingress:\n    - form: [{podSelector: {}}]\n      ports: [{port: 80, protocl: TCP}]\n";
+        let value = documents("t", text).unwrap().remove(0);
+        assert_eq!(
+            unknown_fields(&value),
+            ["metadata.labelz", "spec.ingress[0].form", "spec.ingress[0].ports[0].protocl"]
+        );
+        let good = text.replace("labelz", "labels").replace("form", "from").replace("protocl", "protocol");
+        assert_eq!(unknown_fields(&documents("t", &good).unwrap().remove(0)), Vec::<String>::new());
+        let network = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: n}\nspec:\n  podSelector: {}\n  ingress: [{form: []}]\n";
+        assert_eq!(unknown_fields(&documents("t", network).unwrap().remove(0)), ["spec.ingress[0].form"]);
     }
 
     #[test]

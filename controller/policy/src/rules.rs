@@ -82,6 +82,8 @@ pub struct Policy {
     pub isolates: [bool; 2],
     /// Indexed by direction.
     pub rules: [Vec<Rule>; 2],
+    /// What was accepted but changed on the way in (host bits masked off).
+    pub warnings: Vec<ValidationWarning>,
 }
 
 impl Policy {
@@ -124,9 +126,21 @@ pub struct ValidationError {
     pub message: String,
 }
 
+/// Something accepted as Kubernetes implementations accept it, but worth
+/// telling the operator (a Warning Event, `bulkhead validate`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationWarning {
+    /// The Warning Event's reason, e.g. `HostBitsMasked`.
+    pub reason: &'static str,
+    pub field: String,
+    pub message: String,
+}
+
 struct Ctx<'a> {
     policy: &'a PolicyRef,
     generation: Option<i64>,
+    warnings: std::cell::RefCell<Vec<ValidationWarning>>,
 }
 
 impl Ctx<'_> {
@@ -142,14 +156,16 @@ impl Ctx<'_> {
         let net: IpNet = text.parse().map_err(|_| {
             self.err(field, Reason::InvalidCIDR, format!("{text:?} is not a CIDR (address/prefix-length)"))
         })?;
+        // The API server accepts host bits, and Kubernetes implementations
+        // mask them off: so does Bulkhead, and says so.
         if net.trunc() != net {
-            return Err(self.err(
-                field,
-                Reason::InvalidCIDR,
-                format!("{text:?} has host bits set; did you mean {}?", net.trunc()),
-            ));
+            self.warnings.borrow_mut().push(ValidationWarning {
+                reason: "HostBitsMasked",
+                field: field.to_string(),
+                message: format!("{text:?} has host bits set: enforced as {}", net.trunc()),
+            });
         }
-        Ok(net)
+        Ok(net.trunc())
     }
 
     fn ip_block(&self, field: &str, cidr: &str, except: &[String]) -> Result<Peer, ValidationError> {
@@ -261,12 +277,14 @@ fn is_port_name(name: &str) -> bool {
 /// Validate and normalize one policy object.
 pub fn normalize(object: &PolicyObject) -> Result<Policy, ValidationError> {
     let id = object.policy_ref();
-    let ctx = Ctx { policy: &id, generation: object.generation() };
-    match object {
+    let ctx = Ctx { policy: &id, generation: object.generation(), warnings: Default::default() };
+    let mut policy = match object {
         PolicyObject::Connection(policy) => connection_policy(&ctx, &policy.spec),
         PolicyObject::Network(policy) => network_policy(&ctx, policy.spec.as_ref()),
         PolicyObject::Cluster(policy) => cluster_policy(&ctx, &policy.spec),
-    }
+    }?;
+    policy.warnings = ctx.warnings.into_inner();
+    Ok(policy)
 }
 
 fn rule_ports(
@@ -407,6 +425,7 @@ fn connection_policy(ctx: &Ctx, spec: &crd::ConnectionPolicySpec) -> Result<Poli
     Ok(Policy {
         id: ctx.policy.clone(),
         generation: ctx.generation,
+        warnings: Vec::new(),
         tier: Tier::Namespace,
         priority: 0,
         audit: spec.mode == crd::Mode::Audit,
@@ -516,6 +535,7 @@ fn network_policy(
     Ok(Policy {
         id: ctx.policy.clone(),
         generation: ctx.generation,
+        warnings: Vec::new(),
         tier: Tier::Namespace,
         priority: 0,
         audit: false,
@@ -560,6 +580,7 @@ fn cluster_policy(ctx: &Ctx, spec: &crd::ClusterConnectionPolicySpec) -> Result<
     Ok(Policy {
         id: ctx.policy.clone(),
         generation: ctx.generation,
+        warnings: Vec::new(),
         tier: match spec.tier {
             crd::Tier::Admin => Tier::Admin,
             crd::Tier::Baseline => Tier::Baseline,

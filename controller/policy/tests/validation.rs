@@ -43,12 +43,6 @@ fn every_invalid_field_is_named() {
             "10.0.0.0/33",
         ),
         (
-            "  podSelector: {}\n  ingress:\n    - from: [{ipBlock: {cidr: 10.0.0.1/8}}]\n",
-            "spec.ingress[0].from[0].ipBlock.cidr",
-            Reason::InvalidCIDR,
-            "host bits",
-        ),
-        (
             "  podSelector: {}\n  egress:\n    - to: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]\n",
             "spec.egress[0].to[0].ipBlock.except[0]",
             Reason::InvalidCIDR,
@@ -146,4 +140,22 @@ fn an_invalid_policy_is_left_out_and_the_rest_compiles_as_before() {
     assert_eq!(after.policy, before.policy);
     assert_eq!(after.ipcache, before.ipcache);
     assert!(policy::diff(&before, &after).is_empty(), "nothing to change in the datapath");
+}
+
+#[test]
+fn host_bits_are_masked_off_with_a_warning_naming_the_field() {
+    let with_host_bits = policies(&connection(
+        "  podSelector: {}\n  ingress:\n    - from: [{ipBlock: {cidr: 10.1.2.3/16, except: [10.1.2.9/24]}}]\n",
+    ));
+    let masked = policies(&connection(
+        "  podSelector: {}\n  ingress:\n    - from: [{ipBlock: {cidr: 10.1.0.0/16, except: [10.1.2.0/24]}}]\n",
+    ));
+    let policy = with_host_bits.policies.values().next().expect("accepted");
+    let fields: Vec<&str> = policy.warnings.iter().map(|w| w.field.as_str()).collect();
+    assert_eq!(fields, ["spec.ingress[0].from[0].ipBlock.cidr", "spec.ingress[0].from[0].ipBlock.except[0]"]);
+    assert!(policy.warnings[0].message.contains("enforced as 10.1.0.0/16"), "{:?}", policy.warnings);
+    assert!(masked.policies.values().next().expect("accepted").warnings.is_empty());
+    let (with_host_bits, masked) = (policy::compile(&with_host_bits), policy::compile(&masked));
+    assert_eq!(with_host_bits.policy, masked.policy);
+    assert!(with_host_bits.rejected.is_empty());
 }

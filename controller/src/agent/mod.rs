@@ -222,6 +222,9 @@ impl Default for Shared {
     }
 }
 
+/// One connection counter series: Audit mode, direction, pod, policy.
+type CounterSeries = (bool, u8, PodRef, String);
+
 /// A local pod the programs are attached for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Attached {
@@ -272,6 +275,9 @@ pub struct Agent {
     retry: bool,
     counted_verdicts: VerdictCount,
     counted_drops: DropCount,
+    /// The connection counters made at 0 for each enforced pod, policy
+    /// and direction, so a rate() alert sees a series from the start.
+    zero_counters: BTreeSet<CounterSeries>,
     syncs: u64,
     baselines: Option<EgressBaselines>,
 }
@@ -312,6 +318,7 @@ impl Agent {
             revision: None,
             retry: false,
             counted_verdicts: VerdictCount::new(),
+            zero_counters: BTreeSet::new(),
             counted_drops: DropCount::new(),
             syncs: 0,
             baselines,
@@ -459,6 +466,7 @@ impl Agent {
         };
         self.pods_by_endpoint = self.state().endpoints.iter().map(|(p, e)| (e.id, p.clone())).collect();
         self.attach_missing().await;
+        self.keep_counters();
         if let Some(baselines) = self.baselines.as_mut() {
             let present = self.attached.keys().filter_map(|p| self.snapshot.pods.get(p)).map(Workload::of).collect();
             baselines.retain(&present);
@@ -661,6 +669,40 @@ impl Agent {
             }
         }
         self.counted_drops = drops;
+    }
+
+    /// A counter series at 0 for every enforced pod, each policy selecting it
+    /// and each direction that policy governs (blocked, or audit-denied for
+    /// an Audit-mode policy); series whose pod or policy went, go.
+    fn keep_counters(&mut self) {
+        let Some(compiler) = self.compiler.as_ref() else { return };
+        let mut wanted = BTreeSet::new();
+        for pod in self.attached.keys() {
+            for id in compiler.policies_selecting(pod) {
+                let Some(policy) = compiler.policy(id) else { continue };
+                for direction in [INGRESS, EGRESS] {
+                    let governs = policy.isolates[direction as usize] || !policy.rules[direction as usize].is_empty();
+                    if governs {
+                        wanted.insert((policy.audit, direction, pod.clone(), id.qualified_name()));
+                    }
+                }
+            }
+        }
+        let metrics = &self.shared.metrics;
+        let counter =
+            |audit: bool| if audit { &metrics.audit_denied_connections } else { &metrics.blocked_connections };
+        let labels = |(_, direction, pod, policy): &CounterSeries| {
+            [direction_name(*direction).to_string(), pod.namespace.clone(), pod.name.clone(), policy.clone()]
+        };
+        for series in self.zero_counters.difference(&wanted) {
+            let labels = labels(series);
+            let _ = counter(series.0).remove_label_values(&labels.each_ref().map(String::as_str));
+        }
+        for series in wanted.difference(&self.zero_counters) {
+            let labels = labels(series);
+            counter(series.0).with_label_values(&labels.each_ref().map(String::as_str));
+        }
+        self.zero_counters = wanted;
     }
 
     /// An egress connection (allowed, denied or audited) against its workload's baseline.

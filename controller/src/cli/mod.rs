@@ -1,7 +1,9 @@
 //! The offline commands: `check`, `explain` and `compile` answer from the
-//! compiled state of a folder, with no kernel and no cluster.
+//! compiled state of a folder, `validate` checks files before they are
+//! applied; no kernel and no cluster.
 
 pub mod scenario;
+pub mod validate;
 
 use std::{net::IpAddr, path::Path};
 
@@ -10,7 +12,7 @@ use bulkhead_crds::Protocol;
 use bulkhead_policy::{
     lookup::{self, Hop},
     state::{protocol_number, PolicyEntryKey},
-    Change, DesiredState, PodRef, Snapshot,
+    Change, DesiredState, PodRef, PolicyRef, Snapshot,
 };
 use datapath_common::{identity, policy_prefix, verdict, PolicyValue, EGRESS, INGRESS, RULE_DEFAULT_DENY};
 
@@ -59,9 +61,46 @@ pub fn parse_port(text: &str) -> Result<(u16, Protocol)> {
     Ok((port.parse().with_context(|| format!("--port: {port:?} is not a port number"))?, protocol))
 }
 
+/// `bulkhead explain`'s answer: each hop of one connection and what decided it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Explanation {
+    pub from: String,
+    pub to: String,
+    pub source: IpAddr,
+    pub destination: IpAddr,
+    pub protocol: String,
+    pub port: u16,
+    pub allowed: bool,
+    /// The destination is no pod: only the source's egress applies.
+    pub outside_cluster: bool,
+    pub hops: Vec<HopView>,
+    /// Policies left out (rejected): they decide nothing here.
+    pub rejected: Vec<String>,
+}
+
+#[derive(serde::Serialize)]
+pub struct HopView {
+    pub direction: &'static str,
+    pub pod: String,
+    pub verdict: &'static str,
+    /// The deciding policy (`namespace/name`, `cluster/name`), if one decided.
+    pub policy: Option<String>,
+    /// Its rule's index, or absent when the policy isolates and no rule allows.
+    pub rule: Option<u32>,
+    /// An Audit-mode policy that would deny this hop.
+    pub audit: Option<AuditView>,
+    pub reason: String,
+}
+
+#[derive(serde::Serialize)]
+pub struct AuditView {
+    pub policy: String,
+    pub rule: Option<u32>,
+}
+
 /// `bulkhead explain`: each hop of one connection and what decided it.
-/// Returns whether the connection is allowed.
-pub fn explain(snapshot: &Snapshot, from: &str, to: &str, port: &str, ipv6: bool) -> Result<bool> {
+pub fn explain(snapshot: &Snapshot, from: &str, to: &str, port: &str, ipv6: bool) -> Result<Explanation> {
     let (port, protocol) = parse_port(port)?;
     let probe = scenario::Probe {
         from: from.to_string(),
@@ -73,9 +112,6 @@ pub fn explain(snapshot: &Snapshot, from: &str, to: &str, port: &str, ipv6: bool
     };
     let ((src_pod, src_ip), (dst_pod, dst_ip)) = scenario::probe_addresses(snapshot, &probe)?;
     let state = bulkhead_policy::compile(snapshot);
-    for error in &state.rejected {
-        println!("note: not enforced (rejected): {error}");
-    }
     let verdict = lookup::connection(
         &state,
         (Some(&src_pod), src_ip),
@@ -83,16 +119,52 @@ pub fn explain(snapshot: &Snapshot, from: &str, to: &str, port: &str, ipv6: bool
         protocol_number(protocol),
         port,
     );
-    println!("{from} ({src_ip}) -> {to} ({dst_ip})  {protocol:?}/{port}");
-    for hop in verdict.egress.iter().chain(verdict.ingress.iter()) {
-        let direction = if hop.direction == INGRESS { "ingress" } else { "egress" };
-        println!("  {direction:7} of {}: {}", hop.pod, describe_hop(&state, hop));
+    Ok(Explanation {
+        from: from.to_string(),
+        to: to.to_string(),
+        source: src_ip,
+        destination: dst_ip,
+        protocol: format!("{protocol:?}"),
+        port,
+        allowed: verdict.allowed(),
+        outside_cluster: dst_pod.is_none(),
+        hops: verdict.egress.iter().chain(verdict.ingress.iter()).map(|hop| hop_view(&state, hop)).collect(),
+        rejected: state.rejected.iter().map(ToString::to_string).collect(),
+    })
+}
+
+pub fn print_explanation(explanation: &Explanation) {
+    let e = explanation;
+    for error in &e.rejected {
+        println!("note: not enforced (rejected): {error}");
     }
-    if dst_pod.is_none() {
-        println!("  {to} is outside the cluster: only the source's egress applies");
+    println!("{} ({}) -> {} ({})  {}/{}", e.from, e.source, e.to, e.destination, e.protocol, e.port);
+    for hop in &e.hops {
+        println!("  {:7} of {}: {}", hop.direction, hop.pod, hop.reason);
     }
-    println!("verdict: {}", if verdict.allowed() { "ALLOW" } else { "DENY" });
-    Ok(verdict.allowed())
+    if e.outside_cluster {
+        println!("  {} is outside the cluster: only the source's egress applies", e.to);
+    }
+    println!("verdict: {}", if e.allowed { "ALLOW" } else { "DENY" });
+}
+
+fn hop_view(state: &DesiredState, hop: &Hop) -> HopView {
+    let value = hop.value;
+    let name = |id: u32| state.policy_names.get(&id).map(PolicyRef::qualified_name);
+    let node = hop.peer_identity == identity::HOST;
+    let decided_by = if node { None } else { name(value.policy_id) };
+    HopView {
+        direction: if hop.direction == INGRESS { "ingress" } else { "egress" },
+        pod: hop.pod.to_string(),
+        verdict: if hop.allowed() { "allow" } else { "deny" },
+        rule: decided_by.as_ref().and_then(|_| (value.rule != RULE_DEFAULT_DENY).then_some(value.rule)),
+        policy: decided_by,
+        audit: (!node && value.audit != 0).then(|| AuditView {
+            policy: name(value.audit_policy_id).unwrap_or_default(),
+            rule: (value.audit_rule != RULE_DEFAULT_DENY).then_some(value.audit_rule),
+        }),
+        reason: describe_hop(state, hop),
+    }
 }
 
 fn describe_hop(state: &DesiredState, hop: &Hop) -> String {

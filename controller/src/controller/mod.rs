@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::Context as _;
 use bulkhead_crds::{ClusterConnectionPolicy, ConnectionPolicy};
-use bulkhead_policy::{rules::ValidationError, PolicyKind, PolicyObject, PolicyRef};
+use bulkhead_policy::{PolicyKind, PolicyObject, PolicyRef};
 use futures::StreamExt;
 use k8s_openapi::{api::coordination::v1::Lease, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
@@ -188,9 +188,17 @@ async fn write_statuses(
 ) {
     for (key, wanted) in desired {
         let Some(object) = engine.object(&key) else { continue };
-        if let Some(error) = &wanted.rejection {
-            if evented.insert((key.clone(), object.generation())) && !publish_rejection(recorder, object, error).await {
-                shared.metrics.reconcile_errors.with_label_values(&["event"]).inc();
+        let warned = wanted.rejection.is_some() || !wanted.warnings.is_empty();
+        if warned && evented.insert((key.clone(), object.generation())) {
+            let note = wanted
+                .rejection
+                .as_ref()
+                .map(|error| ("PolicyRejected", format!("{}: {}: {}", error.reason, error.field, error.message)));
+            let notes = note.into_iter().chain(wanted.warnings.iter().map(|w| (w.reason, w.to_string())));
+            for (reason, note) in notes {
+                if !publish_warning(recorder, object, &key, reason, note).await {
+                    shared.metrics.reconcile_errors.with_label_values(&["event"]).inc();
+                }
             }
         }
         if key.kind == PolicyKind::NetworkPolicy || current_status(object).as_ref() == Some(&wanted.status) {
@@ -223,7 +231,13 @@ async fn write_statuses(
 }
 
 /// A Warning Event on the object; false when it could not be published.
-async fn publish_rejection(recorder: &Recorder, object: &PolicyObject, error: &ValidationError) -> bool {
+async fn publish_warning(
+    recorder: &Recorder,
+    object: &PolicyObject,
+    policy: &PolicyRef,
+    reason: &str,
+    note: String,
+) -> bool {
     let reference = match object {
         PolicyObject::Connection(p) => p.object_ref(&()),
         PolicyObject::Cluster(p) => p.object_ref(&()),
@@ -231,15 +245,15 @@ async fn publish_rejection(recorder: &Recorder, object: &PolicyObject, error: &V
     };
     let event = Event {
         type_: EventType::Warning,
-        reason: "PolicyRejected".into(),
-        note: Some(format!("{}: {}: {}", error.reason, error.field, error.message)),
+        reason: reason.into(),
+        note: Some(note),
         action: "Validate".into(),
         secondary: None,
     };
     match recorder.publish(&event, &reference).await {
         Ok(()) => true,
         Err(e) => {
-            tracing::warn!(policy = %error.policy, error = %e, "publishing the rejection Event failed");
+            tracing::warn!(%policy, %reason, error = %e, "publishing a Warning Event failed");
             false
         }
     }

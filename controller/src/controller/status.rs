@@ -11,18 +11,21 @@ use std::{
 
 use bulkhead_crds::PolicyStatus;
 use bulkhead_policy::{
-    rules::ValidationError, selection::Selection, Change, Changed, Object, ObjectKey, ObjectKind, PodRef, PolicyObject,
-    PolicyRef, Snapshot,
+    rules::{ValidationError, ValidationWarning},
+    selection::Selection,
+    Change, Changed, Object, ObjectKey, ObjectKind, PodRef, PolicyObject, PolicyRef, Snapshot,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::report::{NodeReport, STALE};
 
-/// The status a policy should have, and its rejection if any.
+/// The status a policy should have, its rejection if any, and what was
+/// accepted but changed on the way in.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Desired {
     pub status: PolicyStatus,
     pub rejection: Option<ValidationError>,
+    pub warnings: Vec<ValidationWarning>,
 }
 
 /// How many pods behind a policy its Programmed message names.
@@ -291,7 +294,11 @@ impl Engine {
             enforced_pods: Some(enforced as i32),
             observed_generation: generation,
         };
-        Some(Desired { status, rejection: rejection.map(|r| r.error.clone()) })
+        let warnings = match (rejection, accepted) {
+            (None, Some(policy)) => policy.warnings.clone(),
+            _ => Vec::new(),
+        };
+        Some(Desired { status, rejection: rejection.map(|r| r.error.clone()), warnings })
     }
 }
 

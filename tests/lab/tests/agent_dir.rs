@@ -115,9 +115,14 @@ fn the_agent_enforces_a_folder_and_follows_its_edits() {
     let state = get(&topology, "/debug/state").1;
     assert!(state.contains("shop/db") && state.contains(&db.host_interface), "{state}");
 
+    let blocked = "bulkhead_blocked_connections_total{direction=\"ingress\",namespace=\"shop\",pod=\"db\",policy=\"shop/db-from-api\"}";
+    // The counter is there at 0 from the moment the policy is programmed, for
+    // the direction it governs only.
+    let metrics = get(&topology, "/metrics").1;
+    assert_eq!(metric(&metrics, blocked), Some(0.0), "{metrics}");
+    assert_eq!(metric(&metrics, &blocked.replace("ingress", "egress")), None, "{metrics}");
     assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow");
     assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "deny");
-    let blocked = "bulkhead_blocked_connections_total{direction=\"ingress\",namespace=\"shop\",pod=\"db\",policy=\"shop/db-from-api\"}";
     eventually("the refused connection is counted once", Duration::from_secs(5), || {
         metric(&get(&topology, "/metrics").1, blocked) == Some(1.0)
     });
@@ -150,6 +155,18 @@ fn the_agent_enforces_a_folder_and_follows_its_edits() {
     });
     assert!(agent.log().contains("policy rejected"), "{}", agent.log());
     assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow", "the last good version stays enforced");
+
+    // A policy gone takes its counters with it.
+    let frontend_egress = "bulkhead_blocked_connections_total{direction=\"egress\",namespace=\"shop\",pod=\"frontend\",policy=\"shop/frontend-egress\"}";
+    assert!(metric(&get(&topology, "/metrics").1, frontend_egress).is_some());
+    std::fs::remove_file(folder.join("frontend-egress.yaml")).unwrap();
+    eventually("frontend-egress's counters go with it", Duration::from_secs(5), || {
+        metric(&get(&topology, "/metrics").1, frontend_egress).is_none()
+    });
+    write(&folder.join("frontend-egress.yaml"), egress);
+    eventually("frontend's egress is limited again", Duration::from_secs(5), || {
+        topology.probe("frontend", "TCP", db.ipv4, 5432) == "eperm"
+    });
 
     // Killed, the agent leaves enforcement in place; its successor adopts it.
     agent.kill();

@@ -152,6 +152,18 @@ fn kubernetes_mode_follows_the_api_server() {
             })
         })
     });
+    // Host bits in an ipBlock: accepted, masked, and said so in a Warning Event.
+    plane.apply("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: host-bits, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: nobody}}\n  ingress: [{from: [{ipBlock: {cidr: 10.1.2.3/16}}]}]\n");
+    eventually("a HostBitsMasked Event names the field", Duration::from_secs(20), || {
+        let events = plane.json(&["get", "events.v1.events.k8s.io", "-n", "shop"]);
+        events["items"].as_array().is_some_and(|items| {
+            items.iter().any(|e| {
+                e["reason"] == "HostBitsMasked"
+                    && e["regarding"]["name"] == "host-bits"
+                    && e["note"].as_str().is_some_and(|n| n.contains("ipBlock.cidr") && n.contains("10.1.0.0/16"))
+            })
+        })
+    });
     assert_eq!(topology.probe("api", "TCP", api.ipv4, 8080), "allow", "api is not isolated by the rejected policy");
     assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "allow");
     assert!(agent_log().contains("policy rejected"), "{}", agent_log());
