@@ -16,6 +16,9 @@ use bulkhead::{
 
 const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-test-compile-output";
 
+/// One entry's key as prefix length, direction, peer identity, protocol, port.
+type Entry = (u32, u8, u32, u8, u16);
+
 struct Unpin;
 
 impl Drop for Unpin {
@@ -41,7 +44,7 @@ fn compile_prints_exactly_the_entries_the_datapath_holds() {
         let report = programmer.apply(&state, Vec::new()).unwrap();
         assert!(report.failed_closed.is_empty(), "{}: every allowlist fits", dir.display());
 
-        let mut held: BTreeMap<u32, BTreeSet<(u32, u8, u32, u8, u16)>> = BTreeMap::new();
+        let mut held: BTreeMap<u32, BTreeSet<Entry>> = BTreeMap::new();
         for (prefix_len, key, _) in programmer.datapath().policy_entries() {
             held.entry(key.endpoint()).or_default().insert((
                 prefix_len,
@@ -63,7 +66,7 @@ fn compile_prints_exactly_the_entries_the_datapath_holds() {
                 dir.display(),
                 pod["pod"]
             );
-            let listed: BTreeSet<(u32, u8, u32, u8, u16)> = state
+            let listed: BTreeSet<Entry> = state
                 .entries_of(endpoint)
                 .map(|((prefix_len, key), _)| {
                     (*prefix_len, key.direction(), key.identity(), key.protocol(), key.port())
