@@ -49,18 +49,25 @@ pub struct ConnectionPolicySpec {
     /// Enforce (default) or Audit.
     #[serde(default)]
     pub mode: Mode,
+    /// Connections the selected pods accept: each rule allows what it
+    /// matches; with Ingress isolated, nothing else comes in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<Vec<IngressRule>>,
+    /// Connections the selected pods may open: each rule allows what it
+    /// matches; with Egress isolated, nothing else goes out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<Vec<EgressRule>>,
 }
 
+/// A direction a policy isolates.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
 pub enum PolicyType {
     Ingress,
     Egress,
 }
 
+/// Enforce drops what the policy denies; Audit only reports what it would
+/// deny (bulkhead_audit_denied_connections_total, the agent's log).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum Mode {
     #[default]
@@ -71,8 +78,10 @@ pub enum Mode {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IngressRule {
+    /// Sources allowed; left out or empty: every source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<Vec<Peer>>,
+    /// Destination ports allowed; left out or empty: every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<PortSpec>>,
 }
@@ -80,8 +89,10 @@ pub struct IngressRule {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EgressRule {
+    /// Destinations allowed; left out or empty: every destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<Vec<Peer>>,
+    /// Destination ports allowed; left out or empty: every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<PortSpec>>,
 }
@@ -89,10 +100,15 @@ pub struct EgressRule {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Peer {
+    /// Pods with these labels: in the policy's own namespace, or with
+    /// `namespaceSelector`, in the namespaces it selects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
+    /// Every pod of the namespaces with these labels (narrowed by
+    /// `podSelector` when both are given); `{}` selects every namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
+    /// Addresses in a CIDR, pod addresses included; not combined with the selectors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_block: Option<IpBlock>,
 }
@@ -100,7 +116,11 @@ pub struct Peer {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IpBlock {
+    /// An IPv4 or IPv6 CIDR, e.g. 10.0.0.0/8 or fd00::/8. Host bits are
+    /// masked off (10.1.2.3/16 is 10.1.0.0/16), with a Warning Event.
+    #[schemars(regex(pattern = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$"))]
     pub cidr: String,
+    /// CIDRs strictly inside `cidr` that it does not match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub except: Option<Vec<String>>,
 }
@@ -120,6 +140,7 @@ pub struct PortSpec {
     pub end_port: Option<i32>,
 }
 
+/// A transport protocol.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
 pub enum Protocol {
     #[default]
@@ -157,17 +178,22 @@ pub struct ClusterConnectionPolicySpec {
     /// Lower first within the tier; ties broken by name.
     #[schemars(range(min = 0, max = 1000))]
     pub priority: i32,
+    /// The pods the policy applies to; left out: every pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<Subject>,
     /// Enforce (default) or Audit.
     #[serde(default)]
     pub mode: Mode,
+    /// Ingress rules, in order: the first that matches a connection decides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<Vec<ClusterIngressRule>>,
+    /// Egress rules, in order: the first that matches a connection decides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<Vec<ClusterEgressRule>>,
 }
 
+/// Admin policies come before ConnectionPolicies and NetworkPolicies,
+/// Baseline ones after them.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
 pub enum Tier {
     #[default]
@@ -178,12 +204,16 @@ pub enum Tier {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Subject {
+    /// Namespaces whose pods the policy applies to; left out: every namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
+    /// Pods (of those namespaces) the policy applies to; left out: every pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
 }
 
+/// Allow and Deny decide; Pass hands the connection to the next tier
+/// (ConnectionPolicies and NetworkPolicies, then Baseline).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum Action {
     Allow,
@@ -194,9 +224,12 @@ pub enum Action {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterIngressRule {
+    /// What a matching connection gets: Allow, Deny or Pass.
     pub action: Action,
+    /// Sources the rule matches; left out or empty: every one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<Vec<Peer>>,
+    /// Destination ports the rule matches; left out or empty: every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<PortSpec>>,
 }
@@ -204,9 +237,12 @@ pub struct ClusterIngressRule {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterEgressRule {
+    /// What a matching connection gets: Allow, Deny or Pass.
     pub action: Action,
+    /// Destinations the rule matches; left out or empty: every one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<Vec<Peer>>,
+    /// Destination ports the rule matches; left out or empty: every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<PortSpec>>,
 }
@@ -214,6 +250,8 @@ pub struct ClusterEgressRule {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyStatus {
+    /// Accepted (valid, or why not) and Programmed (enforced on every
+    /// selected pod, or which are behind).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Pods the policy selects (those with an address: a pod without one
@@ -225,22 +263,82 @@ pub struct PolicyStatus {
     /// selectedPods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enforced_pods: Option<i32>,
+    /// The metadata.generation this status speaks of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
 
 /// The CRD manifests as written to manifests/crds/: (file name, YAML).
 pub fn manifests() -> Vec<(&'static str, String)> {
-    let yaml = |crd| serde_saphyr::to_string(&crd).expect("a CRD serializes");
+    let yaml = |crd| {
+        let mut crd = serde_json::to_value(crd).expect("a CRD serializes");
+        tighten(&mut crd);
+        serde_saphyr::to_string(&crd).expect("a CRD serializes")
+    };
     vec![
         ("connectionpolicies.bulkhead.io.yaml", yaml(ConnectionPolicy::crd())),
         ("clusterconnectionpolicies.bulkhead.io.yaml", yaml(ClusterConnectionPolicy::crd())),
     ]
 }
 
+/// What the derived schema says loosely, said exactly: a field left out is
+/// absent, never `null` (no `nullable`), and each `except` entry is a CIDR
+/// as `cidr` is.
+fn tighten(schema: &mut serde_json::Value) {
+    use serde_json::Value;
+    match schema {
+        Value::Object(object) => {
+            if object.get("nullable") == Some(&Value::Bool(true)) {
+                object.remove("nullable");
+            }
+            if let Some(properties) = object.get_mut("properties").and_then(Value::as_object_mut) {
+                let pattern = properties.get("cidr").and_then(|cidr| cidr.get("pattern")).cloned();
+                if let (Some(pattern), Some(items)) =
+                    (pattern, properties.get_mut("except").and_then(|except| except.get_mut("items")))
+                {
+                    items["pattern"] = pattern;
+                }
+            }
+            object.values_mut().for_each(tighten);
+        }
+        Value::Array(items) => items.iter_mut().for_each(tighten),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every property of our own types explains itself to `kubectl explain`
+    /// (the Kubernetes types embedded, LabelSelector and Condition, carry
+    /// their own descriptions), and none is nullable.
+    #[test]
+    fn every_field_has_a_description_and_none_is_nullable() {
+        fn walk(path: &str, schema: &serde_json::Value, missing: &mut Vec<String>) {
+            assert!(schema.get("nullable").is_none(), "{path} is nullable");
+            for (name, property) in schema.get("properties").and_then(|p| p.as_object()).into_iter().flatten() {
+                let path = format!("{path}.{name}");
+                if property.get("description").is_none() {
+                    missing.push(path.clone());
+                }
+                walk(&path, property, missing);
+            }
+            if let Some(items) = schema.get("items") {
+                walk(&format!("{path}[]"), items, missing);
+            }
+        }
+        for (file, yaml) in manifests() {
+            let crd: serde_json::Value = serde_saphyr::from_str(&yaml).unwrap();
+            let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+            let mut missing = Vec::new();
+            for part in ["spec", "status"] {
+                walk(part, &schema["properties"][part], &mut missing);
+            }
+            assert!(missing.is_empty(), "{file}: fields without a description: {missing:?}");
+            assert!(yaml.contains("pattern"), "{file}: CIDRs carry a pattern");
+        }
+    }
 
     #[test]
     fn committed_crd_manifests_are_current() {
@@ -256,7 +354,7 @@ mod tests {
         for (file, yaml) in manifests() {
             assert!(!yaml.contains("x-kubernetes-validations"), "{file} uses CEL, which a 1.20 API server rejects");
         }
-        let crd = serde_json::to_value(ClusterConnectionPolicy::crd()).unwrap();
+        let crd: serde_json::Value = serde_saphyr::from_str(&manifests()[1].1).unwrap();
         let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
         assert_eq!(spec["properties"]["priority"]["minimum"], 0.0);
         assert_eq!(spec["properties"]["priority"]["maximum"], 1000.0);
