@@ -114,6 +114,20 @@ struct ControllerArgs {
     metrics_address: SocketAddr,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Serve the validating admission webhook (HTTPS, /validate) here.
+    #[arg(long)]
+    webhook_address: Option<SocketAddr>,
+    /// The Secret (in --namespace) that keeps the webhook's CA, certificate
+    /// and key; made by the first replica that finds none.
+    #[arg(long, default_value = "bulkhead-webhook-tls")]
+    webhook_secret: String,
+    /// The ValidatingWebhookConfiguration whose caBundle the controller sets.
+    #[arg(long, default_value = "bulkhead")]
+    webhook_configuration: String,
+    /// Names and addresses the webhook's certificate is for (repeatable);
+    /// bulkhead-webhook.<namespace>.svc when left out.
+    #[arg(long)]
+    webhook_host: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -204,10 +218,21 @@ fn run() -> Result<ExitCode> {
                 Some(identity) => identity,
                 None => hostname()?,
             };
+            let webhook = args.webhook_address.map(|address| bulkhead::controller::webhook::WebhookConfig {
+                address,
+                secret: args.webhook_secret,
+                configuration: args.webhook_configuration,
+                hosts: if args.webhook_host.is_empty() {
+                    vec![format!("bulkhead-webhook.{}.svc", args.namespace)]
+                } else {
+                    args.webhook_host
+                },
+            });
             let config = bulkhead::controller::Config {
                 namespace: args.namespace,
                 identity,
                 metrics_address: args.metrics_address,
+                webhook,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(async move {

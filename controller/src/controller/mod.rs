@@ -13,6 +13,7 @@
 pub mod leader;
 pub mod metrics;
 pub mod status;
+pub mod webhook;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -56,6 +57,8 @@ pub struct Config {
     pub identity: String,
     /// Serves /metrics, /healthz and /readyz.
     pub metrics_address: SocketAddr,
+    /// The validating admission webhook, when served.
+    pub webhook: Option<webhook::WebhookConfig>,
 }
 
 /// What the HTTP endpoints read.
@@ -96,6 +99,12 @@ pub async fn run(client: Client, config: Config) -> anyhow::Result<()> {
     let address = http::serve(config.metrics_address, move |path| for_http.respond(path))
         .await
         .with_context(|| format!("serving metrics on {}", config.metrics_address))?;
+    if let Some(webhook) = &config.webhook {
+        let served = webhook::start(client.clone(), &config.namespace, webhook)
+            .await
+            .context("starting the admission webhook")?;
+        tracing::info!(address = %served, configuration = %webhook.configuration, "admission webhook serving");
+    }
     let mut leadership = Leadership::join(client.clone(), &config.namespace, &config.identity)
         .await
         .context("joining the leader election")?;

@@ -99,9 +99,14 @@ fn kubernetes_mode_follows_the_api_server() {
         .spawn()
         .unwrap();
     let _agent = Process(agent);
+    // The admission webhook, called by URL (there is no Service network
+    // here), for namespaces labelled admission=strict only: shop keeps
+    // showing what the status says of a rejected policy.
+    plane.apply(WEBHOOK_CONFIGURATION);
     let controller = plane
         .command_as("controller", bulkhead_lab::testbed::product_binary())
         .args(["controller", "--namespace", "bulkhead-system", "--metrics-address=127.0.0.1:9466"])
+        .args(["--webhook-address=127.0.0.1:9443", "--webhook-host=127.0.0.1"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(plane.dir.join("controller.log")).unwrap())
         .spawn()
@@ -168,6 +173,30 @@ fn kubernetes_mode_follows_the_api_server() {
     assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "allow");
     assert!(agent_log().contains("policy rejected"), "{}", agent_log());
 
+    // Admission: refused at apply with the field path; a good one passes,
+    // and masked host bits come back as a warning.
+    eventually("the controller has set the webhook's caBundle", Duration::from_secs(20), || {
+        plane.json(&["get", "validatingwebhookconfiguration", "bulkhead"])["webhooks"][0]["clientConfig"]["caBundle"]
+            .is_string()
+    });
+    plane.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: strict, labels: {admission: strict}}\n");
+    let refused =
+        plane.kubectl_as("admin", &["apply", "-f", "-"], Some(&bad.replace("namespace: shop", "namespace: strict")));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "the webhook refuses the invalid policy");
+    assert!(
+        stderr.contains("denied the request") && stderr.contains("spec.podSelector.matchExpressions[0].operator"),
+        "{stderr}"
+    );
+    let masked = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: masked, namespace: strict}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.1.2.3/16}}]}]\n";
+    let accepted = plane.kubectl_as("admin", &["apply", "-f", "-"], Some(masked));
+    let stderr = String::from_utf8_lossy(&accepted.stderr);
+    assert!(accepted.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("HostBitsMasked") && stderr.contains("10.1.0.0/16"),
+        "the warning reaches kubectl: {stderr}"
+    );
+
     // Deleted: db open again.
     assert!(plane.kubectl(&["delete", "connectionpolicy", "db-from-api", "-n", "shop"]).status.success());
     eventually("api reaches db again", Duration::from_secs(10), || {
@@ -200,3 +229,18 @@ fn kubernetes_mode_follows_the_api_server() {
     }
     assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "allow");
 }
+
+const WEBHOOK_CONFIGURATION: &str = "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {name: bulkhead}
+webhooks:
+  - name: policies.bulkhead.io
+    admissionReviewVersions: [v1]
+    sideEffects: None
+    failurePolicy: Fail
+    timeoutSeconds: 5
+    namespaceSelector: {matchLabels: {admission: strict}}
+    clientConfig: {url: \"https://127.0.0.1:9443/validate\"}
+    rules:
+      - {apiGroups: [bulkhead.io], apiVersions: [v1alpha1], operations: [CREATE, UPDATE], resources: [connectionpolicies], scope: Namespaced}
+";

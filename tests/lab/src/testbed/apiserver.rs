@@ -249,6 +249,20 @@ impl Drop for ControlPlane {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A failed test shows what the processes said before their logs go.
+        if std::thread::panicking() {
+            for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    eprintln!("--- {} (last 30 lines)", path.display());
+                    for line in &lines[lines.len().saturating_sub(30)..] {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
