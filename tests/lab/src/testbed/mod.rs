@@ -241,31 +241,44 @@ impl Topology {
         self.add_pod_at(name, ipv4, ipv6)
     }
 
+    /// A pod's network namespace (IPv6 DAD off) and its veth pair: the host
+    /// side `host_interface` in the node's namespace, `eth0` in the pod's.
+    /// Returns how to run a command in the pod's namespace.
+    fn pod_namespace(&self, netns: &str, host_interface: &str) -> impl Fn(&[&str]) + use<> {
+        run(&["ip", "netns", "add", netns]);
+        let owned = netns.to_string();
+        let pod_exec = move |cmd: &[&str]| {
+            let mut args = vec!["ip", "netns", "exec", owned.as_str()];
+            args.extend_from_slice(cmd);
+            run(&args);
+        };
+        pod_exec(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]);
+        self.node_exec(&["ip", "link", "add", host_interface, "type", "veth", "peer", "name", "eth0", "netns", netns]);
+        pod_exec
+    }
+
+    /// Give a wired pod its cgroup (named as kubelet names it) and keep it.
+    fn keep_pod(
+        &mut self,
+        name: &str,
+        netns: String,
+        host_interface: String,
+        (ipv4, ipv6): (IpAddr, IpAddr),
+    ) -> TestPod {
+        let uid = format!("{}-{}", self.tag, self.pods.len());
+        let cgroup = self.kubepods.join(format!("pod{uid}"));
+        std::fs::create_dir_all(&cgroup).unwrap();
+        let pod = TestPod { name: name.to_string(), netns, host_interface, ipv4, ipv6, cgroup, uid };
+        self.pods.push(pod.clone());
+        pod
+    }
+
     /// A pod with the given addresses.
     pub fn add_pod_at(&mut self, name: &str, ipv4: IpAddr, ipv6: IpAddr) -> TestPod {
         let index = self.pods.len();
         let netns = format!("bh-{}-{name}", self.tag);
         let host_interface = format!("bh{}{index}", self.tag);
-        run(&["ip", "netns", "add", &netns]);
-        let pod_exec = |cmd: &[&str]| {
-            let mut args = vec!["ip", "netns", "exec", &netns];
-            args.extend_from_slice(cmd);
-            run(&args);
-        };
-        pod_exec(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]);
-        self.node_exec(&[
-            "ip",
-            "link",
-            "add",
-            &host_interface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns,
-        ]);
+        let pod_exec = self.pod_namespace(&netns, &host_interface);
         pod_exec(&["ip", "link", "set", "lo", "up"]);
         pod_exec(&["ip", "link", "set", "eth0", "up"]);
         pod_exec(&["ip", "addr", "add", &format!("{ipv4}/32"), "dev", "eth0"]);
@@ -277,12 +290,7 @@ impl Topology {
         self.node_exec(&["ip", "-6", "addr", "add", "fe80::1/64", "dev", &host_interface, "nodad"]);
         self.node_exec(&["ip", "route", "add", &format!("{ipv4}/32"), "dev", &host_interface]);
         self.node_exec(&["ip", "-6", "route", "add", &format!("{ipv6}/128"), "dev", &host_interface]);
-        let uid = format!("{}-{index}", self.tag);
-        let cgroup = self.kubepods.join(format!("pod{uid}"));
-        std::fs::create_dir_all(&cgroup).unwrap();
-        let pod = TestPod { name: name.to_string(), netns, host_interface, ipv4, ipv6, cgroup, uid };
-        self.pods.push(pod.clone());
-        pod
+        self.keep_pod(name, netns, host_interface, (ipv4, ipv6))
     }
 
     /// A pod wired as bridge CNIs (bridge, flannel) wire one: its veth is a
@@ -312,26 +320,7 @@ impl Topology {
         let host_interface = format!("bh{}b{index}", self.tag);
         let ipv4: IpAddr = format!("10.{}.2.{}", self.subnet, 10 + index).parse().unwrap();
         let ipv6: IpAddr = format!("fd00:{}:2::{:x}", self.subnet, 10 + index).parse().unwrap();
-        run(&["ip", "netns", "add", &netns]);
-        let pod_exec = |cmd: &[&str]| {
-            let mut args = vec!["ip", "netns", "exec", &netns];
-            args.extend_from_slice(cmd);
-            run(&args);
-        };
-        pod_exec(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]);
-        self.node_exec(&[
-            "ip",
-            "link",
-            "add",
-            &host_interface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns,
-        ]);
+        let pod_exec = self.pod_namespace(&netns, &host_interface);
         self.node_exec(&["ip", "link", "set", &host_interface, "master", &bridge, "up"]);
         pod_exec(&["ip", "link", "set", "lo", "up"]);
         pod_exec(&["ip", "link", "set", "eth0", "up"]);
@@ -339,12 +328,7 @@ impl Topology {
         pod_exec(&["ip", "-6", "addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"]);
         pod_exec(&["ip", "route", "add", "default", "via", &format!("10.{}.2.1", self.subnet)]);
         pod_exec(&["ip", "-6", "route", "add", "default", "via", &format!("fd00:{}:2::1", self.subnet)]);
-        let uid = format!("{}-{index}", self.tag);
-        let cgroup = self.kubepods.join(format!("pod{uid}"));
-        std::fs::create_dir_all(&cgroup).unwrap();
-        let pod = TestPod { name: name.to_string(), netns, host_interface, ipv4, ipv6, cgroup, uid };
-        self.pods.push(pod.clone());
-        pod
+        self.keep_pod(name, netns, host_interface, (ipv4, ipv6))
     }
 
     pub fn pod(&self, name: &str) -> &TestPod {
