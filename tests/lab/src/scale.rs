@@ -291,10 +291,8 @@ fn measure(topology: &Topology, spares: &[TestPod], cluster: &Cluster) -> Result
     let process = Process(
         topology
             .node_command(testbed::product_binary())
-            .args(["agent", "--node-name", NODE, "--pin-dir", PIN_DIR, "--egress-learning-seconds", "0"])
-            .args(["--metrics-address", AGENT_ADDRESS, "--debug-address", AGENT_ADDRESS])
-            .arg(format!("--source=dir:{}", cluster.folder.display()))
-            .arg(format!("--cgroup-root={}", topology.kubepods.display()))
+            .args(topology.agent_args(NODE, PIN_DIR, &cluster.folder))
+            .args(["--egress-learning-seconds", "0"])
             .env("RUST_LOG", "warn,netlink_packet_route=error")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)

@@ -30,12 +30,8 @@ impl Agent {
     fn start_with(topology: &Topology, folder: &Path, log: &Path, pin_dir: &str, extra: &[&str]) -> Self {
         let child = topology
             .node_command(bulkhead_lab::testbed::product_binary())
-            .args(["agent", "--node-name", "node-a", "--pin-dir", pin_dir])
+            .args(topology.agent_args("node-a", pin_dir, folder))
             .args(extra)
-            .arg(format!("--source=dir:{}", folder.display()))
-            .arg(format!("--cgroup-root={}", topology.kubepods.display()))
-            .arg(format!("--metrics-address={METRICS}"))
-            .arg(format!("--debug-address={METRICS}"))
             .arg("--log-format=json")
             .stdout(Stdio::null())
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())

@@ -14,7 +14,7 @@ use std::{
 };
 
 use bulkhead::dataplane::Datapath;
-use bulkhead_lab::testbed::{self, eventually, Topology, AGENT_ADDRESS};
+use bulkhead_lab::testbed::{self, eventually, Topology};
 
 const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-test-caps";
 
@@ -52,10 +52,7 @@ fn agent_with(topology: &Topology, folder: &Path, capabilities: &[String], log_n
         .arg("--inh-caps=-all")
         .arg("--")
         .arg(testbed::product_binary())
-        .args(["agent", "--node-name", "caps-node", "--pin-dir", PIN_DIR])
-        .args(["--metrics-address", AGENT_ADDRESS, "--debug-address", AGENT_ADDRESS])
-        .arg(format!("--source=dir:{}", folder.display()))
-        .arg(format!("--cgroup-root={}", topology.kubepods.display()))
+        .args(topology.agent_args("caps-node", PIN_DIR, folder))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

@@ -58,10 +58,7 @@ fn bridged_and_routed_pods_are_enforced_and_an_unwired_one_is_loud() {
     let _agent = Process(
         topology
             .node_command(testbed::product_binary())
-            .args(["agent", "--node-name", "shapes-node", "--pin-dir", PIN_DIR])
-            .args(["--metrics-address", AGENT_ADDRESS, "--debug-address", AGENT_ADDRESS])
-            .arg(format!("--source=dir:{}", folder.display()))
-            .arg(format!("--cgroup-root={}", topology.kubepods.display()))
+            .args(topology.agent_args("shapes-node", PIN_DIR, &folder))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

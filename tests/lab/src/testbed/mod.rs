@@ -422,6 +422,27 @@ impl Topology {
         .map_err(|_| std::io::Error::other("the request thread panicked"))?
     }
 
+    /// The arguments of an agent of node `node` that follows the folder
+    /// `folder`, pins under `pin_dir`, finds pod cgroups under this
+    /// topology's kubepods and serves everything on `AGENT_ADDRESS`.
+    pub fn agent_args(&self, node: &str, pin_dir: &str, folder: &std::path::Path) -> Vec<String> {
+        [
+            "agent",
+            "--node-name",
+            node,
+            "--pin-dir",
+            pin_dir,
+            "--metrics-address",
+            AGENT_ADDRESS,
+            "--debug-address",
+            AGENT_ADDRESS,
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain([format!("--source=dir:{}", folder.display()), format!("--cgroup-root={}", self.kubepods.display())])
+        .collect()
+    }
+
     /// A command run in the node's network namespace only. Unlike `ip netns
     /// exec`, which also gives it a mount namespace with a fresh /sys, it
     /// sees the host's bpffs and cgroup mounts — as an agent on a node does.
