@@ -282,8 +282,9 @@ pub fn manifests() -> Vec<(&'static str, String)> {
 }
 
 /// What the derived schema says loosely, said exactly: a field left out is
-/// absent, never `null` (no `nullable`), and each `except` entry is a CIDR
-/// as `cidr` is.
+/// absent, never `null` (no `nullable`); each `except` entry is a CIDR as
+/// `cidr` is; a selector requirement's `operator` is one of the four
+/// Kubernetes knows (LabelSelector's own schema leaves it a free string).
 fn tighten(schema: &mut serde_json::Value) {
     use serde_json::Value;
     match schema {
@@ -297,6 +298,11 @@ fn tighten(schema: &mut serde_json::Value) {
                     (pattern, properties.get_mut("except").and_then(|except| except.get_mut("items")))
                 {
                     items["pattern"] = pattern;
+                }
+                if properties.contains_key("key") && properties.contains_key("values") {
+                    if let Some(operator) = properties.get_mut("operator") {
+                        operator["enum"] = serde_json::json!(["In", "NotIn", "Exists", "DoesNotExist"]);
+                    }
                 }
             }
             object.values_mut().for_each(tighten);
@@ -337,6 +343,8 @@ mod tests {
             }
             assert!(missing.is_empty(), "{file}: fields without a description: {missing:?}");
             assert!(yaml.contains("pattern"), "{file}: CIDRs carry a pattern");
+            let operators = yaml.matches("- DoesNotExist").count();
+            assert!(operators >= 2, "{file}: every selector's operator is an enum ({operators} found)");
         }
     }
 

@@ -139,14 +139,12 @@ fn kubernetes_mode_follows_the_api_server() {
     assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "allow");
 
     // Invalid: rejected by name, with an Event, and nothing else changes.
-    let bad = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: broken, namespace: shop}\nspec:\n  podSelector: {matchExpressions: [{key: app, operator: Near, values: [api]}]}\n  ingress: []\n";
+    let bad = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: broken, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: api}}\n  ingress: [{ports: [{port: 90, endPort: 80}]}]\n";
     plane.apply(bad);
     eventually("the invalid policy is Accepted=False naming the field", Duration::from_secs(20), || {
         let (status, reason, message) =
             condition(&plane.json(&["get", "connectionpolicy", "broken", "-n", "shop"]), "Accepted");
-        status == "False"
-            && reason == "InvalidSelector"
-            && message.contains("spec.podSelector.matchExpressions[0].operator")
+        status == "False" && reason == "InvalidPort" && message.contains("spec.ingress[0].ports[0].endPort")
     });
     eventually("a PolicyRejected Event names it", Duration::from_secs(20), || {
         let events = plane.json(&["get", "events.v1.events.k8s.io", "-n", "shop"]);
@@ -154,7 +152,7 @@ fn kubernetes_mode_follows_the_api_server() {
             items.iter().any(|e| {
                 e["reason"] == "PolicyRejected"
                     && e["regarding"]["name"] == "broken"
-                    && e["note"].as_str().is_some_and(|n| n.contains("matchExpressions"))
+                    && e["note"].as_str().is_some_and(|n| n.contains("endPort"))
             })
         })
     });
@@ -185,10 +183,7 @@ fn kubernetes_mode_follows_the_api_server() {
         plane.kubectl_as("admin", &["apply", "-f", "-"], Some(&bad.replace("namespace: shop", "namespace: strict")));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "the webhook refuses the invalid policy");
-    assert!(
-        stderr.contains("denied the request") && stderr.contains("spec.podSelector.matchExpressions[0].operator"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("denied the request") && stderr.contains("spec.ingress[0].ports[0].endPort"), "{stderr}");
     let masked = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: masked, namespace: strict}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.1.2.3/16}}]}]\n";
     let accepted = plane.kubectl_as("admin", &["apply", "-f", "-"], Some(masked));
     let stderr = String::from_utf8_lossy(&accepted.stderr);
