@@ -47,6 +47,8 @@ pub struct Packet {
     pub sport: u16,
     pub dport: u16,
     pub protocol: u8,
+    /// TCP's flags byte; 0 for other protocols and later fragments.
+    pub tcp_flags: u8,
     pub ipv6: bool,
     pub l4: L4,
     pub fragment: Fragment,
@@ -76,6 +78,23 @@ pub struct Fragment {
 pub const FRAG_NONE: u8 = 0;
 pub const FRAG_FIRST: u8 = 1;
 pub const FRAG_LATER: u8 = 2;
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+impl Packet {
+    /// The first packet of a TCP handshake: SYN without ACK.
+    #[inline(always)]
+    pub fn opens_tcp(&self) -> bool {
+        self.protocol == proto::TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    /// A TCP packet from the middle of a connection (ACK set, no SYN).
+    #[inline(always)]
+    pub fn continues_tcp(&self) -> bool {
+        self.protocol == proto::TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK
+    }
+}
 
 /// Parse failure: the packet is malformed or truncated, or not an L3 we know.
 pub enum ParseError {
@@ -167,6 +186,7 @@ fn parse_ipv4(ctx: &TcContext, packet: &mut Packet) -> Result<(), ParseError> {
     packet.protocol = ip.protocol;
     packet.sport = 0;
     packet.dport = 0;
+    packet.tcp_flags = 0;
     packet.l4 = L4::LaterFragment;
     packet.fragment = fragment;
     if packet.fragment.kind == FRAG_LATER {
@@ -208,6 +228,7 @@ fn parse_ipv6(ctx: &TcContext, packet: &mut Packet) -> Result<(), ParseError> {
     packet.protocol = ip.next_header;
     packet.sport = 0;
     packet.dport = 0;
+    packet.tcp_flags = 0;
     packet.l4 = L4::LaterFragment;
     packet.fragment = Fragment { kind: FRAG_NONE, id: 0 };
     let mut offset = ETH_HLEN + IPV6_HLEN;
@@ -305,6 +326,7 @@ fn parse_l4(ctx: &TcContext, offset: usize, ipv6: bool, packet: &mut Packet) -> 
             }
             packet.sport = u16::from_be(hdr.sport);
             packet.dport = u16::from_be(hdr.dport);
+            packet.tcp_flags = hdr.flags;
             packet.l4 = L4::Plain;
         }
         proto::UDP => {

@@ -11,7 +11,7 @@ use datapath_common::{
     capacity, identity, policy_prefix, proto, reason, verdict, Address, ConnKey, ConntrackValue, DropKey, EndpointInfo,
     Event, FragmentKey, FragmentValue, PolicyExactKey, PolicyKey, PolicyValue, VerdictKey, CONFIG_EVENTS_PER_SECOND,
     CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, CONNTRACK_FLAG_REVOKED, EGRESS, ENDPOINT_FLAG_FAIL_CLOSED, EVENT_AUDIT,
-    EVENT_DENY, EVENT_NEW_FLOW, NO_ENDPOINT, SOURCE_CGROUP, SOURCE_TC,
+    EVENT_DENY, EVENT_NEW_FLOW, INGRESS, NO_ENDPOINT, SOURCE_CGROUP, SOURCE_TC,
 };
 
 use crate::{
@@ -162,6 +162,21 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
         return Err(reason::MALFORMED);
     };
     let vacancy = match set.find(conn) {
+        // A SYN the other way than the connection was opened starts a new
+        // one, judged as such: a picked-up connection (below) never lets a
+        // peer open what policy refuses it.
+        Ok(found) if packet.opens_tcp() && found.value.origin != direction => {
+            let peer = peer_identity(&conn.remote)?;
+            if peer == identity::HOST {
+                return Ok(());
+            }
+            let decision = lookup_policy(endpoint_id, direction, peer, packet.protocol, packet.dport)?;
+            if decision.verdict == verdict::ALLOW {
+                return Ok(());
+            }
+            refuse_new_flow(conn, direction, peer, &Reported::deny(&decision, SOURCE_TC), revision);
+            return Err(reason::POLICY_DENIED);
+        }
         Ok(found) => return recheck(&set, &found, conn, has_ports, revision),
         Err(vacancy) => vacancy,
     };
@@ -173,9 +188,22 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
         return Ok(());
     }
     let port = if has_ports { packet.dport } else { 0 };
-    let decision = lookup_policy(endpoint_id, direction, peer, packet.protocol, port)?;
+    let mut decision = lookup_policy(endpoint_id, direction, peer, packet.protocol, port)?;
+    let mut origin = direction;
+    if decision.verdict != verdict::ALLOW && packet.continues_tcp() {
+        // The middle of a TCP connection this datapath never saw open: one
+        // older than the agent on this node (an install on a running
+        // cluster), or whose entry was evicted. This packet may be the
+        // answer to a connection opened the other way, to its source port:
+        // picked up in that direction if policy allows it there.
+        let opposite = if egress { INGRESS } else { EGRESS };
+        let reverse = lookup_policy(endpoint_id, opposite, peer, packet.protocol, packet.sport)?;
+        if reverse.verdict == verdict::ALLOW {
+            (decision, origin) = (reverse, opposite);
+        }
+    }
     if decision.verdict == verdict::ALLOW {
-        let entry = ConntrackValue { revision, peer_identity: peer, flags: 0, origin: direction, _pad: [0; 2] };
+        let entry = ConntrackValue { revision, peer_identity: peer, flags: 0, origin, _pad: [0; 2] };
         match set.store(conn, &entry, vacancy) {
             Stored::Free => {}
             Stored::Displaced | Stored::NotStored => count_drop(endpoint_id, direction, reason::CONNTRACK_FULL),
@@ -186,7 +214,7 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
         if decision.audit != 0 {
             report(
                 conn,
-                direction,
+                origin,
                 peer,
                 &Reported {
                     kind: EVENT_AUDIT,
@@ -195,10 +223,10 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
                     rule: decision.audit_rule,
                 },
             );
-        } else if egress && flow_events_enabled() {
+        } else if origin == EGRESS && flow_events_enabled() {
             report(
                 conn,
-                direction,
+                origin,
                 peer,
                 &Reported {
                     kind: EVENT_NEW_FLOW,

@@ -83,6 +83,27 @@ fn replies_pass_through_conntrack_both_ways() {
 }
 
 #[test]
+fn a_connection_older_than_the_datapath_is_picked_up_only_the_way_policy_allows() {
+    let dp = allowlist("pickup");
+    let server = "10.244.9.9";
+    dp.identity(server, 2000);
+    dp.rule(7, EGRESS, 2000, Some((proto::TCP, 443, 16)), PolicyValue::new(verdict::ALLOW, 14, 0));
+    // The pod's connection to the server's 443 was open before the programs
+    // were attached: the server's next segment is its first packet seen.
+    let answer = out(server, POD, L4::Tcp { sport: 443, dport: 40100, flags: TCP_ACK });
+    assert_eq!(dp.sent_to_pod(&answer), TC_ACT_OK, "picked up as the pod's egress to 443");
+    assert_eq!(dp.sent_by_pod(&out(POD, server, L4::Tcp { sport: 40100, dport: 443, flags: TCP_ACK })), TC_ACT_OK);
+    // The server may not open a connection to the pod with that entry.
+    let opening = out(server, POD, L4::Tcp { sport: 443, dport: 40100, flags: TCP_SYN });
+    assert_eq!(dp.sent_to_pod(&opening), TC_ACT_SHOT, "a SYN the other way is judged as a new connection");
+    assert_eq!(dp.drops(7, INGRESS, reason::POLICY_DENIED), 1);
+    // Mid-stream segments that fit no allowed direction stay dropped.
+    let stray = out(server, POD, L4::Tcp { sport: 5555, dport: 22, flags: TCP_ACK });
+    assert_eq!(dp.sent_to_pod(&stray), TC_ACT_SHOT);
+    assert_eq!(dp.drops(7, INGRESS, reason::POLICY_DENIED), 2);
+}
+
+#[test]
 fn retransmitted_denied_syn_counts_one_blocked_connection() {
     let dp = allowlist("retrans");
     let syn = out(POD, PEER, L4::Tcp { sport: 40010, dport: 22, flags: TCP_SYN });
