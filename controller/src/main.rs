@@ -77,7 +77,8 @@ struct AgentArgs {
     node_name: Option<String>,
     #[arg(long, default_value = bulkhead::dataplane::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
-    /// Where kubelet's pod cgroups are; the cgroup v2 mount when left out.
+    /// Where the node's cgroups are mounted (/sys/fs/cgroup when left out); on a
+    /// hybrid host its cgroup v2 part, `unified/`, is used.
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
     /// Serves /metrics, /healthz and /readyz.
@@ -267,7 +268,7 @@ fn agent(args: AgentArgs) -> Result<()> {
         None => hostname()?,
     };
     let mut config = Config::new(&node_name, args.pin_dir);
-    config.cgroup_root = Some(args.cgroup_root.unwrap_or_else(default_cgroup_root));
+    config.cgroup_root = Some(cgroup_v2(args.cgroup_root.unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))));
     config.events_per_second = args.events_per_second;
     config.egress_learning =
         (args.egress_learning_seconds > 0).then(|| std::time::Duration::from_secs(args.egress_learning_seconds));
@@ -334,10 +335,10 @@ fn hostname() -> Result<String> {
     Ok(std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname")?.trim().to_string())
 }
 
-/// The cgroup v2 hierarchy: /sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host.
-fn default_cgroup_root() -> PathBuf {
-    let root = PathBuf::from("/sys/fs/cgroup");
-    if root.join("cgroup.controllers").exists() {
+/// The cgroup v2 hierarchy under a cgroup mount: the mount itself, or its
+/// `unified/` on a hybrid host (v1 controllers beside), where programs attach.
+fn cgroup_v2(root: PathBuf) -> PathBuf {
+    if root.join("cgroup.controllers").exists() || !root.join("unified/cgroup.controllers").exists() {
         root
     } else {
         root.join("unified")

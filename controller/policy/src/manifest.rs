@@ -74,7 +74,10 @@ pub fn object(origin: &str, document: usize, value: Value) -> Result<Option<Obje
                 ns.metadata.labels.unwrap_or_default(),
             ))
         }
-        "Pod" => Object::Pod(typed(&value).and_then(pod_of).map_err(err)?),
+        "Pod" => match typed(&value).and_then(pod_of).map_err(err)? {
+            Some(pod) => Object::Pod(pod),
+            None => return Ok(None),
+        },
         "ConnectionPolicy" => Object::Policy(Box::new(PolicyObject::Connection(typed(&value).map_err(err)?))),
         "ClusterConnectionPolicy" => Object::Policy(Box::new(PolicyObject::Cluster(typed(&value).map_err(err)?))),
         "NetworkPolicy" => Object::Policy(Box::new(PolicyObject::Network(typed(&value).map_err(err)?))),
@@ -131,8 +134,14 @@ pub fn parse(origin: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
     Ok(out)
 }
 
-/// A Pod object as the compiler sees it.
-pub fn pod_of(pod: core::Pod) -> Result<Pod, String> {
+/// A Pod object as the compiler sees it; `None` for a host-network pod,
+/// which has no interface of its own to police and whose addresses are the
+/// node's (they keep the node's identity, as NetworkPolicy leaves such pods
+/// out of its reach).
+pub fn pod_of(pod: core::Pod) -> Result<Option<Pod>, String> {
+    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+        return Ok(None);
+    }
     let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = pod.metadata.name.clone().unwrap_or_default();
     let mut ports = Vec::new();
@@ -165,12 +174,21 @@ pub fn pod_of(pod: core::Pod) -> Result<Pod, String> {
     }
     let labels: BTreeMap<String, String> = pod.metadata.labels.unwrap_or_default();
     let node_name = pod.spec.and_then(|s| s.node_name);
-    Ok(Pod { namespace, name, labels: labels.into(), ips, ports, node_name, uid: pod.metadata.uid })
+    Ok(Some(Pod { namespace, name, labels: labels.into(), ips, ports, node_name, uid: pod.metadata.uid }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_network_pods_are_not_endpoints() {
+        let pod = |host: bool| {
+            format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: x}}\nspec:\n  hostNetwork: {host}\n  nodeName: n1\n  containers: [{{name: c}}]\nstatus: {{podIP: 10.0.0.5}}\n")
+        };
+        assert!(parse("p.yaml", &pod(true)).unwrap().is_empty(), "the node's address stays the node's");
+        assert!(matches!(&parse("p.yaml", &pod(false)).unwrap()[..], [Object::Pod(p)] if p.ips.len() == 1));
+    }
 
     #[test]
     fn a_bad_field_is_named_with_its_path() {

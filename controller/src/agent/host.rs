@@ -231,12 +231,12 @@ fn veth_of(link: &LinkMessage) -> Option<Veth> {
 
 /// kubelet names a pod's cgroup `pod<uid>` (cgroupfs driver) or
 /// `kubepods-<qos>-pod<uid with _ for ->.slice` (systemd driver), a few levels
-/// under the root.
+/// under the root (kubelet's own --cgroup-root, kubepods, the QoS class).
 pub fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
     let cgroupfs = format!("pod{uid}");
     let systemd = format!("pod{}.slice", uid.replace('-', "_"));
     let mut level = vec![root.to_path_buf()];
-    for _ in 0..4 {
+    for _ in 0..6 {
         let mut next = Vec::new();
         for dir in level {
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {

@@ -58,7 +58,7 @@ impl Watched for core::Pod {
         if matches!(phase, Some("Succeeded" | "Failed")) {
             return Ok(None);
         }
-        Ok(Some(Object::Pod(manifest::pod_of(self)?)))
+        Ok(manifest::pod_of(self)?.map(Object::Pod))
     }
     fn key(&self) -> ObjectKey {
         ObjectKey::Pod(PodRef::new(&self.namespace().unwrap_or_default(), &self.name_any()))
