@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | manifests | image | demo | probe | bench <what>`.
+//! Project tasks: `cargo xtask setup | test | manifests | image | demo | e2e | probe | bench <what>`.
 
 mod image;
 mod manifests;
@@ -34,6 +34,9 @@ enum Task {
     Image,
     /// The product end to end on this machine: a small shop, its policies, a default-deny rollout.
     Demo,
+    /// The image on a real node (kubelet, containerd, kube-proxy, a control plane), installed by
+    /// manifests/install.yaml, once with a routed CNI and once with a bridge (needs root).
+    E2e,
     /// Scenario directories with real traffic through the agent (needs root).
     Probe {
         #[arg(required = true)]
@@ -66,6 +69,11 @@ fn main() -> Result<()> {
             image::build().map(|_| ())
         }
         Task::Demo => lab(&["demo"]),
+        Task::E2e => {
+            setup::run()?;
+            image::build()?;
+            cargo(&["test", "-p", "bulkhead-lab", "--test", "e2e", "--", "--nocapture"])
+        }
         Task::Probe { dirs } => {
             let mut args = vec!["probe"];
             args.extend(dirs.iter().map(String::as_str));

@@ -29,6 +29,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("netcat-openbsd", "/usr/bin/nc.openbsd"),
     ("iperf3", "/usr/bin/iperf3"),
     ("iptables", "/usr/sbin/iptables"),
+    ("curl", "/usr/bin/curl"),
     // The image: a static binary (musl), assembled as OCI without a daemon.
     ("musl-tools", "/usr/bin/musl-gcc"),
     ("umoci", "/usr/bin/umoci"),

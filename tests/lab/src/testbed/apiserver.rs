@@ -22,6 +22,11 @@ pub struct ControlPlane {
     /// Namespace deletion and garbage collection, as in a cluster.
     controller_manager: Option<Child>,
     pub port: u16,
+    /// Set for a control plane that serves a real node (`super::node`): the
+    /// address the API server advertises to pods through the `kubernetes`
+    /// Service, and with it node authorization, service-account tokens and
+    /// every controller of a cluster.
+    node_ip: Option<String>,
 }
 
 fn run_ok(command: &mut Command) -> String {
@@ -51,6 +56,21 @@ pub const CONTROLLER_USER: &str = "system:serviceaccount:bulkhead-system:bulkhea
 impl ControlPlane {
     /// Build (once) and start etcd and kube-apiserver inside `netns`.
     pub fn start(netns: &str, tag: &str) -> Self {
+        Self::start_with(netns, tag, None)
+    }
+
+    /// A control plane for a node at `node_ip` in `netns`: the API server
+    /// listens there too and pods reach it at 10.0.0.1.
+    /// The kubelet signs in as `system:node:<node_name>` with the `node` kubeconfig.
+    pub fn start_for_node(netns: &str, tag: &str, node_ip: &str, node_name: &str) -> Self {
+        Self::start_with(netns, tag, Some((node_ip.to_string(), node_name.to_string())))
+    }
+
+    pub fn binary(&self, name: &str) -> PathBuf {
+        self.binaries.join(name)
+    }
+
+    fn start_with(netns: &str, tag: &str, node: Option<(String, String)>) -> Self {
         let script = super::workspace_root().join("tests/tools/kubernetes-build.sh");
         assert!(script.exists(), "{} is part of the checkout", script.display());
         let built = run_ok(Command::new("bash").arg(&script).stderr(Stdio::inherit()));
@@ -58,19 +78,38 @@ impl ControlPlane {
         let dir = std::env::temp_dir().join(format!("bulkhead-apiserver-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let sh =
-            |script: &str| run_ok(Command::new("sh").arg("-ec").arg(script).current_dir(&dir).stderr(Stdio::piped()));
+        let extra_san = node.as_ref().map(|(ip, _)| format!(",IP:{ip}")).unwrap_or_default();
+        let sh = |script: &str| {
+            run_ok(
+                Command::new("sh")
+                    .arg("-ec")
+                    .arg(script)
+                    .current_dir(&dir)
+                    .env("EXTRA_SAN", &extra_san)
+                    .stderr(Stdio::piped()),
+            )
+        };
         sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=bulkhead-test-ca 2>/dev/null
             openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=kube-apiserver 2>/dev/null
-            printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > san.ext
+            printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes.default.svc%s' \"$EXTRA_SAN\" > san.ext
             openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile san.ext 2>/dev/null
             openssl genrsa -out sa.key 2048 2>/dev/null");
-        let tokens = format!(
+        if node.is_some() {
+            // What the API server shows a kubelet (for exec and logs): an admin, to the kubelet's webhook authorizer.
+            sh("openssl req -newkey rsa:2048 -nodes -keyout kubelet-client.key -out kubelet-client.csr -subj /O=system:masters/CN=kube-apiserver-kubelet-client 2>/dev/null
+                openssl x509 -req -in kubelet-client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out kubelet-client.crt -days 2 2>/dev/null");
+        }
+        let mut tokens = format!(
             "admin-token,admin,admin,\"system:masters\"\nagent-token,{AGENT_USER},agent,\"system:serviceaccounts,system:serviceaccounts:bulkhead-system\"\ncontroller-token,{CONTROLLER_USER},controller,\"system:serviceaccounts,system:serviceaccounts:bulkhead-system\"\n"
         );
+        let mut users = vec![("admin", "admin-token"), ("agent", "agent-token"), ("controller", "controller-token")];
+        if let Some((_, node_name)) = &node {
+            tokens.push_str(&format!("node-token,system:node:{node_name},node,system:nodes\n"));
+            users.push(("node", "node-token"));
+        }
         std::fs::write(dir.join("tokens.csv"), tokens).unwrap();
         let port = 6443;
-        for (user, token) in [("admin", "admin-token"), ("agent", "agent-token"), ("controller", "controller-token")] {
+        for (user, token) in users {
             let kubeconfig = format!(
                 "apiVersion: v1\nkind: Config\nclusters: [{{name: test, cluster: {{server: \"https://127.0.0.1:{port}\", certificate-authority: \"{ca}\"}}}}]\nusers: [{{name: {user}, user: {{token: {token}}}}}]\ncontexts: [{{name: test, context: {{cluster: test, user: {user}}}}}]\ncurrent-context: test\n",
                 ca = dir.join("ca.crt").display()
@@ -85,6 +124,7 @@ impl ControlPlane {
             apiserver: None,
             controller_manager: None,
             port,
+            node_ip: node.map(|(ip, _)| ip),
         };
         plane.start_etcd();
         plane.start_apiserver();
@@ -124,24 +164,35 @@ impl ControlPlane {
 
     pub fn start_apiserver(&mut self) {
         let file = |name: &str| self.dir.join(name).display().to_string();
-        let child = self
-            .in_netns(self.binaries.join("kube-apiserver"))
-            .args([
-                "--etcd-servers=http://127.0.0.1:2379",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                "--insecure-port=0",
-            ])
+        let mut command = self.in_netns(self.binaries.join("kube-apiserver"));
+        command.args(["--etcd-servers=http://127.0.0.1:2379", "--insecure-port=0"]);
+        match &self.node_ip {
+            None => {
+                command.args([
+                    "--bind-address=127.0.0.1",
+                    "--advertise-address=127.0.0.1",
+                    "--authorization-mode=RBAC",
+                ]);
+                // No pods run here, so none needs a service-account token.
+                command.arg("--disable-admission-plugins=ServiceAccount");
+            }
+            Some(node_ip) => {
+                command.args(["--bind-address=0.0.0.0", &format!("--advertise-address={node_ip}")]);
+                command.args(["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction"]);
+                command.args(["--allow-privileged=true", "--kubelet-preferred-address-types=InternalIP"]);
+                command.arg(format!("--kubelet-client-certificate={}", file("kubelet-client.crt")));
+                command.arg(format!("--kubelet-client-key={}", file("kubelet-client.key")));
+            }
+        }
+        let child = command
             .arg(format!("--secure-port={}", self.port))
             .arg(format!("--tls-cert-file={}", file("server.crt")))
             .arg(format!("--tls-private-key-file={}", file("server.key")))
             .arg(format!("--token-auth-file={}", file("tokens.csv")))
-            .arg("--authorization-mode=RBAC")
             .arg(format!("--service-account-key-file={}", file("sa.key")))
             .arg(format!("--service-account-signing-key-file={}", file("sa.key")))
             .arg("--service-account-issuer=https://kubernetes.default.svc")
             .arg("--service-cluster-ip-range=10.0.0.0/24")
-            .arg("--disable-admission-plugins=ServiceAccount")
             .stdout(Stdio::null())
             .stderr(self.log("kube-apiserver"))
             .spawn()
@@ -162,10 +213,17 @@ impl ControlPlane {
     }
 
     fn start_controller_manager(&mut self) {
-        let child = self
-            .in_netns(self.binaries.join("kube-controller-manager"))
-            .arg(format!("--kubeconfig={}", self.kubeconfig("admin").display()))
-            .args(["--controllers=namespace,garbagecollector", "--leader-elect=false", "--port=0", "--secure-port=0"])
+        let mut command = self.in_netns(self.binaries.join("kube-controller-manager"));
+        command.arg(format!("--kubeconfig={}", self.kubeconfig("admin").display()));
+        command.args(["--leader-elect=false", "--port=0", "--secure-port=0"]);
+        if self.node_ip.is_some() {
+            // A cluster's controllers: Deployments, DaemonSets, service-account tokens, endpoints.
+            command.arg(format!("--service-account-private-key-file={}", self.dir.join("sa.key").display()));
+            command.arg(format!("--root-ca-file={}", self.dir.join("ca.crt").display()));
+        } else {
+            command.arg("--controllers=namespace,garbagecollector");
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(self.log("kube-controller-manager"))
             .spawn()

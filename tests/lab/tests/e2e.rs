@@ -1,0 +1,310 @@
+//! Bulkhead as a cluster runs it: one real node (etcd, kube-apiserver,
+//! controller-manager, scheduler, kube-proxy, containerd, kubelet), the image
+//! `cargo xtask image` built imported into containerd, `manifests/install.yaml`
+//! applied as the README tells an operator, and real pods that containerd
+//! started and a CNI wired — once routed (ptp), once on a bridge — whose
+//! connections the agent pod allows and denies.
+
+mod common;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use bulkhead_lab::testbed::{
+    self,
+    apiserver::refusals,
+    node::{Cni, Node, NODE_IP},
+};
+
+const SERVER_PORT: u16 = 8080;
+
+fn image_archive() -> PathBuf {
+    let version = env!("CARGO_PKG_VERSION");
+    let archive = testbed::workspace_root().join(format!("target/image/bulkhead-{version}.oci.tar"));
+    assert!(
+        archive.exists(),
+        "{} is missing: `cargo xtask image` builds it (`cargo xtask test` does first)",
+        archive.display()
+    );
+    archive
+}
+
+struct Cluster {
+    node: Node,
+}
+
+impl Drop for Cluster {
+    /// A failed run shows what the cluster and Bulkhead said before it all goes.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for args in [
+            &["get", "pods", "-A", "-o", "wide"][..],
+            &["get", "connectionpolicies,clusterconnectionpolicies,networkpolicies", "-A", "-o", "yaml"],
+            &["-n", "bulkhead-system", "logs", "-l", "app.kubernetes.io/component=agent", "--tail=60"],
+            &["-n", "bulkhead-system", "logs", "-l", "app.kubernetes.io/component=controller", "--tail=30"],
+        ] {
+            let out = self.node.kubectl(args);
+            eprintln!(
+                "--- kubectl {}\n{}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+impl Cluster {
+    fn kubectl(&self, args: &[&str]) -> String {
+        let out = self.node.kubectl(args);
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn apply(&self, yaml: &str) {
+        self.node.plane.apply(yaml);
+    }
+
+    /// The README's install: `kubectl apply -f manifests/install.yaml`, the
+    /// image reference being the one thing an operator changes.
+    fn install(&self, image: &str) {
+        let text = std::fs::read_to_string(testbed::workspace_root().join("manifests/install.yaml")).unwrap();
+        let shipped = "image: localhost/bulkhead:".to_string() + env!("CARGO_PKG_VERSION");
+        assert!(text.contains(&shipped), "install.yaml names {shipped}");
+        let out = self.node.plane.kubectl_as(
+            "admin",
+            &["apply", "-f", "-"],
+            Some(&text.replace(&shipped, &format!("image: {image}"))),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(refusals(&stderr).is_empty(), "kubectl apply -f manifests/install.yaml: {stderr}");
+        for (kind, name) in [("daemonset", "bulkhead-agent"), ("deployment", "bulkhead-controller")] {
+            let out = self.node.kubectl(&["-n", "bulkhead-system", "rollout", "status", kind, name, "--timeout=180s"]);
+            if !out.status.success() {
+                let pods = self.node.kubectl(&["get", "pods", "-A", "-o", "wide"]);
+                let describe = self.node.kubectl(&["-n", "bulkhead-system", "describe", "pods"]);
+                let logs = self.node.kubectl(&[
+                    "-n",
+                    "bulkhead-system",
+                    "logs",
+                    "-l",
+                    "app.kubernetes.io/name=bulkhead",
+                    "--tail=30",
+                ]);
+                panic!(
+                    "{kind} {name} not ready: {}\n{}\n{}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    String::from_utf8_lossy(&pods.stdout),
+                    String::from_utf8_lossy(&describe.stdout),
+                    String::from_utf8_lossy(&logs.stdout)
+                );
+            }
+        }
+    }
+
+    /// A Deployment of busybox pods; `serve` makes each answer "ok" on SERVER_PORT.
+    fn deploy(&self, namespace: &str, name: &str, labels: &str, replicas: u32, serve: bool) {
+        let command = if serve {
+            format!("[nc, -ll, -p, '{SERVER_PORT}', -e, echo, ok]")
+        } else {
+            "[sleep, '86400']".to_string()
+        };
+        self.apply(&format!(
+            "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}, {labels}}}}}
+    spec:
+      terminationGracePeriodSeconds: 0
+      containers:
+        - name: main
+          image: localhost/busybox:latest
+          imagePullPolicy: Never
+          command: {command}
+"
+        ));
+        let out = self.node.kubectl(&["-n", namespace, "rollout", "status", "deployment", name, "--timeout=120s"]);
+        assert!(out.status.success(), "deployment {namespace}/{name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Running pods of a Deployment: (name, address).
+    fn pods(&self, namespace: &str, app: &str) -> Vec<(String, String)> {
+        let list: serde_json::Value = serde_json::from_str(&self.kubectl(&[
+            "-n",
+            namespace,
+            "get",
+            "pods",
+            "-l",
+            &format!("app={app}"),
+            "-o",
+            "json",
+        ]))
+        .unwrap();
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null())
+            .filter_map(|p| {
+                Some((p["metadata"]["name"].as_str()?.to_string(), p["status"]["podIP"].as_str()?.to_string()))
+            })
+            .collect()
+    }
+
+    /// Whether `pod` reaches `address`:SERVER_PORT and hears the server's "ok".
+    fn connects(&self, namespace: &str, pod: &str, address: &str) -> bool {
+        let out = self.node.kubectl(&[
+            "-n",
+            namespace,
+            "exec",
+            pod,
+            "--",
+            "nc",
+            "-w",
+            "2",
+            address,
+            &SERVER_PORT.to_string(),
+        ]);
+        String::from_utf8_lossy(&out.stdout).trim() == "ok"
+    }
+
+    fn agent_metrics(&self) -> String {
+        self.node.http_get(&format!("http://{NODE_IP}:9464/metrics")).unwrap_or_default()
+    }
+
+    fn programmed(&self, kind: &str, namespace: Option<&str>, name: &str) -> bool {
+        let mut args = vec!["get", kind, name, "-o", "json"];
+        if let Some(namespace) = namespace {
+            args.extend(["-n", namespace]);
+        }
+        let out = self.node.kubectl(&args);
+        let Ok(policy) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return false };
+        policy["status"]["conditions"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["type"] == "Programmed" && c["status"] == "True"))
+    }
+}
+
+/// The sum of every series of a metric.
+fn total(text: &str, name: &str) -> f64 {
+    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    testbed::eventually(what, timeout, &mut check);
+    start.elapsed()
+}
+
+fn run(cni: Cni) {
+    assert!(common::require_root(), "not root");
+    let archive = image_archive();
+    let started = Instant::now();
+    let cluster = Cluster { node: Node::start(cni, &[("bulkhead", &archive)]) };
+    eprintln!("[{cni:?}] node Ready after {:.1} s", started.elapsed().as_secs_f64());
+    cluster.install(&format!("localhost/bulkhead:{}", env!("CARGO_PKG_VERSION")));
+    eprintln!("[{cni:?}] agent and controller Ready after {:.1} s", started.elapsed().as_secs_f64());
+
+    cluster.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: shop}}\n");
+    cluster.deploy("shop", "server", "tier: backend", 1, true);
+    cluster.deploy("shop", "client", "tier: web", 1, false);
+    let (_, server_ip) = cluster.pods("shop", "server").remove(0);
+    let (client, _) = cluster.pods("shop", "client").remove(0);
+    eventually("no policy: the client reaches the server", Duration::from_secs(20), || {
+        cluster.connects("shop", &client, &server_ip)
+    });
+
+    // Only role=frontend may reach the server; the client is not.
+    cluster.apply(
+        "apiVersion: bulkhead.io/v1alpha1
+kind: ConnectionPolicy
+metadata: {name: server-ingress, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {role: frontend}}}]
+      ports: [{port: 8080}]
+",
+    );
+    eventually("server-ingress Programmed", Duration::from_secs(30), || {
+        cluster.programmed("connectionpolicy", Some("shop"), "server-ingress")
+    });
+    eventually("the client is denied", Duration::from_secs(20), || !cluster.connects("shop", &client, &server_ip));
+    eventually("the denial is counted", Duration::from_secs(20), || {
+        total(&cluster.agent_metrics(), "bulkhead_blocked_connections_total{") >= 1.0
+    });
+    cluster.kubectl(&["-n", "shop", "label", "pod", &client, "role=frontend"]);
+    eventually("labelled frontend, the client is allowed", Duration::from_secs(20), || {
+        cluster.connects("shop", &client, &server_ip)
+    });
+    cluster.kubectl(&["-n", "shop", "label", "pod", &client, "role-"]);
+    eventually("the label gone, the client is denied again", Duration::from_secs(20), || {
+        !cluster.connects("shop", &client, &server_ip)
+    });
+
+    // The agent pod deleted: enforcement stays in the kernel while the
+    // DaemonSet brings a new one, which adopts it.
+    let agent = cluster.kubectl(&[
+        "-n",
+        "bulkhead-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/component=agent",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
+    cluster.kubectl(&["-n", "bulkhead-system", "delete", "pod", &agent, "--wait=false"]);
+    let deleted = Instant::now();
+    let mut probes = 0;
+    while Instant::now() < deleted + Duration::from_secs(5) {
+        assert!(
+            !cluster.connects("shop", &client, &server_ip),
+            "a denied connection went through while the agent restarted"
+        );
+        probes += 1;
+    }
+    let out = cluster.node.kubectl(&[
+        "-n",
+        "bulkhead-system",
+        "rollout",
+        "status",
+        "daemonset",
+        "bulkhead-agent",
+        "--timeout=120s",
+    ]);
+    assert!(out.status.success(), "the agent pod did not come back: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "[{cni:?}] agent pod replaced after {:.1} s; {probes} denied probes meanwhile, none through",
+        deleted.elapsed().as_secs_f64()
+    );
+    cluster.kubectl(&["-n", "shop", "label", "pod", &client, "role=frontend"]);
+    eventually("the new agent follows a label change", Duration::from_secs(30), || {
+        cluster.connects("shop", &client, &server_ip)
+    });
+    cluster.node.assert_machine_untouched();
+    eprintln!("[{cni:?}] done in {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// One node at a time: both runs use the machine's bpffs at the agent's default pin path.
+static ONE_NODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[test]
+fn on_a_routed_cni() {
+    let _node = ONE_NODE.lock().unwrap_or_else(|e| e.into_inner());
+    run(Cni::Routed);
+}
+
+#[test]
+fn on_a_bridge_cni() {
+    let _node = ONE_NODE.lock().unwrap_or_else(|e| e.into_inner());
+    run(Cni::Bridge);
+}
