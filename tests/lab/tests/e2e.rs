@@ -8,6 +8,7 @@
 mod common;
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -159,6 +160,30 @@ spec:
             .collect()
     }
 
+    /// Pods of a Deployment that have an address, whatever their phase: (name, address).
+    fn addressed_pods(&self, namespace: &str, app: &str) -> Vec<(String, String)> {
+        let list: serde_json::Value = serde_json::from_str(&self.kubectl(&[
+            "-n",
+            namespace,
+            "get",
+            "pods",
+            "-l",
+            &format!("app={app}"),
+            "-o",
+            "json",
+        ]))
+        .unwrap();
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .filter_map(|p| {
+                Some((p["metadata"]["name"].as_str()?.to_string(), p["status"]["podIP"].as_str()?.to_string()))
+            })
+            .collect()
+    }
+
     /// Whether `pod` reaches `address`:SERVER_PORT and hears the server's "ok".
     fn connects(&self, namespace: &str, pod: &str, address: &str) -> bool {
         let out = self.node.kubectl(&[
@@ -290,8 +315,138 @@ spec:
     eventually("the new agent follows a label change", Duration::from_secs(30), || {
         cluster.connects("shop", &client, &server_ip)
     });
+
+    scale_up_and_down(&cluster, cni, &client);
+    across_namespaces(&cluster, &server_ip);
+    eprintln!("[{cni:?}] agent pod RSS {:.0} MB", agent_rss_mb());
     cluster.node.assert_machine_untouched();
     eprintln!("[{cni:?}] done in {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// The server Deployment scaled 2 → 10 → 2 under its policy: every new
+/// pod enforced (the time from when its address is first seen to when the
+/// agent lists it as enforced, polled together), reached by the allowed
+/// client, and the removed pods swept from the agent.
+fn scale_up_and_down(cluster: &Cluster, cni: Cni, client: &str) {
+    cluster.kubectl(&["-n", "shop", "scale", "deployment", "server", "--replicas=2"]);
+    eventually("two servers enforced", Duration::from_secs(60), || enforced_servers(cluster).len() == 2);
+    let before: BTreeSet<String> = enforced_servers(cluster);
+    cluster.kubectl(&["-n", "shop", "scale", "deployment", "server", "--replicas=10"]);
+    let mut addressed: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut latency: BTreeMap<String, Duration> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while latency.len() < 8 {
+        assert!(Instant::now() < deadline, "new servers not enforced in 120 s: {addressed:?} {latency:?}");
+        for (name, _) in cluster.addressed_pods("shop", "server") {
+            addressed.entry(name).or_insert_with(Instant::now);
+        }
+        let enforced = enforced_servers(cluster);
+        for (name, since) in &addressed {
+            if !before.contains(name) && enforced.contains(name) && !latency.contains_key(name) {
+                latency.insert(name.clone(), since.elapsed());
+            }
+        }
+    }
+    let mut millis: Vec<u128> = latency.values().map(Duration::as_millis).collect();
+    millis.sort();
+    eprintln!(
+        "[{cni:?}] address seen → enforced, 8 new pods: median {} ms, max {} ms (polled, ~100 ms resolution)",
+        millis[millis.len() / 2],
+        millis[millis.len() - 1]
+    );
+    let out = cluster.node.kubectl(&["-n", "shop", "rollout", "status", "deployment", "server", "--timeout=120s"]);
+    assert!(out.status.success(), "server did not reach 10: {}", String::from_utf8_lossy(&out.stderr));
+    for (name, address) in cluster.pods("shop", "server") {
+        eventually(&format!("the client reaches {name}"), Duration::from_secs(20), || {
+            cluster.connects("shop", client, &address)
+        });
+    }
+    cluster.kubectl(&["-n", "shop", "scale", "deployment", "server", "--replicas=2"]);
+    eventually("the agent sweeps the removed servers", Duration::from_secs(90), || {
+        enforced_servers(cluster).len() == 2
+    });
+}
+
+/// The server pods the agent lists as enforced, by name.
+fn enforced_servers(cluster: &Cluster) -> BTreeSet<String> {
+    let state: serde_json::Value = cluster
+        .node
+        .http_get("http://127.0.0.1:9465/debug/state")
+        .and_then(|body| serde_json::from_str(&body).ok())
+        .unwrap_or_default();
+    state["endpoints"]
+        .as_object()
+        .map(|endpoints| {
+            endpoints.keys().filter_map(|k| k.strip_prefix("shop/server-")).map(|n| format!("server-{n}")).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A pod of another namespace: refused by the server's ConnectionPolicy,
+/// let in by an Admin-tier ClusterConnectionPolicy (judged first), then held
+/// back by its own namespace's egress NetworkPolicy, counted as an egress
+/// denial.
+fn across_namespaces(cluster: &Cluster, server_ip: &str) {
+    cluster.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: ops, labels: {team: ops}}\n");
+    cluster.deploy("ops", "toolbox", "tier: ops", 1, false);
+    let (toolbox, _) = cluster.pods("ops", "toolbox").remove(0);
+    eventually("the server's policy refuses ops", Duration::from_secs(20), || {
+        !cluster.connects("ops", &toolbox, server_ip)
+    });
+    cluster.apply(
+        "apiVersion: bulkhead.io/v1alpha1
+kind: ClusterConnectionPolicy
+metadata: {name: ops-to-servers}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaceSelector: {matchLabels: {team: shop}}, podSelector: {matchLabels: {app: server}}}
+  ingress:
+    - {action: Allow, from: [{namespaceSelector: {matchLabels: {team: ops}}}], ports: [{port: 8080}]}
+",
+    );
+    eventually("ops-to-servers Programmed", Duration::from_secs(30), || {
+        cluster.programmed("clusterconnectionpolicy", None, "ops-to-servers")
+    });
+    eventually("the Admin tier lets ops in", Duration::from_secs(20), || cluster.connects("ops", &toolbox, server_ip));
+    let egress_denied = || {
+        cluster
+            .agent_metrics()
+            .lines()
+            .filter(|l| l.starts_with("bulkhead_blocked_connections_total{") && l.contains("direction=\"egress\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = egress_denied();
+    cluster.apply(
+        "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: toolbox-no-egress, namespace: ops}
+spec:
+  podSelector: {matchLabels: {app: toolbox}}
+  policyTypes: [Egress]
+",
+    );
+    eventually("ops' own NetworkPolicy holds its egress back", Duration::from_secs(20), || {
+        !cluster.connects("ops", &toolbox, server_ip)
+    });
+    eventually("counted as an egress denial", Duration::from_secs(20), || egress_denied() > before);
+}
+
+/// The resident memory of the agent process the DaemonSet runs.
+fn agent_rss_mb() -> f64 {
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if cmdline.starts_with(b"/bulkhead\0agent\0--source=kubernetes") {
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            let kb = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok());
+            return kb.expect("VmRSS of the agent") / 1024.0;
+        }
+    }
+    panic!("no agent process (/bulkhead agent --source=kubernetes) on this machine");
 }
 
 /// One node at a time: both runs use the machine's bpffs at the agent's default pin path.
