@@ -138,46 +138,30 @@ spec:
 
     /// Running pods of a Deployment: (name, address).
     fn pods(&self, namespace: &str, app: &str) -> Vec<(String, String)> {
-        let list: serde_json::Value = serde_json::from_str(&self.kubectl(&[
-            "-n",
-            namespace,
-            "get",
-            "pods",
-            "-l",
-            &format!("app={app}"),
-            "-o",
-            "json",
-        ]))
-        .unwrap();
-        list["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null())
-            .filter_map(|p| {
-                Some((p["metadata"]["name"].as_str()?.to_string(), p["status"]["podIP"].as_str()?.to_string()))
-            })
-            .collect()
+        self.pods_where(namespace, app, |pod| pod["status"]["phase"] == "Running")
     }
 
     /// Pods of a Deployment that have an address, whatever their phase: (name, address).
     fn addressed_pods(&self, namespace: &str, app: &str) -> Vec<(String, String)> {
-        let list: serde_json::Value = serde_json::from_str(&self.kubectl(&[
-            "-n",
-            namespace,
-            "get",
-            "pods",
-            "-l",
-            &format!("app={app}"),
-            "-o",
-            "json",
-        ]))
-        .unwrap();
+        self.pods_where(namespace, app, |_| true)
+    }
+
+    /// Pods of a Deployment, not being deleted, with an address and `keep`: (name, address).
+    fn pods_where(
+        &self,
+        namespace: &str,
+        app: &str,
+        keep: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<(String, String)> {
+        let selector = format!("app={app}");
+        let list: serde_json::Value =
+            serde_json::from_str(&self.kubectl(&["-n", namespace, "get", "pods", "-l", &selector, "-o", "json"]))
+                .unwrap();
         list["items"]
             .as_array()
             .unwrap()
             .iter()
-            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null() && keep(p))
             .filter_map(|p| {
                 Some((p["metadata"]["name"].as_str()?.to_string(), p["status"]["podIP"].as_str()?.to_string()))
             })

@@ -29,7 +29,8 @@ pub struct ControlPlane {
     node_ip: Option<String>,
 }
 
-fn run_ok(command: &mut Command) -> String {
+/// Run a command to success; its stdout, or a panic with both its outputs.
+pub(super) fn run_ok(command: &mut Command) -> String {
     let out = command.output().unwrap_or_else(|e| panic!("{command:?}: {e}"));
     assert!(
         out.status.success(),

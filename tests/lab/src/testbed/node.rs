@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::apiserver::ControlPlane;
+use super::apiserver::{run_ok, ControlPlane};
 
 /// How pods are wired: the two shapes most clusters have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,17 +66,6 @@ const TUNABLES: [&str; 3] =
 
 fn tunables() -> Vec<(&'static str, String)> {
     TUNABLES.iter().map(|path| (*path, std::fs::read_to_string(path).unwrap_or_default())).collect()
-}
-
-fn run_ok(command: &mut Command) -> String {
-    let out = command.output().unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{command:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn quietly(command: &mut Command) {
