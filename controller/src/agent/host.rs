@@ -11,7 +11,7 @@
 //! target-netnsid, CAP_NET_ADMIN), without entering it.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -189,6 +189,27 @@ impl Host {
     pub fn cgroup_of(&self, uid: &str) -> Option<PathBuf> {
         find_pod_cgroup(self.cgroup_root.as_deref()?, uid)
     }
+
+    /// Every interface of this network namespace: name → ifindex.
+    pub async fn interfaces(&self) -> Result<BTreeMap<String, u32>, rtnetlink::Error> {
+        let links: Vec<LinkMessage> = self.netlink.link().get().execute().try_collect().await?;
+        Ok(links.iter().map(|link| (name_of(link), link.header.index)).collect())
+    }
+
+    /// Every cgroup where a pod's may be (path → id, its inode), or `None`
+    /// without a cgroup root.
+    pub fn cgroups(&self) -> Option<BTreeMap<PathBuf, u64>> {
+        use std::os::unix::fs::MetadataExt;
+        let root = self.cgroup_root.as_deref()?;
+        Some(
+            cgroup_tree(root)
+                .filter_map(|dir| {
+                    let id = std::fs::metadata(&dir).ok()?.ino();
+                    Some((dir, id))
+                })
+                .collect(),
+        )
+    }
 }
 
 fn name_of(link: &LinkMessage) -> String {
@@ -229,30 +250,43 @@ fn veth_of(link: &LinkMessage) -> Option<Veth> {
     Some(Veth { interface, peer_netns, peer_ifindex })
 }
 
+/// How deep under the root kubelet puts a pod's cgroup, at most (its own
+/// --cgroup-root, kubepods, the QoS class, the pod, with room to spare).
+const POD_CGROUP_DEPTH: usize = 6;
+
+/// The cgroup directories under `root`, level by level, down to
+/// `POD_CGROUP_DEPTH`.
+fn cgroup_tree(root: &Path) -> impl Iterator<Item = PathBuf> {
+    let mut queue = std::collections::VecDeque::from([(root.to_path_buf(), 0)]);
+    let mut children = Vec::<(PathBuf, usize)>::new().into_iter();
+    std::iter::from_fn(move || loop {
+        if let Some((dir, depth)) = children.next() {
+            if depth < POD_CGROUP_DEPTH {
+                queue.push_back((dir.clone(), depth));
+            }
+            return Some(dir);
+        }
+        let (dir, depth) = queue.pop_front()?;
+        children = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|entry| (entry.path(), depth + 1))
+            .collect::<Vec<_>>()
+            .into_iter();
+    })
+}
+
 /// kubelet names a pod's cgroup `pod<uid>` (cgroupfs driver) or
 /// `kubepods-<qos>-pod<uid with _ for ->.slice` (systemd driver), a few levels
 /// under the root (kubelet's own --cgroup-root, kubepods, the QoS class).
 pub fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
     let cgroupfs = format!("pod{uid}");
-    let systemd = format!("pod{}.slice", uid.replace('-', "_"));
-    let mut level = vec![root.to_path_buf()];
-    for _ in 0..6 {
-        let mut next = Vec::new();
-        for dir in level {
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    continue;
-                }
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name == cgroupfs || name.ends_with(&format!("-{systemd}")) {
-                    return Some(entry.path());
-                }
-                next.push(entry.path());
-            }
-        }
-        level = next;
-    }
-    None
+    let systemd = format!("-pod{}.slice", uid.replace('-', "_"));
+    cgroup_tree(root).find(|dir| {
+        dir.file_name().map(|n| n.to_string_lossy()).is_some_and(|name| name == cgroupfs || name.ends_with(&systemd))
+    })
 }
 
 #[cfg(test)]

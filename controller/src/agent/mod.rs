@@ -23,11 +23,12 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use bulkhead_policy::{
-    compile::Scope, Admission, Change, Changed, Compiler, DesiredState, ObjectKey, PodRef, PolicyRef, Snapshot,
+    compile::Scope, state::address_key, Admission, Change, Changed, Compiler, DesiredState, ObjectKey, PodRef,
+    PolicyRef, Snapshot,
 };
 
 use crate::{
-    dataplane::{sync::Programmer, Datapath, DropCount, VerdictCount},
+    dataplane::{self, sync::Programmer, Datapath, DropCount, LiveTargets, VerdictCount},
     report::NodeReport,
     source::Update,
 };
@@ -135,6 +136,8 @@ pub struct Shared {
 
 const RECENT_EVENTS: usize = 512;
 const HOUSEKEEPING: Duration = Duration::from_millis(200);
+/// How often the datapath is swept of what pods gone while no agent ran left.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// The loop is stuck when it has not ticked for this long.
 const STUCK: Duration = Duration::from_secs(10);
 
@@ -280,6 +283,8 @@ pub struct Agent {
     zero_counters: BTreeSet<CounterSeries>,
     syncs: u64,
     baselines: Option<EgressBaselines>,
+    /// When the datapath was last swept (after the first full sync).
+    swept: Option<Instant>,
 }
 
 impl Agent {
@@ -322,6 +327,7 @@ impl Agent {
             counted_drops: DropCount::new(),
             syncs: 0,
             baselines,
+            swept: None,
         })
     }
 
@@ -486,6 +492,38 @@ impl Agent {
                 policies = self.snapshot.policies.len(),
                 "first full sync in the datapath: ready"
             );
+            self.sweep().await;
+        }
+    }
+
+    /// Remove what pods deleted while no agent ran left in the datapath (see
+    /// `dataplane::sweep`): links and entries of interfaces and cgroups that
+    /// are gone, local addresses of no local pod.
+    async fn sweep(&mut self) {
+        self.swept = Some(Instant::now());
+        let interfaces = match self.host.interfaces().await {
+            Ok(interfaces) => interfaces,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list the node's interfaces; not sweeping the datapath this time");
+                return;
+            }
+        };
+        let local_addresses =
+            self.state().endpoints.values().flat_map(|e| e.addresses.iter().map(|a| address_key(*a))).collect();
+        let live = LiveTargets { interfaces, cgroups: self.host.cgroups(), local_addresses };
+        match dataplane::sweep(self.programmer.datapath_mut(), &live) {
+            Ok(swept) if swept.is_empty() => {}
+            Ok(swept) => tracing::info!(
+                links = ?swept.links,
+                endpoints = swept.endpoints,
+                cgroup_endpoints = swept.cgroup_endpoints,
+                local_addresses = swept.local_addresses,
+                "swept the datapath of what pods gone while no agent ran left"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "sweeping the datapath failed");
+                self.shared.metrics.sync_errors.with_label_values(&["sweep"]).inc();
+            }
         }
     }
 
@@ -594,6 +632,9 @@ impl Agent {
     async fn housekeeping(&mut self) {
         *self.shared.heartbeat.lock().expect("heartbeat lock") = Instant::now();
         self.read_datapath();
+        if self.swept.is_some_and(|at| at.elapsed() >= SWEEP_EVERY) {
+            self.sweep().await;
+        }
         if self.retry && self.pending.is_none() {
             self.pending = Some(Pending { first_observed: Instant::now(), last_change: Instant::now() });
         }

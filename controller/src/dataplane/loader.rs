@@ -191,10 +191,26 @@ impl Datapath {
         &self.pin_dir
     }
 
-    /// bpffs refuses names with a dot (reserved for its own files).
     fn link_pin(&self, target: &str, program: &str) -> PathBuf {
-        let target = target.trim_start_matches('/').replace(['/', '.'], "_");
-        self.pin_dir.join("links").join(format!("{target}-{program}"))
+        self.pin_dir.join("links").join(format!("{}-{program}", link_pin_target(target)))
+    }
+
+    /// Every pinned link: (its target as pins name it, its program, the pin).
+    pub fn link_pins(&self) -> Vec<(String, String, PathBuf)> {
+        let entries = fs::read_dir(self.pin_dir.join("links")).into_iter().flatten().flatten();
+        entries
+            .filter_map(|entry| {
+                let file = entry.file_name().to_string_lossy().into_owned();
+                // Program names have no '-'; targets (cgroup paths with uids) may.
+                let (target, program) = file.rsplit_once('-')?;
+                Some((target.to_string(), program.to_string(), entry.path()))
+            })
+            .collect()
+    }
+
+    /// Remove a pinned link: the kernel detaches its program.
+    pub fn unpin_link(&mut self, pin: &Path) -> Result<(), AttachError> {
+        unpin_link(pin)
     }
 
     /// Attach both TC programs to the host side of a pod's veth. A link
@@ -388,6 +404,21 @@ impl Datapath {
             return self.policy_exact.remove(&PolicyExactKey::from(key));
         }
         ignore_missing(map_names::POLICY, self.policy.remove(&Key::new(prefix_len, key)))
+    }
+
+    /// The interfaces (by ifindex) the endpoints map holds an entry for.
+    pub fn endpoint_ifindexes(&self) -> Vec<u32> {
+        self.endpoints.keys().filter_map(Result::ok).collect()
+    }
+
+    /// The cgroups (by id) the cgroup endpoints map holds an entry for.
+    pub fn cgroup_endpoint_ids(&self) -> Vec<u64> {
+        self.cgroup_endpoints.keys().filter_map(Result::ok).collect()
+    }
+
+    /// The addresses the local addresses map holds.
+    pub fn local_addresses(&self) -> Vec<[u8; 16]> {
+        self.local_addrs.keys().filter_map(Result::ok).collect()
     }
 
     /// Every ipcache entry now in the map (for adoption).
@@ -590,6 +621,12 @@ where
 }
 
 /// Pin an attached link, so it outlives this process.
+/// How a link's pin names its target (an interface, or a cgroup's path):
+/// bpffs refuses names with a dot (reserved for its own files).
+pub fn link_pin_target(target: &str) -> String {
+    target.trim_start_matches('/').replace(['/', '.'], "_")
+}
+
 fn pin_link<E: std::fmt::Debug>(link: Result<FdLink, E>, pin: &Path) -> Result<(), AttachError> {
     let failed =
         |e: &dyn std::fmt::Debug| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") };

@@ -4,8 +4,10 @@
 
 mod error;
 mod loader;
+mod sweep;
 pub mod sync;
 mod table;
 
 pub use error::{AttachError, DatapathError};
 pub use loader::{Datapath, DropCount, VerdictCount, DEFAULT_PIN_DIR};
+pub use sweep::{sweep, LiveTargets, SweepError, Swept};

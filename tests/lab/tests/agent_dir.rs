@@ -189,14 +189,55 @@ fn the_agent_enforces_a_folder_and_follows_its_edits() {
         let state: serde_json::Value = serde_json::from_str(&get(&topology, "/debug/state").1).unwrap_or_default();
         state["endpoints"].is_object() && state["endpoints"].get("shop/db").is_none()
     });
-    let pins: Vec<String> = std::fs::read_dir(Path::new(PIN_DIR).join("links"))
+    let pins = link_pins();
+    assert!(!pins.iter().any(|p| p.starts_with(&db.host_interface)), "{pins:?}");
+    assert!(pins.iter().any(|p| p.starts_with(&api.host_interface)), "{pins:?}");
+
+    // A pod deleted while no agent ran: its veth and cgroup are gone, and
+    // the next agent sweeps the links and entries it left.
+    agent.kill();
+    let ifindex = topology.node_ifindex(&frontend.host_interface);
+    let cgroup_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&frontend.cgroup).unwrap());
+    let frontend_pins = |pins: &[String]| -> Vec<String> {
+        let cgroup = format!("pod{}", frontend.uid);
+        pins.iter().filter(|p| p.starts_with(&frontend.host_interface) || p.contains(&cgroup)).cloned().collect()
+    };
+    assert_eq!(
+        frontend_pins(&link_pins()).len(),
+        6,
+        "frontend's two TC links and four socket hooks: {:?}",
+        link_pins()
+    );
+    topology.delete_pod(&frontend.name);
+    let without = |c: &str, pod: &bulkhead_lab::testbed::TestPod, app, port| {
+        c.replace(&pod_yaml(&pod.name, app, &pod.uid, &pod.ipv4.to_string(), port), "")
+    };
+    write(&folder.join("cluster.yaml"), &without(&without(&cluster, &db, "db", 5432), &frontend, "frontend", 80));
+    assert_eq!(frontend_pins(&link_pins()).len(), 6, "no agent ran: nothing swept yet");
+    let agent = Agent::start(&topology, &folder, &log);
+    eventually("the new agent is ready", Duration::from_secs(20), || get(&topology, "/readyz").0 == 200);
+    eventually("frontend's links are swept", Duration::from_secs(5), || frontend_pins(&link_pins()).is_empty());
+    assert!(agent.log().contains("swept the datapath"), "{}", agent.log());
+    let state = get(&topology, "/debug/state").1;
+    assert!(
+        state.contains("shop/api") && state.contains(&api.host_interface),
+        "api, still here, stays enforced: {state}"
+    );
+    drop(agent);
+    let datapath = Datapath::load(PIN_DIR).unwrap();
+    assert!(!datapath.endpoint_ifindexes().contains(&ifindex), "frontend's endpoint entry");
+    assert!(!datapath.cgroup_endpoint_ids().contains(&cgroup_id), "frontend's cgroup endpoint entry");
+    let address = bulkhead_policy::state::address_key(frontend.ipv4);
+    assert!(!datapath.local_addresses().contains(&address), "frontend's local address");
+    assert!(datapath.local_addresses().contains(&bulkhead_policy::state::address_key(api.ipv4)), "api's stays");
+}
+
+fn link_pins() -> Vec<String> {
+    std::fs::read_dir(Path::new(PIN_DIR).join("links"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(!pins.iter().any(|p| p.starts_with(&db.host_interface)), "{pins:?}");
-    assert!(pins.iter().any(|p| p.starts_with(&api.host_interface)), "{pins:?}");
-    drop(agent);
+        .collect()
 }
 
 #[test]

@@ -336,6 +336,25 @@ impl Topology {
         self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
     }
 
+    /// Delete a pod as a CNI and kubelet do: its veth, its namespace, its
+    /// cgroup. (A pod that serves keeps its namespace until the topology goes.)
+    pub fn delete_pod(&mut self, name: &str) {
+        let pod = self.pod(name).clone();
+        self.node_exec(&["ip", "link", "del", &pod.host_interface]);
+        run(&["ip", "netns", "del", &pod.netns]);
+        std::fs::remove_dir(&pod.cgroup).unwrap_or_else(|e| panic!("removing {}: {e}", pod.cgroup.display()));
+        self.pods.retain(|p| p.name != name);
+    }
+
+    /// The ifindex of an interface of the node's namespace.
+    pub fn node_ifindex(&self, interface: &str) -> u32 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.node_netns, "cat", &format!("/sys/class/net/{interface}/ifindex")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("no interface {interface}"))
+    }
+
     /// Serve `80/TCP`-style ports in a pod until the topology is dropped.
     pub fn serve(&mut self, pod: &str, ports: &[&str]) {
         let pod = self.pod(pod).clone();
