@@ -196,13 +196,14 @@ impl Host {
         Ok(links.iter().map(|link| (name_of(link), link.header.index)).collect())
     }
 
-    /// Every cgroup where a pod's may be (path → id, its inode), or `None`
-    /// without a cgroup root.
-    pub fn cgroups(&self) -> Option<BTreeMap<PathBuf, u64>> {
+    /// The cgroups of the pods with these UIDs that exist now (path → id,
+    /// its inode), or `None` without a cgroup root.
+    pub fn pod_cgroups(&self, uids: &BTreeSet<&str>) -> Option<BTreeMap<PathBuf, u64>> {
         use std::os::unix::fs::MetadataExt;
         let root = self.cgroup_root.as_deref()?;
         Some(
             cgroup_tree(root)
+                .filter(|dir| pod_uid_of(dir).is_some_and(|uid| uids.contains(uid.as_str())))
                 .filter_map(|dir| {
                     let id = std::fs::metadata(&dir).ok()?.ino();
                     Some((dir, id))
@@ -278,15 +279,22 @@ fn cgroup_tree(root: &Path) -> impl Iterator<Item = PathBuf> {
     })
 }
 
-/// kubelet names a pod's cgroup `pod<uid>` (cgroupfs driver) or
-/// `kubepods-<qos>-pod<uid with _ for ->.slice` (systemd driver), a few levels
-/// under the root (kubelet's own --cgroup-root, kubepods, the QoS class).
+/// The UID of the pod whose cgroup `dir` is: kubelet names it `pod<uid>`
+/// (cgroupfs driver) or `kubepods-<qos>-pod<uid with _ for ->.slice` (systemd
+/// driver).
+fn pod_uid_of(dir: &Path) -> Option<String> {
+    let name = dir.file_name()?.to_str()?;
+    if let Some(uid) = name.strip_prefix("pod") {
+        return Some(uid.to_string());
+    }
+    let (_, uid) = name.strip_suffix(".slice")?.rsplit_once("-pod")?;
+    Some(uid.replace('_', "-"))
+}
+
+/// A pod's cgroup, a few levels under the root (kubelet's own --cgroup-root,
+/// kubepods, the QoS class).
 pub fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
-    let cgroupfs = format!("pod{uid}");
-    let systemd = format!("-pod{}.slice", uid.replace('-', "_"));
-    cgroup_tree(root).find(|dir| {
-        dir.file_name().map(|n| n.to_string_lossy()).is_some_and(|name| name == cgroupfs || name.ends_with(&systemd))
-    })
+    cgroup_tree(root).find(|dir| pod_uid_of(dir).as_deref() == Some(uid))
 }
 
 #[cfg(test)]

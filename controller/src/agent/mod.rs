@@ -497,8 +497,9 @@ impl Agent {
     }
 
     /// Remove what pods deleted while no agent ran left in the datapath (see
-    /// `dataplane::sweep`): links and entries of interfaces and cgroups that
-    /// are gone, local addresses of no local pod.
+    /// `dataplane::sweep`): links and entries of interfaces that are gone,
+    /// of cgroups of no local pod (kubelet may leave a deleted pod's cgroup
+    /// v2 directory on hybrid hosts), local addresses of no local pod.
     async fn sweep(&mut self) {
         self.swept = Some(Instant::now());
         let interfaces = match self.host.interfaces().await {
@@ -510,7 +511,10 @@ impl Agent {
         };
         let local_addresses =
             self.state().endpoints.values().flat_map(|e| e.addresses.iter().map(|a| address_key(*a))).collect();
-        let live = LiveTargets { interfaces, cgroups: self.host.cgroups(), local_addresses };
+        let local_uids: BTreeSet<&str> =
+            self.state().endpoints.keys().filter_map(|pod| self.snapshot.pods.get(pod)?.uid.as_deref()).collect();
+        let cgroups = self.host.pod_cgroups(&local_uids);
+        let live = LiveTargets { interfaces, cgroups, local_addresses };
         match dataplane::sweep(self.programmer.datapath_mut(), &live) {
             Ok(swept) if swept.is_empty() => {}
             Ok(swept) => tracing::info!(

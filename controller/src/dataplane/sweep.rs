@@ -1,11 +1,11 @@
 //! What pods deleted while no agent ran leave in the datapath: links pinned
-//! for veths and cgroups that are gone (a cgroup link also keeps its cgroup
-//! alive as a zombie, and a veth name reused by a new pod would find the old,
-//! detached link and never get programs of its own), endpoint entries for
-//! those interfaces and cgroups, and local-address entries of no local pod.
-//! A running agent detaches a pod as it leaves; the sweep catches what
-//! happened while none ran, and only removes what refers to nothing that
-//! exists, so it can never open a live pod.
+//! for veths that are gone and for cgroups of pods that are (a cgroup link
+//! also keeps its cgroup alive, and a veth name reused by a new pod would
+//! find the old, detached link and never get programs of its own), endpoint
+//! entries for those interfaces and cgroups, and local-address entries of no
+//! local pod. A running agent detaches a pod as it leaves; the sweep catches
+//! what happened while none ran, and never touches what a pod of this node
+//! still has, so it cannot open one.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,8 +21,8 @@ use super::{loader::link_pin_target, AttachError, Datapath, DatapathError};
 pub struct LiveTargets {
     /// The interfaces of the agent's network namespace: name → ifindex.
     pub interfaces: BTreeMap<String, u32>,
-    /// The cgroups under the agent's cgroup root: path → id (inode); `None`
-    /// when the agent has no cgroup root, so cgroup links are left alone.
+    /// The cgroups of this node's pods: path → id (inode); `None` when the
+    /// agent has no cgroup root, so cgroup links are left alone.
     pub cgroups: Option<BTreeMap<PathBuf, u64>>,
     /// The addresses of this node's pods.
     pub local_addresses: BTreeSet<[u8; 16]>,
@@ -56,8 +56,8 @@ const INTERFACE_PROGRAMS: [&str; 2] = [program_names::FROM_POD, program_names::T
 const CGROUP_PROGRAMS: [&str; 4] =
     [program_names::CONNECT4, program_names::CONNECT6, program_names::SENDMSG4, program_names::SENDMSG6];
 
-/// Remove the pins and entries that refer to interfaces and cgroups that no
-/// longer exist, and local addresses no local pod holds.
+/// Remove the pins and entries of interfaces that no longer exist and of
+/// cgroups and addresses no local pod has.
 pub fn sweep(datapath: &mut Datapath, live: &LiveTargets) -> Result<Swept, SweepError> {
     let mut swept = Swept::default();
     let interfaces: BTreeSet<String> = live.interfaces.keys().map(|name| link_pin_target(name)).collect();

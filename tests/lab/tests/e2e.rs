@@ -9,14 +9,19 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
 use bulkhead_lab::testbed::{
     self,
     apiserver::refusals,
-    node::{Cni, Node, NODE_IP},
+    node::{Cni, Node, PodShell, NODE_IP},
 };
 
 const SERVER_PORT: u16 = 8080;
@@ -185,6 +190,12 @@ spec:
         String::from_utf8_lossy(&out.stdout).trim() == "ok"
     }
 
+    /// The agent DaemonSet's pods, as a kubectl JSONPath prints them.
+    fn agent_pods(&self, jsonpath: &str) -> String {
+        let selector = "app.kubernetes.io/component=agent";
+        self.kubectl(&["-n", "bulkhead-system", "get", "pods", "-l", selector, "-o", &format!("jsonpath={jsonpath}")])
+    }
+
     fn agent_metrics(&self) -> String {
         self.node.http_get(&format!("http://{NODE_IP}:9464/metrics")).unwrap_or_default()
     }
@@ -204,7 +215,15 @@ spec:
 
 /// The sum of every series of a metric.
 fn total(text: &str, name: &str) -> f64 {
-    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    counted(text, name, &[])
+}
+
+/// The sum of the series of a metric whose labels hold every one of `labels`.
+fn counted(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
@@ -217,7 +236,7 @@ fn run(cni: Cni) {
     assert!(common::require_root(), "not root");
     let archive = image_archive();
     let started = Instant::now();
-    let cluster = Cluster { node: Node::start(cni, &[("bulkhead", &archive)]) };
+    let mut cluster = Cluster { node: Node::start(cni, &[("bulkhead", &archive)]) };
     eprintln!("[{cni:?}] node Ready after {:.1} s", started.elapsed().as_secs_f64());
     cluster.install(&format!("localhost/bulkhead:{}", env!("CARGO_PKG_VERSION")));
     eprintln!("[{cni:?}] agent and controller Ready after {:.1} s", started.elapsed().as_secs_f64());
@@ -261,16 +280,7 @@ spec:
 
     // The agent pod deleted: enforcement stays in the kernel while the
     // DaemonSet brings a new one, which adopts it.
-    let agent = cluster.kubectl(&[
-        "-n",
-        "bulkhead-system",
-        "get",
-        "pods",
-        "-l",
-        "app.kubernetes.io/component=agent",
-        "-o",
-        "jsonpath={.items[0].metadata.name}",
-    ]);
+    let agent = cluster.agent_pods("{.items[0].metadata.name}");
     cluster.kubectl(&["-n", "bulkhead-system", "delete", "pod", &agent, "--wait=false"]);
     let deleted = Instant::now();
     let mut probes = 0;
@@ -281,16 +291,7 @@ spec:
         );
         probes += 1;
     }
-    let out = cluster.node.kubectl(&[
-        "-n",
-        "bulkhead-system",
-        "rollout",
-        "status",
-        "daemonset",
-        "bulkhead-agent",
-        "--timeout=120s",
-    ]);
-    assert!(out.status.success(), "the agent pod did not come back: {}", String::from_utf8_lossy(&out.stderr));
+    agent_rolled_out(&cluster);
     eprintln!(
         "[{cni:?}] agent pod replaced after {:.1} s; {probes} denied probes meanwhile, none through",
         deleted.elapsed().as_secs_f64()
@@ -301,8 +302,11 @@ spec:
     });
 
     scale_up_and_down(&cluster, cni, &client);
-    across_namespaces(&cluster, &server_ip);
+    let toolbox = across_namespaces(&cluster, &server_ip);
+    rollout_to_default_deny(&cluster, &client);
+    egress_outside_the_cluster(&mut cluster, &client, &server_ip);
     eprintln!("[{cni:?}] agent pod RSS {:.0} MB", agent_rss_mb());
+    life_of_a_cluster(&mut cluster, cni, (&client, &toolbox), &server_ip);
     cluster.node.assert_machine_untouched();
     eprintln!("[{cni:?}] done in {:.1} s", started.elapsed().as_secs_f64());
 }
@@ -369,8 +373,8 @@ fn enforced_servers(cluster: &Cluster) -> BTreeSet<String> {
 /// A pod of another namespace: refused by the server's ConnectionPolicy,
 /// let in by an Admin-tier ClusterConnectionPolicy (judged first), then held
 /// back by its own namespace's egress NetworkPolicy, counted as an egress
-/// denial.
-fn across_namespaces(cluster: &Cluster, server_ip: &str) {
+/// denial. Returns the pod of the other namespace.
+fn across_namespaces(cluster: &Cluster, server_ip: &str) -> String {
     cluster.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: ops, labels: {team: ops}}\n");
     cluster.deploy("ops", "toolbox", "tier: ops", 1, false);
     let (toolbox, _) = cluster.pods("ops", "toolbox").remove(0);
@@ -393,14 +397,8 @@ spec:
         cluster.programmed("clusterconnectionpolicy", None, "ops-to-servers")
     });
     eventually("the Admin tier lets ops in", Duration::from_secs(20), || cluster.connects("ops", &toolbox, server_ip));
-    let egress_denied = || {
-        cluster
-            .agent_metrics()
-            .lines()
-            .filter(|l| l.starts_with("bulkhead_blocked_connections_total{") && l.contains("direction=\"egress\""))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-    };
+    let egress_denied =
+        || counted(&cluster.agent_metrics(), "bulkhead_blocked_connections_total{", &["direction=\"egress\""]);
     let before = egress_denied();
     cluster.apply(
         "apiVersion: networking.k8s.io/v1
@@ -415,22 +413,330 @@ spec:
         !cluster.connects("ops", &toolbox, server_ip)
     });
     eventually("counted as an egress denial", Duration::from_secs(20), || egress_denied() > before);
+    toolbox
+}
+
+/// The default-deny rollout on a namespace of its own: a Baseline-tier Deny
+/// in Audit changes nothing and reports what it would deny; in Enforce it
+/// denies, counted under its name; a ConnectionPolicy of the namespace
+/// (judged before the Baseline tier) lets the client back in.
+fn rollout_to_default_deny(cluster: &Cluster, client: &str) {
+    cluster.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: ledger, labels: {team: ledger}}\n");
+    cluster.deploy("ledger", "vault", "tier: data", 1, true);
+    let (vault, vault_ip) = cluster.pods("ledger", "vault").remove(0);
+    eventually("no policy: the client reaches the vault", Duration::from_secs(20), || {
+        cluster.connects("shop", client, &vault_ip)
+    });
+    let default_deny = |mode: &str| {
+        format!(
+            "apiVersion: bulkhead.io/v1alpha1
+kind: ClusterConnectionPolicy
+metadata: {{name: default-deny-ledger}}
+spec:
+  tier: Baseline
+  priority: 100
+  subject: {{namespaceSelector: {{matchLabels: {{team: ledger}}}}}}
+  mode: {mode}
+  ingress: [{{action: Deny}}]
+"
+        )
+    };
+    let series = ["policy=\"cluster/default-deny-ledger\"", &format!("pod=\"{vault}\"")];
+    let series = &series.iter().map(|s| s.as_ref()).collect::<Vec<&str>>();
+    cluster.apply(&default_deny("Audit"));
+    eventually("default-deny-ledger (Audit) Programmed", Duration::from_secs(30), || {
+        cluster.programmed("clusterconnectionpolicy", None, "default-deny-ledger")
+    });
+    eventually("in Audit the client still connects, reported as an audit verdict", Duration::from_secs(20), || {
+        cluster.connects("shop", client, &vault_ip)
+            && counted(&cluster.agent_metrics(), "bulkhead_audit_denied_connections_total{", series) >= 1.0
+    });
+    let blocked = || counted(&cluster.agent_metrics(), "bulkhead_blocked_connections_total{", series);
+    assert_eq!(blocked(), 0.0, "nothing blocked in Audit");
+    cluster.apply(&default_deny("Enforce"));
+    eventually("in Enforce the client is denied", Duration::from_secs(20), || {
+        !cluster.connects("shop", client, &vault_ip)
+    });
+    eventually("counted under the Baseline policy", Duration::from_secs(20), || blocked() >= 1.0);
+    cluster.apply(
+        "apiVersion: bulkhead.io/v1alpha1
+kind: ConnectionPolicy
+metadata: {name: vault-from-shop, namespace: ledger}
+spec:
+  podSelector: {matchLabels: {app: vault}}
+  ingress:
+    - from: [{namespaceSelector: {matchLabels: {team: shop}}, podSelector: {matchLabels: {app: client}}}]
+      ports: [{port: 8080}]
+",
+    );
+    eventually(
+        "the namespace's own policy, before the Baseline tier, lets the client in",
+        Duration::from_secs(20),
+        || cluster.connects("shop", client, &vault_ip),
+    );
+}
+
+/// The client's egress limited to the server, the vault and part of a
+/// network outside the cluster: the allowed outside address answers, the
+/// excepted one is refused and counted as the client's egress denial.
+fn egress_outside_the_cluster(cluster: &mut Cluster, client: &str, server_ip: &str) {
+    let (allowed, excepted) = ("10.251.0.2", "10.251.0.200");
+    cluster.node.start_outside(&[allowed, excepted], SERVER_PORT);
+    eventually("no egress policy: the client reaches both outside addresses", Duration::from_secs(20), || {
+        cluster.connects("shop", client, allowed) && cluster.connects("shop", client, excepted)
+    });
+    cluster.apply(
+        "apiVersion: bulkhead.io/v1alpha1
+kind: ConnectionPolicy
+metadata: {name: client-egress, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress:
+    - to:
+        - podSelector: {matchLabels: {app: server}}
+        - {namespaceSelector: {matchLabels: {team: ledger}}, podSelector: {matchLabels: {app: vault}}}
+      ports: [{port: 8080}]
+    - to: [{ipBlock: {cidr: 10.251.0.0/24, except: [10.251.0.128/25]}}]
+      ports: [{port: 8080}]
+",
+    );
+    eventually("client-egress Programmed", Duration::from_secs(30), || {
+        cluster.programmed("connectionpolicy", Some("shop"), "client-egress")
+    });
+    eventually("the excepted outside address is refused", Duration::from_secs(20), || {
+        !cluster.connects("shop", client, excepted)
+    });
+    let series = ["direction=\"egress\"", "policy=\"shop/client-egress\"", &format!("pod=\"{client}\"")];
+    let series = &series.iter().map(|s| s.as_ref()).collect::<Vec<&str>>();
+    eventually("counted as the client's egress denial", Duration::from_secs(20), || {
+        counted(&cluster.agent_metrics(), "bulkhead_blocked_connections_total{", series) >= 1.0
+    });
+    assert!(cluster.connects("shop", client, allowed), "the allowed outside address answers");
+    assert!(cluster.connects("shop", client, server_ip), "the server is still allowed");
+}
+
+/// Connections probed from inside two pods on and on while the cluster goes
+/// through what clusters go through — without kubectl, which needs the API
+/// server and containerd: one pair policy allows, one it denies.
+struct Probe {
+    seen: Arc<Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Seen {
+    allowed_connected: u32,
+    allowed_failed: u32,
+    denied_refused: u32,
+    denied_through: u32,
+}
+
+impl Probe {
+    fn start(allowed: (PodShell, String), denied: (PodShell, String)) -> Self {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let (seen, stop) = (seen.clone(), stop.clone());
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let connected = allowed.0.hears_ok(&allowed.1, SERVER_PORT);
+                    let through = denied.0.hears_ok(&denied.1, SERVER_PORT);
+                    let mut seen = seen.lock().unwrap();
+                    if connected {
+                        seen.allowed_connected += 1
+                    } else {
+                        seen.allowed_failed += 1
+                    }
+                    if through {
+                        seen.denied_through += 1
+                    } else {
+                        seen.denied_refused += 1
+                    }
+                }
+            }
+        });
+        Self { seen, stop, thread: Some(thread) }
+    }
+
+    /// What the probes saw since the last call, stated: no denied connection
+    /// went through and no allowed one failed.
+    fn through(&self, cni: Cni, what: &str) {
+        std::thread::sleep(Duration::from_secs(2));
+        let seen = std::mem::take(&mut *self.seen.lock().unwrap());
+        eprintln!(
+            "[{cni:?}] {what}: {} allowed connections made, {} failed; {} denied refused, {} through",
+            seen.allowed_connected, seen.allowed_failed, seen.denied_refused, seen.denied_through
+        );
+        assert!(seen.allowed_connected > 0 && seen.denied_refused > 0, "{what}: the probes ran: {seen:?}");
+        assert_eq!(seen.denied_through, 0, "{what}: a denied connection went through");
+        assert_eq!(seen.allowed_failed, 0, "{what}: an allowed connection failed");
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The agent rolled to a new image, containerd restarted, the API server
+/// stopped for 30 s, pods deleted while no agent ran — a probe running
+/// through all of it, the client allowed to the server and the pod of the
+/// other namespace denied.
+fn life_of_a_cluster(cluster: &mut Cluster, cni: Cni, (client, toolbox): (&str, &str), server_ip: &str) {
+    let shell = |namespace: &str, pod: &str| {
+        let uid = cluster.kubectl(&["-n", namespace, "get", "pod", pod, "-o", "jsonpath={.metadata.uid}"]);
+        cluster.node.pod_shell(&uid)
+    };
+    let probe =
+        Probe::start((shell("shop", client), server_ip.to_string()), (shell("ops", toolbox), server_ip.to_string()));
+
+    // A new image version: the same binary under a new tag and configuration, so a new image to containerd.
+    let version = env!("CARGO_PKG_VERSION");
+    let rolled = rolled_image(&image_archive(), &cluster.node.dir.join("rolled"), version);
+    cluster.node.import("bulkhead", &rolled);
+    let image = format!("localhost/bulkhead:{version}-rolled");
+    cluster.kubectl(&["-n", "bulkhead-system", "set", "image", "daemonset/bulkhead-agent", &format!("agent={image}")]);
+    agent_rolled_out(cluster);
+    let running = cluster.agent_pods("{.items[*].spec.containers[0].image}");
+    assert_eq!(running, image, "the agent runs the new image");
+    probe.through(cni, "agent rolled to a new image");
+
+    cluster.node.restart_containerd();
+    eventually("kubectl exec works again (through containerd)", Duration::from_secs(60), || {
+        cluster.connects("shop", client, server_ip)
+    });
+    probe.through(cni, "containerd restarted");
+
+    cluster.node.plane.stop_apiserver();
+    std::thread::sleep(Duration::from_secs(30));
+    cluster.node.plane.start_apiserver();
+    probe.through(cni, "API server stopped for 30 s");
+    let (_, vault_ip) = cluster.pods("ledger", "vault").remove(0);
+    cluster.kubectl(&["-n", "ledger", "delete", "connectionpolicy", "vault-from-shop"]);
+    let converged =
+        eventually("a change made after the API server returned converges", Duration::from_secs(90), || {
+            !cluster.connects("shop", client, &vault_ip)
+        });
+    eprintln!("[{cni:?}] a change after the API server returned enforced in {:.1} s", converged.as_secs_f64());
+
+    pods_deleted_while_no_agent_ran(cluster);
+    probe.through(cni, "pods deleted while no agent ran");
+}
+
+/// The agent DaemonSet's pods replaced and every one Ready.
+fn agent_rolled_out(cluster: &Cluster) {
+    let out = cluster.node.kubectl(&[
+        "-n",
+        "bulkhead-system",
+        "rollout",
+        "status",
+        "daemonset",
+        "bulkhead-agent",
+        "--timeout=120s",
+    ]);
+    assert!(out.status.success(), "the agent did not roll out: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// An OCI archive of the image in `archive` under the tag `<version>-rolled`,
+/// its configuration changed so containerd sees a new image.
+fn rolled_image(archive: &Path, dir: &Path, version: &str) -> PathBuf {
+    let layout = dir.join("layout");
+    std::fs::create_dir_all(&layout).unwrap();
+    let run = |command: &mut Command| {
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "{command:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(Command::new("tar").arg("-xf").arg(archive).arg("-C").arg(&layout));
+    run(Command::new("umoci")
+        .args(["config", "--image", &format!("{}:{version}", layout.display()), "--tag", &format!("{version}-rolled")])
+        .args(["--config.label", &format!("org.opencontainers.image.version={version}-rolled")]));
+    let rolled = dir.join("rolled.oci.tar");
+    run(Command::new("tar").arg("-cf").arg(&rolled).arg("-C").arg(&layout).arg("."));
+    rolled
+}
+
+/// No agent on the node (its DaemonSet kept off it) while the vault is
+/// deleted: its veth and cgroup go, the links pinned for them stay until
+/// the agent, back, sweeps them.
+fn pods_deleted_while_no_agent_ran(cluster: &Cluster) {
+    let state: serde_json::Value = cluster
+        .node
+        .http_get("http://127.0.0.1:9465/debug/state")
+        .and_then(|body| serde_json::from_str(&body).ok())
+        .unwrap_or_default();
+    let (vault, interface) = state["endpoints"]
+        .as_object()
+        .and_then(|e| e.iter().find(|(pod, _)| pod.starts_with("ledger/vault-")))
+        .map(|(pod, interface)| {
+            (pod.trim_start_matches("ledger/").to_string(), interface.as_str().unwrap().to_string())
+        })
+        .expect("the vault is enforced");
+    let uid = cluster.kubectl(&["-n", "ledger", "get", "pod", &vault, "-o", "jsonpath={.metadata.uid}"]);
+    let vault_pins = || -> Vec<String> {
+        std::fs::read_dir("/sys/fs/bpf/bulkhead/links")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|pin| pin.starts_with(&format!("{interface}-")) || pin.contains(&format!("pod{uid}")))
+            .collect()
+    };
+    assert_eq!(vault_pins().len(), 6, "the vault's two TC links and four socket hooks: {:?}", vault_pins());
+
+    let keep_off = r#"{"spec":{"template":{"spec":{"nodeSelector":{"bulkhead.io/e2e-no-agent":"true"}}}}}"#;
+    cluster.kubectl(&["-n", "bulkhead-system", "patch", "daemonset", "bulkhead-agent", "-p", keep_off]);
+    let gone = eventually("no agent runs on the node", Duration::from_secs(60), || !agent_running());
+    let deleting = Instant::now();
+    cluster.kubectl(&["-n", "ledger", "delete", "deployment", "vault"]);
+    eventually("the vault pod is gone", Duration::from_secs(60), || {
+        cluster.addressed_pods("ledger", "vault").is_empty()
+    });
+    let out = cluster.node.kubectl(&["-n", "ledger", "wait", "--for=delete", &format!("pod/{vault}"), "--timeout=60s"]);
+    assert!(out.status.success(), "vault pod not deleted: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(vault_pins().len(), 6, "no agent ran: nothing swept yet");
+    let deleted = deleting.elapsed();
+
+    let returning = Instant::now();
+    let back = r#"{"spec":{"template":{"spec":{"nodeSelector":{"bulkhead.io/e2e-no-agent":null}}}}}"#;
+    cluster.kubectl(&["-n", "bulkhead-system", "patch", "daemonset", "bulkhead-agent", "-p", back]);
+    agent_rolled_out(cluster);
+    eventually("the agent, back, sweeps the vault's links", Duration::from_secs(30), || vault_pins().is_empty());
+    eprintln!(
+        "[{:?}] no agent: its pod gone in {:.1} s, the vault deleted in {:.1} s, the agent back and the vault's links swept in {:.1} s",
+        cluster.node.cni,
+        gone.as_secs_f64(),
+        deleted.as_secs_f64(),
+        returning.elapsed().as_secs_f64()
+    );
+}
+
+/// Whether an agent process of the DaemonSet's runs on this machine.
+fn agent_running() -> bool {
+    agent_process().is_some()
+}
+
+/// The agent process the DaemonSet runs: its /proc directory.
+fn agent_process() -> Option<PathBuf> {
+    std::fs::read_dir("/proc").into_iter().flatten().flatten().map(|e| e.path()).find(|dir| {
+        std::fs::read(dir.join("cmdline")).unwrap_or_default().starts_with(b"/bulkhead\0agent\0--source=kubernetes")
+    })
 }
 
 /// The resident memory of the agent process the DaemonSet runs.
 fn agent_rss_mb() -> f64 {
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if cmdline.starts_with(b"/bulkhead\0agent\0--source=kubernetes") {
-            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
-            let kb = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok());
-            return kb.expect("VmRSS of the agent") / 1024.0;
-        }
-    }
-    panic!("no agent process (/bulkhead agent --source=kubernetes) on this machine");
+    let dir = agent_process().expect("an agent process (/bulkhead agent --source=kubernetes) on this machine");
+    let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok());
+    kb.expect("VmRSS of the agent") / 1024.0
 }
 
 /// One node at a time: both runs use the machine's bpffs at the agent's default pin path.

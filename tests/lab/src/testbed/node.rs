@@ -41,6 +41,8 @@ pub const NODE_NAME: &str = "bulkhead-e2e";
 /// The node's address (on one end of a veth pair whose both ends stay in the node).
 pub const NODE_IP: &str = "10.250.0.1";
 pub const POD_SUBNET: &str = "10.244.0.0/24";
+/// The network outside the cluster (`Node::start_outside`): the node's end of it.
+const OUTSIDE_GATEWAY: &str = "10.251.0.1";
 /// Where the agent pins its datapath by default; the node's bpffs is the machine's.
 const AGENT_PIN_DIR: &str = "/sys/fs/bpf/bulkhead";
 
@@ -405,6 +407,55 @@ authorization: {{mode: Webhook}}
         }
     }
 
+    /// Stop containerd (its shims, and so the containers, run on) and start
+    /// it again; kubelet reconnects by itself.
+    pub fn restart_containerd(&mut self) {
+        self.stop("containerd", Duration::from_secs(10));
+        self.start_containerd();
+    }
+
+    /// A network outside the cluster, routed from the node: a namespace of
+    /// its own holding `addresses` (in 10.251.0.0/24), each answering "ok"
+    /// on `port`, as an external service would.
+    pub fn start_outside(&mut self, addresses: &[&str], port: u16) {
+        let outside = outside_netns(&self.netns);
+        run_ok(Command::new("ip").args(["netns", "add", &outside]));
+        let node_exec = |args: &[&str]| run_ok(Command::new("ip").args(["netns", "exec", &self.netns]).args(args));
+        let outside_exec = |args: &[&str]| run_ok(Command::new("ip").args(["netns", "exec", &outside]).args(args));
+        node_exec(&["ip", "link", "add", "outside0", "type", "veth", "peer", "name", "eth0", "netns", &outside]);
+        node_exec(&["ip", "addr", "add", &format!("{OUTSIDE_GATEWAY}/24"), "dev", "outside0"]);
+        node_exec(&["ip", "link", "set", "outside0", "up"]);
+        outside_exec(&["ip", "link", "set", "lo", "up"]);
+        for address in addresses {
+            outside_exec(&["ip", "addr", "add", &format!("{address}/24"), "dev", "eth0"]);
+        }
+        outside_exec(&["ip", "link", "set", "eth0", "up"]);
+        outside_exec(&["ip", "route", "add", "default", "via", OUTSIDE_GATEWAY]);
+        let mut server = Command::new("ip");
+        server.args(["netns", "exec", &outside, "busybox", "nc", "-ll", "-p", &port.to_string(), "-e", "echo", "ok"]);
+        self.spawn("outside-server", &mut server);
+    }
+
+    /// How to run a command inside a pod as if it were one of its
+    /// processes — its network namespace and its (v2) cgroup — without
+    /// kubectl, the API server or containerd, so it works while they are down.
+    pub fn pod_shell(&self, uid: &str) -> PodShell {
+        let v2 = cgroup_hierarchies()
+            .into_iter()
+            .find(|h| h.join("cgroup.controllers").exists())
+            .expect("a cgroup v2 hierarchy (alone, or unified/ beside v1)");
+        let kubepods = v2.join(self.cgroup_root.trim_start_matches('/'));
+        let pod = find_directory(&kubepods, &format!("pod{uid}"), 4)
+            .unwrap_or_else(|| panic!("pod {uid} has no cgroup under {}", kubepods.display()));
+        for container in std::fs::read_dir(&pod).into_iter().flatten().flatten().filter(|e| e.path().is_dir()) {
+            let procs = std::fs::read_to_string(container.path().join("cgroup.procs")).unwrap_or_default();
+            if let Some(pid) = procs.lines().next().and_then(|l| l.parse().ok()) {
+                return PodShell { cgroup: container.path(), pid };
+            }
+        }
+        panic!("pod {uid}: no process in {}", pod.display());
+    }
+
     /// A GET from inside the node's network namespace; the body, or None.
     pub fn http_get(&self, url: &str) -> Option<String> {
         let out = self.in_node(false, "curl").args(["-sf", "--max-time", "3", url]).output().ok()?;
@@ -434,6 +485,48 @@ authorization: {{mode: Webhook}}
             let _ = self.ctr(&["containers", "delete", id]);
         }
     }
+}
+
+/// A pod's network namespace and cgroup, entered through one of its processes.
+#[derive(Clone, Debug)]
+pub struct PodShell {
+    cgroup: PathBuf,
+    pid: u32,
+}
+
+impl PodShell {
+    /// `program` run inside the pod (busybox from the machine).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec nsenter --net=/proc/{}/ns/net -- busybox \"$@\"",
+            self.cgroup.display(),
+            self.pid
+        );
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(script).arg("sh").args(args);
+        command
+    }
+
+    /// Whether a TCP connection to `address`:`port` gets an "ok" within a second.
+    pub fn hears_ok(&self, address: &str, port: u16) -> bool {
+        let out = self.command(&["nc", "-w", "1", address, &port.to_string()]).stdin(Stdio::null()).output();
+        out.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "ok")
+    }
+}
+
+/// The first directory named `name` at most `depth` levels under `root`.
+fn find_directory(root: &Path, name: &str, depth: usize) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten().filter(|e| e.path().is_dir()) {
+        if entry.file_name() == name {
+            return Some(entry.path());
+        }
+        if depth > 1 {
+            if let Some(found) = find_directory(&entry.path(), name, depth - 1) {
+                return Some(found);
+            }
+        }
+    }
+    None
 }
 
 fn terminate(child: &mut Child, grace: Duration) {
@@ -495,11 +588,17 @@ fn kill_processes_naming(dir: &Path) {
 fn remove_leftovers(netns: &str, dir: &Path, cgroup_root: &str) {
     kill_processes_naming(dir);
     unmount_under(dir);
+    quietly(Command::new("ip").args(["netns", "del", &outside_netns(netns)]));
     quietly(Command::new("ip").args(["netns", "del", netns]));
     for hierarchy in cgroup_hierarchies() {
         remove_cgroup_tree(&hierarchy.join(cgroup_root.trim_start_matches('/')));
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The namespace that stands for the world outside the cluster.
+fn outside_netns(node_netns: &str) -> String {
+    format!("{node_netns}-out")
 }
 
 /// Unmount everything mounted at or under `dir`, deepest first.
@@ -557,6 +656,8 @@ impl Drop for Node {
         for hierarchy in cgroup_hierarchies() {
             remove_cgroup_tree(&hierarchy.join(self.cgroup_root.trim_start_matches('/')));
         }
+        self.stop("outside-server", Duration::from_secs(1));
+        quietly(Command::new("ip").args(["netns", "del", &outside_netns(&self.netns)]));
         quietly(Command::new("ip").args(["netns", "del", &self.netns]));
         let _ = std::fs::remove_dir_all(&self.dir);
         // The control plane (a field) stops after this, and prints its own logs on failure.
