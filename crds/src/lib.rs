@@ -15,6 +15,8 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub mod policy_networking;
+
 pub const GROUP: &str = "bulkhead.io";
 pub const VERSION: &str = "v1alpha1";
 
@@ -278,6 +280,7 @@ pub fn manifests() -> Vec<(&'static str, String)> {
     vec![
         ("connectionpolicies.bulkhead.io.yaml", yaml(ConnectionPolicy::crd())),
         ("clusterconnectionpolicies.bulkhead.io.yaml", yaml(ClusterConnectionPolicy::crd())),
+        ("clusternetworkpolicies.policy.networking.k8s.io.yaml", yaml(policy_networking::crd())),
     ]
 }
 

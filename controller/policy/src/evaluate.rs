@@ -145,8 +145,13 @@ impl<'a> Chain<'a> {
                 Tier::Baseline => chain.baseline.push(policy),
             }
         }
-        chain.admin.sort_by(|a, b| (a.priority, &a.id.name).cmp(&(b.priority, &b.id.name)));
-        chain.baseline.sort_by(|a, b| (a.priority, &a.id.name).cmp(&(b.priority, &b.id.name)));
+        // Both cluster kinds share a tier: by priority, then name, then kind
+        // (a ClusterConnectionPolicy before a ClusterNetworkPolicy).
+        let order = |a: &&Accepted, b: &&Accepted| {
+            (a.priority, &a.id.name, a.id.kind).cmp(&(b.priority, &b.id.name, b.id.kind))
+        };
+        chain.admin.sort_by(order);
+        chain.baseline.sort_by(order);
         chain.namespace.sort_by(|a, b| a.id.cmp(&b.id));
         chain
     }

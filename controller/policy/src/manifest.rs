@@ -81,13 +81,15 @@ pub fn object(origin: &str, document: usize, value: Value) -> Result<Option<Obje
         "ConnectionPolicy" => Object::Policy(Box::new(PolicyObject::Connection(typed(&value).map_err(err)?))),
         "ClusterConnectionPolicy" => Object::Policy(Box::new(PolicyObject::Cluster(typed(&value).map_err(err)?))),
         "NetworkPolicy" => Object::Policy(Box::new(PolicyObject::Network(typed(&value).map_err(err)?))),
+        "ClusterNetworkPolicy" => Object::Policy(Box::new(PolicyObject::ClusterNetwork(typed(&value).map_err(err)?))),
         _ => return Ok(None),
     };
     Ok(Some(object))
 }
 
 /// The kinds Bulkhead reads; documents of other kinds are passed over.
-pub const KINDS: [&str; 5] = ["Namespace", "Pod", "ConnectionPolicy", "ClusterConnectionPolicy", "NetworkPolicy"];
+pub const KINDS: [&str; 6] =
+    ["Namespace", "Pod", "ConnectionPolicy", "ClusterConnectionPolicy", "NetworkPolicy", "ClusterNetworkPolicy"];
 
 /// The fields of a document that its kind does not have (`form:` for
 /// `from:`), as paths like `spec.ingress[0].form`: an API server without
@@ -107,6 +109,7 @@ pub fn unknown_fields(value: &Value) -> Vec<String> {
         "ConnectionPolicy" => of::<bulkhead_crds::ConnectionPolicy>(value),
         "ClusterConnectionPolicy" => of::<bulkhead_crds::ClusterConnectionPolicy>(value),
         "NetworkPolicy" => of::<k8s_openapi::api::networking::v1::NetworkPolicy>(value),
+        "ClusterNetworkPolicy" => of::<bulkhead_crds::policy_networking::ClusterNetworkPolicy>(value),
         _ => Vec::new(),
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{fmt, net::IpAddr, sync::Arc};
 
-use bulkhead_crds::{ClusterConnectionPolicy, ConnectionPolicy, Protocol};
+use bulkhead_crds::{policy_networking::ClusterNetworkPolicy, ClusterConnectionPolicy, ConnectionPolicy, Protocol};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::selector::Labels;
@@ -75,6 +75,15 @@ pub enum PolicyKind {
     ClusterConnectionPolicy,
     ConnectionPolicy,
     NetworkPolicy,
+    /// `policy.networking.k8s.io/v1alpha2`, the upstream cluster-wide policy.
+    ClusterNetworkPolicy,
+}
+
+impl PolicyKind {
+    /// Cluster-scoped kinds: no namespace.
+    pub fn is_cluster_scoped(self) -> bool {
+        matches!(self, PolicyKind::ClusterConnectionPolicy | PolicyKind::ClusterNetworkPolicy)
+    }
 }
 
 impl fmt::Display for PolicyKind {
@@ -83,6 +92,7 @@ impl fmt::Display for PolicyKind {
             PolicyKind::ClusterConnectionPolicy => "ClusterConnectionPolicy",
             PolicyKind::ConnectionPolicy => "ConnectionPolicy",
             PolicyKind::NetworkPolicy => "NetworkPolicy",
+            PolicyKind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
         })
     }
 }
@@ -99,7 +109,7 @@ impl PolicyRef {
     /// The reference of an object of `kind` with this metadata (cluster
     /// policies have no namespace; others default to `default`).
     pub fn of(kind: PolicyKind, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
-        let namespace = if kind == PolicyKind::ClusterConnectionPolicy {
+        let namespace = if kind.is_cluster_scoped() {
             String::new()
         } else {
             meta.namespace.clone().unwrap_or_else(|| "default".into())
@@ -107,13 +117,14 @@ impl PolicyRef {
         PolicyRef { kind, namespace, name: meta.name.clone().unwrap_or_default() }
     }
 
-    /// `namespace/name`, or `cluster/name` for cluster policies: the form
-    /// verdicts, events and metrics use.
+    /// `namespace/name`, `cluster/name` for ClusterConnectionPolicies and
+    /// `cnp/name` (the kind's short name) for ClusterNetworkPolicies: the
+    /// form verdicts, events and metrics use.
     pub fn qualified_name(&self) -> String {
-        if self.namespace.is_empty() {
-            format!("cluster/{}", self.name)
-        } else {
-            format!("{}/{}", self.namespace, self.name)
+        match self.kind {
+            PolicyKind::ClusterConnectionPolicy => format!("cluster/{}", self.name),
+            PolicyKind::ClusterNetworkPolicy => format!("cnp/{}", self.name),
+            _ => format!("{}/{}", self.namespace, self.name),
         }
     }
 }
@@ -133,6 +144,7 @@ pub enum PolicyObject {
     Connection(ConnectionPolicy),
     Cluster(ClusterConnectionPolicy),
     Network(NetworkPolicy),
+    ClusterNetwork(ClusterNetworkPolicy),
 }
 
 impl PolicyObject {
@@ -142,6 +154,7 @@ impl PolicyObject {
             PolicyObject::Connection(p) => p.metadata.generation,
             PolicyObject::Cluster(p) => p.metadata.generation,
             PolicyObject::Network(p) => p.metadata.generation,
+            PolicyObject::ClusterNetwork(p) => p.metadata.generation,
         }
     }
 
@@ -150,6 +163,7 @@ impl PolicyObject {
             PolicyObject::Connection(p) => (PolicyKind::ConnectionPolicy, &p.metadata),
             PolicyObject::Cluster(p) => (PolicyKind::ClusterConnectionPolicy, &p.metadata),
             PolicyObject::Network(p) => (PolicyKind::NetworkPolicy, &p.metadata),
+            PolicyObject::ClusterNetwork(p) => (PolicyKind::ClusterNetworkPolicy, &p.metadata),
         };
         PolicyRef::of(kind, meta)
     }

@@ -17,6 +17,8 @@ use crate::{
 };
 use datapath_common::{EGRESS, INGRESS};
 
+mod cluster_network;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Tier {
     Admin,
@@ -282,6 +284,7 @@ pub fn normalize(object: &PolicyObject) -> Result<Policy, ValidationError> {
         PolicyObject::Connection(policy) => connection_policy(&ctx, &policy.spec),
         PolicyObject::Network(policy) => network_policy(&ctx, policy.spec.as_ref()),
         PolicyObject::Cluster(policy) => cluster_policy(&ctx, &policy.spec),
+        PolicyObject::ClusterNetwork(policy) => cluster_network::cluster_network_policy(&ctx, &policy.spec),
     }?;
     policy.warnings = ctx.warnings.into_inner();
     Ok(policy)

@@ -159,3 +159,86 @@ fn host_bits_are_masked_off_with_a_warning_naming_the_field() {
     assert_eq!(with_host_bits.policy, masked.policy);
     assert!(with_host_bits.rejected.is_empty());
 }
+
+fn cluster_network(spec: &str) -> String {
+    format!("apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: guard}}\nspec:\n  tier: Admin\n  priority: 10\n  subject: {{namespaces: {{}}}}\n{spec}")
+}
+
+#[test]
+fn cluster_network_policy_fields_that_need_exactly_one_are_named() {
+    let cases: &[(&str, &str, Reason, &str)] = &[
+        (
+            "  egress:\n    - action: Accept\n      to: [{namespaces: {}, networks: [10.0.0.0/8]}]\n",
+            "spec.egress[0].to[0]",
+            Reason::InvalidPeer,
+            "exactly one of namespaces, pods, networks",
+        ),
+        ("  ingress:\n    - action: Deny\n      from: []\n", "spec.ingress[0].from", Reason::InvalidPeer, "at least one peer"),
+        (
+            "  egress:\n    - action: Deny\n      to: [{networks: [10.0.0.0/33]}]\n",
+            "spec.egress[0].to[0].networks[0]",
+            Reason::InvalidCIDR,
+            "10.0.0.0/33",
+        ),
+        (
+            "  ingress:\n    - action: Deny\n      from: [{namespaces: {}}]\n      protocols: [{tcp: {}, udp: {}}]\n",
+            "spec.ingress[0].protocols[0]",
+            Reason::InvalidProtocol,
+            "exactly one of tcp, udp, sctp and destinationNamedPort",
+        ),
+        (
+            "  ingress:\n    - action: Deny\n      from: [{namespaces: {}}]\n      protocols: [{udp: {destinationPort: {range: {start: 90, end: 80}}}}]\n",
+            "spec.ingress[0].protocols[0].udp.destinationPort.range",
+            Reason::InvalidPort,
+            "start 90 must be below end 80",
+        ),
+        (
+            "  ingress:\n    - action: Deny\n      from: [{namespaces: {}}]\n      protocols: [{destinationNamedPort: Web_Port}]\n",
+            "spec.ingress[0].protocols[0].destinationNamedPort",
+            Reason::InvalidPort,
+            "not a port name",
+        ),
+    ];
+    for (spec, field, reason, why) in cases {
+        let error = single_error(&cluster_network(spec));
+        assert_eq!((error.field.as_str(), error.reason), (*field, *reason), "{spec}");
+        let text = error.to_string();
+        assert!(text.starts_with("ClusterNetworkPolicy guard: "), "{text}");
+        assert!(text.contains(why), "{text} should say {why:?}");
+    }
+    let subject = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guard}\nspec:\n  tier: Baseline\n  priority: 10\n  subject: {namespaces: {}, pods: {namespaceSelector: {}, podSelector: {}}}\n";
+    assert_eq!(single_error(subject).field, "spec.subject");
+}
+
+/// A peer Bulkhead does not support never widens what is allowed: through it an
+/// Accept rule matches nothing, a Deny or Pass rule every destination; a warning names it.
+#[test]
+fn unsupported_cluster_network_peers_fail_closed_with_a_warning() {
+    let snapshot = policies(&cluster_network(
+        "  egress:\n    - action: Accept\n      to: [{domainNames: [example.com]}, {networks: [10.9.0.0/16]}]\n    - action: Deny\n      to: [{nodes: {}}]\n",
+    ));
+    let policy = snapshot.policies.values().next().expect("accepted");
+    let [_, egress] = &policy.rules;
+    let accept = egress[0].peers.as_ref().expect("the Accept rule keeps only its networks");
+    assert!(matches!(&accept[..], [policy::rules::Peer::IpBlock { .. }]), "{accept:?}");
+    assert_eq!(egress[1].peers, None, "the Deny rule matches every destination");
+    let fields: Vec<&str> = policy.warnings.iter().map(|w| w.field.as_str()).collect();
+    assert_eq!(fields, ["spec.egress[0].to[0].domainNames", "spec.egress[1].to[0].nodes"]);
+    assert!(policy.warnings.iter().all(|w| w.reason == "UnsupportedPeer"), "{:?}", policy.warnings);
+}
+
+#[test]
+fn a_destination_named_port_matches_the_name_whatever_its_protocol() {
+    let snapshot = policies(&cluster_network(
+        "  ingress:\n    - action: Accept\n      from: [{namespaces: {}}]\n      protocols: [{destinationNamedPort: web}, {sctp: {}}]\n",
+    ));
+    let policy = snapshot.policies.values().next().expect("accepted");
+    let ports = policy.rules[0][0].ports.as_ref().expect("ports");
+    let named = ports.iter().filter(|p| matches!(p, policy::rules::PortMatch::Named { name, .. } if name == "web"));
+    assert_eq!(named.count(), 3, "{ports:?}");
+    assert!(ports.contains(&policy::rules::PortMatch::Range {
+        protocol: bulkhead_crds::Protocol::SCTP,
+        start: 0,
+        end: u16::MAX
+    }));
+}

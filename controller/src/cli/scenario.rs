@@ -222,9 +222,9 @@ impl Scenario {
         }
         for object in &step.delete {
             let kind = policy_kind(&object.kind)?;
-            let namespace = match kind {
-                PolicyKind::ClusterConnectionPolicy => String::new(),
-                _ => object.namespace.clone().unwrap_or_else(|| "default".into()),
+            let namespace = match kind.is_cluster_scoped() {
+                true => String::new(),
+                false => object.namespace.clone().unwrap_or_else(|| "default".into()),
             };
             push(world, Change::Deleted(ObjectKey::Policy(PolicyRef { kind, namespace, name: object.name.clone() })));
         }
@@ -251,6 +251,7 @@ fn policy_kind(kind: &str) -> Result<PolicyKind> {
         "ConnectionPolicy" => PolicyKind::ConnectionPolicy,
         "ClusterConnectionPolicy" => PolicyKind::ClusterConnectionPolicy,
         "NetworkPolicy" => PolicyKind::NetworkPolicy,
+        "ClusterNetworkPolicy" => PolicyKind::ClusterNetworkPolicy,
         other => bail!("delete: unknown kind {other:?}"),
     })
 }

@@ -26,7 +26,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use bulkhead_crds::{ClusterConnectionPolicy, ConnectionPolicy};
+use bulkhead_crds::{policy_networking::ClusterNetworkPolicy, ClusterConnectionPolicy, ConnectionPolicy};
 use bulkhead_policy::{PolicyKind, PolicyObject, PolicyRef};
 use futures::StreamExt;
 use k8s_openapi::{api::coordination::v1::Lease, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
@@ -220,6 +220,10 @@ async fn write_statuses(
                 .patch_status(&key.name, &params, &patch)
                 .await
                 .map(PolicyObject::Connection),
+            PolicyKind::ClusterNetworkPolicy => Api::<ClusterNetworkPolicy>::all(client.clone())
+                .patch_status(&key.name, &params, &patch)
+                .await
+                .map(PolicyObject::ClusterNetwork),
             _ => Api::<ClusterConnectionPolicy>::all(client.clone())
                 .patch_status(&key.name, &params, &patch)
                 .await
@@ -251,6 +255,7 @@ async fn publish_warning(
         PolicyObject::Connection(p) => p.object_ref(&()),
         PolicyObject::Cluster(p) => p.object_ref(&()),
         PolicyObject::Network(p) => p.object_ref(&()),
+        PolicyObject::ClusterNetwork(p) => p.object_ref(&()),
     };
     let event = Event {
         type_: EventType::Warning,

@@ -340,6 +340,7 @@ pub fn current_status(object: &PolicyObject) -> Option<PolicyStatus> {
     match object {
         PolicyObject::Connection(p) => p.status.clone(),
         PolicyObject::Cluster(p) => p.status.clone(),
+        PolicyObject::ClusterNetwork(p) => p.status.clone(),
         PolicyObject::Network(_) => None,
     }
 }

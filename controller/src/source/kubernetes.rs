@@ -1,5 +1,5 @@
 //! `--source kubernetes`: kube-runtime watchers for Namespaces, Pods and the
-//! three policy kinds, turned into `Change`s. A watch that (re)starts lists
+//! four policy kinds, turned into `Change`s. A watch that (re)starts lists
 //! everything again: that becomes one `Relisted`, so objects deleted while
 //! the API server was away are dropped, and nothing is dropped before the
 //! new list is complete. `Synced` follows the first complete list of every
@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bulkhead_crds::{ClusterConnectionPolicy, ConnectionPolicy};
+use bulkhead_crds::{policy_networking::ClusterNetworkPolicy, ClusterConnectionPolicy, ConnectionPolicy};
 use futures::StreamExt;
 use k8s_openapi::api::{core::v1 as core, networking::v1::NetworkPolicy};
 use kube::{
@@ -82,9 +82,10 @@ macro_rules! watched_policy {
 watched_policy!(ConnectionPolicy, Connection, ConnectionPolicy);
 watched_policy!(ClusterConnectionPolicy, Cluster, ClusterConnectionPolicy);
 watched_policy!(NetworkPolicy, Network, NetworkPolicy);
+watched_policy!(ClusterNetworkPolicy, ClusterNetwork, ClusterNetworkPolicy);
 
 /// How many kinds `run` follows.
-const KINDS: usize = 5;
+const KINDS: usize = 6;
 
 /// Follow every kind until `updates` closes; returns only then.
 pub async fn run(client: Client, updates: mpsc::Sender<Update>) -> anyhow::Result<()> {
@@ -94,7 +95,8 @@ pub async fn run(client: Client, updates: mpsc::Sender<Update>) -> anyhow::Resul
         () = follow(Api::<core::Pod>::all(client.clone()), updates.clone(), listed.clone()) => {}
         () = follow(Api::<ConnectionPolicy>::all(client.clone()), updates.clone(), listed.clone()) => {}
         () = follow(Api::<ClusterConnectionPolicy>::all(client.clone()), updates.clone(), listed.clone()) => {}
-        () = follow(Api::<NetworkPolicy>::all(client), updates, listed) => {}
+        () = follow(Api::<NetworkPolicy>::all(client.clone()), updates.clone(), listed.clone()) => {}
+        () = follow(Api::<ClusterNetworkPolicy>::all(client), updates, listed) => {}
     }
     Ok(())
 }

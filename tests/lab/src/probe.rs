@@ -290,6 +290,7 @@ fn write_objects(work: &Path, world: &World, uids: &BTreeMap<PodRef, String>) ->
             PolicyObject::Connection(p) => serde_saphyr::to_string(p)?,
             PolicyObject::Cluster(p) => serde_saphyr::to_string(p)?,
             PolicyObject::Network(p) => serde_saphyr::to_string(p)?,
+            PolicyObject::ClusterNetwork(p) => serde_saphyr::to_string(p)?,
         };
         write_if_changed(&policies.join(&file), &text)?;
         wanted.insert(std::ffi::OsString::from(file));
