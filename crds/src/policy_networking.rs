@@ -3,9 +3,9 @@
 //! of AdminNetworkPolicy and BaselineAdminNetworkPolicy), with the fields
 //! of its API reference. Bulkhead enforces the standard channel; of the
 //! experimental peers (`nodes`, `domainNames`) it reads only enough to
-//! handle them the way the reference asks of an implementation that does
-//! not support a peer: an Accept rule matches nothing through it, a Deny or
-//! Pass rule matches every destination.
+//! handle them safely, since the reference leaves an implementation without
+//! them to its own devices: an Accept or Pass rule matches nothing through
+//! such a peer, a Deny rule every destination, and a warning says so.
 //!
 //! The schema is written here, like ours, without CEL so it loads on older
 //! API servers; the one-field-of-several rules the reference states are
@@ -26,9 +26,12 @@ pub const VERSION: &str = "v1alpha2";
 
 /// The CRD. A `*.k8s.io` group needs the API review's approval named on
 /// it, or the API server refuses the definition: this is the one the
-/// upstream API carries.
+/// upstream API carries. The label lets a cluster that already has the
+/// upstream CRD (another implementation installed it) apply install.yaml
+/// without it: `-l 'bulkhead.io/upstream-crd!=true'`.
 pub fn crd() -> CustomResourceDefinition {
     let mut crd = ClusterNetworkPolicy::crd();
+    crd.metadata.labels = Some([("bulkhead.io/upstream-crd".to_string(), "true".to_string())].into());
     crd.metadata.annotations = Some(
         [(
             "api-approved.kubernetes.io".to_string(),

@@ -210,20 +210,25 @@ fn cluster_network_policy_fields_that_need_exactly_one_are_named() {
     assert_eq!(single_error(subject).field, "spec.subject");
 }
 
-/// A peer Bulkhead does not support never widens what is allowed: through it an
-/// Accept rule matches nothing, a Deny or Pass rule every destination; a warning names it.
+/// A peer Bulkhead does not support never widens what is allowed: through it
+/// an Accept or Pass rule matches nothing (a Pass matching more would skip the
+/// tier's later Deny rules), a Deny rule every destination; a warning names it.
 #[test]
 fn unsupported_cluster_network_peers_fail_closed_with_a_warning() {
     let snapshot = policies(&cluster_network(
-        "  egress:\n    - action: Accept\n      to: [{domainNames: [example.com]}, {networks: [10.9.0.0/16]}]\n    - action: Deny\n      to: [{nodes: {}}]\n",
+        "  egress:\n    - action: Accept\n      to: [{domainNames: [example.com]}, {networks: [10.9.0.0/16]}]\n    - action: Pass\n      to: [{nodes: {}}]\n    - action: Deny\n      to: [{nodes: {}}]\n",
     ));
     let policy = snapshot.policies.values().next().expect("accepted");
     let [_, egress] = &policy.rules;
     let accept = egress[0].peers.as_ref().expect("the Accept rule keeps only its networks");
     assert!(matches!(&accept[..], [policy::rules::Peer::IpBlock { .. }]), "{accept:?}");
-    assert_eq!(egress[1].peers, None, "the Deny rule matches every destination");
+    assert_eq!(egress[1].peers, Some(Vec::new()), "the Pass rule matches nothing");
+    assert_eq!(egress[2].peers, None, "the Deny rule matches every destination");
     let fields: Vec<&str> = policy.warnings.iter().map(|w| w.field.as_str()).collect();
-    assert_eq!(fields, ["spec.egress[0].to[0].domainNames", "spec.egress[1].to[0].nodes"]);
+    assert_eq!(
+        fields,
+        ["spec.egress[0].to[0].domainNames", "spec.egress[1].to[0].nodes", "spec.egress[2].to[0].nodes"]
+    );
     assert!(policy.warnings.iter().all(|w| w.reason == "UnsupportedPeer"), "{:?}", policy.warnings);
 }
 

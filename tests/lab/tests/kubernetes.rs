@@ -193,6 +193,30 @@ fn kubernetes_mode_follows_the_api_server() {
         "the warning reaches kubectl: {stderr}"
     );
 
+    // The upstream ClusterNetworkPolicy: refused at apply naming the field
+    // (a namespace selector never skips a cluster-scoped object), enforced
+    // above the namespace's own policy, its status set like our kinds'.
+    let frontend_denied = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: db-not-from-frontend}\nspec:\n  tier: Admin\n  priority: 5\n  subject: {pods: {namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: shop}}, podSelector: {matchLabels: {app: db}}}}\n  ingress:\n    - action: Deny\n      from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: frontend}}}}]\n      protocols: [{tcp: {destinationPort: {number: 5432}}}]\n";
+    let two_protocols = frontend_denied.replace("[{tcp: {destinationPort: {number: 5432}}}]", "[{tcp: {}, udp: {}}]");
+    let refused = plane.kubectl_as("admin", &["apply", "-f", "-"], Some(&two_protocols));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "the webhook refuses the invalid ClusterNetworkPolicy");
+    assert!(stderr.contains("denied the request") && stderr.contains("spec.ingress[0].protocols[0]"), "{stderr}");
+    plane.apply(frontend_denied);
+    eventually("the ClusterNetworkPolicy refuses frontend at db", Duration::from_secs(10), || {
+        topology.probe("frontend", "TCP", db.ipv4, 5432) == "deny"
+    });
+    eventually("its status says accepted, programmed, one pod", Duration::from_secs(20), || {
+        let policy = plane.json(&["get", "clusternetworkpolicy", "db-not-from-frontend"]);
+        condition(&policy, "Accepted").0 == "True"
+            && condition(&policy, "Programmed").0 == "True"
+            && policy["status"]["selectedPods"] == 1
+    });
+    assert!(plane.kubectl(&["delete", "clusternetworkpolicy", "db-not-from-frontend"]).status.success());
+    eventually("frontend reaches db again", Duration::from_secs(10), || {
+        topology.probe("frontend", "TCP", db.ipv4, 5432) == "allow"
+    });
+
     // Selected but not enforced yet (their veths not wired, as when the CNI
     // is slow): Programmed=False with 0 of 4 and the pods named; True once
     // the agent has them.
@@ -286,4 +310,5 @@ webhooks:
     clientConfig: {url: \"https://127.0.0.1:9443/validate\"}
     rules:
       - {apiGroups: [bulkhead.io], apiVersions: [v1alpha1], operations: [CREATE, UPDATE], resources: [connectionpolicies], scope: Namespaced}
+      - {apiGroups: [policy.networking.k8s.io], apiVersions: [v1alpha2], operations: [CREATE, UPDATE], resources: [clusternetworkpolicies], scope: Cluster}
 ";

@@ -94,9 +94,9 @@ fn pods_peer(
 }
 
 /// An egress rule's destinations. Peers Bulkhead does not support (the
-/// experimental `nodes` and `domainNames`) are handled as the reference asks
-/// for a peer an implementation does not know: an Accept rule matches
-/// nothing through them, a Deny or Pass rule matches every destination.
+/// experimental `nodes` and `domainNames`) never widen what is allowed: an
+/// Accept or Pass rule matches nothing through them, a Deny rule matches
+/// every destination (the reference leaves this to implementations).
 fn egress_peers(ctx: &Ctx, field: &str, rule: &cnp::EgressRule) -> Result<Option<Vec<Peer>>, ValidationError> {
     let mut peers = Vec::new();
     for (p, peer) in non_empty(ctx, &format!("{field}.to"), &rule.to)?.iter().enumerate() {
@@ -127,17 +127,18 @@ fn egress_peers(ctx: &Ctx, field: &str, rule: &cnp::EgressRule) -> Result<Option
             }
         } else if peer.nodes.is_some() || peer.domain_names.is_some() {
             let which = if peer.nodes.is_some() { "nodes" } else { "domainNames" };
-            let fail_closed = rule.action != cnp::RuleAction::Accept;
+            // A Pass matching more would skip the tier's later Deny rules.
+            let deny_everything = rule.action == cnp::RuleAction::Deny;
             ctx.warnings.borrow_mut().push(ValidationWarning {
                 reason: "UnsupportedPeer",
                 field: format!("{field}.{which}"),
-                message: if fail_closed {
-                    format!("{which} peers are not supported: this {:?} rule matches every destination", rule.action)
+                message: if deny_everything {
+                    format!("{which} peers are not supported: this Deny rule matches every destination")
                 } else {
-                    format!("{which} peers are not supported: this Accept rule matches nothing through it")
+                    format!("{which} peers are not supported: this {:?} rule matches nothing through it", rule.action)
                 },
             });
-            if fail_closed {
+            if deny_everything {
                 return Ok(None);
             }
         } else {
