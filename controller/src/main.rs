@@ -46,6 +46,13 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Per namespace, the pods an enforced policy isolates for ingress and
+    /// egress, and those no policy governs either way (open).
+    Coverage {
+        dir: PathBuf,
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Check manifests offline, as the agents would, before `kubectl apply`:
     /// unknown fields and every semantic check, by file, object and field.
     /// Exits 1 on any error.
@@ -200,6 +207,14 @@ fn run() -> Result<ExitCode> {
                 eprintln!("rejected: {error}");
             }
             Ok(if state.rejected.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Coverage { dir, output } => {
+            let coverage = bulkhead_policy::coverage::coverage(&cli::load(&dir)?);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&coverage)?),
+                Output::Text => cli::print_coverage(&coverage),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Validate { paths, output } => {
             let validation = cli::validate::validate(&paths)?;

@@ -55,3 +55,19 @@ fn tempdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn coverage_names_the_open_pods_of_each_namespace() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/scenarios/egress");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["coverage", "-o", "json"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let coverage: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(coverage["x"]["pods"], 3, "{coverage}");
+    assert_eq!(coverage["x"]["egress_isolated"], 2, "{coverage}");
+    assert_eq!(coverage["x"]["open_pods"], serde_json::json!(["c"]), "{coverage}");
+    assert_eq!(coverage["y"]["open_pods"].as_array().map(Vec::len), Some(3), "{coverage}");
+}

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod compile;
+pub mod coverage;
 pub mod diff;
 pub mod evaluate;
 pub mod identity;

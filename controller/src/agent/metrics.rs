@@ -15,7 +15,7 @@ pub struct Metrics {
     pub sync_seconds: Histogram,
     pub map_entries: IntGaugeVec,
     pub map_capacity: IntGaugeVec,
-    pub endpoints: IntGauge,
+    pub endpoints: IntGaugeVec,
     pub endpoints_failed_closed: IntGauge,
     pub endpoints_unenforced: IntGauge,
     pub policies_rejected: IntGauge,
@@ -64,7 +64,11 @@ impl Metrics {
                 &["map"],
             ),
             map_capacity: r.gauges("bulkhead_datapath_map_capacity", "Capacity of each datapath map.", &["map"]),
-            endpoints: r.gauge("bulkhead_endpoints", "Local pods enforced on this node."),
+            endpoints: r.gauges(
+                "bulkhead_endpoints",
+                "Local pods enforced on this node, by namespace and the directions an enforced policy governs (none, ingress, egress, both).",
+                &["namespace", "isolation"],
+            ),
             endpoints_failed_closed: r.gauge(
                 "bulkhead_endpoints_failed_closed",
                 "Local pods failed closed because their allowlist did not fit in the maps.",

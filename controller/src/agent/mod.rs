@@ -23,8 +23,8 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use bulkhead_policy::{
-    compile::Scope, state::address_key, Admission, Change, Changed, Compiler, DesiredState, ObjectKey, PodRef,
-    PolicyRef, Snapshot,
+    compile::Scope, coverage::Isolation, state::address_key, Admission, Change, Changed, Compiler, DesiredState,
+    ObjectKey, PodRef, PolicyRef, Snapshot,
 };
 
 use crate::{
@@ -268,6 +268,8 @@ pub struct Agent {
     /// Local pods by endpoint id: what events and counters name.
     pods_by_endpoint: HashMap<u32, PodRef>,
     attached: BTreeMap<PodRef, Attached>,
+    /// The `bulkhead_endpoints` series last published, so gone ones are removed.
+    published_endpoints: BTreeSet<(String, &'static str)>,
     /// Local pods not enforced yet, since when and why.
     waiting: BTreeMap<PodRef, Waiting>,
     source_synced: bool,
@@ -317,6 +319,7 @@ impl Agent {
             compile_all: true,
             pods_by_endpoint: HashMap::new(),
             attached: BTreeMap::new(),
+            published_endpoints: BTreeSet::new(),
             waiting: BTreeMap::new(),
             source_synced: false,
             pending: None,
@@ -584,7 +587,26 @@ impl Agent {
             }
         }
         self.report_overdue();
-        self.shared.metrics.endpoints.set(self.attached.len() as i64);
+    }
+
+    /// `bulkhead_endpoints{namespace,isolation}`: the enforced local pods by
+    /// the directions an enforced policy governs (README: coverage).
+    fn publish_endpoints(&mut self) {
+        let gauge = &self.shared.metrics.endpoints;
+        let mut counts: BTreeMap<(String, &'static str), i64> = BTreeMap::new();
+        if let Some(compiler) = &self.compiler {
+            for pod in self.attached.keys() {
+                let policies = compiler.policies_selecting(pod).iter().filter_map(|p| compiler.policy(p));
+                *counts.entry((pod.namespace.clone(), Isolation::of(policies).label())).or_default() += 1;
+            }
+        }
+        for gone in self.published_endpoints.iter().filter(|key| !counts.contains_key(*key)) {
+            let _ = gauge.remove_label_values(&[&gone.0, gone.1]);
+        }
+        for ((namespace, isolation), count) in &counts {
+            gauge.with_label_values(&[namespace.as_str(), isolation]).set(*count);
+        }
+        self.published_endpoints = counts.into_keys().collect();
     }
 
     /// A local pod that could not be enforced this time, and why.
@@ -611,7 +633,7 @@ impl Agent {
             overdue.insert(pod.to_string(), waiting.why.clone());
         }
         self.shared.metrics.endpoints_unenforced.set(overdue.len() as i64);
-        self.shared.metrics.endpoints.set(self.attached.len() as i64);
+        self.publish_endpoints();
         *self.shared.unenforced.lock().expect("unenforced lock") = overdue;
     }
 

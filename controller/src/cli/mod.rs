@@ -5,11 +5,12 @@
 pub mod scenario;
 pub mod validate;
 
-use std::{net::IpAddr, path::Path};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use anyhow::{bail, Context, Result};
 use bulkhead_crds::Protocol;
 use bulkhead_policy::{
+    coverage::NamespaceCoverage,
     lookup::{self, Hop},
     state::{protocol_number, PolicyEntryKey},
     Change, DesiredState, PodRef, PolicyRef, Snapshot,
@@ -281,4 +282,24 @@ pub fn allowlists_json(state: &DesiredState) -> serde_json::Value {
         .collect();
     let rejected: Vec<String> = state.rejected.iter().map(ToString::to_string).collect();
     serde_json::json!({"pods": pods, "rejected": rejected})
+}
+
+/// One row per namespace, then the open pods by name: the places a
+/// default-deny rollout has not reached.
+pub fn print_coverage(coverage: &BTreeMap<String, NamespaceCoverage>) {
+    println!("{:<32} {:>6} {:>17} {:>16} {:>6}", "NAMESPACE", "PODS", "INGRESS ISOLATED", "EGRESS ISOLATED", "OPEN");
+    for (namespace, c) in coverage {
+        println!(
+            "{namespace:<32} {:>6} {:>17} {:>16} {:>6}",
+            c.pods,
+            c.ingress_isolated,
+            c.egress_isolated,
+            c.open_pods.len()
+        );
+    }
+    for (namespace, c) in coverage {
+        for pod in &c.open_pods {
+            println!("open: {namespace}/{pod} (no enforced policy selects it)");
+        }
+    }
 }

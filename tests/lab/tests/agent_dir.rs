@@ -117,6 +117,10 @@ fn the_agent_enforces_a_folder_and_follows_its_edits() {
     let metrics = get(&topology, "/metrics").1;
     assert_eq!(metric(&metrics, blocked), Some(0.0), "{metrics}");
     assert_eq!(metric(&metrics, &blocked.replace("ingress", "egress")), None, "{metrics}");
+    // Coverage: db is isolated for ingress, frontend and api are open.
+    let endpoints = |isolation: &str| format!("bulkhead_endpoints{{isolation=\"{isolation}\",namespace=\"shop\"}}");
+    assert_eq!(metric(&metrics, &endpoints("ingress")), Some(1.0), "{metrics}");
+    assert_eq!(metric(&metrics, &endpoints("none")), Some(2.0), "{metrics}");
     assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow");
     assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "deny");
     eventually("the refused connection is counted once", Duration::from_secs(5), || {
@@ -143,6 +147,9 @@ fn the_agent_enforces_a_folder_and_follows_its_edits() {
         topology.probe("frontend", "TCP", db.ipv4, 5432) == "eperm"
     });
     assert_eq!(topology.probe("frontend", "TCP", api.ipv4, 8080), "allow");
+    let metrics = get(&topology, "/metrics").1;
+    assert_eq!(metric(&metrics, &endpoints("egress")), Some(1.0), "frontend's egress is isolated now: {metrics}");
+    assert_eq!(metric(&metrics, &endpoints("none")), Some(1.0), "{metrics}");
 
     // An invalid edit is rejected, named, and changes nothing.
     write(&folder.join("db-from-api.yaml"), &DB_FROM_API.replace("port: 5432", "port: 5432, endPort: 10"));

@@ -52,6 +52,14 @@ fn the_readme_install_creates_everything_and_delete_removes_it() {
     assert_eq!(namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged");
 
     let install = testbed::workspace_root().join("manifests/install.yaml").display().to_string();
+    // README: where another implementation installed the upstream
+    // ClusterNetworkPolicy CRD, a selector leaves ours out.
+    let out = plane.kubectl(&["apply", "-f", &install, "-l", "bulkhead.io/upstream-crd!=true", "-o", "name"]);
+    let applied = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(applied.contains("connectionpolicies.bulkhead.io"), "{applied}");
+    assert!(!applied.contains("clusternetworkpolicies.policy.networking.k8s.io"), "{applied}");
+    assert_eq!(applied.lines().count(), documents.len() - 1, "{applied}");
     let out = plane.kubectl(&["delete", "-f", &install, "--wait=false"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(refusals(&stderr).is_empty(), "{stderr}");
