@@ -71,3 +71,33 @@ fn coverage_names_the_open_pods_of_each_namespace() {
     assert_eq!(coverage["x"]["open_pods"], serde_json::json!(["c"]), "{coverage}");
     assert_eq!(coverage["y"]["open_pods"].as_array().map(Vec::len), Some(3), "{coverage}");
 }
+
+/// The upstream kind answers as ours do: explained by name and rule,
+/// validated by field path (a misspelt field too).
+#[test]
+fn explain_and_validate_treat_a_cluster_network_policy_as_our_kinds() {
+    let bulkhead = || std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"));
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/scenarios/cnp-admin-tier-priority-field");
+    let out = bulkhead()
+        .arg("explain")
+        .arg(&dir)
+        .args(["--from", "network-policy-conformance-slytherin/draco-malfoy-0"])
+        .args(["--to", "network-policy-conformance-gryffindor/harry-potter-0", "--port", "80/TCP"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "denied: {text}");
+    assert!(text.contains("deny by ClusterNetworkPolicy priority-50-example rule 0"), "{text}");
+
+    let file = tempdir("cnp-validate").join("guard.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guard}\nspec:\n  tier: Admin\n  priority: 3\n  subject: {namespaces: {}}\n  egress:\n    - action: Accept\n      too: [{networks: [10.0.0.0/8]}]\n    - action: Deny\n      to: [{nodes: {}}]\n",
+    )
+    .unwrap();
+    let out = bulkhead().arg("validate").arg(&file).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("ClusterNetworkPolicy guard") && text.contains("spec.egress[0].too"), "{text}");
+    std::fs::remove_dir_all(file.parent().unwrap()).unwrap();
+}
