@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{bail, Context, Result};
 use bulkhead::cli::{
-    self,
+    self, rollout,
     scenario::{self, Scenario},
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -62,6 +62,11 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Roll default-deny out namespace by namespace.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// The node agent: follow the objects, compile, keep the datapath in step.
     Agent(AgentArgs),
     /// The status writer: policy conditions, selectedPods and Events. Run
@@ -71,6 +76,28 @@ enum Command {
     Datapath {
         #[command(subcommand)]
         command: DatapathCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Print (or with --apply, server-side apply) an Audit-mode default-deny
+    /// ConnectionPolicy for each namespace, keeping DNS and the CIDRs given.
+    Plan {
+        #[arg(required = true)]
+        namespaces: Vec<String>,
+        /// The cluster DNS's namespace.
+        #[arg(long, default_value = "kube-system")]
+        dns_namespace: String,
+        /// The cluster DNS pods' labels, key=value[,key=value]; "" leaves DNS out.
+        #[arg(long, default_value = "k8s-app=kube-dns")]
+        dns_selector: String,
+        /// An egress destination every pod keeps (repeatable), e.g. the API server.
+        #[arg(long)]
+        allow_egress_cidr: Vec<String>,
+        /// Apply to the cluster of the current kubeconfig instead of printing.
+        #[arg(long)]
+        apply: bool,
     },
 }
 
@@ -214,6 +241,19 @@ fn run() -> Result<ExitCode> {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&coverage)?),
                 Output::Text => cli::print_coverage(&coverage),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rollout {
+            command: RolloutCommand::Plan { namespaces, dns_namespace, dns_selector, allow_egress_cidr, apply },
+        } => {
+            let allowances = rollout::Allowances::parse(&dns_namespace, &dns_selector, &allow_egress_cidr)?;
+            let policies = rollout::plan(&namespaces, &allowances);
+            if !apply {
+                print!("{}", rollout::to_yaml(&policies)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(rollout::apply(&policies))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { paths, output } => {

@@ -2,6 +2,7 @@
 //! compiled state of a folder, `validate` checks files before they are
 //! applied; no kernel and no cluster.
 
+pub mod rollout;
 pub mod scenario;
 pub mod validate;
 

@@ -16,7 +16,7 @@ use std::{
 };
 
 use bulkhead::dataplane::Datapath;
-use bulkhead_lab::testbed::{apiserver::ControlPlane, eventually, Process, Topology};
+use bulkhead_lab::testbed::{apiserver::ControlPlane, eventually, metric, Process, Topology};
 
 const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-test-kubernetes";
 const NODE: &str = "node-k8s";
@@ -295,6 +295,26 @@ fn kubernetes_mode_follows_the_api_server() {
         );
     }
     assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "allow");
+
+    // A default-deny rollout's first step: planned and applied in Audit,
+    // nothing breaks, and what it would refuse is counted under its name.
+    let out = plane
+        .command_as("admin", bulkhead_lab::testbed::product_binary())
+        .args(["rollout", "plan", "shop", "--apply"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let would_deny = "bulkhead_audit_denied_connections_total{direction=\"ingress\",namespace=\"shop\",pod=\"api\",policy=\"shop/bulkhead-default-deny\"}";
+    eventually("the Audit default-deny is programmed", Duration::from_secs(20), || {
+        topology.node_http_get("127.0.0.1:9464", "/metrics").is_ok_and(|(_, m)| metric(&m, would_deny) == Some(0.0))
+    });
+    assert_eq!(topology.probe("frontend", "TCP", api.ipv4, 8080), "allow", "Audit denies nothing");
+    eventually("the connection it would refuse is counted", Duration::from_secs(10), || {
+        topology.node_http_get("127.0.0.1:9464", "/metrics").is_ok_and(|(_, m)| metric(&m, would_deny) == Some(1.0))
+    });
+    let policy = plane.json(&["get", "connectionpolicy", "bulkhead-default-deny", "-n", "shop"]);
+    assert_eq!(policy["spec"]["mode"], "Audit");
+    assert_eq!(policy["metadata"]["labels"]["app.kubernetes.io/managed-by"], "bulkhead-rollout");
 }
 
 const WEBHOOK_CONFIGURATION: &str = "apiVersion: admissionregistration.k8s.io/v1
