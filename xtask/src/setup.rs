@@ -33,6 +33,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // The image: a static binary (musl), assembled as OCI without a daemon.
     ("musl-tools", "/usr/bin/musl-gcc"),
     ("umoci", "/usr/bin/umoci"),
+    // promtool, for the shipped alerts' unit tests.
+    ("prometheus", "/usr/bin/promtool"),
 ];
 
 pub fn run() -> Result<()> {
