@@ -351,11 +351,12 @@ fn agent(args: AgentArgs) -> Result<()> {
         let agent = Agent::new(config, shared.clone())?;
         if let Some((client, namespace)) = reporter {
             tokio::spawn(bulkhead::agent::report::report_programmed(
-                client,
+                client.clone(),
                 namespace,
                 node_name.clone(),
                 shared.clone(),
             ));
+            tokio::spawn(bulkhead::agent::report::publish_anomalies(client, node_name.clone(), shared.clone()));
         }
         let (metrics, debug_views) = agent::http::serve(args.metrics_address, args.debug_address, shared)
             .await

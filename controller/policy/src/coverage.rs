@@ -15,6 +15,12 @@ use serde::Serialize;
 
 use crate::{rules::Policy, selection::Selection, snapshot::Snapshot, PodRef};
 
+/// Whether a policy has a say in a direction: rules for it, or isolation.
+pub fn governs(policy: &Policy, direction: u8) -> bool {
+    let direction = usize::from(direction);
+    policy.isolates[direction] || !policy.rules[direction].is_empty()
+}
+
 /// The directions some enforced policy governs for a pod.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Isolation {
@@ -26,12 +32,8 @@ impl Isolation {
     pub fn of<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> Self {
         let mut isolation = Isolation::default();
         for policy in policies.into_iter().filter(|p| !p.audit) {
-            let governs = |direction: u8| {
-                let direction = usize::from(direction);
-                policy.isolates[direction] || !policy.rules[direction].is_empty()
-            };
-            isolation.ingress |= governs(INGRESS);
-            isolation.egress |= governs(EGRESS);
+            isolation.ingress |= governs(policy, INGRESS);
+            isolation.egress |= governs(policy, EGRESS);
         }
         isolation
     }

@@ -23,8 +23,10 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use bulkhead_policy::{
-    compile::Scope, coverage::Isolation, state::address_key, Admission, Change, Changed, Compiler, DesiredState,
-    ObjectKey, PodRef, PolicyRef, Snapshot,
+    compile::Scope,
+    coverage::{self, Isolation},
+    state::address_key,
+    Admission, Change, Changed, Compiler, DesiredState, ObjectKey, PodRef, PolicyRef, Snapshot,
 };
 
 use crate::{
@@ -132,7 +134,21 @@ pub struct Shared {
     unenforced: Mutex<BTreeMap<String, String>>,
     /// What this node tells the controller, and a counter of its changes.
     report: Mutex<(u64, NodeReport)>,
+    /// Egress anomalies not yet published as Kubernetes Events (Kubernetes
+    /// mode drains them; bounded, so dir mode drops the oldest).
+    anomalies: Mutex<VecDeque<Anomaly>>,
 }
+
+/// An egress anomaly, for the Warning Event on its pod.
+#[derive(Clone, Debug)]
+pub struct Anomaly {
+    pub pod: PodRef,
+    pub uid: Option<String>,
+    pub workload: String,
+    pub destination: String,
+}
+
+const PENDING_ANOMALIES: usize = 256;
 
 const RECENT_EVENTS: usize = 512;
 const HOUSEKEEPING: Duration = Duration::from_millis(200);
@@ -152,7 +168,21 @@ impl Shared {
             events: Mutex::new(VecDeque::new()),
             unenforced: Mutex::new(BTreeMap::new()),
             report: Mutex::new((0, NodeReport::default())),
+            anomalies: Mutex::new(VecDeque::new()),
         }
+    }
+
+    fn push_anomaly(&self, anomaly: Anomaly) {
+        let mut pending = self.anomalies.lock().expect("anomalies lock");
+        if pending.len() == PENDING_ANOMALIES {
+            pending.pop_front();
+        }
+        pending.push_back(anomaly);
+    }
+
+    /// The anomalies not yet published, oldest first.
+    pub fn take_anomalies(&self) -> Vec<Anomaly> {
+        self.anomalies.lock().expect("anomalies lock").drain(..).collect()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -748,8 +778,7 @@ impl Agent {
             for id in compiler.policies_selecting(pod) {
                 let Some(policy) = compiler.policy(id) else { continue };
                 for direction in [INGRESS, EGRESS] {
-                    let governs = policy.isolates[direction as usize] || !policy.rules[direction as usize].is_empty();
-                    if governs {
+                    if coverage::governs(policy, direction) {
                         wanted.insert((policy.audit, direction, pod.clone(), id.qualified_name()));
                     }
                 }
@@ -802,6 +831,17 @@ impl Agent {
                 protocol = protocol_name(destination.protocol), port = destination.port,
                 "egress to a destination outside the workload's learned baseline"
             );
+            self.shared.push_anomaly(Anomaly {
+                pod: pod.pod_ref(),
+                uid: pod.uid.clone(),
+                workload: workload.name.clone(),
+                destination: format!(
+                    "{} {}/{}",
+                    destination.peer,
+                    destination.port,
+                    protocol_name(destination.protocol)
+                ),
+            });
         }
     }
 

@@ -1,11 +1,17 @@
-//! The agent's report to the controller (`crate::report`): this node's
-//! Lease, saying which policy generations the datapath holds.
+//! What the agent tells the cluster: its report to the controller
+//! (`crate::report`), this node's Lease saying which policy generations the
+//! datapath holds; and egress anomalies, as Warning Events on their pods.
 
 use std::{sync::Arc, time::Duration};
 
-use k8s_openapi::{api::coordination::v1::Lease, apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp};
+use k8s_openapi::{
+    api::{coordination::v1::Lease, core::v1::ObjectReference},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+    jiff::Timestamp,
+};
 use kube::{
     api::{Patch, PatchParams},
+    runtime::events::{Event, EventType, Recorder, Reporter},
     Api, Client,
 };
 use serde_json::json;
@@ -43,6 +49,44 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
             Err(error) => {
                 tracing::warn!(%error, lease = %name, "reporting to the API server failed; retrying");
                 tokio::time::sleep(RENEW / 2).await;
+            }
+        }
+    }
+}
+
+/// Publish each egress anomaly as a Warning Event on its pod (reason
+/// `EgressAnomaly`, the destination in the note). The agent reports a
+/// destination once per workload and baseline, so the Events are too.
+pub async fn publish_anomalies(client: Client, node: String, shared: Arc<Shared>) {
+    let reporter = Reporter { controller: "bulkhead-agent".into(), instance: Some(node) };
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for anomaly in shared.take_anomalies() {
+            // A recorder of its own: one recorder folds Events of the same
+            // reason on the same pod into one, keeping the first note, and
+            // each destination is to be read.
+            let recorder = Recorder::new(client.clone(), reporter.clone());
+            let pod = ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                namespace: Some(anomaly.pod.namespace.clone()),
+                name: Some(anomaly.pod.name.clone()),
+                uid: anomaly.uid.clone(),
+                ..Default::default()
+            };
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "EgressAnomaly".into(),
+                note: Some(format!(
+                    "egress to {} is outside the learned baseline of workload {}",
+                    anomaly.destination, anomaly.workload
+                )),
+                action: "Connect".into(),
+                secondary: None,
+            };
+            if let Err(error) = recorder.publish(&event, &pod).await {
+                shared.metrics.sync_errors.with_label_values(&["event"]).inc();
+                tracing::warn!(pod = %anomaly.pod, %error, "publishing an EgressAnomaly Event failed");
             }
         }
     }

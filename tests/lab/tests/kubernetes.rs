@@ -95,6 +95,8 @@ fn kubernetes_mode_follows_the_api_server() {
         ])
         .arg(format!("--cgroup-root={}", topology.kubepods.display()))
         .args(["--metrics-address=127.0.0.1:9464", "--debug-address=127.0.0.1:9464"])
+        // Egress baselines learned in a second: later destinations are anomalies.
+        .arg("--egress-learning-seconds=1")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -295,6 +297,21 @@ fn kubernetes_mode_follows_the_api_server() {
         );
     }
     assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "allow");
+
+    // frontend had never reached api: an egress anomaly, as a Warning Event on the pod.
+    assert_eq!(topology.probe("frontend", "TCP", api.ipv4, 8080), "allow");
+    eventually("an EgressAnomaly Event on frontend names api's port", Duration::from_secs(20), || {
+        let events = plane.json(&["get", "events.v1.events.k8s.io", "-n", "shop"]);
+        events["items"].as_array().is_some_and(|items| {
+            items.iter().any(|e| {
+                e["reason"] == "EgressAnomaly"
+                    && e["type"] == "Warning"
+                    && e["regarding"]["kind"] == "Pod"
+                    && e["regarding"]["name"] == "frontend"
+                    && e["note"].as_str().is_some_and(|n| n.contains("8080/TCP"))
+            })
+        })
+    });
 
     // A default-deny rollout's first step: planned and applied in Audit,
     // nothing breaks, and what it would refuse is counted under its name.
