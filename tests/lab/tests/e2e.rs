@@ -174,20 +174,18 @@ spec:
     }
 
     /// Whether `pod` reaches `address`:SERVER_PORT and hears the server's "ok".
+    /// An exec that hangs (its stream lost, as after a containerd restart)
+    /// is tried again, never read as a refusal.
     fn connects(&self, namespace: &str, pod: &str, address: &str) -> bool {
-        let out = self.node.kubectl(&[
-            "-n",
-            namespace,
-            "exec",
-            pod,
-            "--",
-            "nc",
-            "-w",
-            "2",
-            address,
-            &SERVER_PORT.to_string(),
-        ]);
-        String::from_utf8_lossy(&out.stdout).trim() == "ok"
+        let port = SERVER_PORT.to_string();
+        let args = ["-n", namespace, "exec", pod, "--", "nc", "-w", "2", address, port.as_str()];
+        for attempt in 1..=3 {
+            if let Some(out) = self.node.kubectl_within(Duration::from_secs(20), &args) {
+                return String::from_utf8_lossy(&out.stdout).trim() == "ok";
+            }
+            eprintln!("kubectl exec into {namespace}/{pod} hung for 20 s (attempt {attempt} of 3)");
+        }
+        panic!("kubectl exec into {namespace}/{pod} hung three times");
     }
 
     /// The agent DaemonSet's pods, as a kubectl JSONPath prints them.

@@ -248,6 +248,21 @@ impl ControlPlane {
         self.kubectl_as("admin", args, None)
     }
 
+    /// kubectl as the admin, killed after `limit` (`None` then): a `kubectl
+    /// exec` whose stream the kubelet or containerd dropped never returns.
+    pub fn kubectl_within(&self, limit: std::time::Duration, args: &[&str]) -> Option<Output> {
+        let out = self
+            .in_netns("timeout")
+            .args(["--kill-after=5", &format!("{}", limit.as_secs().max(1)), "kubectl"])
+            .arg(format!("--kubeconfig={}", self.kubeconfig("admin").display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        // timeout(1) exits 124 when it stopped the command, 137 when it had to kill it.
+        (!matches!(out.status.code(), Some(124) | Some(137))).then_some(out)
+    }
+
     pub fn kubectl_as(&self, user: &str, args: &[&str], stdin: Option<&str>) -> Output {
         let mut command = self.in_netns("kubectl");
         command.arg(format!("--kubeconfig={}", self.kubeconfig(user).display())).args(args);

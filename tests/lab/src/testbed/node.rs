@@ -399,6 +399,11 @@ authorization: {{mode: Webhook}}
         self.plane.kubectl(args)
     }
 
+    /// kubectl as the cluster's admin, given up on after `limit`.
+    pub fn kubectl_within(&self, limit: Duration, args: &[&str]) -> Option<Output> {
+        self.plane.kubectl_within(limit, args)
+    }
+
     /// Stop one of the node's processes by its recorded PID (SIGTERM, then SIGKILL after `grace`).
     pub fn stop(&mut self, name: &str, grace: Duration) {
         if let Some(index) = self.processes.iter().position(|(n, _)| *n == name) {
