@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 pub mod policy_networking;
 
 pub const GROUP: &str = "bulkhead.io";
+/// What the schemas accept as a CIDR; the compiler checks the rest.
+pub const CIDR_PATTERN: &str = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$";
 pub const VERSION: &str = "v1alpha1";
 
 /// The application team's allowlist: NetworkPolicy semantics, plus `mode`.
@@ -120,7 +122,7 @@ pub struct Peer {
 pub struct IpBlock {
     /// An IPv4 or IPv6 CIDR, e.g. 10.0.0.0/8 or fd00::/8. Host bits are
     /// masked off (10.1.2.3/16 is 10.1.0.0/16), with a Warning Event.
-    #[schemars(regex(pattern = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$"))]
+    #[schemars(regex(pattern = CIDR_PATTERN))]
     pub cidr: String,
     /// CIDRs strictly inside `cidr` that it does not match.
     #[serde(default, skip_serializing_if = "Option::is_none")]

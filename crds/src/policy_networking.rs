@@ -153,17 +153,9 @@ pub struct EgressRule {
     pub protocols: Option<Vec<ProtocolMatch>>,
 }
 
-/// Exactly one field.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct IngressPeer {
-    /// Every pod of the namespaces selected.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespaces: Option<LabelSelector>,
-    /// The pods selected in the namespaces selected.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pods: Option<NamespacedPod>,
-}
+/// An ingress source has the subject's shape (upstream gives the two types
+/// of the same fields two names).
+pub type IngressPeer = Subject;
 
 /// Exactly one field.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -180,7 +172,7 @@ pub struct EgressPeer {
     pub nodes: Option<LabelSelector>,
     /// CIDRs, IPv4 or IPv6 (pod addresses in them match too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 25), inner(regex(pattern = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$")))]
+    #[schemars(length(min = 1, max = 25), inner(regex(pattern = crate::CIDR_PATTERN)))]
     pub networks: Option<Vec<String>>,
     /// Experimental upstream; not supported by Bulkhead (see the module).
     #[serde(default, skip_serializing_if = "Option::is_none")]
