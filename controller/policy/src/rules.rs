@@ -197,15 +197,7 @@ impl Ctx<'_> {
         port: Option<&IntOrString>,
         end_port: Option<i32>,
     ) -> Result<PortMatch, ValidationError> {
-        let number = |value: i32, name: &str| {
-            u16::try_from(value).ok().filter(|p| *p != 0).ok_or_else(|| {
-                self.err(
-                    format!("{field}.{name}"),
-                    Reason::InvalidPort,
-                    format!("{value} is not a port number (1-65535)"),
-                )
-            })
-        };
+        let number = |value: i32, name: &str| self.port_number(&format!("{field}.{name}"), value);
         match port {
             None => {
                 if end_port.is_some() {
@@ -246,18 +238,28 @@ impl Ctx<'_> {
                         format!("endPort cannot be used with the named port {name:?}"),
                     ));
                 }
-                if !is_port_name(name) {
-                    return Err(self.err(
-                        format!("{field}.port"),
-                        Reason::InvalidPort,
-                        format!(
-                            "{name:?} is not a port name (up to 15 lowercase letters, digits and '-', with a letter)"
-                        ),
-                    ));
-                }
+                self.port_name(&format!("{field}.port"), name)?;
                 Ok(PortMatch::Named { protocol, name: name.clone() })
             }
         }
+    }
+
+    fn port_number(&self, field: &str, value: i32) -> Result<u16, ValidationError> {
+        u16::try_from(value)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| self.err(field, Reason::InvalidPort, format!("{value} is not a port number (1-65535)")))
+    }
+
+    fn port_name(&self, field: &str, name: &str) -> Result<(), ValidationError> {
+        if is_port_name(name) {
+            return Ok(());
+        }
+        Err(self.err(
+            field,
+            Reason::InvalidPort,
+            format!("{name:?} is not a port name (up to 15 lowercase letters, digits and '-', with a letter)"),
+        ))
     }
 }
 

@@ -7,8 +7,7 @@ use bulkhead_crds::{policy_networking as cnp, Protocol};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::{
-    is_port_name, Action, Ctx, NamespaceScope, Peer, Policy, PortMatch, Reason, Rule, Tier, ValidationError,
-    ValidationWarning,
+    Action, Ctx, NamespaceScope, Peer, Policy, PortMatch, Reason, Rule, Tier, ValidationError, ValidationWarning,
 };
 use crate::selector::Selector;
 
@@ -184,13 +183,7 @@ fn protocol_ports(ctx: &Ctx, field: &str, protocol: &cnp::ProtocolMatch) -> Resu
         (None, Some(port), None, None) => Ok(vec![port_of(ctx, &format!("{field}.udp"), Protocol::UDP, port)?]),
         (None, None, Some(port), None) => Ok(vec![port_of(ctx, &format!("{field}.sctp"), Protocol::SCTP, port)?]),
         (None, None, None, Some(name)) => {
-            if !is_port_name(name) {
-                return Err(ctx.err(
-                    format!("{field}.destinationNamedPort"),
-                    Reason::InvalidPort,
-                    format!("{name:?} is not a port name (up to 15 lowercase letters, digits and '-', with a letter)"),
-                ));
-            }
+            ctx.port_name(&format!("{field}.destinationNamedPort"), name)?;
             // A container port's name is unique in its pod, whatever its protocol.
             Ok([Protocol::TCP, Protocol::UDP, Protocol::SCTP]
                 .into_iter()
@@ -202,15 +195,7 @@ fn protocol_ports(ctx: &Ctx, field: &str, protocol: &cnp::ProtocolMatch) -> Resu
 }
 
 fn port_of(ctx: &Ctx, field: &str, protocol: Protocol, port: &cnp::ProtocolPort) -> Result<PortMatch, ValidationError> {
-    let number = |value: i32, name: &str| {
-        u16::try_from(value).ok().filter(|p| *p != 0).ok_or_else(|| {
-            ctx.err(
-                format!("{field}.destinationPort.{name}"),
-                Reason::InvalidPort,
-                format!("{value} is not a port number (1-65535)"),
-            )
-        })
-    };
+    let number = |value: i32, name: &str| ctx.port_number(&format!("{field}.destinationPort.{name}"), value);
     let Some(port) = &port.destination_port else {
         return Ok(PortMatch::Range { protocol, start: 0, end: u16::MAX });
     };
