@@ -87,14 +87,10 @@ fn pod_isolation(snapshot: &Snapshot, selection: &Selection, pod: &PodRef) -> Is
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{manifest, Change};
+    use crate::manifest;
 
     fn snapshot(text: &str) -> Snapshot {
-        let mut snapshot = Snapshot::default();
-        for object in manifest::parse("test", text).unwrap() {
-            snapshot.apply(Change::Applied(object));
-        }
-        snapshot
+        manifest::parse("test", text).unwrap().into_iter().collect()
     }
 
     const PODS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: lab}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.0.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: db, namespace: shop, labels: {app: db}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.0.0.2}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: pending, namespace: shop, labels: {app: db}}\nspec: {containers: [{name: c}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: toy, namespace: lab}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.0.0.3}\n";

@@ -214,14 +214,10 @@ fn subject_namespace(policy: &Policy) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{manifest, Change};
+    use crate::manifest;
 
     fn snapshot(text: &str) -> Snapshot {
-        let mut snapshot = Snapshot::default();
-        for object in manifest::parse("test", text).unwrap() {
-            snapshot.apply(Change::Applied(object));
-        }
-        snapshot
+        manifest::parse("test", text).unwrap().into_iter().collect()
     }
 
     const CLUSTER: &str = "kind: Namespace\nmetadata: {name: a, labels: {team: red}}\n---\nkind: Namespace\nmetadata: {name: b, labels: {team: blue}}\n---\nkind: Pod\nmetadata: {name: web, namespace: a, labels: {app: web}}\nstatus: {podIPs: [{ip: 10.0.0.1}]}\n---\nkind: Pod\nmetadata: {name: db, namespace: a, labels: {app: db}}\nstatus: {podIPs: [{ip: 10.0.0.2}]}\n---\nkind: Pod\nmetadata: {name: web, namespace: b, labels: {app: web}}\nstatus: {podIPs: [{ip: 10.0.0.3}]}\n---\nkind: Pod\nmetadata: {name: pending, namespace: b, labels: {app: web}}\n---\napiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: web, namespace: a}\nspec: {podSelector: {matchLabels: {app: web}}}\n---\napiVersion: bulkhead.io/v1alpha1\nkind: ClusterConnectionPolicy\nmetadata: {name: red}\nspec: {priority: 1, subject: {namespaceSelector: {matchLabels: {team: red}}}}\n";

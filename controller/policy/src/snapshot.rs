@@ -106,6 +106,17 @@ pub struct Snapshot {
     label_sets: LabelSets,
 }
 
+/// The snapshot of these objects, as if each had been applied in turn.
+impl FromIterator<Object> for Snapshot {
+    fn from_iter<I: IntoIterator<Item = Object>>(objects: I) -> Self {
+        let mut snapshot = Snapshot::default();
+        for object in objects {
+            snapshot.apply(Change::Applied(object));
+        }
+        snapshot
+    }
+}
+
 impl Snapshot {
     pub fn add_namespace(&mut self, namespace: Namespace) {
         self.namespaces.insert(namespace.name.clone(), namespace);

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use bulkhead_policy::{self as policy, identity::IdentityKey, manifest, Change, DesiredState, Snapshot};
+use bulkhead_policy::{self as policy, identity::IdentityKey, manifest, DesiredState, Snapshot};
 use datapath_common::{identity, policy_prefix, verdict, EGRESS, RULE_DEFAULT_DENY};
 
 const CLUSTER: &str = r#"
@@ -29,13 +29,7 @@ status: {podIPs: [{ip: 10.0.2.1}]}
 "#;
 
 fn snapshot(policies: &str) -> Snapshot {
-    let mut snapshot = Snapshot::default();
-    for text in [CLUSTER, policies] {
-        for object in manifest::parse("test", text).unwrap() {
-            snapshot.apply(Change::Applied(object));
-        }
-    }
-    snapshot
+    [CLUSTER, policies].into_iter().flat_map(|text| manifest::parse("test", text).unwrap()).collect()
 }
 
 fn peer_name(state: &DesiredState, id: u32) -> String {

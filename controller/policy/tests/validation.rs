@@ -4,11 +4,7 @@
 use bulkhead_policy::{self as policy, manifest, rules::Reason, Change, Snapshot};
 
 fn policies(text: &str) -> Snapshot {
-    let mut snapshot = Snapshot::default();
-    for object in manifest::parse("test", text).unwrap() {
-        snapshot.apply(Change::Applied(object));
-    }
-    snapshot
+    manifest::parse("test", text).unwrap().into_iter().collect()
 }
 
 fn connection(spec: &str) -> String {

@@ -14,7 +14,7 @@ use bulkhead_policy::{
     coverage::NamespaceCoverage,
     lookup::{self, Hop},
     state::{protocol_number, PolicyEntryKey},
-    Change, DesiredState, PodRef, PolicyRef, Snapshot,
+    DesiredState, PodRef, PolicyRef, Snapshot,
 };
 use datapath_common::{identity, policy_prefix, verdict, PolicyValue, EGRESS, INGRESS, RULE_DEFAULT_DENY};
 
@@ -45,11 +45,7 @@ pub fn load(dir: &Path) -> Result<Snapshot> {
         text.push_str("\n---\n");
         text.push_str(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?);
     }
-    let mut snapshot = Snapshot::default();
-    for object in scenario::deployed_objects(&dir.display().to_string(), &text)? {
-        snapshot.apply(Change::Applied(object));
-    }
-    Ok(snapshot)
+    Ok(scenario::deployed_objects(&dir.display().to_string(), &text)?.into_iter().collect())
 }
 
 pub fn parse_port(text: &str) -> Result<(u16, Protocol)> {
