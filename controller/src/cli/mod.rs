@@ -1,6 +1,8 @@
-//! The offline commands: `check`, `explain` and `compile` answer from the
-//! compiled state of a folder, `validate` checks files before they are
-//! applied; no kernel and no cluster.
+//! The commands for people: `check`, `explain`, `compile` and `coverage`
+//! answer from the compiled state of a folder, `validate` checks files
+//! before they are applied, all with no kernel and no cluster; `rollout`
+//! writes the policies of a default-deny rollout, and applies them when
+//! asked.
 
 pub mod rollout;
 pub mod scenario;

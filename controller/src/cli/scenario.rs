@@ -222,9 +222,10 @@ impl Scenario {
         }
         for object in &step.delete {
             let kind = policy_kind(&object.kind)?;
-            let namespace = match kind.is_cluster_scoped() {
-                true => String::new(),
-                false => object.namespace.clone().unwrap_or_else(|| "default".into()),
+            let namespace = if kind.is_cluster_scoped() {
+                String::new()
+            } else {
+                object.namespace.clone().unwrap_or_else(|| "default".into())
             };
             push(world, Change::Deleted(ObjectKey::Policy(PolicyRef { kind, namespace, name: object.name.clone() })));
         }

@@ -620,13 +620,13 @@ where
     ExactTable::open(name, map, sets, seed, take(ebpf, overflow)?)
 }
 
-/// Pin an attached link, so it outlives this process.
 /// How a link's pin names its target (an interface, or a cgroup's path):
 /// bpffs refuses names with a dot (reserved for its own files).
 pub fn link_pin_target(target: &str) -> String {
     target.trim_start_matches('/').replace(['/', '.'], "_")
 }
 
+/// Pin an attached link, so it outlives this process.
 fn pin_link<E: std::fmt::Debug>(link: Result<FdLink, E>, pin: &Path) -> Result<(), AttachError> {
     let failed =
         |e: &dyn std::fmt::Debug| AttachError::Pin { path: pin.display().to_string(), reason: format!("{e:?}") };
