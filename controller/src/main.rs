@@ -356,7 +356,13 @@ fn agent(args: AgentArgs) -> Result<()> {
                 node_name.clone(),
                 shared.clone(),
             ));
-            tokio::spawn(bulkhead::agent::report::publish_anomalies(client, node_name.clone(), shared.clone()));
+            let anomalies = shared.anomalies_to_publish();
+            tokio::spawn(bulkhead::agent::report::publish_anomalies(
+                client,
+                node_name.clone(),
+                shared.clone(),
+                anomalies,
+            ));
         }
         let (metrics, debug_views) = agent::http::serve(args.metrics_address, args.debug_address, shared)
             .await

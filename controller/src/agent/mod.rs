@@ -11,7 +11,7 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
     },
     time::{Duration, Instant},
 };
@@ -134,9 +134,9 @@ pub struct Shared {
     unenforced: Mutex<BTreeMap<String, String>>,
     /// What this node tells the controller, and a counter of its changes.
     report: Mutex<(u64, NodeReport)>,
-    /// Egress anomalies not yet published as Kubernetes Events (Kubernetes
-    /// mode drains them; bounded, so dir mode drops the oldest).
-    anomalies: Mutex<VecDeque<Anomaly>>,
+    /// Where egress anomalies go to become Kubernetes Events: set in
+    /// Kubernetes mode only, so dir mode builds none.
+    anomalies: OnceLock<mpsc::Sender<Anomaly>>,
 }
 
 /// An egress anomaly, for the Warning Event on its pod.
@@ -148,6 +148,8 @@ pub struct Anomaly {
     pub destination: String,
 }
 
+/// Anomalies waiting for their Event; beyond this (the API server slow
+/// or away) they are dropped, and counted.
 const PENDING_ANOMALIES: usize = 256;
 
 const RECENT_EVENTS: usize = 512;
@@ -168,21 +170,23 @@ impl Shared {
             events: Mutex::new(VecDeque::new()),
             unenforced: Mutex::new(BTreeMap::new()),
             report: Mutex::new((0, NodeReport::default())),
-            anomalies: Mutex::new(VecDeque::new()),
+            anomalies: OnceLock::new(),
         }
+    }
+
+    /// From now on, egress anomalies are sent here (once; later calls are ignored).
+    pub fn anomalies_to_publish(&self) -> mpsc::Receiver<Anomaly> {
+        let (sender, receiver) = mpsc::channel(PENDING_ANOMALIES);
+        let _ = self.anomalies.set(sender);
+        receiver
     }
 
     fn push_anomaly(&self, anomaly: Anomaly) {
-        let mut pending = self.anomalies.lock().expect("anomalies lock");
-        if pending.len() == PENDING_ANOMALIES {
-            pending.pop_front();
+        if let Some(sender) = self.anomalies.get() {
+            if sender.try_send(anomaly).is_err() {
+                self.metrics.sync_errors.with_label_values(&["event"]).inc();
+            }
         }
-        pending.push_back(anomaly);
-    }
-
-    /// The anomalies not yet published, oldest first.
-    pub fn take_anomalies(&self) -> Vec<Anomaly> {
-        self.anomalies.lock().expect("anomalies lock").drain(..).collect()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -617,6 +621,7 @@ impl Agent {
             }
         }
         self.report_overdue();
+        self.publish_endpoints();
     }
 
     /// `bulkhead_endpoints{namespace,isolation}`: the enforced local pods by
@@ -663,7 +668,6 @@ impl Agent {
             overdue.insert(pod.to_string(), waiting.why.clone());
         }
         self.shared.metrics.endpoints_unenforced.set(overdue.len() as i64);
-        self.publish_endpoints();
         *self.shared.unenforced.lock().expect("unenforced lock") = overdue;
     }
 

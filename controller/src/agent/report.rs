@@ -15,8 +15,9 @@ use kube::{
     Api, Client,
 };
 use serde_json::json;
+use tokio::sync::mpsc;
 
-use super::Shared;
+use super::{Anomaly, Shared};
 use crate::report::{lease_name, AGENT_LEASE_LABEL, RENEW, STALE};
 
 /// Keep this node's Lease saying which policy generations the datapath
@@ -57,37 +58,39 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
 /// Publish each egress anomaly as a Warning Event on its pod (reason
 /// `EgressAnomaly`, the destination in the note). The agent reports a
 /// destination once per workload and baseline, so the Events are too.
-pub async fn publish_anomalies(client: Client, node: String, shared: Arc<Shared>) {
+pub async fn publish_anomalies(
+    client: Client,
+    node: String,
+    shared: Arc<Shared>,
+    mut anomalies: mpsc::Receiver<Anomaly>,
+) {
     let reporter = Reporter { controller: "bulkhead-agent".into(), instance: Some(node) };
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        for anomaly in shared.take_anomalies() {
-            // A recorder of its own: one recorder folds Events of the same
-            // reason on the same pod into one, keeping the first note, and
-            // each destination is to be read.
-            let recorder = Recorder::new(client.clone(), reporter.clone());
-            let pod = ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                namespace: Some(anomaly.pod.namespace.clone()),
-                name: Some(anomaly.pod.name.clone()),
-                uid: anomaly.uid.clone(),
-                ..Default::default()
-            };
-            let event = Event {
-                type_: EventType::Warning,
-                reason: "EgressAnomaly".into(),
-                note: Some(format!(
-                    "egress to {} is outside the learned baseline of workload {}",
-                    anomaly.destination, anomaly.workload
-                )),
-                action: "Connect".into(),
-                secondary: None,
-            };
-            if let Err(error) = recorder.publish(&event, &pod).await {
-                shared.metrics.sync_errors.with_label_values(&["event"]).inc();
-                tracing::warn!(pod = %anomaly.pod, %error, "publishing an EgressAnomaly Event failed");
-            }
+    while let Some(anomaly) = anomalies.recv().await {
+        // A recorder of its own: one recorder folds Events of the same
+        // reason on the same pod into one, keeping the first note, and
+        // each destination is to be read.
+        let recorder = Recorder::new(client.clone(), reporter.clone());
+        let pod = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(anomaly.pod.namespace.clone()),
+            name: Some(anomaly.pod.name.clone()),
+            uid: anomaly.uid.clone(),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "EgressAnomaly".into(),
+            note: Some(format!(
+                "egress to {} is outside the learned baseline of workload {}",
+                anomaly.destination, anomaly.workload
+            )),
+            action: "Connect".into(),
+            secondary: None,
+        };
+        if let Err(error) = recorder.publish(&event, &pod).await {
+            shared.metrics.sync_errors.with_label_values(&["event"]).inc();
+            tracing::warn!(pod = %anomaly.pod, %error, "publishing an EgressAnomaly Event failed");
         }
     }
 }
