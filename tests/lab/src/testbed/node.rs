@@ -450,7 +450,7 @@ authorization: {{mode: Webhook}}
             .find(|h| h.join("cgroup.controllers").exists())
             .expect("a cgroup v2 hierarchy (alone, or unified/ beside v1)");
         let kubepods = v2.join(self.cgroup_root.trim_start_matches('/'));
-        let pod = find_directory(&kubepods, &format!("pod{uid}"), 4)
+        let pod = bulkhead::agent::host::find_pod_cgroup(&kubepods, uid)
             .unwrap_or_else(|| panic!("pod {uid} has no cgroup under {}", kubepods.display()));
         for container in std::fs::read_dir(&pod).into_iter().flatten().flatten().filter(|e| e.path().is_dir()) {
             let procs = std::fs::read_to_string(container.path().join("cgroup.procs")).unwrap_or_default();
@@ -517,21 +517,6 @@ impl PodShell {
         let out = self.command(&["nc", "-w", "1", address, &port.to_string()]).stdin(Stdio::null()).output();
         out.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "ok")
     }
-}
-
-/// The first directory named `name` at most `depth` levels under `root`.
-fn find_directory(root: &Path, name: &str, depth: usize) -> Option<PathBuf> {
-    for entry in std::fs::read_dir(root).into_iter().flatten().flatten().filter(|e| e.path().is_dir()) {
-        if entry.file_name() == name {
-            return Some(entry.path());
-        }
-        if depth > 1 {
-            if let Some(found) = find_directory(&entry.path(), name, depth - 1) {
-                return Some(found);
-            }
-        }
-    }
-    None
 }
 
 fn terminate(child: &mut Child, grace: Duration) {
