@@ -12,7 +12,7 @@ use bulkhead_crds::{
     ConnectionPolicy, ConnectionPolicySpec, EgressRule, IpBlock, Mode, Peer, PolicyType, PortSpec, Protocol,
 };
 use k8s_openapi::apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString};
-use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 
 /// The policy's name in each namespace.
 pub const POLICY_NAME: &str = "bulkhead-default-deny";
@@ -94,12 +94,8 @@ fn default_deny(namespace: &str, allowances: &Allowances) -> ConnectionPolicy {
             egress: Some(egress),
         },
     );
-    policy.metadata = ObjectMeta {
-        name: Some(POLICY_NAME.to_string()),
-        namespace: Some(namespace.to_string()),
-        labels: Some([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())].into()),
-        ..Default::default()
-    };
+    policy.metadata.namespace = Some(namespace.to_string());
+    policy.metadata.labels = Some([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())].into());
     policy
 }
 
