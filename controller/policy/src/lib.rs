@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod compile;
 pub mod coverage;
 pub mod diff;

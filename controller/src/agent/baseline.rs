@@ -25,12 +25,7 @@ pub struct Workload {
 
 impl Workload {
     pub fn of(pod: &Pod) -> Self {
-        let name = ["app.kubernetes.io/name", "app"]
-            .iter()
-            .find_map(|label| pod.labels.get(*label))
-            .cloned()
-            .unwrap_or_else(|| pod.name.clone());
-        Self { namespace: pod.namespace.clone(), name }
+        Self { namespace: pod.namespace.clone(), name: bulkhead_policy::audit::workload_name(pod) }
     }
 }
 
