@@ -134,6 +134,9 @@ struct AgentArgs {
     /// Deny/audit events per second and CPU sent to the log; the rest are counted only.
     #[arg(long)]
     events_per_second: Option<u64>,
+    /// What the node keeps across restarts (the audit flows of a rollout).
+    #[arg(long, default_value = "/var/lib/bulkhead")]
+    state_dir: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -325,6 +328,7 @@ fn agent(args: AgentArgs) -> Result<()> {
     let mut config = Config::new(&node_name, args.pin_dir);
     config.cgroup_root = Some(cgroup_v2(args.cgroup_root.unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))));
     config.events_per_second = args.events_per_second;
+    config.state_dir = Some(args.state_dir);
     config.egress_learning =
         (args.egress_learning_seconds > 0).then(|| std::time::Duration::from_secs(args.egress_learning_seconds));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

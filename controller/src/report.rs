@@ -2,7 +2,8 @@
 //! its own (`bulkhead-agent-<node>`), renewed every `RENEW`, annotated with
 //! the generation of every policy that selects one of its pods as its
 //! datapath holds it, the local pods it enforces, and those it cannot, with
-//! why. Its size follows the node, not the cluster. The agent writes it
+//! why, and the audit flows it saw (the newest few hundred). Its size follows
+//! the node, not the cluster. The agent writes it
 //! (`agent::report`), the controller reads it (`controller`).
 
 use std::{
@@ -10,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use bulkhead_policy::audit::Flow;
 use k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp};
 
 /// The annotation on an agent's Lease: `{"<Kind> <namespace>/<name>": generation}`.
@@ -18,6 +20,9 @@ pub const PROGRAMMED_ANNOTATION: &str = "bulkhead.io/programmed";
 pub const ENFORCED_ANNOTATION: &str = "bulkhead.io/enforced";
 /// `{"<namespace>/<pod>": "why"}`: local pods unenforced past the grace.
 pub const UNENFORCED_ANNOTATION: &str = "bulkhead.io/unenforced";
+/// `{"flows": [...], "omitted": n}`: the audit flows the node saw most
+/// recently (`bulkhead_policy::audit::Flow`), and how many more it keeps.
+pub const AUDIT_FLOWS_ANNOTATION: &str = "bulkhead.io/audit-flows";
 pub const AGENT_LEASE_LABEL: &str = "bulkhead.io/agent-report";
 /// An agent renews its Lease this often; one silent for `STALE` is gone.
 pub const RENEW: Duration = Duration::from_secs(10);
@@ -36,6 +41,15 @@ pub struct NodeReport {
     pub programmed: BTreeMap<String, i64>,
     pub enforced: BTreeSet<String>,
     pub unenforced: BTreeMap<String, String>,
+    pub audit_flows: ReportedFlows,
+}
+
+/// The audit flows in a report.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReportedFlows {
+    pub flows: Vec<Flow>,
+    /// Flows the node keeps but left out of its report.
+    pub omitted: usize,
 }
 
 impl NodeReport {
@@ -46,6 +60,7 @@ impl NodeReport {
             (PROGRAMMED_ANNOTATION, json(serde_json::json!(self.programmed))),
             (ENFORCED_ANNOTATION, json(serde_json::json!(self.enforced))),
             (UNENFORCED_ANNOTATION, json(serde_json::json!(self.unenforced))),
+            (AUDIT_FLOWS_ANNOTATION, json(serde_json::json!(self.audit_flows))),
         ]
         .into()
     }
@@ -65,6 +80,7 @@ pub fn node_report(lease: &Lease, now: Timestamp) -> Option<(String, NodeReport)
         programmed: read(annotations, PROGRAMMED_ANNOTATION),
         enforced: read(annotations, ENFORCED_ANNOTATION),
         unenforced: read(annotations, UNENFORCED_ANNOTATION),
+        audit_flows: read(annotations, AUDIT_FLOWS_ANNOTATION),
     };
     Some((node, report))
 }

@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use bulkhead_policy::{
+    audit::{AuditFlows, Direction, Flow, FlowEnd, FlowKey},
     compile::Scope,
     coverage::{self, Isolation},
     state::address_key,
@@ -35,12 +36,14 @@ use crate::{
     source::Update,
 };
 
+pub mod audit_log;
 pub mod baseline;
 pub mod host;
 pub mod http;
 pub mod metrics;
 pub mod report;
 
+use audit_log::AuditLog;
 use baseline::{Destination, EgressBaselines, Workload};
 use host::{Host, HostInterface, Wiring};
 use metrics::Metrics;
@@ -63,6 +66,9 @@ pub struct Config {
     /// one counts as an anomaly; `None` turns the baselines (and the
     /// datapath's new-flow events) off.
     pub egress_learning: Option<Duration>,
+    /// Where the node keeps what must survive a restart (the audit flows);
+    /// `None` keeps it in memory.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -76,6 +82,7 @@ impl Config {
             max_delay: Duration::from_millis(50),
             events_per_second: None,
             egress_learning: Some(Duration::from_secs(600)),
+            state_dir: None,
         }
     }
 }
@@ -137,6 +144,8 @@ pub struct Shared {
     /// Where egress anomalies go to become Kubernetes Events: set in
     /// Kubernetes mode only, so dir mode builds none.
     anomalies: OnceLock<mpsc::Sender<Anomaly>>,
+    /// The audit flows seen most recently, and how many more there are.
+    audit_flows: Mutex<(Vec<Flow>, usize)>,
 }
 
 /// An egress anomaly, for the Warning Event on its pod.
@@ -153,6 +162,9 @@ pub struct Anomaly {
 const PENDING_ANOMALIES: usize = 256;
 
 const RECENT_EVENTS: usize = 512;
+/// Audit flows in this node's report: the Lease's annotations must stay
+/// well under the API server's 256 KiB.
+const REPORTED_FLOWS: usize = 300;
 const HOUSEKEEPING: Duration = Duration::from_millis(200);
 /// How often the datapath is swept of what pods gone while no agent ran left.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -171,6 +183,7 @@ impl Shared {
             unenforced: Mutex::new(BTreeMap::new()),
             report: Mutex::new((0, NodeReport::default())),
             anomalies: OnceLock::new(),
+            audit_flows: Mutex::new((Vec::new(), 0)),
         }
     }
 
@@ -225,6 +238,16 @@ impl Shared {
     /// What this node tells the controller, with a counter that moves when it changes.
     pub fn report(&self) -> (u64, NodeReport) {
         self.report.lock().expect("report lock").clone()
+    }
+
+    /// The audit flows this node reports, newest first, at most
+    /// `REPORTED_FLOWS`, and how many were left out.
+    pub fn audit_flows(&self) -> (Vec<Flow>, usize) {
+        self.audit_flows.lock().expect("audit flows lock").clone()
+    }
+
+    fn set_audit_flows(&self, flows: &AuditFlows) {
+        *self.audit_flows.lock().expect("audit flows lock") = flows.newest(REPORTED_FLOWS);
     }
 
     pub fn state(&self) -> StateView {
@@ -321,6 +344,7 @@ pub struct Agent {
     baselines: Option<EgressBaselines>,
     /// When the datapath was last swept (after the first full sync).
     swept: Option<Instant>,
+    audit_log: AuditLog,
 }
 
 impl Agent {
@@ -332,6 +356,12 @@ impl Agent {
         }
         datapath.set_flow_events(config.egress_learning.is_some())?;
         let baselines = config.egress_learning.map(EgressBaselines::new);
+        let (audit_log, unreadable) = AuditLog::open(config.state_dir.as_deref());
+        if let Some(error) = unreadable {
+            tracing::warn!(%error, "the audit flows kept on this node could not be read; counting starts again");
+            shared.metrics.sync_errors.with_label_values(&["state"]).inc();
+        }
+        shared.set_audit_flows(&audit_log.flows);
         let programmer = Programmer::adopt(datapath);
         let host = Host::new(config.cgroup_root.clone())?;
         for (map, capacity) in [
@@ -365,6 +395,7 @@ impl Agent {
             syncs: 0,
             baselines,
             swept: None,
+            audit_log,
         })
     }
 
@@ -692,6 +723,14 @@ impl Agent {
     async fn housekeeping(&mut self) {
         *self.shared.heartbeat.lock().expect("heartbeat lock") = Instant::now();
         self.read_datapath();
+        match self.audit_log.write_if_due() {
+            Ok(true) => self.shared.set_audit_flows(&self.audit_log.flows),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot keep the audit flows in the state directory");
+                self.shared.metrics.sync_errors.with_label_values(&["state"]).inc();
+            }
+        }
         if self.swept.is_some_and(|at| at.elapsed() >= SWEEP_EVERY) {
             self.sweep().await;
         }
@@ -716,6 +755,9 @@ impl Agent {
             }
             if event.kind == EVENT_NEW_FLOW {
                 continue;
+            }
+            if event.kind == EVENT_AUDIT {
+                self.record_audit(event);
             }
             let record = self.describe(event);
             self.shared.metrics.events_received.with_label_values(&[record.verdict]).inc();
@@ -847,6 +889,27 @@ impl Agent {
                 ),
             });
         }
+    }
+
+    /// An audit verdict into this node's audit flows, by workload.
+    fn record_audit(&mut self, event: &Event) {
+        let Some(judged) = self.pods_by_endpoint.get(&event.endpoint).and_then(|p| self.snapshot.pods.get(p)) else {
+            return;
+        };
+        let judged = FlowEnd::of_pod(judged);
+        let peer_address = event_address(if event.direction == EGRESS { event.daddr } else { event.saddr }.octets());
+        let peer = match self.pod_at(peer_address).and_then(|p| self.snapshot.pods.get(p)) {
+            Some(pod) => FlowEnd::of_pod(pod),
+            None => FlowEnd::Address(peer_address),
+        };
+        let (direction, source, destination) = if event.direction == EGRESS {
+            (Direction::Egress, judged, peer)
+        } else {
+            (Direction::Ingress, peer, judged)
+        };
+        let key = FlowKey { direction, source, destination, protocol: protocol_name(event.protocol).into(), port: event.dport };
+        let policy = self.state().policy_names.get(&event.policy_id).map(PolicyRef::qualified_name).unwrap_or_default();
+        self.audit_log.record(key, &policy);
     }
 
     fn describe(&self, event: &Event) -> EventRecord {

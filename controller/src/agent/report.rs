@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::{Anomaly, Shared};
-use crate::report::{lease_name, AGENT_LEASE_LABEL, RENEW, STALE};
+use crate::report::{lease_name, ReportedFlows, AGENT_LEASE_LABEL, RENEW, STALE};
 
 /// Keep this node's Lease saying which policy generations the datapath
 /// holds: renewed every `RENEW`, at once when that changes.
@@ -32,10 +32,14 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
         if !shared.is_ready() {
             continue;
         }
-        let (version, report) = shared.report();
+        let (version, mut report) = shared.report();
         if reported == Some(version) && renewed.elapsed() < RENEW {
             continue;
         }
+        // The flows ride along with each renewal rather than move the
+        // version: they change with every audit verdict.
+        let (flows, omitted) = shared.audit_flows();
+        report.audit_flows = ReportedFlows { flows, omitted };
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",

@@ -631,6 +631,7 @@ fn convergence_agent(topology: &Topology, mut command: Command, source: &str) ->
                 crate::testbed::AGENT_ADDRESS,
             ])
             .arg(format!("--source={source}"))
+            .arg(format!("--state-dir={}", topology.state_dir("bench-node").display()))
             .env("RUST_LOG", "warn,netlink_packet_route=error")
             .stdout(Stdio::null())
             .spawn()?,

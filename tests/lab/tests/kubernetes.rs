@@ -95,6 +95,7 @@ fn kubernetes_mode_follows_the_api_server() {
         ])
         .arg(format!("--cgroup-root={}", topology.kubepods.display()))
         .args(["--metrics-address=127.0.0.1:9464", "--debug-address=127.0.0.1:9464"])
+        .arg(format!("--state-dir={}", plane.dir.join("agent-state").display()))
         // Egress baselines learned in a second: later destinations are anomalies.
         .arg("--egress-learning-seconds=1")
         .stdout(Stdio::null())

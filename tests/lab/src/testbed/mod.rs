@@ -163,6 +163,8 @@ pub struct Topology {
     pub pods: Vec<TestPod>,
     /// Where the pods' cgroups are (the agent's `--cgroup-root`).
     pub kubepods: PathBuf,
+    /// The agents' `--state-dir`: `<node name>/` under it, removed with the topology.
+    pub state_root: PathBuf,
     subnet: u8,
     /// The node has its pod bridge (`add_bridged_pod`).
     bridged: bool,
@@ -181,6 +183,7 @@ impl Topology {
             node_ipv6: format!("fd00:{subnet}::1").parse().unwrap(),
             pods: vec![],
             kubepods: PathBuf::from(CGROUP2_ROOT).join(format!("bh-{tag}-kubepods")),
+            state_root: std::env::temp_dir().join(format!("bh-{tag}-state")),
             subnet,
             bridged: false,
             children: vec![],
@@ -459,8 +462,17 @@ impl Topology {
         ]
         .map(String::from)
         .into_iter()
-        .chain([format!("--source=dir:{}", folder.display()), format!("--cgroup-root={}", self.kubepods.display())])
+        .chain([
+            format!("--source=dir:{}", folder.display()),
+            format!("--cgroup-root={}", self.kubepods.display()),
+            format!("--state-dir={}", self.state_dir(node).display()),
+        ])
         .collect()
+    }
+
+    /// Where node `node`'s agent keeps its state.
+    pub fn state_dir(&self, node: &str) -> PathBuf {
+        self.state_root.join(node)
     }
 
     /// A command run in the node's network namespace only. Unlike `ip netns
@@ -484,10 +496,7 @@ impl Topology {
     ) -> std::io::Result<std::process::Child> {
         let log = std::fs::File::create(std::env::temp_dir().join(log_name))?;
         self.node_command(product_binary())
-            .args(["agent", "--node-name", node_name, "--pin-dir", pin_dir, "--metrics-address", AGENT_ADDRESS])
-            .args(["--debug-address", AGENT_ADDRESS])
-            .arg(format!("--source=dir:{}", folder.display()))
-            .arg(format!("--cgroup-root={}", self.kubepods.display()))
+            .args(self.agent_args(node_name, pin_dir, folder))
             .env("RUST_LOG", rust_log)
             .stdout(std::process::Stdio::null())
             .stderr(log)
@@ -531,6 +540,7 @@ impl Drop for Topology {
             }
         }
         let _ = std::fs::remove_dir(&self.kubepods);
+        let _ = std::fs::remove_dir_all(&self.state_root);
         run_quiet(&["ip", "netns", "del", &self.node_netns]);
     }
 }
