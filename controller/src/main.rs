@@ -96,9 +96,66 @@ enum RolloutCommand {
         #[arg(long)]
         allow_egress_cidr: Vec<String>,
         /// Apply to the cluster of the current kubeconfig instead of printing.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "into")]
         apply: bool,
+        /// Dir mode: write each plan into the agents' folder instead of printing.
+        #[arg(long)]
+        into: Option<PathBuf>,
     },
+    /// The connections the namespace's default-deny would have denied (the
+    /// agents' audit flows), and the ConnectionPolicies that allow exactly them.
+    Report {
+        namespace: String,
+        #[command(flatten)]
+        flows: FlowArgs,
+        /// text: the flows and the proposal; yaml: the proposal alone, for
+        /// `kubectl apply -f -`; json: both.
+        #[arg(short, long, value_enum, default_value_t = ReportOutput::Text)]
+        output: ReportOutput,
+    },
+    /// Switch the namespace's default-deny to Enforce, unless a connection
+    /// seen since the last policy change would then be denied: those are
+    /// listed, and it exits 1.
+    Enforce {
+        namespace: String,
+        #[command(flatten)]
+        flows: FlowArgs,
+        /// Dir mode: the agents' folder (the policies in place, and the plan's file).
+        #[arg(long, requires = "state_dir")]
+        dir: Option<PathBuf>,
+        /// Switch even if connections seen would be denied.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Where the audit flows come from.
+#[derive(clap::Args)]
+struct FlowArgs {
+    /// Dir mode: an agent's --state-dir (repeatable); without it the agents'
+    /// reports are read through the API server.
+    #[arg(long)]
+    state_dir: Vec<PathBuf>,
+    /// Kubernetes mode: the namespace of the agents' report Leases.
+    #[arg(long, default_value = "bulkhead-system")]
+    report_namespace: String,
+}
+
+impl FlowArgs {
+    fn source(self) -> rollout::FlowSource {
+        if self.state_dir.is_empty() {
+            rollout::FlowSource::Cluster { report_namespace: self.report_namespace }
+        } else {
+            rollout::FlowSource::StateDirs(self.state_dir)
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReportOutput {
+    Text,
+    Yaml,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -247,16 +304,69 @@ fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Rollout {
-            command: RolloutCommand::Plan { namespaces, dns_namespace, dns_selector, allow_egress_cidr, apply },
+            command: RolloutCommand::Plan { namespaces, dns_namespace, dns_selector, allow_egress_cidr, apply, into },
         } => {
             let allowances = rollout::Allowances::parse(&dns_namespace, &dns_selector, &allow_egress_cidr)?;
             let policies = rollout::plan(&namespaces, &allowances);
+            if let Some(folder) = into {
+                rollout::write_into(&folder, &policies)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             if !apply {
                 print!("{}", rollout::to_yaml(&policies)?);
                 return Ok(ExitCode::SUCCESS);
             }
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(rollout::apply(&policies))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rollout { command: RolloutCommand::Report { namespace, flows, output } } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let (flows, omitted) = runtime.block_on(rollout::gather_flows(&flows.source()))?;
+            let report = rollout::report(&namespace, flows, omitted);
+            for unproposed in report.proposal.unproposed.iter().filter(|_| !matches!(output, ReportOutput::Text)) {
+                eprintln!("not proposed: {}: {}", unproposed.flow, unproposed.why);
+            }
+            match output {
+                ReportOutput::Text => rollout::print_report(&namespace, &report)?,
+                ReportOutput::Yaml => print!("{}", rollout::to_yaml(&report.proposal.policies)?),
+                ReportOutput::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "namespace": namespace,
+                        "flows": report.flows,
+                        "omitted": report.omitted,
+                        "proposed": report.proposal.policies,
+                        "unproposed": report.proposal.unproposed,
+                    }))?
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rollout { command: RolloutCommand::Enforce { namespace, flows, dir, force } } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let (flows, _) = runtime.block_on(rollout::gather_flows(&flows.source()))?;
+            let (snapshot, since) = match &dir {
+                Some(folder) => rollout::folder_state(folder)?,
+                None => runtime.block_on(rollout::cluster_state(&namespace))?,
+            };
+            let unexplained = rollout::unexplained_since(&snapshot, &namespace, &flows, since)?;
+            if !unexplained.is_empty() {
+                println!(
+                    "{} connection(s) seen since the last policy change would be denied under Enforce:",
+                    unexplained.len()
+                );
+                rollout::print_flows(&unexplained);
+                if !force {
+                    println!("not switched: allow them (`bulkhead rollout report {namespace}`), or --force");
+                    return Ok(ExitCode::FAILURE);
+                }
+                println!("--force: switching anyway");
+            }
+            match &dir {
+                Some(folder) => rollout::enforce_in_folder(folder, &namespace)?,
+                None => runtime.block_on(rollout::enforce_in_cluster(&namespace))?,
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { paths, output } => {

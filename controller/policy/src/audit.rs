@@ -596,7 +596,7 @@ spec: {podSelector: {}, policyTypes: [Ingress, Egress], mode: Audit}
         );
         let all: Vec<Flow> = wanted.iter().cloned().chain([unwanted.clone()]).collect();
         assert_eq!(
-            unexplained(&snapshot, &[deny.clone()], &all).unwrap().len(),
+            unexplained(&snapshot, std::slice::from_ref(&deny), &all).unwrap().len(),
             4,
             "default-deny enforced alone denies all"
         );
@@ -607,7 +607,7 @@ spec: {podSelector: {}, policyTypes: [Ingress, Egress], mode: Audit}
             let Object::Policy(policy) = object else { panic!("a policy") };
             assert!(matches!(snapshot.admit(&policy), crate::Admission::Accepted { .. }), "the proposal is valid");
         }
-        assert_eq!(unexplained(&snapshot, &[deny.clone()], &all).unwrap(), vec![unwanted], "only the flow left out");
+        assert_eq!(unexplained(&snapshot, std::slice::from_ref(&deny), &all).unwrap(), vec![unwanted], "only the flow left out");
 
         let missing = PolicyRef { name: "nope".into(), ..deny };
         assert!(unexplained(&snapshot, &[missing], &all).unwrap_err().contains("nope"));

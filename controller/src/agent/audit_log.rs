@@ -36,8 +36,12 @@ impl AuditLog {
     /// cannot be read is set aside as `audit-flows.json.unreadable` and
     /// counting starts again: the error says so.
     pub fn open(state_dir: Option<&Path>) -> (Self, Option<String>) {
-        let mut log =
-            Self { path: state_dir.map(|d| d.join(FILE)), flows: AuditFlows::new(CAPACITY), dirty: false, written: Instant::now() };
+        let mut log = Self {
+            path: state_dir.map(|d| d.join(FILE)),
+            flows: AuditFlows::new(CAPACITY),
+            dirty: false,
+            written: Instant::now(),
+        };
         let Some(path) = log.path.clone() else { return (log, None) };
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,

@@ -907,7 +907,13 @@ impl Agent {
         } else {
             (Direction::Ingress, peer, judged)
         };
-        let key = FlowKey { direction, source, destination, protocol: protocol_name(event.protocol).into(), port: event.dport };
+        let key = FlowKey {
+            direction,
+            source,
+            destination,
+            protocol: protocol_name(event.protocol).into(),
+            port: event.dport,
+        };
         let policy = self.state().policy_names.get(&event.policy_id).map(PolicyRef::qualified_name).unwrap_or_default();
         self.audit_log.record(key, &policy);
     }

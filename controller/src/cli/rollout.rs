@@ -1,18 +1,41 @@
-//! `bulkhead rollout plan`: the first step of a default-deny rollout, one
-//! namespace at a time. Each namespace gets a ConnectionPolicy that isolates
+//! `bulkhead rollout`: default-deny, one namespace at a time. `plan` is
+//! the first step. Each namespace gets a ConnectionPolicy that isolates
 //! every pod both ways in Audit mode (so nothing breaks yet and every
 //! connection it would refuse is reported), with the allowances every
 //! namespace needs stated in it: DNS to the cluster DNS, and whatever the
-//! operator adds.
+//! operator adds. `report` reads what the agents saw it would have denied
+//! (their audit flows) and proposes the ConnectionPolicies that allow exactly
+//! that; `enforce` switches the default-deny to Enforce once nothing seen
+//! since the last policy change is left denied.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{bail, Context, Result};
 use bulkhead_crds::{
-    ConnectionPolicy, ConnectionPolicySpec, EgressRule, IpBlock, Mode, Peer, PolicyType, PortSpec, Protocol,
+    policy_networking::ClusterNetworkPolicy, ClusterConnectionPolicy, ConnectionPolicy, ConnectionPolicySpec,
+    EgressRule, IpBlock, Mode, Peer, PolicyType, PortSpec, Protocol,
 };
-use k8s_openapi::apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString};
-use kube::api::{Api, Patch, PatchParams};
+use bulkhead_policy::{
+    audit::{self, AuditFlows, Direction, Flow, Proposal},
+    Object, PolicyKind, PolicyRef, Snapshot,
+};
+use k8s_openapi::{
+    api::{coordination::v1::Lease, core::v1 as core, networking::v1::NetworkPolicy},
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+    jiff::Timestamp,
+};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+
+use crate::{
+    report::{node_report, AGENT_LEASE_LABEL},
+    source::kubernetes::Watched,
+};
 
 /// The policy's name in each namespace.
 pub const POLICY_NAME: &str = "bulkhead-default-deny";
@@ -125,6 +148,222 @@ pub async fn apply(policies: &[ConnectionPolicy]) -> Result<()> {
         println!("connectionpolicy.bulkhead.io/{POLICY_NAME} applied in {namespace} (Audit)");
     }
     Ok(())
+}
+
+/// Where a plan goes in dir mode: the agents' folder, one file per namespace
+/// that `enforce` rewrites.
+pub fn plan_file(folder: &Path, namespace: &str) -> PathBuf {
+    folder.join(format!("bulkhead-rollout-{namespace}.yaml"))
+}
+
+/// Dir mode's apply: each plan into its file in the agents' folder.
+pub fn write_into(folder: &Path, policies: &[ConnectionPolicy]) -> Result<()> {
+    for policy in policies {
+        let namespace = policy.metadata.namespace.as_deref().unwrap_or_default();
+        let path = plan_file(folder, namespace);
+        std::fs::write(&path, to_yaml(std::slice::from_ref(policy))?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("{POLICY_NAME} for {namespace} written to {} (Audit)", path.display());
+    }
+    Ok(())
+}
+
+/// Where the audit flows are read from: agents' state directories (dir
+/// mode), or the agents' reports through the API server.
+pub enum FlowSource {
+    StateDirs(Vec<PathBuf>),
+    Cluster { report_namespace: String },
+}
+
+/// Every node's audit flows, merged: one flow seen on several nodes is one
+/// row, its counts added. Also how many flows nodes kept out of their reports.
+pub async fn gather_flows(source: &FlowSource) -> Result<(Vec<Flow>, usize)> {
+    let mut merged = AuditFlows::new(usize::MAX);
+    let mut omitted = 0;
+    match source {
+        FlowSource::StateDirs(dirs) => {
+            for dir in dirs {
+                merged.merge(crate::agent::audit_log::read(dir)?);
+            }
+        }
+        FlowSource::Cluster { report_namespace } => {
+            let client = client().await?;
+            let leases: Api<Lease> = Api::namespaced(client, report_namespace);
+            let listed = leases
+                .list(&ListParams::default().labels(&format!("{AGENT_LEASE_LABEL}=true")))
+                .await
+                .with_context(|| format!("listing the agents' reports (Leases in {report_namespace})"))?;
+            for lease in &listed.items {
+                if let Some((_, report)) = node_report(lease, Timestamp::now()) {
+                    omitted += report.audit_flows.omitted;
+                    merged.merge(report.audit_flows.flows);
+                }
+            }
+        }
+    }
+    Ok((merged.flows(), omitted))
+}
+
+/// `bulkhead rollout report`: the flows judged in the namespace, and the
+/// policies that allow exactly them.
+pub struct Report {
+    pub flows: Vec<Flow>,
+    pub proposal: Proposal,
+    pub omitted: usize,
+}
+
+pub fn report(namespace: &str, flows: Vec<Flow>, omitted: usize) -> Report {
+    let flows: Vec<Flow> = audit::judged_in(namespace, &flows).into_iter().cloned().collect();
+    let proposal = audit::propose(namespace, &flows);
+    Report { flows, proposal, omitted }
+}
+
+pub fn print_flows(flows: &[Flow]) {
+    println!(
+        "{:<8} {:<30} {:<30} {:>11} {:>7}  {:<20} {:<20} POLICY",
+        "DIR", "SOURCE", "DESTINATION", "PORT", "COUNT", "FIRST SEEN (UTC)", "LAST SEEN (UTC)"
+    );
+    for flow in flows {
+        let key = &flow.key;
+        let direction = match key.direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        println!(
+            "{direction:<8} {:<30} {:<30} {:>11} {:>7}  {:<20} {:<20} {}",
+            key.source.to_string(),
+            key.destination.to_string(),
+            format!("{}/{}", key.port, key.protocol),
+            flow.stats.count,
+            time_text(flow.stats.first_seen),
+            time_text(flow.stats.last_seen),
+            flow.stats.policy
+        );
+    }
+}
+
+pub fn print_report(namespace: &str, report: &Report) -> Result<()> {
+    if report.flows.is_empty() {
+        println!("no audit verdicts in {namespace}: nothing the rollout's default-deny would have denied");
+    } else {
+        print_flows(&report.flows);
+    }
+    if report.omitted > 0 {
+        println!("note: nodes kept {} more flows than they report; the oldest are not shown", report.omitted);
+    }
+    for unproposed in &report.proposal.unproposed {
+        println!("not proposed: {}: {}", unproposed.flow, unproposed.why);
+    }
+    if !report.proposal.policies.is_empty() {
+        println!("\nproposed (`-o yaml | kubectl apply -f -`):\n");
+        print!("{}", to_yaml(&report.proposal.policies)?);
+    }
+    Ok(())
+}
+
+/// The namespace's default-deny, as the snapshot names it.
+pub fn default_deny_ref(namespace: &str) -> PolicyRef {
+    PolicyRef { kind: PolicyKind::ConnectionPolicy, namespace: namespace.into(), name: POLICY_NAME.into() }
+}
+
+/// `bulkhead rollout enforce`'s judgement: the namespace's flows seen since
+/// `since` (the last policy change, Unix seconds) that the policies in place
+/// would deny once the default-deny enforces.
+pub fn unexplained_since(snapshot: &Snapshot, namespace: &str, flows: &[Flow], since: u64) -> Result<Vec<Flow>> {
+    let recent: Vec<Flow> =
+        audit::judged_in(namespace, flows).into_iter().filter(|f| f.stats.last_seen >= since).cloned().collect();
+    audit::unexplained(snapshot, &[default_deny_ref(namespace)], &recent)
+        .map_err(|why| anyhow::anyhow!("{why}: no rollout to enforce in {namespace} (`bulkhead rollout plan` first)"))
+}
+
+/// Dir mode: the folder's snapshot, and when its files last changed.
+pub fn folder_state(folder: &Path) -> Result<(Snapshot, u64)> {
+    let snapshot = super::load(folder)?;
+    let mut since = 0;
+    for entry in std::fs::read_dir(folder).with_context(|| format!("reading {}", folder.display()))? {
+        let modified = entry?.metadata()?.modified()?;
+        since = since.max(modified.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+    }
+    Ok((snapshot, since))
+}
+
+/// Dir mode's switch: the plan's file in the folder, its mode now Enforce.
+pub fn enforce_in_folder(folder: &Path, namespace: &str) -> Result<()> {
+    let path = plan_file(folder, namespace);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (written by `bulkhead rollout plan --into`)", path.display()))?;
+    let mut policy: ConnectionPolicy =
+        serde_saphyr::from_str(&text).with_context(|| format!("{}: not the rollout's policy", path.display()))?;
+    policy.spec.mode = Mode::Enforce;
+    std::fs::write(&path, to_yaml(&[policy])?).with_context(|| format!("writing {}", path.display()))?;
+    println!("{POLICY_NAME} in {namespace} switched to Enforce ({})", path.display());
+    Ok(())
+}
+
+/// Kubernetes mode: the cluster's snapshot, and the newest change to a
+/// policy that can judge the namespace's pods (its own and the cluster-scoped
+/// ones), from their managed fields.
+pub async fn cluster_state(namespace: &str) -> Result<(Snapshot, u64)> {
+    let client = client().await?;
+    let mut objects = Vec::new();
+    let mut since = 0;
+    let mut changed = |meta: &ObjectMeta| {
+        let times = meta.managed_fields.iter().flatten().filter_map(|f| f.time.as_ref().map(|t| t.0));
+        for time in times.chain(meta.creation_timestamp.as_ref().map(|t| t.0)) {
+            since = since.max(time.as_second().max(0) as u64);
+        }
+    };
+    for policy in listed::<ConnectionPolicy>(Api::namespaced(client.clone(), namespace)).await? {
+        changed(&policy.metadata);
+    }
+    for policy in listed::<NetworkPolicy>(Api::namespaced(client.clone(), namespace)).await? {
+        changed(&policy.metadata);
+    }
+    let cluster_policies = listed::<ClusterConnectionPolicy>(Api::all(client.clone())).await?;
+    cluster_policies.iter().for_each(|p| changed(&p.metadata));
+    // The upstream CRD may be another implementation's, or absent.
+    let upstream = listed::<ClusterNetworkPolicy>(Api::all(client.clone())).await.unwrap_or_default();
+    upstream.iter().for_each(|p| changed(&p.metadata));
+    objects.extend(into_objects(listed::<core::Namespace>(Api::all(client.clone())).await?));
+    objects.extend(into_objects(listed::<core::Pod>(Api::all(client.clone())).await?));
+    objects.extend(into_objects(listed::<ConnectionPolicy>(Api::all(client.clone())).await?));
+    objects.extend(into_objects(listed::<NetworkPolicy>(Api::all(client.clone())).await?));
+    objects.extend(into_objects(cluster_policies));
+    objects.extend(into_objects(upstream));
+    Ok((objects.into_iter().collect(), since))
+}
+
+/// Kubernetes mode's switch: the default-deny applied again by the rollout's
+/// field manager, its mode now Enforce.
+pub async fn enforce_in_cluster(namespace: &str) -> Result<()> {
+    let api: Api<ConnectionPolicy> = Api::namespaced(client().await?, namespace);
+    let mut policy =
+        api.get(POLICY_NAME).await.with_context(|| format!("reading ConnectionPolicy {namespace}/{POLICY_NAME}"))?;
+    let mut switched = ConnectionPolicy::new(POLICY_NAME, std::mem::take(&mut policy.spec));
+    switched.spec.mode = Mode::Enforce;
+    switched.metadata.namespace = Some(namespace.to_string());
+    switched.metadata.labels = policy.metadata.labels;
+    api.patch(POLICY_NAME, &PatchParams::apply(MANAGED_BY.1).force(), &Patch::Apply(&switched))
+        .await
+        .with_context(|| format!("switching ConnectionPolicy {namespace}/{POLICY_NAME} to Enforce"))?;
+    println!("connectionpolicy.bulkhead.io/{POLICY_NAME} in {namespace} switched to Enforce");
+    Ok(())
+}
+
+async fn client() -> Result<kube::Client> {
+    kube::Client::try_default().await.context("connecting to the cluster of the current kubeconfig")
+}
+
+async fn listed<K: Watched>(api: Api<K>) -> Result<Vec<K>> {
+    Ok(api.list(&ListParams::default()).await.with_context(|| format!("listing {:?}", K::KIND))?.items)
+}
+
+fn into_objects<K: Watched>(items: Vec<K>) -> impl Iterator<Item = Object> {
+    items.into_iter().filter_map(|item| item.object().ok().flatten())
+}
+
+fn time_text(unix_seconds: u64) -> String {
+    Timestamp::from_second(unix_seconds as i64).map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default()
 }
 
 #[cfg(test)]

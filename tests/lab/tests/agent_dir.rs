@@ -349,3 +349,135 @@ fn egress_outside_the_learned_baseline_is_counted_once() {
         agent.log()
     );
 }
+
+/// `bulkhead` run here (the CLI needs no root of its own): whether it
+/// succeeded, and what it printed (its errors too when it failed).
+fn bulkhead(args: &[&str]) -> (bool, String) {
+    let output = Command::new(bulkhead_lab::testbed::product_binary()).args(args).output().unwrap();
+    let mut text = String::from_utf8_lossy(&output.stdout).to_string();
+    if !output.status.success() {
+        text.push_str(&String::from_utf8_lossy(&output.stderr));
+    }
+    (output.status.success(), text)
+}
+
+/// The rollout loop in dir mode: plan (Audit), traffic, the audit flows on
+/// the node's disk, `enforce` refusing while they are unexplained, `report`
+/// proposing the policies that allow them, the operator keeping all but the
+/// unwanted one, `enforce` switching, and then the wanted flows still allowed
+/// and the unwanted one denied.
+#[test]
+fn a_default_deny_rollout_goes_from_audit_to_enforce() {
+    assert!(common::require_root(), "not root");
+    const PINS: &str = "/sys/fs/bpf/bulkhead-test-rollout";
+    let folder = std::env::temp_dir().join("bulkhead-test-rollout-objects");
+    let _ = std::fs::remove_dir_all(&folder);
+    std::fs::create_dir_all(&folder).unwrap();
+    let _cleanup = Cleanup(folder.clone(), PINS);
+    let _ = Datapath::unpin_all(PINS);
+    let log = std::env::temp_dir().join("bulkhead-test-rollout-agent.log");
+    let _ = std::fs::remove_file(&log);
+
+    let mut topology = Topology::new("rol", 185);
+    let web = topology.add_pod("web");
+    let api = topology.add_pod("api");
+    let db = topology.add_pod("db");
+    let intruder = topology.add_pod("intruder");
+    topology.serve("api", &["8080/TCP"]);
+    topology.serve("db", &["5432/TCP"]);
+    let mut cluster = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n".to_string();
+    for (pod, app, port) in [(&web, "web", 80), (&api, "api", 8080), (&db, "db", 5432), (&intruder, "intruder", 80)] {
+        cluster.push_str(&pod_yaml(&pod.name, app, &pod.uid, &pod.ipv4.to_string(), port));
+    }
+    write(&folder.join("cluster.yaml"), &cluster);
+    let state_dir = topology.state_dir("node-a");
+    let state = state_dir.to_str().unwrap();
+    let folder_arg = folder.to_str().unwrap();
+
+    let agent = Agent::start_with(&topology, &folder, &log, PINS, &[]);
+    eventually("the agent is ready", Duration::from_secs(20), || get(&topology, "/readyz").0 == 200);
+    let (ok, out) = bulkhead(&["rollout", "plan", "shop", "--dns-selector", "", "--into", folder_arg]);
+    assert!(ok, "{out}");
+    let audited = "bulkhead_audit_denied_connections_total{direction=\"ingress\",namespace=\"shop\",pod=\"api\",policy=\"shop/bulkhead-default-deny\"}";
+    eventually("the Audit default-deny is programmed", Duration::from_secs(5), || {
+        metric(&get(&topology, "/metrics").1, audited) == Some(0.0)
+    });
+
+    // Audit: everything still flows, and is recorded per workload.
+    assert_eq!(topology.probe("web", "TCP", api.ipv4, 8080), "allow");
+    assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow");
+    assert_eq!(topology.probe("intruder", "TCP", db.ipv4, 5432), "allow");
+    eventually("the flows reach the state directory", Duration::from_secs(10), || {
+        bulkhead(&["rollout", "report", "shop", "--state-dir", state, "-o", "json"]).1.matches("\"direction\"").count()
+            == 6
+    });
+    let (ok, report) = bulkhead(&["rollout", "report", "shop", "--state-dir", state]);
+    assert!(ok, "{report}");
+    for row in ["shop/web", "shop/api", "shop/db", "shop/intruder", "5432/TCP", "shop/bulkhead-default-deny"] {
+        assert!(report.contains(row), "{row} in\n{report}");
+    }
+
+    // The flows outlive the agent: its successor goes on counting them.
+    let web_to_api = || -> u64 {
+        let report: serde_json::Value =
+            serde_json::from_str(&bulkhead(&["rollout", "report", "shop", "--state-dir", state, "-o", "json"]).1)
+                .unwrap();
+        let flows = report["flows"].as_array().unwrap().clone();
+        flows
+            .iter()
+            .find(|f| f["direction"] == "ingress" && f["destination"]["workload"]["name"] == "api")
+            .map(|f| f["count"].as_u64().unwrap())
+            .unwrap_or(0)
+    };
+    let counted = web_to_api();
+    assert!(counted >= 1, "{report}");
+    agent.kill();
+    let agent = Agent::start_with(&topology, &folder, &log, PINS, &[]);
+    eventually("the new agent is ready", Duration::from_secs(20), || get(&topology, "/readyz").0 == 200);
+    assert_eq!(topology.probe("web", "TCP", api.ipv4, 8080), "allow");
+    eventually("web -> api counted on from where it was", Duration::from_secs(10), || web_to_api() > counted);
+
+    // Not yet: every one of those would be denied.
+    let enforce = ["rollout", "enforce", "shop", "--dir", folder_arg, "--state-dir", state];
+    let (ok, refusal) = bulkhead(&enforce);
+    assert!(!ok, "{refusal}");
+    assert!(refusal.contains("6 connection(s)") && refusal.contains("shop/intruder"), "{refusal}");
+    let plan = std::fs::read_to_string(folder.join("bulkhead-rollout-shop.yaml")).unwrap();
+    assert!(plan.contains("mode: Audit"), "refused, nothing switched: {plan}");
+
+    // The operator takes the proposal but for intruder's access to db.
+    let (ok, proposal) = bulkhead(&["rollout", "report", "shop", "--state-dir", state, "-o", "yaml"]);
+    assert!(ok, "{proposal}");
+    let documents: Vec<&str> = proposal.split("---\n").collect();
+    let names: Vec<String> = documents
+        .iter()
+        .map(|d| {
+            serde_saphyr::from_str::<serde_json::Value>(d).unwrap()["metadata"]["name"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(names, ["allow-api", "allow-db", "allow-intruder", "allow-web"], "{proposal}");
+    let allow_db = documents[1];
+    assert!(allow_db.contains("app: api") && allow_db.contains("app: intruder"), "{allow_db}");
+    let kept = [documents[0], &allow_db.replace("app: intruder", "app: nobody"), documents[3]].join("---\n");
+    std::thread::sleep(Duration::from_millis(1100)); // the change is newer than every flow so far
+    write(&folder.join("allowed.yaml"), &kept);
+    eventually("the allowances are programmed", Duration::from_secs(5), || {
+        get(&topology, "/debug/state").1.contains("shop/allow-db")
+    });
+
+    // The wanted traffic again: allowed by the new policies, no audit
+    // verdict since the change, so the switch goes through.
+    assert_eq!(topology.probe("web", "TCP", api.ipv4, 8080), "allow");
+    assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow");
+    std::thread::sleep(Duration::from_millis(2500)); // a write of the state directory
+    let (ok, out) = bulkhead(&enforce);
+    assert!(ok, "{out}");
+    let plan = std::fs::read_to_string(folder.join("bulkhead-rollout-shop.yaml")).unwrap();
+    assert!(plan.contains("mode: Enforce"), "{plan}");
+    eventually("intruder is refused by db", Duration::from_secs(5), || {
+        topology.probe("intruder", "TCP", db.ipv4, 5432) == "eperm"
+    });
+    assert_eq!(topology.probe("web", "TCP", api.ipv4, 8080), "allow", "nothing wanted broke");
+    assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow", "nothing wanted broke");
+    drop(agent);
+}
