@@ -607,7 +607,11 @@ spec: {podSelector: {}, policyTypes: [Ingress, Egress], mode: Audit}
             let Object::Policy(policy) = object else { panic!("a policy") };
             assert!(matches!(snapshot.admit(&policy), crate::Admission::Accepted { .. }), "the proposal is valid");
         }
-        assert_eq!(unexplained(&snapshot, std::slice::from_ref(&deny), &all).unwrap(), vec![unwanted], "only the flow left out");
+        assert_eq!(
+            unexplained(&snapshot, std::slice::from_ref(&deny), &all).unwrap(),
+            vec![unwanted],
+            "only the flow left out"
+        );
 
         let missing = PolicyRef { name: "nope".into(), ..deny };
         assert!(unexplained(&snapshot, &[missing], &all).unwrap_err().contains("nope"));

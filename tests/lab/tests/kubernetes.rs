@@ -333,6 +333,44 @@ fn kubernetes_mode_follows_the_api_server() {
     let policy = plane.json(&["get", "connectionpolicy", "bulkhead-default-deny", "-n", "shop"]);
     assert_eq!(policy["spec"]["mode"], "Audit");
     assert_eq!(policy["metadata"]["labels"]["app.kubernetes.io/managed-by"], "bulkhead-rollout");
+
+    // What it would refuse reaches the API server in the agent's report;
+    // `rollout report` reads it from there and proposes the allowances.
+    let bulkhead = |args: &[&str]| {
+        let out = plane.command_as("admin", bulkhead_lab::testbed::product_binary()).args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (out.status.success(), if out.status.success() { text } else { text + &String::from_utf8_lossy(&out.stderr) })
+    };
+    eventually("frontend -> api is in the agent's report", Duration::from_secs(30), || {
+        let (_, report) = bulkhead(&["rollout", "report", "shop", "-o", "json"]);
+        serde_json::from_str::<serde_json::Value>(&report).is_ok_and(|r| {
+            r["flows"].as_array().is_some_and(|flows| {
+                flows.iter().any(|f| f["source"]["workload"]["name"] == "frontend" && f["port"] == 8080)
+            })
+        })
+    });
+    let (ok, refusal) = bulkhead(&["rollout", "enforce", "shop"]);
+    assert!(!ok && refusal.contains("shop/frontend") && refusal.contains("8080/TCP"), "{refusal}");
+    let policy = plane.json(&["get", "connectionpolicy", "bulkhead-default-deny", "-n", "shop"]);
+    assert_eq!(policy["spec"]["mode"], "Audit", "refused: nothing switched");
+
+    let (ok, proposal) = bulkhead(&["rollout", "report", "shop", "-o", "yaml"]);
+    assert!(ok && proposal.contains("name: allow-api") && proposal.contains("name: allow-frontend"), "{proposal}");
+    std::thread::sleep(Duration::from_millis(1100)); // the change is newer than every flow so far
+    plane.apply(&proposal);
+    eventually("the allowances are programmed", Duration::from_secs(20), || {
+        topology.node_http_get("127.0.0.1:9464", "/debug/state").is_ok_and(|(_, s)| s.contains("shop/allow-frontend"))
+    });
+    assert_eq!(topology.probe("frontend", "TCP", api.ipv4, 8080), "allow");
+    let (ok, out) = bulkhead(&["rollout", "enforce", "shop"]);
+    assert!(ok, "{out}");
+    let policy = plane.json(&["get", "connectionpolicy", "bulkhead-default-deny", "-n", "shop"]);
+    assert_eq!(policy["spec"]["mode"], "Enforce");
+    // Enforced: what was seen still flows; api, never seen reaching db since, may not.
+    eventually("api's egress is refused", Duration::from_secs(20), || {
+        topology.probe("api", "TCP", db.ipv4, 5432) == "eperm"
+    });
+    assert_eq!(topology.probe("frontend", "TCP", api.ipv4, 8080), "allow", "nothing seen broke");
 }
 
 const WEBHOOK_CONFIGURATION: &str = "apiVersion: admissionregistration.k8s.io/v1
