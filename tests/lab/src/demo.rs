@@ -1,10 +1,12 @@
 //! `bulkhead demo` (run by `cargo xtask demo`): a small shop on this
 //! machine — pods as network namespaces behind a node namespace — enforced by
 //! the real agent in its embedded default mode, following a folder of
-//! manifests: the example policies of manifests/examples are copied in, and
-//! the default-deny rollout is two more file edits (Audit, then Enforce).
-//! Shows a verdict table of real connection attempts, the agent's own
-//! /metrics counters and its deny/audit log.
+//! manifests: the example policies of manifests/examples are copied in, then
+//! the default-deny rollout loop of `bulkhead rollout` runs on it — plan in
+//! Audit, traffic, the report and its proposal, the proposal applied less
+//! the unwanted flow, enforce. Shows a verdict table of real connection
+//! attempts after each step, the agent's own /metrics counters and its
+//! deny/audit log.
 
 use std::{
     net::IpAddr,
@@ -154,6 +156,58 @@ impl Demo {
     }
 }
 
+/// Run `bulkhead` as the operator would, showing the command and its output.
+fn command(args: &[&str]) -> Result<()> {
+    if !command_status(args)? {
+        bail!("bulkhead {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+/// `command`, where failing is an answer: whether it succeeded.
+fn command_status(args: &[&str]) -> Result<bool> {
+    let shown: Vec<String> =
+        args.iter().map(|a| if a.is_empty() { "\"\"".to_string() } else { a.to_string() }).collect();
+    println!("{DIM}${RESET} bulkhead {}", shown.join(" "));
+    let out = std::process::Command::new(testbed::product_binary()).args(args).output()?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("  {line}");
+    }
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        println!("  {line}");
+    }
+    Ok(out.status.success())
+}
+
+/// The proposed policies without the rules whose peers are in `namespace`
+/// (the operator's edit), as YAML.
+fn without_peers_in(proposal: &str, namespace: &str) -> Result<String> {
+    use bulkhead_crds::{ConnectionPolicy, PolicyType};
+    let in_namespace = |peers: &Option<Vec<bulkhead_crds::Peer>>| {
+        peers.iter().flatten().any(|peer| {
+            peer.namespace_selector
+                .as_ref()
+                .and_then(|s| s.match_labels.as_ref())
+                .is_some_and(|labels| labels.get("kubernetes.io/metadata.name").map(String::as_str) == Some(namespace))
+        })
+    };
+    let mut kept = Vec::new();
+    for document in proposal.split("---\n").filter(|d| !d.trim().is_empty()) {
+        let mut policy: ConnectionPolicy = serde_saphyr::from_str(document)?;
+        if let Some(ingress) = policy.spec.ingress.as_mut() {
+            ingress.retain(|rule| !in_namespace(&rule.from));
+            if ingress.is_empty() {
+                policy.spec.ingress = None;
+                policy.spec.policy_types.get_or_insert_default().retain(|t| *t != PolicyType::Ingress);
+            }
+        }
+        if !policy.spec.policy_types.as_ref().is_some_and(Vec::is_empty) {
+            kept.push(serde_saphyr::to_string(&policy)?);
+        }
+    }
+    Ok(kept.join("---\n"))
+}
+
 fn example(file: &str) -> Result<String> {
     let path = testbed::workspace_root().join("manifests/examples").join(file);
     std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
@@ -202,16 +256,44 @@ pub fn run() -> Result<()> {
     demo.table("Verdicts of real connection attempts")?;
     demo.counters_and_log()?;
 
-    println!("\n{BOLD}2. Default-deny rollout for namespace shop, step 1: a Baseline Deny in Audit{RESET} {DIM}(default-deny-shop.yaml into the folder){RESET}");
-    demo.put("default-deny-shop.yaml", &example("default-deny-shop.yaml")?)?;
+    let folder = demo.folder.display().to_string();
+    let state = demo.topology.state_dir("demo-node").display().to_string();
+    println!("\n{BOLD}2. Default-deny for namespace shop, in Audit first{RESET}");
+    command(&["rollout", "plan", "shop", "--dns-selector", "", "--into", &folder])?;
     demo.enforced()?;
-    demo.table("Verdicts with default-deny-shop in Audit: nothing changes")?;
+    demo.table("Verdicts with bulkhead-default-deny in Audit: nothing changes")?;
     demo.counters_and_log()?;
 
-    println!("\n{BOLD}3. Step 2: the audit log looked right — default-deny-shop switched to Enforce{RESET} {DIM}(one edit: mode: Enforce){RESET}");
-    demo.put("default-deny-shop.yaml", &example("default-deny-shop.yaml")?.replace("mode: Audit", "mode: Enforce"))?;
+    println!(
+        "\n{BOLD}3. What it would have refused, from the node's audit flows, and the policies that allow it{RESET}"
+    );
+    // The flows reach the state directory within 2 s of the verdicts.
+    std::thread::sleep(Duration::from_millis(2500));
+    command(&["rollout", "report", "shop", "--state-dir", &state])?;
+    let proposal = String::from_utf8(
+        std::process::Command::new(testbed::product_binary())
+            .args(["rollout", "report", "shop", "--state-dir", &state, "-o", "yaml"])
+            .output()?
+            .stdout,
+    )?;
+    let kept = without_peers_in(&proposal, "intruder")?;
+    println!("\n{BOLD}4. The proposal applied, all but what came from namespace intruder{RESET} {DIM}(allowed.yaml into the folder){RESET}");
+    // Newer than every flow so far: `enforce` judges what is seen after it.
+    std::thread::sleep(Duration::from_millis(1100));
+    demo.put("allowed.yaml", &kept)?;
     demo.enforced()?;
-    demo.table("Verdicts with default-deny-shop enforced")?;
+    demo.table("Verdicts with the allowances: the wanted traffic runs again, and is allowed")?;
+
+    println!("\n{BOLD}5. Enforce? Not while a connection seen since the change would be refused{RESET}");
+    std::thread::sleep(Duration::from_millis(2500));
+    let enforce = ["rollout", "enforce", "shop", "--dir", &folder, "--state-dir", &state];
+    if command_status(&enforce)? {
+        bail!("enforce switched although intruder's connection to frontend was seen after the change");
+    }
+    println!("\n{BOLD}6. That one is the connection to refuse: Enforce with --force{RESET}");
+    command(&[&enforce[..], &["--force"]].concat())?;
+    demo.enforced()?;
+    demo.table("Verdicts with bulkhead-default-deny enforced")?;
     demo.counters_and_log()?;
     println!("\n{DIM}cleaning up: the agent, namespaces, links, cgroups and pins{RESET}");
     Ok(())
