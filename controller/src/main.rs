@@ -49,7 +49,12 @@ enum Command {
     /// Per namespace, the pods an enforced policy isolates for ingress and
     /// egress, and those no policy governs either way (open).
     Coverage {
-        dir: PathBuf,
+        /// A folder of manifests; left out: the cluster of the current
+        /// kubeconfig, with which pods its agents enforce.
+        dir: Option<PathBuf>,
+        /// Kubernetes mode: the namespace of the agents' report Leases.
+        #[arg(long, default_value = "bulkhead-system")]
+        report_namespace: String,
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -295,8 +300,14 @@ fn run() -> Result<ExitCode> {
             }
             Ok(if state.rejected.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Coverage { dir, output } => {
-            let coverage = bulkhead_policy::coverage::coverage(&cli::load(&dir)?);
+        Command::Coverage { dir, report_namespace, output } => {
+            let coverage = match dir {
+                Some(dir) => bulkhead_policy::coverage::coverage(&cli::load(&dir)?),
+                None => {
+                    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                    runtime.block_on(cli::cluster::coverage(&report_namespace))?
+                }
+            };
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&coverage)?),
                 Output::Text => cli::print_coverage(&coverage),

@@ -8,7 +8,7 @@
 //! connection that way is allowed. An Audit-mode policy isolates nothing,
 //! since it denies nothing; it is what a rollout runs before it does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use datapath_common::{EGRESS, INGRESS};
 use serde::Serialize;
@@ -58,6 +58,14 @@ pub struct NamespaceCoverage {
     pub egress_isolated: usize,
     /// Pods no enforced policy governs in either direction.
     pub open_pods: Vec<String>,
+    /// Pods an agent reports its programs attached to; known from a
+    /// cluster's agent reports only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enforced: Option<usize>,
+    /// Pods no agent reports enforcing: their connections are not policed,
+    /// whatever the policies say.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_enforced: Vec<String>,
 }
 
 /// Every namespace with pods, by name.
@@ -78,6 +86,26 @@ pub fn coverage(snapshot: &Snapshot) -> BTreeMap<String, NamespaceCoverage> {
         }
     }
     namespaces
+}
+
+/// Add what the agents report enforcing (`namespace/pod`) to a coverage of
+/// the same snapshot.
+pub fn add_enforcement(
+    coverage: &mut BTreeMap<String, NamespaceCoverage>,
+    snapshot: &Snapshot,
+    enforced: &BTreeSet<String>,
+) {
+    for (pod_ref, pod) in &snapshot.pods {
+        let Some(namespace) = coverage.get_mut(&pod_ref.namespace).filter(|_| !pod.ips.is_empty()) else {
+            continue;
+        };
+        let count = namespace.enforced.get_or_insert(0);
+        if enforced.contains(&pod_ref.to_string()) {
+            *count += 1;
+        } else {
+            namespace.not_enforced.push(pod_ref.name.clone());
+        }
+    }
 }
 
 fn pod_isolation(snapshot: &Snapshot, selection: &Selection, pod: &PodRef) -> Isolation {
@@ -117,6 +145,19 @@ mod tests {
 
     fn coverage_of(policies: &str) -> NamespaceCoverage {
         coverage(&snapshot(&format!("{PODS}{policies}")))["lab"].clone()
+    }
+
+    #[test]
+    fn pods_no_agent_enforces_are_named() {
+        let snapshot = snapshot(PODS);
+        let mut coverage = coverage(&snapshot);
+        assert_eq!(coverage["shop"].enforced, None, "unknown offline");
+        add_enforcement(&mut coverage, &snapshot, &BTreeSet::from(["shop/web".to_string(), "lab/toy".to_string()]));
+        assert_eq!(
+            (coverage["shop"].enforced, coverage["shop"].not_enforced.clone()),
+            (Some(1), vec!["db".to_string()])
+        );
+        assert_eq!((coverage["lab"].enforced, coverage["lab"].not_enforced.len()), (Some(1), 0));
     }
 
     #[test]

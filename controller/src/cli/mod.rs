@@ -4,6 +4,7 @@
 //! writes the policies of a default-deny rollout, and applies them when
 //! asked.
 
+pub mod cluster;
 pub mod rollout;
 pub mod scenario;
 pub mod validate;
@@ -286,10 +287,16 @@ pub fn allowlists_json(state: &DesiredState) -> serde_json::Value {
 /// One row per namespace, then the open pods by name: the places a
 /// default-deny rollout has not reached.
 pub fn print_coverage(coverage: &BTreeMap<String, NamespaceCoverage>) {
-    println!("{:<32} {:>6} {:>17} {:>16} {:>6}", "NAMESPACE", "PODS", "INGRESS ISOLATED", "EGRESS ISOLATED", "OPEN");
+    let known = coverage.values().any(|c| c.enforced.is_some());
+    let enforced_header = if known { "ENFORCED" } else { "" };
+    println!(
+        "{:<32} {:>6} {:>17} {:>16} {:>6} {:>9}",
+        "NAMESPACE", "PODS", "INGRESS ISOLATED", "EGRESS ISOLATED", "OPEN", enforced_header
+    );
     for (namespace, c) in coverage {
+        let enforced = c.enforced.map(|n| n.to_string()).unwrap_or_default();
         println!(
-            "{namespace:<32} {:>6} {:>17} {:>16} {:>6}",
+            "{namespace:<32} {:>6} {:>17} {:>16} {:>6} {enforced:>9}",
             c.pods,
             c.ingress_isolated,
             c.egress_isolated,
@@ -299,6 +306,9 @@ pub fn print_coverage(coverage: &BTreeMap<String, NamespaceCoverage>) {
     for (namespace, c) in coverage {
         for pod in &c.open_pods {
             println!("open: {namespace}/{pod} (no enforced policy selects it)");
+        }
+        for pod in &c.not_enforced {
+            println!("not enforced: {namespace}/{pod} (no agent reports its programs attached)");
         }
     }
 }

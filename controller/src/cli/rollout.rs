@@ -15,27 +15,19 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use bulkhead_crds::{
-    policy_networking::ClusterNetworkPolicy, ClusterConnectionPolicy, ConnectionPolicy, ConnectionPolicySpec,
-    EgressRule, IpBlock, Mode, Peer, PolicyType, PortSpec, Protocol,
+    ConnectionPolicy, ConnectionPolicySpec, EgressRule, IpBlock, Mode, Peer, PolicyType, PortSpec, Protocol,
 };
 use bulkhead_policy::{
     audit::{self, AuditFlows, Direction, Flow, Proposal},
-    Object, PolicyKind, PolicyRef, Snapshot,
+    PolicyKind, PolicyRef, Snapshot,
 };
 use k8s_openapi::{
-    api::{coordination::v1::Lease, core::v1 as core, networking::v1::NetworkPolicy},
-    apimachinery::pkg::{
-        apis::meta::v1::{LabelSelector, ObjectMeta},
-        util::intstr::IntOrString,
-    },
+    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
     jiff::Timestamp,
 };
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 
-use crate::{
-    report::{node_report, AGENT_LEASE_LABEL},
-    source::kubernetes::Watched,
-};
+use super::cluster;
 
 /// The policy's name in each namespace.
 pub const POLICY_NAME: &str = "bulkhead-default-deny";
@@ -187,17 +179,9 @@ pub async fn gather_flows(source: &FlowSource) -> Result<(Vec<Flow>, usize)> {
             }
         }
         FlowSource::Cluster { report_namespace } => {
-            let client = client().await?;
-            let leases: Api<Lease> = Api::namespaced(client, report_namespace);
-            let listed = leases
-                .list(&ListParams::default().labels(&format!("{AGENT_LEASE_LABEL}=true")))
-                .await
-                .with_context(|| format!("listing the agents' reports (Leases in {report_namespace})"))?;
-            for lease in &listed.items {
-                if let Some((_, report)) = node_report(lease, Timestamp::now()) {
-                    omitted += report.audit_flows.omitted;
-                    merged.merge(report.audit_flows.flows);
-                }
+            for (_, report) in cluster::reports(&cluster::client().await?, report_namespace).await? {
+                omitted += report.audit_flows.omitted;
+                merged.merge(report.audit_flows.flows);
             }
         }
     }
@@ -301,42 +285,17 @@ pub fn enforce_in_folder(folder: &Path, namespace: &str) -> Result<()> {
 }
 
 /// Kubernetes mode: the cluster's snapshot, and the newest change to a
-/// policy that can judge the namespace's pods (its own and the cluster-scoped
-/// ones), from their managed fields.
+/// policy that can judge the namespace's pods.
 pub async fn cluster_state(namespace: &str) -> Result<(Snapshot, u64)> {
-    let client = client().await?;
-    let mut objects = Vec::new();
-    let mut since = 0;
-    let mut changed = |meta: &ObjectMeta| {
-        let times = meta.managed_fields.iter().flatten().filter_map(|f| f.time.as_ref().map(|t| t.0));
-        for time in times.chain(meta.creation_timestamp.as_ref().map(|t| t.0)) {
-            since = since.max(time.as_second().max(0) as u64);
-        }
-    };
-    for policy in listed::<ConnectionPolicy>(Api::namespaced(client.clone(), namespace)).await? {
-        changed(&policy.metadata);
-    }
-    for policy in listed::<NetworkPolicy>(Api::namespaced(client.clone(), namespace)).await? {
-        changed(&policy.metadata);
-    }
-    let cluster_policies = listed::<ClusterConnectionPolicy>(Api::all(client.clone())).await?;
-    cluster_policies.iter().for_each(|p| changed(&p.metadata));
-    // The upstream CRD may be another implementation's, or absent.
-    let upstream = listed::<ClusterNetworkPolicy>(Api::all(client.clone())).await.unwrap_or_default();
-    upstream.iter().for_each(|p| changed(&p.metadata));
-    objects.extend(into_objects(listed::<core::Namespace>(Api::all(client.clone())).await?));
-    objects.extend(into_objects(listed::<core::Pod>(Api::all(client.clone())).await?));
-    objects.extend(into_objects(listed::<ConnectionPolicy>(Api::all(client.clone())).await?));
-    objects.extend(into_objects(listed::<NetworkPolicy>(Api::all(client.clone())).await?));
-    objects.extend(into_objects(cluster_policies));
-    objects.extend(into_objects(upstream));
-    Ok((objects.into_iter().collect(), since))
+    let listed = cluster::list(&cluster::client().await?).await?;
+    let since = listed.last_change_for(namespace);
+    Ok((listed.snapshot, since))
 }
 
 /// Kubernetes mode's switch: the default-deny applied again by the rollout's
 /// field manager, its mode now Enforce.
 pub async fn enforce_in_cluster(namespace: &str) -> Result<()> {
-    let api: Api<ConnectionPolicy> = Api::namespaced(client().await?, namespace);
+    let api: Api<ConnectionPolicy> = Api::namespaced(cluster::client().await?, namespace);
     let mut policy =
         api.get(POLICY_NAME).await.with_context(|| format!("reading ConnectionPolicy {namespace}/{POLICY_NAME}"))?;
     let mut switched = ConnectionPolicy::new(POLICY_NAME, std::mem::take(&mut policy.spec));
@@ -348,18 +307,6 @@ pub async fn enforce_in_cluster(namespace: &str) -> Result<()> {
         .with_context(|| format!("switching ConnectionPolicy {namespace}/{POLICY_NAME} to Enforce"))?;
     println!("connectionpolicy.bulkhead.io/{POLICY_NAME} in {namespace} switched to Enforce");
     Ok(())
-}
-
-async fn client() -> Result<kube::Client> {
-    kube::Client::try_default().await.context("connecting to the cluster of the current kubeconfig")
-}
-
-async fn listed<K: Watched>(api: Api<K>) -> Result<Vec<K>> {
-    Ok(api.list(&ListParams::default()).await.with_context(|| format!("listing {:?}", K::KIND))?.items)
-}
-
-fn into_objects<K: Watched>(items: Vec<K>) -> impl Iterator<Item = Object> {
-    items.into_iter().filter_map(|item| item.object().ok().flatten())
 }
 
 fn time_text(unix_seconds: u64) -> String {

@@ -371,6 +371,33 @@ fn kubernetes_mode_follows_the_api_server() {
         topology.probe("api", "TCP", db.ipv4, 5432) == "eperm"
     });
     assert_eq!(topology.probe("frontend", "TCP", api.ipv4, 8080), "allow", "nothing seen broke");
+
+    // Coverage from the cluster: shop's pods all isolated both ways now, and
+    // each enforced by the agent that reports it.
+    let (ok, coverage) = bulkhead(&["coverage", "-o", "json"]);
+    assert!(ok, "{coverage}");
+    let shop = &serde_json::from_str::<serde_json::Value>(&coverage).unwrap()["shop"];
+    let pods = shop["pods"].as_u64().unwrap();
+    assert!(pods >= 3, "{coverage}");
+    assert_eq!((&shop["ingress_isolated"], &shop["egress_isolated"]), (&pods.into(), &pods.into()), "{coverage}");
+    assert_eq!(shop["enforced"], pods, "{coverage}");
+    assert!(shop.get("not_enforced").is_none(), "{coverage}");
+    // A pod scheduled to a node with no agent is named as not enforced.
+    plane.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: elsewhere, namespace: shop, labels: {app: elsewhere}}\nspec: {nodeName: node-without-agent, containers: [{name: c, image: none}]}\n");
+    let out = plane.kubectl(&[
+        "patch",
+        "pod",
+        "elsewhere",
+        "-n",
+        "shop",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        "{\"status\":{\"podIP\":\"10.99.0.9\",\"podIPs\":[{\"ip\":\"10.99.0.9\"}]}}",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, text) = bulkhead(&["coverage"]);
+    assert!(text.contains("not enforced: shop/elsewhere"), "{text}");
 }
 
 const WEBHOOK_CONFIGURATION: &str = "apiVersion: admissionregistration.k8s.io/v1

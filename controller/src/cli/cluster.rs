@@ -1,0 +1,118 @@
+//! What the commands for people read from a cluster (the current
+//! kubeconfig's): every object the agents follow, as one snapshot, with when
+//! each policy last changed; the agents' reports; and coverage, with which
+//! pods the agents enforce.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Context, Result};
+use bulkhead_crds::{policy_networking::ClusterNetworkPolicy, ClusterConnectionPolicy, ConnectionPolicy};
+use bulkhead_policy::{
+    coverage::{self, NamespaceCoverage},
+    Object, Snapshot,
+};
+use k8s_openapi::{
+    api::{coordination::v1::Lease, core::v1 as core, networking::v1::NetworkPolicy},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    jiff::Timestamp,
+};
+use kube::{
+    api::{Api, ListParams},
+    Client,
+};
+
+use crate::{
+    report::{node_report, NodeReport, AGENT_LEASE_LABEL, STALE},
+    source::kubernetes::Watched,
+};
+
+pub async fn client() -> Result<Client> {
+    Client::try_default().await.context("connecting to the cluster of the current kubeconfig")
+}
+
+/// The cluster as the agents see it.
+pub struct Listed {
+    pub snapshot: Snapshot,
+    /// Per policy, its namespace ("" for cluster-scoped) and the Unix second
+    /// of its newest change (`managedFields` times, else creation).
+    pub policy_changes: Vec<(String, u64)>,
+}
+
+impl Listed {
+    /// The newest change to a policy that can judge `namespace`'s pods: its
+    /// own and the cluster-scoped ones.
+    pub fn last_change_for(&self, namespace: &str) -> u64 {
+        self.policy_changes
+            .iter()
+            .filter(|(ns, _)| ns.is_empty() || ns == namespace)
+            .map(|(_, at)| *at)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+pub async fn list(client: &Client) -> Result<Listed> {
+    let mut objects = Vec::new();
+    let mut changes = Vec::new();
+    objects.extend(into_objects(listed::<ConnectionPolicy>(Api::all(client.clone())).await?, &mut changes));
+    objects.extend(into_objects(listed::<NetworkPolicy>(Api::all(client.clone())).await?, &mut changes));
+    objects.extend(into_objects(listed::<ClusterConnectionPolicy>(Api::all(client.clone())).await?, &mut changes));
+    // The upstream CRD may be another implementation's, or absent.
+    let upstream = listed::<ClusterNetworkPolicy>(Api::all(client.clone())).await.unwrap_or_default();
+    objects.extend(into_objects(upstream, &mut changes));
+    let policy_changes = changes;
+    objects.extend(into_objects(listed::<core::Namespace>(Api::all(client.clone())).await?, &mut Vec::new()));
+    objects.extend(into_objects(listed::<core::Pod>(Api::all(client.clone())).await?, &mut Vec::new()));
+    Ok(Listed { snapshot: objects.into_iter().collect(), policy_changes })
+}
+
+/// Every agent's report (its Lease in `report_namespace`): node name and
+/// report, whose `age` tells whether the agent still renews it (`STALE`).
+pub async fn reports(client: &Client, report_namespace: &str) -> Result<Vec<(String, NodeReport)>> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), report_namespace);
+    let listed = leases
+        .list(&ListParams::default().labels(&format!("{AGENT_LEASE_LABEL}=true")))
+        .await
+        .with_context(|| format!("listing the agents' reports (Leases in {report_namespace})"))?;
+    Ok(listed.items.iter().filter_map(|lease| node_report(lease, Timestamp::now())).collect())
+}
+
+/// Coverage of the cluster, with the pods each live agent (its report
+/// renewed within `STALE`) says it enforces.
+pub async fn coverage(report_namespace: &str) -> Result<BTreeMap<String, NamespaceCoverage>> {
+    let client = client().await?;
+    let snapshot = list(&client).await?.snapshot;
+    let enforced: BTreeSet<String> = reports(&client, report_namespace)
+        .await?
+        .into_iter()
+        .filter(|(_, report)| report.age < STALE)
+        .flat_map(|(_, report)| report.enforced)
+        .collect();
+    let mut coverage = coverage::coverage(&snapshot);
+    coverage::add_enforcement(&mut coverage, &snapshot, &enforced);
+    Ok(coverage)
+}
+
+async fn listed<K: Watched>(api: Api<K>) -> Result<Vec<K>> {
+    Ok(api.list(&ListParams::default()).await.with_context(|| format!("listing {:?}", K::KIND))?.items)
+}
+
+/// The objects, and for each the namespace and time of its newest change.
+fn into_objects<K: Watched>(items: Vec<K>, changes: &mut Vec<(String, u64)>) -> Vec<Object> {
+    items
+        .into_iter()
+        .filter_map(|item| {
+            changes.push((item.meta().namespace.clone().unwrap_or_default(), last_change(item.meta())));
+            item.object().ok().flatten()
+        })
+        .collect()
+}
+
+fn last_change(meta: &ObjectMeta) -> u64 {
+    let managed = meta.managed_fields.iter().flatten().filter_map(|f| f.time.as_ref().map(|t| t.0));
+    managed
+        .chain(meta.creation_timestamp.as_ref().map(|t| t.0))
+        .map(|time| time.as_second().max(0) as u64)
+        .max()
+        .unwrap_or(0)
+}
