@@ -38,11 +38,11 @@ impl Reply {
     }
 }
 
-/// Serve GET requests by path until the process ends. Returns the bound
+/// Serve GET requests by path and query (empty when none) until the process ends. Returns the bound
 /// address (port 0 picks one).
 pub async fn serve<H>(address: SocketAddr, handler: H) -> std::io::Result<SocketAddr>
 where
-    H: Fn(&str) -> Reply + Send + Sync + 'static,
+    H: Fn(&str, &str) -> Reply + Send + Sync + 'static,
 {
     let listener = TcpListener::bind(address).await?;
     let bound = listener.local_addr()?;
@@ -50,7 +50,7 @@ where
     tokio::spawn(accept(listener, move |request: Request<hyper::body::Incoming>| {
         let handler = handler.clone();
         async move {
-            let reply = handler(request.uri().path());
+            let reply = handler(request.uri().path(), request.uri().query().unwrap_or_default());
             Ok::<_, Infallible>(
                 Response::builder()
                     .status(reply.status)

@@ -67,6 +67,26 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// A live tail of verdicts (deny, audit, allow) from agents' debug
+    /// addresses: on a node, or through `kubectl port-forward` to an agent pod.
+    Flows {
+        /// An agent's --debug-address (repeatable).
+        #[arg(long, default_values_t = ["127.0.0.1:9465".to_string()])]
+        agent: Vec<String>,
+        /// Verdicts with an end in this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Verdicts with this pod (`name` or `namespace/name`) at an end.
+        #[arg(long)]
+        pod: Option<String>,
+        #[arg(long, value_parser = ["allow", "deny", "audit"])]
+        verdict: Option<String>,
+        /// Keep printing verdicts as they come.
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Roll default-deny out namespace by namespace.
     Rollout {
         #[command(subcommand)]
@@ -329,6 +349,11 @@ fn run() -> Result<ExitCode> {
             }
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(rollout::apply(&policies))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Flows { agent, namespace, pod, verdict, follow, output } => {
+            let filter = cli::flows::Filter { namespace, pod, verdict };
+            cli::flows::tail(&agent, &filter, follow, matches!(output, Output::Json))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Rollout { command: RolloutCommand::Report { namespace, flows, output } } => {

@@ -1,6 +1,6 @@
 //! The agent's endpoints: `/metrics`, `/healthz` and `/readyz` on the
 //! metrics address, which Prometheus and the kubelet reach; `/debug/state`
-//! (what is enforced) and `/debug/events` (the latest deny and audit events)
+//! (what is enforced) and `/debug/events` (the latest verdict events)
 //! on the debug address, loopback unless the operator says otherwise, since
 //! they name pods and flows.
 
@@ -16,18 +16,18 @@ pub async fn serve(
     shared: Arc<Shared>,
 ) -> std::io::Result<(SocketAddr, SocketAddr)> {
     if metrics == debug {
-        let bound = http::serve(metrics, move |path| respond(&shared, path)).await?;
+        let bound = http::serve(metrics, move |path, query| respond(&shared, path, query)).await?;
         return Ok((bound, bound));
     }
     let for_debug = shared.clone();
-    let metrics = http::serve(metrics, move |path| observe(&shared, path)).await?;
-    let debug = http::serve(debug, move |path| debug_view(&for_debug, path)).await?;
+    let metrics = http::serve(metrics, move |path, _| observe(&shared, path)).await?;
+    let debug = http::serve(debug, move |path, query| debug_view(&for_debug, path, query)).await?;
     Ok((metrics, debug))
 }
 
-fn respond(shared: &Shared, path: &str) -> Reply {
+fn respond(shared: &Shared, path: &str, query: &str) -> Reply {
     match path {
-        "/debug/state" | "/debug/events" | "/debug/revision" => debug_view(shared, path),
+        "/debug/state" | "/debug/events" | "/debug/revision" => debug_view(shared, path, query),
         _ => observe(shared, path),
     }
 }
@@ -41,10 +41,14 @@ fn observe(shared: &Shared, path: &str) -> Reply {
     }
 }
 
-fn debug_view(shared: &Shared, path: &str) -> Reply {
+fn debug_view(shared: &Shared, path: &str, query: &str) -> Reply {
     match path {
         "/debug/state" => Reply::ok("application/json", shared.state_json()),
-        "/debug/events" => Reply::ok("application/json", shared.events_json()),
+        // `?after=<seq>`: only the events after that one (what `bulkhead flows --follow` polls).
+        "/debug/events" => {
+            let after = query.split('&').find_map(|p| p.strip_prefix("after=")).and_then(|n| n.parse().ok());
+            Reply::ok("application/json", shared.events_json(after.unwrap_or(0)))
+        }
         "/debug/revision" => Reply::ok("application/json", shared.revision_json()),
         _ => Reply::not_found(),
     }

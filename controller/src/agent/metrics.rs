@@ -98,7 +98,7 @@ impl Metrics {
             ),
             events_received: r.counter(
                 "bulkhead_datapath_events_total",
-                "Deny and audit events read from the datapath's ring buffer.",
+                "Verdict events read from the datapath's ring buffer: deny, audit, and allow (a new egress flow, while egress baselines learn).",
                 &["verdict"],
             ),
             registry: r,

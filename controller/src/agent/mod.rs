@@ -87,9 +87,16 @@ impl Config {
     }
 }
 
-/// One deny or audit event, with names instead of numbers.
+/// One verdict event, with names instead of numbers.
 #[derive(Clone, Debug, Serialize)]
 pub struct EventRecord {
+    /// Increasing, from the agent's start time in microseconds, so a
+    /// successor's numbers follow its predecessor's.
+    pub seq: u64,
+    /// Unix milliseconds when the agent read it.
+    pub time: u64,
+    /// `deny`, `audit`, or `allow` (a new egress flow: sent while egress
+    /// baselines are learned).
     pub verdict: &'static str,
     pub direction: &'static str,
     /// `namespace/pod` of the endpoint that judged it.
@@ -161,7 +168,7 @@ pub struct Anomaly {
 /// or away) they are dropped, and counted.
 const PENDING_ANOMALIES: usize = 256;
 
-const RECENT_EVENTS: usize = 512;
+const RECENT_EVENTS: usize = 2048;
 /// Audit flows in this node's report: the Lease's annotations must stay
 /// well under the API server's 256 KiB.
 const REPORTED_FLOWS: usize = 300;
@@ -270,9 +277,11 @@ impl Shared {
         .to_string()
     }
 
-    pub fn events_json(&self) -> String {
+    /// The recent events after `after` (a `seq`), oldest first.
+    pub fn events_json(&self, after: u64) -> String {
         let events = self.events.lock().expect("events lock");
-        serde_json::to_string_pretty(&*events).expect("serializable events")
+        let newer: Vec<&EventRecord> = events.iter().filter(|e| e.seq > after).collect();
+        serde_json::to_string_pretty(&newer).expect("serializable events")
     }
 }
 
@@ -345,6 +354,8 @@ pub struct Agent {
     /// When the datapath was last swept (after the first full sync).
     swept: Option<Instant>,
     audit_log: AuditLog,
+    /// The `seq` of the last event record.
+    last_seq: u64,
 }
 
 impl Agent {
@@ -396,6 +407,10 @@ impl Agent {
             baselines,
             swept: None,
             audit_log,
+            last_seq: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0),
         })
     }
 
@@ -753,15 +768,16 @@ impl Agent {
             if event.direction == EGRESS {
                 self.check_baseline(event);
             }
-            if event.kind == EVENT_NEW_FLOW {
-                continue;
-            }
             if event.kind == EVENT_AUDIT {
                 self.record_audit(event);
             }
-            let record = self.describe(event);
+            let mut record = self.describe(event);
+            self.last_seq += 1;
+            record.seq = self.last_seq;
             self.shared.metrics.events_received.with_label_values(&[record.verdict]).inc();
-            if record.verdict == "audit" {
+            if record.verdict == "allow" {
+                // Not logged: only `bulkhead flows` shows them.
+            } else if record.verdict == "audit" {
                 tracing::info!(
                     verdict = record.verdict, direction = record.direction, pod = %record.pod, source = %record.source,
                     destination = %record.destination, protocol = %record.protocol, policy = %record.policy, rule = %rule_text(record.rule), hook = record.hook,
@@ -918,6 +934,7 @@ impl Agent {
         self.audit_log.record(key, &policy);
     }
 
+    /// The event with names; `seq` is the caller's to set.
     fn describe(&self, event: &Event) -> EventRecord {
         let pod = self
             .pods_by_endpoint
@@ -934,7 +951,16 @@ impl Agent {
         let policy = self.state().policy_names.get(&event.policy_id).map(PolicyRef::qualified_name).unwrap_or_default();
         let cgroup = event.source == SOURCE_CGROUP;
         EventRecord {
-            verdict: if event.kind == EVENT_AUDIT { "audit" } else { "deny" },
+            seq: 0,
+            time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            verdict: match event.kind {
+                EVENT_AUDIT => "audit",
+                EVENT_NEW_FLOW => "allow",
+                _ => "deny",
+            },
             direction: direction_name(event.direction),
             pod: pod.clone(),
             source: if cgroup { pod } else { name(event.saddr.octets(), event.sport) },

@@ -5,6 +5,7 @@
 //! asked.
 
 pub mod cluster;
+pub mod flows;
 pub mod rollout;
 pub mod scenario;
 pub mod validate;

@@ -136,7 +136,8 @@ impl Demo {
         if events.len() > self.events_shown {
             println!("\n{BOLD}the agent's deny and audit log{RESET}");
         }
-        for event in &events[self.events_shown.min(events.len())..] {
+        // Allows (new egress flows) are `bulkhead flows`'s to show, not the log's.
+        for event in events[self.events_shown.min(events.len())..].iter().filter(|e| e["verdict"] != "allow") {
             let text = |k: &str| event[k].as_str().unwrap_or_default().to_string();
             let (color, word) = if text("verdict") == "audit" { (YELLOW, "AUDIT") } else { (RED, "DENY ") };
             let source = if text("hook") == "connect" { "connect()".to_string() } else { text("source") };

@@ -411,6 +411,28 @@ fn a_default_deny_rollout_goes_from_audit_to_enforce() {
         bulkhead(&["rollout", "report", "shop", "--state-dir", state, "-o", "json"]).1.matches("\"direction\"").count()
             == 6
     });
+    // The same verdicts, live from the agent: `bulkhead flows`.
+    let flows = |args: &[&str]| {
+        let out = topology
+            .node_command(bulkhead_lab::testbed::product_binary())
+            .args(["flows", "--agent", METRICS])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let audits = flows(&["--pod", "intruder", "--verdict", "audit", "-o", "json"]);
+    let audits: Vec<serde_json::Value> = audits.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(!audits.is_empty(), "intruder's audited connection");
+    assert!(
+        audits.iter().all(|v| v["verdict"] == "audit"
+            && v["policy"] == "shop/bulkhead-default-deny"
+            && v.to_string().contains("shop/intruder")),
+        "{audits:?}"
+    );
+    assert!(flows(&["--namespace", "kube-system"]).lines().count() == 1, "the header alone");
+
     let (ok, report) = bulkhead(&["rollout", "report", "shop", "--state-dir", state]);
     assert!(ok, "{report}");
     for row in ["shop/web", "shop/api", "shop/db", "shop/intruder", "5432/TCP", "shop/bulkhead-default-deny"] {
@@ -469,6 +491,10 @@ fn a_default_deny_rollout_goes_from_audit_to_enforce() {
     // verdict since the change, so the switch goes through.
     assert_eq!(topology.probe("web", "TCP", api.ipv4, 8080), "allow");
     assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow");
+    eventually("web's new egress flow, allowed, in bulkhead flows", Duration::from_secs(5), || {
+        let allows = flows(&["--namespace", "shop", "--verdict", "allow"]);
+        allows.lines().any(|l| l.contains("ALLOW") && l.contains("shop/web"))
+    });
     std::thread::sleep(Duration::from_millis(2500)); // a write of the state directory
     let (ok, out) = bulkhead(&enforce);
     assert!(ok, "{out}");
@@ -479,5 +505,31 @@ fn a_default_deny_rollout_goes_from_audit_to_enforce() {
     });
     assert_eq!(topology.probe("web", "TCP", api.ipv4, 8080), "allow", "nothing wanted broke");
     assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow", "nothing wanted broke");
+
+    // Following: a refusal made after `bulkhead flows --follow` started arrives.
+    let mut follower = topology
+        .node_command(bulkhead_lab::testbed::product_binary())
+        .args(["flows", "--agent", METRICS, "--follow", "--verdict", "deny", "--pod", "intruder", "-o", "json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    // What was refused before comes first; then only the new one.
+    std::thread::sleep(Duration::from_millis(1000));
+    let earlier: Vec<String> = received.try_iter().collect();
+    // (A refusal is reported once per connection and policy revision: a new one.)
+    assert_eq!(topology.probe("intruder", "TCP", api.ipv4, 8080), "eperm");
+    let new = received.recv_timeout(Duration::from_secs(5));
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let new: serde_json::Value = serde_json::from_str(&new.expect("the new refusal, followed")).unwrap();
+    assert_eq!((new["verdict"].as_str(), new["hook"].as_str()), (Some("deny"), Some("connect")), "{new}");
+    assert!(earlier.iter().all(|l| !l.contains(&format!("\"seq\":{}", new["seq"]))), "{earlier:?}");
     drop(agent);
 }
