@@ -371,6 +371,18 @@ fn kubernetes_mode_follows_the_api_server() {
         topology.probe("api", "TCP", db.ipv4, 5432) == "eperm"
     });
     assert_eq!(topology.probe("frontend", "TCP", api.ipv4, 8080), "allow", "nothing seen broke");
+    // The refusal, live from the agent in Kubernetes mode.
+    eventually("api's refused egress in bulkhead flows", Duration::from_secs(10), || {
+        let out = topology
+            .node_command(bulkhead_lab::testbed::product_binary())
+            .args(["flows", "--agent", "127.0.0.1:9464", "--pod", "shop/api", "--verdict", "deny", "-o", "json"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().any(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .is_ok_and(|v| v["policy"] == "shop/bulkhead-default-deny" && v["hook"] == "connect")
+        })
+    });
 
     // Coverage from the cluster: shop's pods all isolated both ways now, and
     // each enforced by the agent that reports it.
