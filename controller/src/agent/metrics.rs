@@ -26,11 +26,16 @@ pub struct Metrics {
     pub events_received: IntCounterVec,
 }
 
+/// What `bulkhead_sync_errors_total{operation}` counts: datapath writes
+/// (`sync`, `map_full`), attaching and detaching pods' programs, sweeping
+/// what gone pods left, publishing Events, and the state directory.
+pub const SYNC_OPERATIONS: [&str; 7] = ["sync", "map_full", "attach", "detach", "sweep", "event", "state"];
+
 impl Metrics {
     pub fn new() -> Self {
         let r = crate::metrics::Metrics::default();
         let connection_labels = ["direction", "namespace", "pod", "policy"];
-        Self {
+        let metrics = Self {
             blocked_connections: r.counter(
                 "bulkhead_blocked_connections_total",
                 "Connections denied: the first packet of each refused flow, not every retransmission.",
@@ -102,7 +107,12 @@ impl Metrics {
                 &["verdict"],
             ),
             registry: r,
+        };
+        // At 0 from the start: an alert on increase() sees the first error.
+        for operation in SYNC_OPERATIONS {
+            metrics.sync_errors.with_label_values(&[operation]);
         }
+        metrics
     }
 
     pub fn render(&self) -> String {

@@ -128,6 +128,7 @@ impl Demo {
         for line in self.topology.agent_get("/metrics")?.lines() {
             if line.starts_with("bulkhead_blocked_connections_total{")
                 || line.starts_with("bulkhead_audit_denied_connections_total{")
+                || line.starts_with("bulkhead_egress_anomalies_total{")
             {
                 println!("  {line}");
             }
@@ -215,6 +216,16 @@ fn example(file: &str) -> Result<String> {
 }
 
 pub fn run() -> Result<()> {
+    run_observed(|_| Ok(()), |_, ()| Ok(()))
+}
+
+/// The demo, with `watch` called once its agent runs (before the rollout)
+/// and `after` at the end while the agent still runs: how
+/// `tests/lab/tests/monitoring.rs` has a real Prometheus scrape it.
+pub fn run_observed<W>(
+    watch: impl FnOnce(&Topology) -> Result<W>,
+    after: impl FnOnce(&Topology, W) -> Result<()>,
+) -> Result<()> {
     testbed::catch_interrupts();
     println!("{BOLD}Bulkhead demo{RESET}: a shop in network namespaces, enforced by the agent and its eBPF datapath\n");
     let mut topology = Topology::new("demo", 190);
@@ -250,10 +261,18 @@ pub fn run() -> Result<()> {
     }
     let agent = demo
         .topology
-        .spawn_agent("demo-node", PIN_DIR, &demo.folder, "bulkhead-demo-agent.log", "warn,netlink_packet_route=error")
+        .spawn_agent(
+            "demo-node",
+            PIN_DIR,
+            &demo.folder,
+            // Baselines learned in the first seconds: what comes later is an anomaly.
+            &["--egress-learning-seconds", "5"],
+            ("bulkhead-demo-agent.log", "warn,netlink_packet_route=error"),
+        )
         .context("starting the agent")?;
     demo.agent = Some(agent);
     demo.enforced()?;
+    let watching = watch(&demo.topology)?;
     demo.table("Verdicts of real connection attempts")?;
     demo.counters_and_log()?;
 
@@ -296,6 +315,7 @@ pub fn run() -> Result<()> {
     demo.enforced()?;
     demo.table("Verdicts with bulkhead-default-deny enforced")?;
     demo.counters_and_log()?;
+    after(&demo.topology, watching)?;
     println!("\n{DIM}cleaning up: the agent, namespaces, links, cgroups and pins{RESET}");
     Ok(())
 }

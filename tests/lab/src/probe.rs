@@ -143,7 +143,7 @@ fn run_scenario(dir: &Path) -> Result<ProbeReport> {
     write_objects(&bed.work, &world, &uids)?;
     let agent = bed
         .topology
-        .spawn_agent("probe-node", PIN_DIR, &bed.work, "bulkhead-probe-agent.log", "bulkhead=info")
+        .spawn_agent("probe-node", PIN_DIR, &bed.work, &[], ("bulkhead-probe-agent.log", "bulkhead=info"))
         .context("starting the agent")?;
     bed.agent = Some(agent);
 

@@ -485,18 +485,20 @@ impl Topology {
     }
 
     /// Start `bulkhead agent` in the node's namespace, following the object
-    /// files in `folder`, its log in the temp directory under `log_name`.
+    /// files in `folder`, with `extra` arguments, its log in the temp
+    /// directory under `log_name`.
     pub fn spawn_agent(
         &self,
         node_name: &str,
         pin_dir: &str,
         folder: &std::path::Path,
-        log_name: &str,
-        rust_log: &str,
+        extra: &[&str],
+        (log_name, rust_log): (&str, &str),
     ) -> std::io::Result<std::process::Child> {
         let log = std::fs::File::create(std::env::temp_dir().join(log_name))?;
         self.node_command(product_binary())
             .args(self.agent_args(node_name, pin_dir, folder))
+            .args(extra)
             .env("RUST_LOG", rust_log)
             .stdout(std::process::Stdio::null())
             .stderr(log)
