@@ -1,21 +1,15 @@
-//! The node's audit flows on disk: `<state dir>/audit-flows.json`, written
-//! whole (to a temporary file, then renamed, so a crash leaves the old or the
-//! new, never half) a moment after they change, read back at start so a
-//! restarted agent goes on counting where it stopped.
+//! The node's audit flows on disk, `<state dir>/audit-flows.json`, read back
+//! at start so a restarted agent goes on counting where it stopped.
 
-use std::{
-    io::Write,
-    path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime},
-};
+use std::path::Path;
 
-use bulkhead_policy::audit::{AuditFlows, Flow};
+use bulkhead_policy::audit::{AuditFlows, Flow, FlowKey};
 use serde::{Deserialize, Serialize};
+
+use super::state_file::{self, StateFile};
 
 /// Flows kept per node; beyond it the flow seen least recently goes.
 pub const CAPACITY: usize = 4096;
-/// Changes are written at most this often.
-const WRITE_EVERY: Duration = Duration::from_secs(2);
 const FILE: &str = "audit-flows.json";
 
 #[derive(Serialize, Deserialize)]
@@ -25,84 +19,54 @@ struct Stored {
 }
 
 pub struct AuditLog {
-    path: Option<PathBuf>,
+    file: StateFile,
     pub flows: AuditFlows,
-    dirty: bool,
-    written: Instant,
 }
 
 impl AuditLog {
-    /// The flows under `state_dir` (none: kept in memory only). A file that
-    /// cannot be read is set aside as `audit-flows.json.unreadable` and
-    /// counting starts again: the error says so.
+    /// The flows under `state_dir` (none: kept in memory only), and why the
+    /// file there could not be read, if it could not: counting starts again.
     pub fn open(state_dir: Option<&Path>) -> (Self, Option<String>) {
-        let mut log = Self {
-            path: state_dir.map(|d| d.join(FILE)),
-            flows: AuditFlows::new(CAPACITY),
-            dirty: false,
-            written: Instant::now(),
-        };
-        let Some(path) = log.path.clone() else { return (log, None) };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return (log, None),
-            Err(error) => return (log, Some(format!("reading {}: {error}", path.display()))),
-        };
-        match serde_json::from_str::<Stored>(&text) {
+        let file = StateFile::new(state_dir, FILE);
+        let mut flows = AuditFlows::new(CAPACITY);
+        let unreadable = match file.read::<Stored>() {
             Ok(stored) => {
-                log.flows.merge(stored.flows);
-                (log, None)
+                flows.merge(stored.into_iter().flat_map(|s| s.flows));
+                None
             }
-            Err(error) => {
-                let aside = path.with_extension("json.unreadable");
-                let _ = std::fs::rename(&path, &aside);
-                (log, Some(format!("{}: {error}; set aside as {}", path.display(), aside.display())))
-            }
-        }
+            Err(error) => Some(error),
+        };
+        (Self { file, flows }, unreadable)
     }
 
-    pub fn record(&mut self, key: bulkhead_policy::audit::FlowKey, policy: &str) {
+    pub fn record(&mut self, key: FlowKey, policy: &str) {
         self.flows.record(key, policy, unix_now());
-        self.dirty = true;
+        self.file.touch();
     }
 
-    /// Write the flows if they changed and the last write is a moment ago;
-    /// true when written.
+    /// Write the flows if they changed a moment ago; true when due.
     pub fn write_if_due(&mut self) -> std::io::Result<bool> {
-        if !self.dirty || self.written.elapsed() < WRITE_EVERY {
-            return Ok(false);
-        }
-        self.written = Instant::now();
-        self.dirty = false;
-        let Some(path) = &self.path else { return Ok(true) };
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
         let stored = Stored { version: 1, flows: self.flows.flows() };
-        let temporary = path.with_extension("json.tmp");
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(serde_json::to_string(&stored).expect("serializable flows").as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, path)?;
-        Ok(true)
+        self.file.write_if_due(&stored)
     }
 }
 
 /// The flows a state directory holds (what `bulkhead rollout report` reads in dir mode).
 pub fn read(state_dir: &Path) -> anyhow::Result<Vec<Flow>> {
     let path = state_dir.join(FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    let stored: Stored = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(stored.flows)
+    match state_file::read_path::<Stored>(&path).map_err(anyhow::Error::msg)? {
+        Some(stored) => Ok(stored.flows),
+        None => anyhow::bail!("{}: no audit flows here (is it an agent's --state-dir?)", path.display()),
+    }
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]
 mod tests {
-    use bulkhead_policy::audit::{Direction, FlowEnd, FlowKey};
+    use bulkhead_policy::audit::{Direction, FlowEnd};
 
     use super::*;
 
@@ -120,7 +84,7 @@ mod tests {
         let (mut log, error) = AuditLog::open(Some(&dir));
         assert!(error.is_none());
         log.record(key.clone(), "shop/bulkhead-default-deny");
-        log.written -= WRITE_EVERY;
+        log.file.due_now();
         assert!(log.write_if_due().unwrap());
         assert!(!log.write_if_due().unwrap(), "nothing new");
 

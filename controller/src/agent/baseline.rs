@@ -7,17 +7,19 @@
 //! A workload is a namespace and the pod's `app.kubernetes.io/name` label,
 //! else its `app` label, else the pod's name; a destination is the workload
 //! of the pod at the address (so a replaced pod is still known), else the
-//! address, with the protocol and port. Baselines live in memory: a
-//! restarted agent learns again.
+//! address, with the protocol and port. Baselines are kept in the state
+//! directory (`egress-baselines.json`): a restarted agent goes on from where
+//! it was, neither learning again nor forgetting.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bulkhead_policy::Pod;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Workload {
     pub namespace: String,
     pub name: String,
@@ -29,7 +31,7 @@ impl Workload {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Destination {
     /// `namespace/workload` of a pod, or an address.
     pub peer: String,
@@ -37,38 +39,67 @@ pub struct Destination {
     pub port: u16,
 }
 
-struct Learned {
-    since: Instant,
-    destinations: BTreeSet<Destination>,
+/// One workload's baseline: since when (Unix seconds) it is learned, and
+/// what it reached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Learned {
+    pub workload: Workload,
+    pub since: u64,
+    pub destinations: BTreeSet<Destination>,
 }
 
 pub struct EgressBaselines {
     learning: Duration,
     workloads: BTreeMap<Workload, Learned>,
+    /// Changed since `take_changed` was last asked.
+    changed: bool,
 }
 
 impl EgressBaselines {
     pub fn new(learning: Duration) -> Self {
-        Self { learning, workloads: BTreeMap::new() }
+        Self { learning, workloads: BTreeMap::new(), changed: false }
     }
 
-    /// Start learning a workload's baseline now, unless it already is.
-    pub fn start(&mut self, workload: &Workload, now: Instant) {
-        self.workloads.entry(workload.clone()).or_insert_with(|| Learned { since: now, destinations: BTreeSet::new() });
+    /// Baselines kept from before (a restart): taken as they are.
+    pub fn restore(&mut self, kept: Vec<Learned>) {
+        self.workloads.extend(kept.into_iter().map(|learned| (learned.workload.clone(), learned)));
+    }
+
+    /// Every baseline, by workload.
+    pub fn learned(&self) -> Vec<Learned> {
+        self.workloads.values().cloned().collect()
+    }
+
+    /// Whether anything changed since the last call.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Start learning a workload's baseline now (Unix seconds), unless it already is.
+    pub fn start(&mut self, workload: &Workload, now: u64) {
+        if !self.workloads.contains_key(workload) {
+            let learned = Learned { workload: workload.clone(), since: now, destinations: BTreeSet::new() };
+            self.workloads.insert(workload.clone(), learned);
+            self.changed = true;
+        }
     }
 
     /// Note an egress connection; true when it is an anomaly (a new
     /// destination after the learning period).
-    pub fn observe(&mut self, workload: &Workload, destination: Destination, now: Instant) -> bool {
+    pub fn observe(&mut self, workload: &Workload, destination: Destination, now: u64) -> bool {
         self.start(workload, now);
         let learned = self.workloads.get_mut(workload).expect("started above");
-        let learning = now.duration_since(learned.since) < self.learning;
-        learned.destinations.insert(destination) && !learning
+        let learning = now.saturating_sub(learned.since) < self.learning.as_secs();
+        let new = learned.destinations.insert(destination);
+        self.changed |= new;
+        new && !learning
     }
 
     /// Forget workloads no pod of which is enforced here any more.
     pub fn retain(&mut self, present: &BTreeSet<Workload>) {
+        let before = self.workloads.len();
         self.workloads.retain(|w, _| present.contains(w));
+        self.changed |= self.workloads.len() != before;
     }
 }
 
@@ -82,12 +113,12 @@ mod tests {
 
     #[test]
     fn new_destinations_after_learning_are_anomalies_once() {
-        let start = Instant::now();
+        let start = 1_000_000;
         let web = Workload { namespace: "shop".into(), name: "web".into() };
         let mut baselines = EgressBaselines::new(Duration::from_secs(60));
         baselines.start(&web, start);
-        assert!(!baselines.observe(&web, to("shop/db", 5432), start + Duration::from_secs(10)), "learning");
-        let later = start + Duration::from_secs(120);
+        assert!(!baselines.observe(&web, to("shop/db", 5432), start + 10), "learning");
+        let later = start + 120;
         assert!(!baselines.observe(&web, to("shop/db", 5432), later), "learned");
         assert!(baselines.observe(&web, to("203.0.113.7", 443), later), "new");
         assert!(!baselines.observe(&web, to("203.0.113.7", 443), later), "counted once");
@@ -96,6 +127,21 @@ mod tests {
         assert!(!baselines.observe(&other, to("203.0.113.7", 443), later), "another workload learns on its own");
         baselines.retain(&BTreeSet::from([other.clone()]));
         assert!(!baselines.observe(&web, to("198.51.100.1", 80), later), "a forgotten workload learns again");
+    }
+
+    #[test]
+    fn restored_baselines_go_on_where_they_were() {
+        let web = Workload { namespace: "shop".into(), name: "web".into() };
+        let mut before = EgressBaselines::new(Duration::from_secs(60));
+        before.observe(&web, to("shop/db", 5432), 100);
+        assert!(before.take_changed());
+        assert!(!before.take_changed(), "asked once");
+        let kept = serde_json::to_string(&before.learned()).unwrap();
+
+        let mut after = EgressBaselines::new(Duration::from_secs(60));
+        after.restore(serde_json::from_str(&kept).unwrap());
+        assert!(!after.observe(&web, to("shop/db", 5432), 500), "still known");
+        assert!(after.observe(&web, to("shop/cache", 6379), 500), "learning ended before the restart");
     }
 
     #[test]

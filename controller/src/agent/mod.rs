@@ -42,11 +42,13 @@ pub mod host;
 pub mod http;
 pub mod metrics;
 pub mod report;
+pub mod state_file;
 
 use audit_log::AuditLog;
 use baseline::{Destination, EgressBaselines, Workload};
 use host::{Host, HostInterface, Wiring};
 use metrics::Metrics;
+use state_file::StateFile;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -169,6 +171,8 @@ pub struct Anomaly {
 const PENDING_ANOMALIES: usize = 256;
 
 const RECENT_EVENTS: usize = 2048;
+/// The egress baselines in the state directory.
+const BASELINES_FILE: &str = "egress-baselines.json";
 /// Audit flows in this node's report: the Lease's annotations must stay
 /// well under the API server's 256 KiB.
 const REPORTED_FLOWS: usize = 300;
@@ -354,6 +358,7 @@ pub struct Agent {
     /// When the datapath was last swept (after the first full sync).
     swept: Option<Instant>,
     audit_log: AuditLog,
+    baselines_file: StateFile,
     /// The `seq` of the last event record.
     last_seq: u64,
 }
@@ -366,7 +371,16 @@ impl Agent {
             datapath.set_events_per_second(limit)?;
         }
         datapath.set_flow_events(config.egress_learning.is_some())?;
-        let baselines = config.egress_learning.map(EgressBaselines::new);
+        let mut baselines = config.egress_learning.map(EgressBaselines::new);
+        let baselines_file = StateFile::new(config.state_dir.as_deref(), BASELINES_FILE);
+        match (baselines.as_mut(), baselines_file.read::<Vec<baseline::Learned>>()) {
+            (Some(baselines), Ok(Some(kept))) => baselines.restore(kept),
+            (Some(_), Err(error)) => {
+                tracing::warn!(%error, "the egress baselines kept on this node could not be read; learning starts again");
+                shared.metrics.sync_errors.with_label_values(&["state"]).inc();
+            }
+            _ => {}
+        }
         let (audit_log, unreadable) = AuditLog::open(config.state_dir.as_deref());
         if let Some(error) = unreadable {
             tracing::warn!(%error, "the audit flows kept on this node could not be read; counting starts again");
@@ -407,6 +421,7 @@ impl Agent {
             baselines,
             swept: None,
             audit_log,
+            baselines_file,
             last_seq: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_micros() as u64)
@@ -656,7 +671,7 @@ impl Agent {
                         tracing::warn!(%pod, after_s = waited.since.elapsed().as_secs_f64(), "enforced at last");
                     }
                     if let (Some(baselines), Some(object)) = (self.baselines.as_mut(), self.snapshot.pods.get(&pod)) {
-                        baselines.start(&Workload::of(object), Instant::now());
+                        baselines.start(&Workload::of(object), audit_log::unix_now());
                     }
                     self.attached.insert(pod, Attached { endpoint_id, interface, addresses, cgroup });
                 }
@@ -738,14 +753,7 @@ impl Agent {
     async fn housekeeping(&mut self) {
         *self.shared.heartbeat.lock().expect("heartbeat lock") = Instant::now();
         self.read_datapath();
-        match self.audit_log.write_if_due() {
-            Ok(true) => self.shared.set_audit_flows(&self.audit_log.flows),
-            Ok(false) => {}
-            Err(error) => {
-                tracing::warn!(%error, "cannot keep the audit flows in the state directory");
-                self.shared.metrics.sync_errors.with_label_values(&["state"]).inc();
-            }
-        }
+        self.keep_state();
         if self.swept.is_some_and(|at| at.elapsed() >= SWEEP_EVERY) {
             self.sweep().await;
         }
@@ -757,6 +765,29 @@ impl Agent {
             self.attach_missing().await;
             if self.attached.len() != before {
                 self.publish();
+            }
+        }
+    }
+
+    /// What must survive a restart into the state directory, a moment after it changed.
+    fn keep_state(&mut self) {
+        let audit = self.audit_log.write_if_due();
+        if matches!(audit, Ok(true)) {
+            self.shared.set_audit_flows(&self.audit_log.flows);
+        }
+        let baselines = match self.baselines.as_mut() {
+            Some(baselines) => {
+                if baselines.take_changed() {
+                    self.baselines_file.touch();
+                }
+                self.baselines_file.write_if_due(&baselines.learned())
+            }
+            None => Ok(false),
+        };
+        for (what, result) in [("audit flows", audit), ("egress baselines", baselines)] {
+            if let Err(error) = result {
+                tracing::warn!(%error, "cannot keep the {what} in the state directory");
+                self.shared.metrics.sync_errors.with_label_values(&["state"]).inc();
             }
         }
     }
@@ -882,7 +913,7 @@ impl Agent {
         };
         let destination = Destination { peer, protocol: event.protocol, port: event.dport };
         let baselines = self.baselines.as_mut().expect("checked above");
-        if baselines.observe(&workload, destination.clone(), Instant::now()) {
+        if baselines.observe(&workload, destination.clone(), audit_log::unix_now()) {
             self.shared
                 .metrics
                 .egress_anomalies

@@ -348,6 +348,22 @@ fn egress_outside_the_learned_baseline_is_counted_once() {
         "{}",
         agent.log()
     );
+
+    // Restarted, the agent neither learns again nor forgets: what web knew
+    // stays known, and the next new destination is an anomaly at once.
+    std::thread::sleep(Duration::from_millis(2500)); // a write of the state directory
+    agent.kill();
+    let agent = Agent::start_with(&topology, &folder, &log, PINS, &["--egress-learning-seconds", "4"]);
+    eventually("the agent is ready again", Duration::from_secs(20), || get(&topology, "/readyz").0 == 200);
+    assert_eq!(topology.probe("web", "TCP", db.ipv4, 5432), "allow");
+    assert_eq!(topology.probe("web", "TCP", cache.ipv4, 6379), "allow");
+    assert_ne!(topology.probe("web", "TCP", cache.ipv4, 6380), "allow", "nothing serves 6380");
+    eventually("the new destination is an anomaly, the known ones not", Duration::from_secs(3), || {
+        metric(&get(&topology, "/metrics").1, anomalies) == Some(1.0)
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(metric(&get(&topology, "/metrics").1, anomalies), Some(1.0), "{}", agent.log());
+    assert!(topology.state_dir("node-a").join("egress-baselines.json").exists());
 }
 
 /// `bulkhead` run here (the CLI needs no root of its own): whether it

@@ -1,0 +1,79 @@
+//! One file of the node's state directory: what must survive an agent
+//! restart. Written whole — to a temporary file, synced, then renamed, so a
+//! crash leaves the old or the new, never half — a moment after it changes;
+//! read back at start. A file that cannot be read is set aside (as
+//! `<name>.unreadable`) and the agent starts afresh, saying so.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Changes are written at most this often.
+pub const WRITE_EVERY: Duration = Duration::from_secs(2);
+
+pub struct StateFile {
+    /// `None`: no state directory, nothing kept.
+    path: Option<PathBuf>,
+    dirty: bool,
+    written: Instant,
+}
+
+impl StateFile {
+    pub fn new(state_dir: Option<&Path>, name: &str) -> Self {
+        Self { path: state_dir.map(|d| d.join(name)), dirty: false, written: Instant::now() }
+    }
+
+    /// What the file holds: `Ok(None)` when there is none yet, `Err` (after
+    /// setting it aside) when it cannot be read.
+    pub fn read<T: DeserializeOwned>(&self) -> Result<Option<T>, String> {
+        let Some(path) = &self.path else { return Ok(None) };
+        read_path(path)
+    }
+
+    /// Something changed: write at the next `write_if_due` a moment on.
+    pub fn touch(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Write `value` if it changed and the last write is a moment ago; true when due.
+    pub fn write_if_due<T: Serialize>(&mut self, value: &T) -> std::io::Result<bool> {
+        if !self.dirty || self.written.elapsed() < WRITE_EVERY {
+            return Ok(false);
+        }
+        self.written = Instant::now();
+        self.dirty = false;
+        let Some(path) = &self.path else { return Ok(true) };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let temporary = path.with_extension("tmp");
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(serde_json::to_string(value).expect("serializable state").as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path).map(|()| true)
+    }
+
+    #[cfg(test)]
+    pub fn due_now(&mut self) {
+        self.written -= WRITE_EVERY;
+    }
+}
+
+/// Read a state file: `Ok(None)` when absent; set aside when unreadable.
+pub fn read_path<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(format!("reading {}: {error}", path.display())),
+    };
+    serde_json::from_str(&text).map(Some).map_err(|error| {
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(".unreadable");
+        let _ = std::fs::rename(path, &aside);
+        format!("{}: {error}; set aside as {}", path.display(), Path::new(&aside).display())
+    })
+}
