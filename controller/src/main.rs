@@ -87,6 +87,11 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Pods quarantined after an egress anomaly (agent --on-anomaly=quarantine).
+    Quarantine {
+        #[command(subcommand)]
+        command: QuarantineCommand,
+    },
     /// Roll default-deny out namespace by namespace.
     Rollout {
         #[command(subcommand)]
@@ -154,6 +159,21 @@ enum RolloutCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum QuarantineCommand {
+    /// Every quarantined pod, its node and why.
+    List {
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Take a pod out of quarantine.
+    Release {
+        pod: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+}
+
 /// Where the audit flows come from.
 #[derive(clap::Args)]
 struct FlowArgs {
@@ -216,9 +236,14 @@ struct AgentArgs {
     /// Deny/audit events per second and CPU sent to the log; the rest are counted only.
     #[arg(long)]
     events_per_second: Option<u64>,
-    /// What the node keeps across restarts (the audit flows of a rollout).
+    /// What the node keeps across restarts (audit flows, egress baselines).
     #[arg(long, default_value = "/var/lib/bulkhead")]
     state_dir: PathBuf,
+    /// What an egress anomaly does beyond the counter, log and Event:
+    /// `quarantine` labels the pod bulkhead.io/quarantine in namespaces
+    /// labelled bulkhead.io/on-anomaly=quarantine (Kubernetes mode).
+    #[arg(long, value_parser = ["log", "quarantine"], default_value = "log")]
+    on_anomaly: String,
 }
 
 #[derive(clap::Args)]
@@ -351,6 +376,22 @@ fn run() -> Result<ExitCode> {
             runtime.block_on(rollout::apply(&policies))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Quarantine { command } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            match command {
+                QuarantineCommand::List { output } => {
+                    let quarantined = runtime.block_on(cli::quarantine::list())?;
+                    match output {
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&quarantined)?),
+                        Output::Text => cli::quarantine::print(&quarantined),
+                    }
+                }
+                QuarantineCommand::Release { pod, namespace } => {
+                    runtime.block_on(cli::quarantine::release(&namespace, &pod))?
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Flows { agent, namespace, pod, verdict, follow, output } => {
             let filter = cli::flows::Filter { namespace, pod, verdict };
             cli::flows::tail(&agent, &filter, follow, matches!(output, Output::Json))?;
@@ -475,6 +516,7 @@ fn agent(args: AgentArgs) -> Result<()> {
     config.cgroup_root = Some(cgroup_v2(args.cgroup_root.unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))));
     config.events_per_second = args.events_per_second;
     config.state_dir = Some(args.state_dir);
+    config.quarantine_on_anomaly = args.on_anomaly == "quarantine";
     config.egress_learning =
         (args.egress_learning_seconds > 0).then(|| std::time::Duration::from_secs(args.egress_learning_seconds));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

@@ -272,6 +272,15 @@ pub struct PolicyStatus {
     pub observed_generation: Option<i64>,
 }
 
+/// The label an agent run with `--on-anomaly=quarantine` puts on a pod with
+/// an egress anomaly; the shipped `bulkhead-quarantine` policy isolates
+/// pods that carry it (its value says why: `egress-anomaly`).
+pub const QUARANTINE_LABEL: &str = "bulkhead.io/quarantine";
+/// On a quarantined pod: what the anomaly was, and when.
+pub const QUARANTINE_REASON_ANNOTATION: &str = "bulkhead.io/quarantine-reason";
+/// The namespace label that opts a namespace's pods in to quarantine.
+pub const ON_ANOMALY_LABEL: &str = "bulkhead.io/on-anomaly";
+
 /// The CRD manifests as written to manifests/crds/: (file name, YAML).
 pub fn manifests() -> Vec<(&'static str, String)> {
     let yaml = |crd| {

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub endpoints_unenforced: IntGauge,
     pub policies_rejected: IntGauge,
     pub sync_errors: IntCounterVec,
+    pub quarantined_pods: IntCounterVec,
     pub map_writes: IntCounter,
     pub source_synced_seconds: Gauge,
     pub ready_seconds: Gauge,
@@ -28,8 +29,10 @@ pub struct Metrics {
 
 /// What `bulkhead_sync_errors_total{operation}` counts: datapath writes
 /// (`sync`, `map_full`), attaching and detaching pods' programs, sweeping
-/// what gone pods left, publishing Events, and the state directory.
-pub const SYNC_OPERATIONS: [&str; 7] = ["sync", "map_full", "attach", "detach", "sweep", "event", "state"];
+/// what gone pods left, publishing Events, the state directory, and
+/// labelling a pod for quarantine.
+pub const SYNC_OPERATIONS: [&str; 8] =
+    ["sync", "map_full", "attach", "detach", "sweep", "event", "state", "quarantine"];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -54,6 +57,11 @@ impl Metrics {
             egress_anomalies: r.counter(
                 "bulkhead_egress_anomalies_total",
                 "Egress to destinations outside the workload's learned baseline (each new destination once).",
+                &["namespace", "workload"],
+            ),
+            quarantined_pods: r.counter(
+                "bulkhead_quarantined_pods_total",
+                "Pods labelled bulkhead.io/quarantine after an egress anomaly (--on-anomaly=quarantine).",
                 &["namespace", "workload"],
             ),
             policy_convergence: r.histogram(

@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bulkhead_crds::{ON_ANOMALY_LABEL, QUARANTINE_LABEL};
 use datapath_common::{
     reason as drop_reason, Event, EGRESS, EVENT_AUDIT, EVENT_NEW_FLOW, INGRESS, RULE_DEFAULT_DENY, SOURCE_CGROUP,
 };
@@ -71,6 +72,9 @@ pub struct Config {
     /// Where the node keeps what must survive a restart (the audit flows);
     /// `None` keeps it in memory.
     pub state_dir: Option<PathBuf>,
+    /// Quarantine pods with an egress anomaly in namespaces labelled
+    /// `bulkhead.io/on-anomaly=quarantine` (Kubernetes mode).
+    pub quarantine_on_anomaly: bool,
 }
 
 impl Config {
@@ -85,6 +89,7 @@ impl Config {
             events_per_second: None,
             egress_learning: Some(Duration::from_secs(600)),
             state_dir: None,
+            quarantine_on_anomaly: false,
         }
     }
 }
@@ -164,6 +169,8 @@ pub struct Anomaly {
     pub uid: Option<String>,
     pub workload: String,
     pub destination: String,
+    /// Label the pod `bulkhead.io/quarantine` too (its namespace asked for it).
+    pub quarantine: bool,
 }
 
 /// Anomalies waiting for their Event; beyond this (the API server slow
@@ -359,6 +366,8 @@ pub struct Agent {
     swept: Option<Instant>,
     audit_log: AuditLog,
     baselines_file: StateFile,
+    /// Pods whose quarantine was asked for and whose label is not back yet.
+    quarantining: BTreeSet<PodRef>,
     /// The `seq` of the last event record.
     last_seq: u64,
 }
@@ -422,6 +431,7 @@ impl Agent {
             swept: None,
             audit_log,
             baselines_file,
+            quarantining: BTreeSet::new(),
             last_seq: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_micros() as u64)
@@ -912,6 +922,14 @@ impl Agent {
             None => address.to_string(),
         };
         let destination = Destination { peer, protocol: event.protocol, port: event.dport };
+        let quarantined = pod.labels.contains_key(QUARANTINE_LABEL);
+        if quarantined {
+            self.quarantining.remove(&pod.pod_ref());
+        }
+        let quarantine = self.config.quarantine_on_anomaly
+            && !quarantined
+            && self.snapshot.namespace_labels(&pod.namespace).get(ON_ANOMALY_LABEL).map(String::as_str)
+                == Some("quarantine");
         let baselines = self.baselines.as_mut().expect("checked above");
         if baselines.observe(&workload, destination.clone(), audit_log::unix_now()) {
             self.shared
@@ -934,6 +952,8 @@ impl Agent {
                     destination.port,
                     protocol_name(destination.protocol)
                 ),
+                // Once: the label takes a moment to come back through the watch.
+                quarantine: quarantine && self.quarantining.insert(pod.pod_ref()),
             });
         }
     }

@@ -4,8 +4,12 @@
 
 use std::{sync::Arc, time::Duration};
 
+use bulkhead_crds::{QUARANTINE_LABEL, QUARANTINE_REASON_ANNOTATION};
 use k8s_openapi::{
-    api::{coordination::v1::Lease, core::v1::ObjectReference},
+    api::{
+        coordination::v1::Lease,
+        core::v1::{ObjectReference, Pod},
+    },
     apimachinery::pkg::apis::meta::v1::MicroTime,
     jiff::Timestamp,
 };
@@ -60,8 +64,9 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
 }
 
 /// Publish each egress anomaly as a Warning Event on its pod (reason
-/// `EgressAnomaly`, the destination in the note). The agent reports a
-/// destination once per workload and baseline, so the Events are too.
+/// `EgressAnomaly`, the destination in the note), after labelling the pod
+/// for quarantine when asked. The agent reports a destination once per
+/// workload and baseline, so the Events are too.
 pub async fn publish_anomalies(
     client: Client,
     node: String,
@@ -70,18 +75,14 @@ pub async fn publish_anomalies(
 ) {
     let reporter = Reporter { controller: "bulkhead-agent".into(), instance: Some(node) };
     while let Some(anomaly) = anomalies.recv().await {
+        if anomaly.quarantine {
+            quarantine(&client, &reporter, &shared, &anomaly).await;
+        }
         // A recorder of its own: one recorder folds Events of the same
         // reason on the same pod into one, keeping the first note, and
         // each destination is to be read.
         let recorder = Recorder::new(client.clone(), reporter.clone());
-        let pod = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            namespace: Some(anomaly.pod.namespace.clone()),
-            name: Some(anomaly.pod.name.clone()),
-            uid: anomaly.uid.clone(),
-            ..Default::default()
-        };
+        let pod = pod_reference(&anomaly);
         let event = Event {
             type_: EventType::Warning,
             reason: "EgressAnomaly".into(),
@@ -96,5 +97,53 @@ pub async fn publish_anomalies(
             shared.metrics.sync_errors.with_label_values(&["event"]).inc();
             tracing::warn!(pod = %anomaly.pod, %error, "publishing an EgressAnomaly Event failed");
         }
+    }
+}
+
+/// Label the anomalous pod `bulkhead.io/quarantine` (the shipped
+/// `bulkhead-quarantine` policy then isolates it but for DNS), say why in
+/// an annotation, and tell: a Warning Event `Quarantined` and
+/// `bulkhead_quarantined_pods_total`. A failure is logged and counted
+/// under `sync_errors{operation="quarantine"}`.
+async fn quarantine(client: &Client, reporter: &Reporter, shared: &Shared, anomaly: &Anomaly) {
+    let reason = format!("egress to {} at {}", anomaly.destination, Timestamp::now());
+    let patch = json!({ "metadata": {
+        "labels": { QUARANTINE_LABEL: "egress-anomaly" },
+        "annotations": { QUARANTINE_REASON_ANNOTATION: reason },
+    }});
+    let pod = &anomaly.pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
+    if let Err(error) = pods.patch(&pod.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        shared.metrics.sync_errors.with_label_values(&["quarantine"]).inc();
+        tracing::warn!(%pod, %error, "quarantining the pod failed: it stays as it was");
+        return;
+    }
+    shared.metrics.quarantined_pods.with_label_values(&[pod.namespace.as_str(), anomaly.workload.as_str()]).inc();
+    tracing::warn!(%pod, destination = %anomaly.destination, "pod quarantined: labelled {QUARANTINE_LABEL}");
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "Quarantined".into(),
+        note: Some(format!(
+            "labelled {QUARANTINE_LABEL} after egress to {} outside workload {}'s baseline; `bulkhead quarantine release` undoes it",
+            anomaly.destination, anomaly.workload
+        )),
+        action: "Quarantine".into(),
+        secondary: None,
+    };
+    let recorder = Recorder::new(client.clone(), reporter.clone());
+    if let Err(error) = recorder.publish(&event, &pod_reference(anomaly)).await {
+        shared.metrics.sync_errors.with_label_values(&["event"]).inc();
+        tracing::warn!(%pod, %error, "publishing a Quarantined Event failed");
+    }
+}
+
+fn pod_reference(anomaly: &Anomaly) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        namespace: Some(anomaly.pod.namespace.clone()),
+        name: Some(anomaly.pod.name.clone()),
+        uid: anomaly.uid.clone(),
+        ..Default::default()
     }
 }

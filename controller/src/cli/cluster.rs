@@ -13,7 +13,7 @@ use bulkhead_policy::{
 };
 use k8s_openapi::{
     api::{coordination::v1::Lease, core::v1 as core, networking::v1::NetworkPolicy},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta},
     jiff::Timestamp,
 };
 use kube::{
@@ -108,11 +108,37 @@ fn into_objects<K: Watched>(items: Vec<K>, changes: &mut Vec<(String, u64)>) -> 
         .collect()
 }
 
+/// When the object's spec last changed: the newest time of a field manager
+/// that owns spec fields (status writers, which the controller is and which
+/// an API server before 1.22 does not mark as such, do not count), else its
+/// creation.
 fn last_change(meta: &ObjectMeta) -> u64 {
-    let managed = meta.managed_fields.iter().flatten().filter_map(|f| f.time.as_ref().map(|t| t.0));
+    let owns_spec =
+        |entry: &&ManagedFieldsEntry| entry.fields_v1.as_ref().is_some_and(|fields| fields.0.get("f:spec").is_some());
+    let managed = meta.managed_fields.iter().flatten().filter(owns_spec).filter_map(|f| f.time.as_ref().map(|t| t.0));
     managed
         .chain(meta.creation_timestamp.as_ref().map(|t| t.0))
         .map(|time| time.as_second().max(0) as u64)
         .max()
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_write_is_no_policy_change() {
+        let meta: ObjectMeta = serde_json::from_value(serde_json::json!({
+            "creationTimestamp": "2026-12-04T08:00:00Z",
+            "managedFields": [
+                {"manager": "bulkhead-rollout", "operation": "Apply", "time": "2026-12-04T08:01:40Z",
+                 "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:mode": {}}}},
+                {"manager": "bulkhead-controller", "operation": "Update", "time": "2026-12-04T09:00:00Z",
+                 "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:conditions": {}}}},
+            ],
+        }))
+        .unwrap();
+        assert_eq!(last_change(&meta), 1_796_371_300, "the spec's apply, not the status write an hour later");
+    }
 }

@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod flows;
+pub mod quarantine;
 pub mod rollout;
 pub mod scenario;
 pub mod validate;

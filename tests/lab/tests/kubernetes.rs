@@ -98,6 +98,7 @@ fn kubernetes_mode_follows_the_api_server() {
         .arg(format!("--state-dir={}", plane.dir.join("agent-state").display()))
         // Egress baselines learned in a second: later destinations are anomalies.
         .arg("--egress-learning-seconds=1")
+        .arg("--on-anomaly=quarantine")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -410,6 +411,41 @@ fn kubernetes_mode_follows_the_api_server() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (_, text) = bulkhead(&["coverage"]);
     assert!(text.contains("not enforced: shop/elsewhere"), "{text}");
+
+    // Quarantine, opted in for shop: an anomaly labels the pod, the shipped
+    // policy isolates it, and releasing it lets its connections through again.
+    plane.apply(
+        &std::fs::read_to_string(bulkhead_lab::testbed::workspace_root().join("manifests/deploy/quarantine.yaml"))
+            .unwrap(),
+    );
+    let out = plane.kubectl(&["label", "namespace", "shop", "bulkhead.io/on-anomaly=quarantine"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_millis(500)); // the label reaches the agent
+    assert_eq!(topology.probe("frontend", "TCP", api.ipv4, 8080), "allow");
+    assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5433), "eperm", "a destination frontend never used");
+    eventually("frontend is quarantined, with an Event and a count", Duration::from_secs(20), || {
+        let pod = plane.json(&["get", "pod", "frontend", "-n", "shop"]);
+        let events = plane.json(&["get", "events.v1.events.k8s.io", "-n", "shop"]);
+        let metrics = topology.node_http_get("127.0.0.1:9464", "/metrics").map(|(_, m)| m).unwrap_or_default();
+        pod["metadata"]["labels"]["bulkhead.io/quarantine"] == "egress-anomaly"
+            && events["items"].as_array().is_some_and(|items| {
+                items.iter().any(|e| e["reason"] == "Quarantined" && e["regarding"]["name"] == "frontend")
+            })
+            && metric(&metrics, "bulkhead_quarantined_pods_total{namespace=\"shop\",workload=\"frontend\"}")
+                == Some(1.0)
+    });
+    eventually("quarantined frontend may not reach api", Duration::from_secs(20), || {
+        topology.probe("frontend", "TCP", api.ipv4, 8080) == "eperm"
+    });
+    let (ok, listed) = bulkhead(&["quarantine", "list", "-o", "json"]);
+    assert!(ok && listed.contains("shop/frontend") && listed.contains("5433/TCP"), "{listed}");
+    let (ok, out) = bulkhead(&["quarantine", "release", "frontend", "-n", "shop"]);
+    assert!(ok, "{out}");
+    eventually("released frontend reaches api again", Duration::from_secs(20), || {
+        topology.probe("frontend", "TCP", api.ipv4, 8080) == "allow"
+    });
+    let (_, listed) = bulkhead(&["quarantine", "list"]);
+    assert!(listed.contains("no pod is quarantined"), "{listed}");
 }
 
 const WEBHOOK_CONFIGURATION: &str = "apiVersion: admissionregistration.k8s.io/v1
