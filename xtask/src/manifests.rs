@@ -11,15 +11,14 @@ use crate::workspace_root;
 
 /// What install.yaml holds, in order: the namespace, the CRDs, who may do
 /// what, the controller (before the agents, so the webhook and status writer
-/// are there when agents start reporting), the agents, and the quarantine
-/// policy.
+/// are there when agents start reporting), the agents. (No custom resource:
+/// one `kubectl apply` cannot create a CRD and an object of it.)
 const PARTS: &[Part] = &[
     Part::File("manifests/deploy/namespace.yaml"),
     Part::Crds,
     Part::File("manifests/deploy/rbac.yaml"),
     Part::File("manifests/deploy/controller.yaml"),
     Part::File("manifests/deploy/agent.yaml"),
-    Part::File("manifests/deploy/quarantine.yaml"),
 ];
 
 enum Part {

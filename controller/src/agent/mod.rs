@@ -926,10 +926,16 @@ impl Agent {
         if quarantined {
             self.quarantining.remove(&pod.pod_ref());
         }
-        let quarantine = self.config.quarantine_on_anomaly
+        let asked = self.config.quarantine_on_anomaly
             && !quarantined
             && self.snapshot.namespace_labels(&pod.namespace).get(ON_ANOMALY_LABEL).map(String::as_str)
                 == Some("quarantine");
+        // A label no policy isolates would only pretend.
+        let quarantine = asked && self.snapshot.policies.contains_key(&quarantine_policy());
+        if asked && !quarantine {
+            tracing::warn!(pod = %pod.pod_ref(), "namespace asks for quarantine, but the ClusterConnectionPolicy {QUARANTINE_POLICY} is not installed (manifests/quarantine.yaml): not quarantined");
+            self.shared.metrics.sync_errors.with_label_values(&["quarantine"]).inc();
+        }
         let baselines = self.baselines.as_mut().expect("checked above");
         if baselines.observe(&workload, destination.clone(), audit_log::unix_now()) {
             self.shared
@@ -1085,6 +1091,17 @@ fn log_admission(admission: &Admission) {
             "policy rejected; what it enforced before stays enforced"
         ),
         _ => {}
+    }
+}
+
+/// The shipped policy that isolates quarantined pods.
+const QUARANTINE_POLICY: &str = "bulkhead-quarantine";
+
+fn quarantine_policy() -> PolicyRef {
+    PolicyRef {
+        kind: bulkhead_policy::PolicyKind::ClusterConnectionPolicy,
+        namespace: String::new(),
+        name: QUARANTINE_POLICY.into(),
     }
 }
 

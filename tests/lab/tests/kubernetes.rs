@@ -414,13 +414,24 @@ fn kubernetes_mode_follows_the_api_server() {
 
     // Quarantine, opted in for shop: an anomaly labels the pod, the shipped
     // policy isolates it, and releasing it lets its connections through again.
-    plane.apply(
-        &std::fs::read_to_string(bulkhead_lab::testbed::workspace_root().join("manifests/deploy/quarantine.yaml"))
-            .unwrap(),
-    );
     let out = plane.kubectl(&["label", "namespace", "shop", "bulkhead.io/on-anomaly=quarantine"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::thread::sleep(Duration::from_millis(500)); // the label reaches the agent
+                                                    // Without the quarantine policy installed, a label would isolate nothing: none is put.
+    assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5434), "eperm", "a destination frontend never used");
+    let refused = "bulkhead_sync_errors_total{operation=\"quarantine\"}";
+    eventually("the quarantine not done is counted", Duration::from_secs(10), || {
+        topology.node_http_get("127.0.0.1:9464", "/metrics").is_ok_and(|(_, m)| metric(&m, refused) == Some(1.0))
+    });
+    let pod = plane.json(&["get", "pod", "frontend", "-n", "shop"]);
+    assert!(pod["metadata"]["labels"].get("bulkhead.io/quarantine").is_none(), "{pod}");
+    let quarantine_yaml = bulkhead_lab::testbed::workspace_root().join("manifests/quarantine.yaml");
+    plane.apply(&std::fs::read_to_string(quarantine_yaml).unwrap());
+    eventually("the quarantine policy is programmed", Duration::from_secs(20), || {
+        plane.json(&["get", "clusterconnectionpolicy", "bulkhead-quarantine"])["status"]["conditions"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["type"] == "Programmed" && c["status"] == "True"))
+    });
     assert_eq!(topology.probe("frontend", "TCP", api.ipv4, 8080), "allow");
     assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5433), "eperm", "a destination frontend never used");
     eventually("frontend is quarantined, with an Event and a count", Duration::from_secs(20), || {
