@@ -87,6 +87,17 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Workloads' egress baselines (merged across nodes), and edits to them.
+    Baseline {
+        #[command(subcommand)]
+        command: BaselineCommand,
+        /// Dir mode: the agent's --state-dir; without it, the cluster.
+        #[arg(long, global = true)]
+        state_dir: Option<PathBuf>,
+        /// Kubernetes mode: the agents' namespace (reports and edits).
+        #[arg(long, global = true, default_value = "bulkhead-system")]
+        report_namespace: String,
+    },
     /// Pods quarantined after an egress anomaly (agent --on-anomaly=quarantine).
     Quarantine {
         #[command(subcommand)]
@@ -156,6 +167,30 @@ enum RolloutCommand {
         /// Switch even if connections seen would be denied.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BaselineCommand {
+    /// Every workload's baseline: since when, and the destinations learned.
+    List {
+        #[arg(short, long)]
+        namespace: Option<String>,
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Forget what a workload learned: it learns again from now, on every node.
+    Reset {
+        workload: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// Add a destination (`ns/workload:443/TCP` or `203.0.113.7:443/TCP`) to a workload's baseline.
+    Allow {
+        workload: String,
+        destination: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
     },
 }
 
@@ -374,6 +409,34 @@ fn run() -> Result<ExitCode> {
             }
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(rollout::apply(&policies))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Baseline { command, state_dir, report_namespace } => {
+            use bulkhead_policy::baseline::Change;
+            let place = match state_dir {
+                Some(dir) => cli::baseline::Place::StateDir(dir),
+                None => cli::baseline::Place::Cluster { report_namespace },
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            match command {
+                BaselineCommand::List { namespace, output } => {
+                    let baselines = runtime.block_on(cli::baseline::list(&place))?;
+                    match output {
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&baselines)?),
+                        Output::Text => cli::baseline::print(&baselines, namespace.as_deref()),
+                    }
+                }
+                BaselineCommand::Reset { workload, namespace } => {
+                    runtime.block_on(cli::baseline::edit(&place, &namespace, &workload, Change::Reset))?;
+                    println!("{namespace}/{workload}: baseline reset; it learns again from now");
+                }
+                BaselineCommand::Allow { workload, destination, namespace } => {
+                    let destination = cli::baseline::parse_destination(&destination)?;
+                    let text = cli::baseline::destination_text(&destination);
+                    runtime.block_on(cli::baseline::edit(&place, &namespace, &workload, Change::Allow(destination)))?;
+                    println!("{namespace}/{workload}: {text} added to the baseline");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Quarantine { command } => {

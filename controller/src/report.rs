@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use bulkhead_policy::audit::Flow;
+use bulkhead_policy::{audit::Flow, baseline::Learned};
 use k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp};
 
 /// The annotation on an agent's Lease: `{"<Kind> <namespace>/<name>": generation}`.
@@ -23,6 +23,15 @@ pub const UNENFORCED_ANNOTATION: &str = "bulkhead.io/unenforced";
 /// `{"flows": [...], "omitted": n}`: the audit flows the node saw most
 /// recently (`bulkhead_policy::audit::Flow`), and how many more it keeps.
 pub const AUDIT_FLOWS_ANNOTATION: &str = "bulkhead.io/audit-flows";
+/// `[{"workload": ..., "since": ..., "destinations": [...]}]`: the egress
+/// baselines of the workloads enforced on the node (at most
+/// `REPORTED_DESTINATIONS` destinations in all).
+pub const EGRESS_BASELINES_ANNOTATION: &str = "bulkhead.io/egress-baselines";
+/// The Lease's annotations must stay well under the API server's 256 KiB.
+pub const REPORTED_DESTINATIONS: usize = 2000;
+/// The ConfigMap (in the agents' namespace) holding the operator's baseline
+/// edits, key `edits.json`.
+pub const BASELINE_EDITS_CONFIGMAP: &str = "bulkhead-baseline-edits";
 pub const AGENT_LEASE_LABEL: &str = "bulkhead.io/agent-report";
 /// An agent renews its Lease this often; one silent for `STALE` is gone.
 pub const RENEW: Duration = Duration::from_secs(10);
@@ -42,6 +51,7 @@ pub struct NodeReport {
     pub enforced: BTreeSet<String>,
     pub unenforced: BTreeMap<String, String>,
     pub audit_flows: ReportedFlows,
+    pub egress_baselines: Vec<Learned>,
 }
 
 /// The audit flows in a report.
@@ -61,6 +71,7 @@ impl NodeReport {
             (ENFORCED_ANNOTATION, json(serde_json::json!(self.enforced))),
             (UNENFORCED_ANNOTATION, json(serde_json::json!(self.unenforced))),
             (AUDIT_FLOWS_ANNOTATION, json(serde_json::json!(self.audit_flows))),
+            (EGRESS_BASELINES_ANNOTATION, json(serde_json::json!(self.egress_baselines))),
         ]
         .into()
     }
@@ -81,6 +92,7 @@ pub fn node_report(lease: &Lease, now: Timestamp) -> Option<(String, NodeReport)
         enforced: read(annotations, ENFORCED_ANNOTATION),
         unenforced: read(annotations, UNENFORCED_ANNOTATION),
         audit_flows: read(annotations, AUDIT_FLOWS_ANNOTATION),
+        egress_baselines: read(annotations, EGRESS_BASELINES_ANNOTATION),
     };
     Some((node, report))
 }

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod baseline;
 pub mod compile;
 pub mod coverage;
 pub mod diff;

@@ -38,7 +38,6 @@ use crate::{
 };
 
 pub mod audit_log;
-pub mod baseline;
 pub mod host;
 pub mod http;
 pub mod metrics;
@@ -46,10 +45,10 @@ pub mod report;
 pub mod state_file;
 
 use audit_log::AuditLog;
-use baseline::{Destination, EgressBaselines, Workload};
+use bulkhead_policy::baseline::{self, Destination, Edits, EgressBaselines, Workload};
 use host::{Host, HostInterface, Wiring};
 use metrics::Metrics;
-use state_file::StateFile;
+use state_file::{EditsFile, StateFile};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -160,6 +159,11 @@ pub struct Shared {
     anomalies: OnceLock<mpsc::Sender<Anomaly>>,
     /// The audit flows seen most recently, and how many more there are.
     audit_flows: Mutex<(Vec<Flow>, usize)>,
+    /// This node's egress baselines, as last written.
+    baselines: Mutex<Vec<baseline::Learned>>,
+    /// Other nodes' baselines and the operator's edits, from the API
+    /// server, for the loop to take.
+    remote_baselines: Mutex<Option<(Vec<baseline::Learned>, Edits)>>,
 }
 
 /// An egress anomaly, for the Warning Event on its pod.
@@ -202,6 +206,8 @@ impl Shared {
             report: Mutex::new((0, NodeReport::default())),
             anomalies: OnceLock::new(),
             audit_flows: Mutex::new((Vec::new(), 0)),
+            baselines: Mutex::new(Vec::new()),
+            remote_baselines: Mutex::new(None),
         }
     }
 
@@ -262,6 +268,17 @@ impl Shared {
     /// `REPORTED_FLOWS`, and how many were left out.
     pub fn audit_flows(&self) -> (Vec<Flow>, usize) {
         self.audit_flows.lock().expect("audit flows lock").clone()
+    }
+
+    /// This node's egress baselines, as its report carries them.
+    pub fn baselines(&self) -> Vec<baseline::Learned> {
+        self.baselines.lock().expect("baselines lock").clone()
+    }
+
+    /// What other nodes learned, and the operator's edits: the loop merges
+    /// them at its next tick.
+    pub fn offer_remote_baselines(&self, others: Vec<baseline::Learned>, edits: Edits) {
+        *self.remote_baselines.lock().expect("remote baselines lock") = Some((others, edits));
     }
 
     fn set_audit_flows(&self, flows: &AuditFlows) {
@@ -366,6 +383,8 @@ pub struct Agent {
     swept: Option<Instant>,
     audit_log: AuditLog,
     baselines_file: StateFile,
+    /// Dir mode: the operator's baseline edits, in the state directory.
+    edits_file: Option<EditsFile>,
     /// Pods whose quarantine was asked for and whose label is not back yet.
     quarantining: BTreeSet<PodRef>,
     /// The `seq` of the last event record.
@@ -382,8 +401,12 @@ impl Agent {
         datapath.set_flow_events(config.egress_learning.is_some())?;
         let mut baselines = config.egress_learning.map(EgressBaselines::new);
         let baselines_file = StateFile::new(config.state_dir.as_deref(), BASELINES_FILE);
+        let edits_file = config.state_dir.as_deref().map(EditsFile::new);
         match (baselines.as_mut(), baselines_file.read::<Vec<baseline::Learned>>()) {
-            (Some(baselines), Ok(Some(kept))) => baselines.restore(kept),
+            (Some(baselines), Ok(Some(kept))) => {
+                baselines.restore(kept);
+                *shared.baselines.lock().expect("baselines lock") = baselines.learned();
+            }
             (Some(_), Err(error)) => {
                 tracing::warn!(%error, "the egress baselines kept on this node could not be read; learning starts again");
                 shared.metrics.sync_errors.with_label_values(&["state"]).inc();
@@ -431,6 +454,7 @@ impl Agent {
             swept: None,
             audit_log,
             baselines_file,
+            edits_file,
             quarantining: BTreeSet::new(),
             last_seq: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -787,10 +811,23 @@ impl Agent {
         }
         let baselines = match self.baselines.as_mut() {
             Some(baselines) => {
+                let remote = self.shared.remote_baselines.lock().expect("remote baselines lock").take();
+                let edits = self.edits_file.as_mut().and_then(EditsFile::changed);
+                if let Some((others, edits)) = remote {
+                    baselines.apply(&edits);
+                    baselines.merge(others, &edits);
+                }
+                if let Some(edits) = edits {
+                    baselines.apply(&edits);
+                }
                 if baselines.take_changed() {
                     self.baselines_file.touch();
                 }
-                self.baselines_file.write_if_due(&baselines.learned())
+                let written = self.baselines_file.write_if_due(&baselines.learned());
+                if matches!(written, Ok(true)) {
+                    *self.shared.baselines.lock().expect("baselines lock") = baselines.learned();
+                }
+                written
             }
             None => Ok(false),
         };

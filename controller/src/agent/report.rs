@@ -5,16 +5,17 @@
 use std::{sync::Arc, time::Duration};
 
 use bulkhead_crds::{QUARANTINE_LABEL, QUARANTINE_REASON_ANNOTATION};
+use bulkhead_policy::baseline::Learned;
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
-        core::v1::{ObjectReference, Pod},
+        core::v1::{ConfigMap, ObjectReference, Pod},
     },
     apimachinery::pkg::apis::meta::v1::MicroTime,
     jiff::Timestamp,
 };
 use kube::{
-    api::{Patch, PatchParams},
+    api::{ListParams, Patch, PatchParams},
     runtime::events::{Event, EventType, Recorder, Reporter},
     Api, Client,
 };
@@ -22,12 +23,58 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::{Anomaly, Shared};
-use crate::report::{lease_name, ReportedFlows, AGENT_LEASE_LABEL, RENEW, STALE};
+use crate::report::{
+    lease_name, node_report, ReportedFlows, AGENT_LEASE_LABEL, BASELINE_EDITS_CONFIGMAP, RENEW, REPORTED_DESTINATIONS,
+    STALE,
+};
+
+/// The other agents' egress baselines (their reports) and the operator's
+/// edits (the ConfigMap), offered to the loop: one baseline per workload
+/// across nodes. Read at each renewal; a failure waits for the next.
+async fn share_baselines(client: &Client, namespace: &str, node: &str, shared: &Shared) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let listed = leases.list(&ListParams::default().labels(&format!("{AGENT_LEASE_LABEL}=true"))).await;
+    let edits = configmaps.get_opt(BASELINE_EDITS_CONFIGMAP).await;
+    let (listed, edits) = match (listed, edits) {
+        (Ok(listed), Ok(edits)) => (listed, edits),
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::debug!(%error, "reading the other agents' baselines; at the next renewal");
+            return;
+        }
+    };
+    let others = listed
+        .items
+        .iter()
+        .filter_map(|lease| node_report(lease, Timestamp::now()))
+        .filter(|(other, _)| other != node)
+        .flat_map(|(_, report)| report.egress_baselines)
+        .collect();
+    let edits = edits
+        .and_then(|cm| cm.data?.get("edits.json").cloned())
+        .and_then(|text| {
+            serde_json::from_str(&text).map_err(|e| tracing::warn!(error = %e, "baseline edits unreadable")).ok()
+        })
+        .unwrap_or_default();
+    shared.offer_remote_baselines(others, edits);
+}
+
+/// The baselines up to `limit` destinations in all, whole workloads only.
+fn within(baselines: Vec<Learned>, limit: usize) -> Vec<Learned> {
+    let mut total = 0;
+    baselines
+        .into_iter()
+        .take_while(|learned| {
+            total += learned.destinations.len();
+            total <= limit
+        })
+        .collect()
+}
 
 /// Keep this node's Lease saying which policy generations the datapath
 /// holds: renewed every `RENEW`, at once when that changes.
 pub async fn report_programmed(client: Client, namespace: String, node: String, shared: Arc<Shared>) {
-    let leases: Api<Lease> = Api::namespaced(client, &namespace);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     let name = lease_name(&node);
     let mut reported: Option<u64> = None;
     let mut renewed = std::time::Instant::now() - RENEW;
@@ -44,6 +91,7 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
         // version: they change with every audit verdict.
         let (flows, omitted) = shared.audit_flows();
         report.audit_flows = ReportedFlows { flows, omitted };
+        report.egress_baselines = within(shared.baselines(), REPORTED_DESTINATIONS);
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
@@ -54,6 +102,7 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
             Ok(_) => {
                 reported = Some(version);
                 renewed = std::time::Instant::now();
+                share_baselines(&client, &namespace, &node, &shared).await;
             }
             Err(error) => {
                 tracing::warn!(%error, lease = %name, "reporting to the API server failed; retrying");

@@ -77,3 +77,36 @@ pub fn read_path<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, String> 
         format!("{}: {error}; set aside as {}", path.display(), Path::new(&aside).display())
     })
 }
+
+/// The edits file of a state directory, `baseline-edits.json`: how
+/// `bulkhead baseline reset|allow --state-dir` reaches a dir-mode agent.
+pub struct EditsFile {
+    path: std::path::PathBuf,
+    seen: Option<std::time::SystemTime>,
+}
+
+/// The edits file's name.
+pub const EDITS_FILE: &str = "baseline-edits.json";
+
+impl EditsFile {
+    pub fn new(state_dir: &std::path::Path) -> Self {
+        Self { path: state_dir.join(EDITS_FILE), seen: None }
+    }
+
+    /// The edits, when the file is new or changed since last asked.
+    pub fn changed(&mut self) -> Option<bulkhead_policy::baseline::Edits> {
+        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok()?;
+        if self.seen == Some(modified) {
+            return None;
+        }
+        self.seen = Some(modified);
+        match std::fs::read_to_string(&self.path).map(|text| serde_json::from_str(&text)) {
+            Ok(Ok(edits)) => Some(edits),
+            Ok(Err(error)) => {
+                tracing::warn!(path = %self.path.display(), %error, "baseline edits unreadable; ignored");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! writes the policies of a default-deny rollout, and applies them when
 //! asked.
 
+pub mod baseline;
 pub mod cluster;
 pub mod flows;
 pub mod quarantine;

@@ -364,6 +364,29 @@ fn egress_outside_the_learned_baseline_is_counted_once() {
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(metric(&get(&topology, "/metrics").1, anomalies), Some(1.0), "{}", agent.log());
     assert!(topology.state_dir("node-a").join("egress-baselines.json").exists());
+
+    // The operator's edits, through the state directory: an allowed
+    // destination is no anomaly; after a reset the workload learns again.
+    let state = topology.state_dir("node-a").display().to_string();
+    let baseline = |args: &[&str]| bulkhead(&[&["baseline"], args, &["--state-dir", &state]].concat());
+    eventually("the baseline lists what web learned", Duration::from_secs(5), || {
+        let (_, listed) = baseline(&["list", "-n", "shop"]);
+        listed.contains("shop/web") && listed.contains("shop/cache:6380/TCP") && listed.contains("shop/db:5432/TCP")
+    });
+    let (ok, out) = baseline(&["allow", "web", "shop/cache:6381/TCP", "-n", "shop"]);
+    assert!(ok, "{out}");
+    std::thread::sleep(Duration::from_millis(600)); // the agent reads the edit
+    assert_ne!(topology.probe("web", "TCP", cache.ipv4, 6381), "allow");
+    let (ok, out) = baseline(&["reset", "web", "-n", "shop"]);
+    assert!(ok, "{out}");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_ne!(topology.probe("web", "TCP", cache.ipv4, 6382), "allow", "learned: the reset began learning again");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(metric(&get(&topology, "/metrics").1, anomalies), Some(1.0), "{}", agent.log());
+    eventually("the reset forgot the rest", Duration::from_secs(5), || {
+        let (_, listed) = baseline(&["list", "-n", "shop"]);
+        listed.contains("shop/cache:6382/TCP") && !listed.contains("shop/db:5432/TCP")
+    });
 }
 
 /// `bulkhead` run here (the CLI needs no root of its own): whether it

@@ -457,6 +457,52 @@ fn kubernetes_mode_follows_the_api_server() {
     });
     let (_, listed) = bulkhead(&["quarantine", "list"]);
     assert!(listed.contains("no pod is quarantined"), "{listed}");
+
+    // One baseline per workload across nodes: what another node's agent
+    // reports frontend reached is known here; the operator's allow reaches
+    // the agent through the edits ConfigMap; anything else is an anomaly.
+    let out = plane.kubectl(&["label", "namespace", "shop", "bulkhead.io/on-anomaly-"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let renewed = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.%6fZ").to_string();
+    let other_node = serde_json::json!([{
+        "workload": {"namespace": "shop", "name": "frontend"},
+        "since": 1,
+        "destinations": [{"peer": "203.0.113.50", "protocol": 6, "port": 443}],
+    }]);
+    plane.apply(
+        &serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": "bulkhead-agent-node-b", "namespace": "bulkhead-system",
+                "labels": {"bulkhead.io/agent-report": "true"},
+                "annotations": {"bulkhead.io/egress-baselines": other_node.to_string()},
+            },
+            "spec": {"holderIdentity": "node-b", "renewTime": renewed, "leaseDurationSeconds": 45},
+        })
+        .to_string(),
+    );
+    let (ok, out) = bulkhead(&["baseline", "allow", "frontend", "203.0.113.60:443/TCP", "-n", "shop"]);
+    assert!(ok, "{out}");
+    eventually("frontend's baseline on this node has both", Duration::from_secs(40), || {
+        let lease = plane.json(&["get", "lease", &format!("bulkhead-agent-{NODE}"), "-n", "bulkhead-system"]);
+        let baselines = lease["metadata"]["annotations"]["bulkhead.io/egress-baselines"].as_str().unwrap_or_default();
+        baselines.contains("203.0.113.50") && baselines.contains("203.0.113.60")
+    });
+    let anomalies = "bulkhead_egress_anomalies_total{namespace=\"shop\",workload=\"frontend\"}";
+    let count =
+        || topology.node_http_get("127.0.0.1:9464", "/metrics").map(|(_, m)| metric(&m, anomalies)).ok().flatten();
+    let before = count().unwrap_or(0.0);
+    for address in ["203.0.113.50", "203.0.113.60", "203.0.113.61"] {
+        assert_ne!(topology.probe("frontend", "TCP", address.parse().unwrap(), 443), "allow");
+    }
+    eventually("only the unknown destination is an anomaly", Duration::from_secs(10), || count() == Some(before + 1.0));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(count(), Some(before + 1.0));
+    eventually("the anomaly's destination is learned, and listed", Duration::from_secs(30), || {
+        let (ok, listed) = bulkhead(&["baseline", "list", "-n", "shop"]);
+        ok && listed.contains("shop/frontend") && listed.contains("203.0.113.61:443/TCP")
+    });
 }
 
 const WEBHOOK_CONFIGURATION: &str = "apiVersion: admissionregistration.k8s.io/v1

@@ -7,16 +7,17 @@
 //! A workload is a namespace and the pod's `app.kubernetes.io/name` label,
 //! else its `app` label, else the pod's name; a destination is the workload
 //! of the pod at the address (so a replaced pod is still known), else the
-//! address, with the protocol and port. Baselines are kept in the state
-//! directory (`egress-baselines.json`): a restarted agent goes on from where
-//! it was, neither learning again nor forgetting.
+//! address, with the protocol and port. The agent keeps them in its state
+//! directory (a restart neither learns again nor forgets) and shares them
+//! through its report, so a workload on several nodes has one baseline
+//! ([`EgressBaselines::merge`]); the operator's [`Edits`] reset or extend them.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::Duration,
 };
 
-use bulkhead_policy::Pod;
+use crate::Pod;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -27,7 +28,7 @@ pub struct Workload {
 
 impl Workload {
     pub fn of(pod: &Pod) -> Self {
-        Self { namespace: pod.namespace.clone(), name: bulkhead_policy::audit::workload_name(pod) }
+        Self { namespace: pod.namespace.clone(), name: crate::audit::workload_name(pod) }
     }
 }
 
@@ -101,6 +102,86 @@ impl EgressBaselines {
         self.workloads.retain(|w, _| present.contains(w));
         self.changed |= self.workloads.len() != before;
     }
+
+    /// What other nodes learned of the workloads enforced here (their
+    /// reports): their destinations are known here too, and a workload's
+    /// learning started when the first node started it. One baseline per
+    /// workload across nodes, converging as reports come. A report from
+    /// before an edit's reset of that workload is not taken.
+    pub fn merge(&mut self, others: impl IntoIterator<Item = Learned>, edits: &Edits) {
+        for other in others {
+            let Some(mine) = self.workloads.get_mut(&other.workload) else { continue };
+            if other.since < edits.reset_at(&other.workload) {
+                continue;
+            }
+            let before = (mine.since, mine.destinations.len());
+            mine.since = mine.since.min(other.since);
+            mine.destinations.extend(other.destinations);
+            self.changed |= before != (mine.since, mine.destinations.len());
+        }
+    }
+
+    /// The operator's edits: a reset forgets what a workload learned before
+    /// it and learns again from then; an allow adds a destination.
+    /// Idempotent: applied again (each report, each restart) they change
+    /// nothing more.
+    pub fn apply(&mut self, edits: &Edits) {
+        for edit in &edits.edits {
+            let Some(learned) = self.workloads.get_mut(&edit.workload()) else { continue };
+            match &edit.change {
+                Change::Reset if learned.since < edit.at => {
+                    learned.since = edit.at;
+                    learned.destinations.clear();
+                    self.changed = true;
+                }
+                Change::Reset => {}
+                Change::Allow(destination) => self.changed |= learned.destinations.insert(destination.clone()),
+            }
+        }
+    }
+}
+
+/// The operator's changes to baselines (`bulkhead baseline reset|allow`),
+/// oldest first: kept whole, in the ConfigMap `bulkhead-baseline-edits`
+/// (Kubernetes mode) or the state directory (dir mode), and applied by
+/// every agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Edits {
+    pub edits: Vec<Edit>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Edit {
+    /// Unix seconds.
+    pub at: u64,
+    pub namespace: String,
+    pub workload: String,
+    pub change: Change,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Change {
+    Reset,
+    Allow(Destination),
+}
+
+impl Edit {
+    fn workload(&self) -> Workload {
+        Workload { namespace: self.namespace.clone(), name: self.workload.clone() }
+    }
+}
+
+impl Edits {
+    /// When the workload was last reset (0: never).
+    pub fn reset_at(&self, workload: &Workload) -> u64 {
+        self.edits
+            .iter()
+            .filter(|e| e.change == Change::Reset && e.workload() == *workload)
+            .map(|e| e.at)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 #[cfg(test)]
@@ -142,6 +223,45 @@ mod tests {
         after.restore(serde_json::from_str(&kept).unwrap());
         assert!(!after.observe(&web, to("shop/db", 5432), 500), "still known");
         assert!(after.observe(&web, to("shop/cache", 6379), 500), "learning ended before the restart");
+    }
+
+    #[test]
+    fn nodes_share_one_baseline_and_edits_win_over_older_reports() {
+        let web = Workload { namespace: "shop".into(), name: "web".into() };
+        let (mut a, mut b) =
+            (EgressBaselines::new(Duration::from_secs(60)), EgressBaselines::new(Duration::from_secs(60)));
+        a.observe(&web, to("shop/db", 5432), 100);
+        b.observe(&web, to("203.0.113.7", 443), 130);
+        let none = Edits::default();
+        a.merge(b.learned(), &none);
+        assert!(!a.observe(&web, to("203.0.113.7", 443), 500), "learned on b: known on a");
+        assert_eq!(a.learned()[0].since, 100, "learning started with the first node");
+        let other = Workload { namespace: "lab".into(), name: "x".into() };
+        let mut c = EgressBaselines::new(Duration::from_secs(60));
+        c.observe(&other, to("10.0.0.1", 80), 100);
+        a.merge(c.learned(), &none);
+        assert_eq!(a.learned().len(), 1, "a workload not enforced here stays the other node's");
+
+        let edits = Edits {
+            edits: vec![
+                Edit { at: 1000, namespace: "shop".into(), workload: "web".into(), change: Change::Reset },
+                Edit {
+                    at: 1001,
+                    namespace: "shop".into(),
+                    workload: "web".into(),
+                    change: Change::Allow(to("198.51.100.4", 25)),
+                },
+            ],
+        };
+        a.apply(&edits);
+        a.apply(&edits);
+        assert_eq!(a.learned()[0].since, 1000);
+        assert_eq!(a.learned()[0].destinations, BTreeSet::from([to("198.51.100.4", 25)]), "reset, then allowed");
+        a.merge(b.learned(), &edits);
+        assert!(!a.learned()[0].destinations.contains(&to("203.0.113.7", 443)), "b's report predates the reset");
+        assert!(!a.observe(&web, to("203.0.113.7", 443), 1010), "learning again after the reset");
+        assert!(!a.observe(&web, to("198.51.100.4", 25), 2000), "allowed");
+        assert!(a.observe(&web, to("198.51.100.5", 25), 2000), "the rest is an anomaly again");
     }
 
     #[test]
