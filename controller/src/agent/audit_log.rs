@@ -46,8 +46,8 @@ impl AuditLog {
 
     /// Write the flows if they changed a moment ago; true when due.
     pub fn write_if_due(&mut self) -> std::io::Result<bool> {
-        let stored = Stored { version: 1, flows: self.flows.flows() };
-        self.file.write_if_due(&stored)
+        let flows = &self.flows;
+        self.file.write_if_due(|| Stored { version: 1, flows: flows.flows() })
     }
 }
 

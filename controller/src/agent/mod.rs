@@ -823,7 +823,7 @@ impl Agent {
                 if baselines.take_changed() {
                     self.baselines_file.touch();
                 }
-                let written = self.baselines_file.write_if_due(&baselines.learned());
+                let written = self.baselines_file.write_if_due(|| baselines.learned());
                 if matches!(written, Ok(true)) {
                     *self.shared.baselines.lock().expect("baselines lock") = baselines.learned();
                 }
@@ -960,21 +960,26 @@ impl Agent {
         };
         let destination = Destination { peer, protocol: event.protocol, port: event.dport };
         let quarantined = pod.labels.contains_key(QUARANTINE_LABEL);
-        if quarantined {
+        if quarantined && !self.quarantining.is_empty() {
             self.quarantining.remove(&pod.pod_ref());
-        }
-        let asked = self.config.quarantine_on_anomaly
-            && !quarantined
-            && self.snapshot.namespace_labels(&pod.namespace).get(ON_ANOMALY_LABEL).map(String::as_str)
-                == Some("quarantine");
-        // A label no policy isolates would only pretend.
-        let quarantine = asked && self.snapshot.policies.contains_key(&quarantine_policy());
-        if asked && !quarantine {
-            tracing::warn!(pod = %pod.pod_ref(), "namespace asks for quarantine, but the ClusterConnectionPolicy {QUARANTINE_POLICY} is not installed (manifests/quarantine.yaml): not quarantined");
-            self.shared.metrics.sync_errors.with_label_values(&["quarantine"]).inc();
         }
         let baselines = self.baselines.as_mut().expect("checked above");
         if baselines.observe(&workload, destination.clone(), audit_log::unix_now()) {
+            let asked = self.config.quarantine_on_anomaly
+                && !quarantined
+                && self
+                    .snapshot
+                    .namespaces
+                    .get(&pod.namespace)
+                    .and_then(|ns| ns.labels.get(ON_ANOMALY_LABEL))
+                    .map(String::as_str)
+                    == Some("quarantine");
+            // A label no policy isolates would only pretend.
+            let quarantine = asked && self.snapshot.policies.contains_key(&quarantine_policy());
+            if asked && !quarantine {
+                tracing::warn!(pod = %pod.pod_ref(), "namespace asks for quarantine, but the ClusterConnectionPolicy {QUARANTINE_POLICY} is not installed (manifests/quarantine.yaml): not quarantined");
+                self.shared.metrics.sync_errors.with_label_values(&["quarantine"]).inc();
+            }
             self.shared
                 .metrics
                 .egress_anomalies
@@ -1164,7 +1169,7 @@ fn event_address(address: [u8; 16]) -> IpAddr {
     v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
 }
 
-fn protocol_name(number: u8) -> &'static str {
+pub(crate) fn protocol_name(number: u8) -> &'static str {
     use datapath_common::proto;
     match number {
         proto::TCP => "TCP",

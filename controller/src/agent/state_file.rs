@@ -39,8 +39,10 @@ impl StateFile {
         self.dirty = true;
     }
 
-    /// Write `value` if it changed and the last write is a moment ago; true when due.
-    pub fn write_if_due<T: Serialize>(&mut self, value: &T) -> std::io::Result<bool> {
+    /// Write what `value` makes if it changed and the last write is a
+    /// moment ago; true when due. `value` is called only then: the loop
+    /// asks every tick, and a copy of thousands of flows is not for nothing.
+    pub fn write_if_due<T: Serialize>(&mut self, value: impl FnOnce() -> T) -> std::io::Result<bool> {
         if !self.dirty || self.written.elapsed() < WRITE_EVERY {
             return Ok(false);
         }
@@ -50,17 +52,24 @@ impl StateFile {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let temporary = path.with_extension("tmp");
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(serde_json::to_string(value).expect("serializable state").as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, path).map(|()| true)
+        write_atomically(path, &serde_json::to_string(&value()).expect("serializable state"))?;
+        Ok(true)
     }
 
     #[cfg(test)]
     pub fn due_now(&mut self) {
         self.written -= WRITE_EVERY;
     }
+}
+
+/// Write a whole file so that a crash leaves the old or the new: a
+/// temporary beside it, synced, renamed into place.
+pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
 }
 
 /// Read a state file: `Ok(None)` when absent; set aside when unreadable.

@@ -4,7 +4,7 @@
 //! the edits go to the ConfigMap `bulkhead-baseline-edits` every agent reads;
 //! in dir mode both are files of the agent's state directory.
 
-use std::{collections::BTreeMap, path::Path};
+use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
 use bulkhead_policy::baseline::{Change, Destination, Edit, Edits, Learned, Workload};
@@ -13,7 +13,7 @@ use kube::api::{Api, Patch, PatchParams};
 
 use super::cluster;
 use crate::{
-    agent::state_file::{read_path, EDITS_FILE},
+    agent::state_file::{read_path, write_atomically, EDITS_FILE},
     report::BASELINE_EDITS_CONFIGMAP,
 };
 
@@ -73,7 +73,7 @@ pub fn print(baselines: &[Learned], namespace: Option<&str>) {
 
 /// `peer:port/PROTOCOL`, as `allow` takes it.
 pub fn destination_text(destination: &Destination) -> String {
-    format!("{}:{}/{}", destination.peer, destination.port, protocol_name(destination.protocol))
+    format!("{}:{}/{}", destination.peer, destination.port, crate::agent::protocol_name(destination.protocol))
 }
 
 /// `namespace/workload:443/TCP` or `203.0.113.7:443/TCP` (TCP when left out;
@@ -84,10 +84,11 @@ pub fn parse_destination(text: &str) -> Result<Destination> {
         _ => (text, "TCP"),
     };
     let Some((peer, port)) = rest.rsplit_once(':') else { bail!("{text:?}: not peer:port[/protocol]") };
+    use datapath_common::proto;
     let protocol = match protocol.to_ascii_uppercase().as_str() {
-        "TCP" => 6,
-        "UDP" => 17,
-        "SCTP" => 132,
+        "TCP" => proto::TCP,
+        "UDP" => proto::UDP,
+        "SCTP" => proto::SCTP,
         other => bail!("{text:?}: unknown protocol {other:?}: TCP, UDP or SCTP"),
     };
     let port = port.parse().with_context(|| format!("{text:?}: {port:?} is not a port"))?;
@@ -96,15 +97,6 @@ pub fn parse_destination(text: &str) -> Result<Destination> {
         bail!("{text:?}: no peer");
     }
     Ok(Destination { peer, protocol, port })
-}
-
-fn protocol_name(number: u8) -> &'static str {
-    match number {
-        6 => "TCP",
-        17 => "UDP",
-        132 => "SCTP",
-        _ => "other",
-    }
 }
 
 /// Add an edit to the list every agent applies.
@@ -116,7 +108,8 @@ pub async fn edit(place: &Place, namespace: &str, workload: &str, change: Change
             let path = dir.join(EDITS_FILE);
             let mut edits: Edits = read_path(&path).map_err(anyhow::Error::msg)?.unwrap_or_default();
             edits.edits.push(new);
-            write_atomically(&path, &serde_json::to_string(&edits)?)?;
+            write_atomically(&path, &serde_json::to_string(&edits)?)
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         Place::Cluster { report_namespace } => {
             let configmaps: Api<ConfigMap> = Api::namespaced(cluster::client().await?, report_namespace);
@@ -145,12 +138,6 @@ pub async fn edit(place: &Place, namespace: &str, workload: &str, change: Change
         }
     }
     Ok(())
-}
-
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let temporary = path.with_extension("tmp");
-    std::fs::write(&temporary, text).with_context(|| format!("writing {}", temporary.display()))?;
-    std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
