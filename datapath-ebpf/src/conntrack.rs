@@ -22,11 +22,11 @@ use core::{
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use datapath_common::{
-    capacity, ConnKey, ConntrackPlace, ConntrackSlot, ConntrackTags, ConntrackValue, CONFIG_HASH_SEED,
-    CONNTRACK_TAG_BUSY, CONNTRACK_TAG_FREE, CONNTRACK_WAYS,
+    capacity, ConnKey, ConntrackPlace, ConntrackTags, ConntrackValue, CONNTRACK_TAG_BUSY, CONNTRACK_TAG_FREE,
+    CONNTRACK_WAYS,
 };
 
-use crate::maps::{CONFIG, CONNTRACK, CONNTRACK_TAGS};
+use crate::maps::{hash_seed, CONNTRACK, CONNTRACK_TAGS};
 
 /// A connection's set, looked up once for a lookup and the store after it.
 pub struct Set {
@@ -88,8 +88,7 @@ impl Set {
     /// their capacity says, which the loader does not allow.
     #[inline(always)]
     pub fn of(conn: &ConnKey) -> Option<Set> {
-        let seed = CONFIG.get(CONFIG_HASH_SEED).copied().unwrap_or(0);
-        let place = conn.conntrack_place(seed);
+        let place = conn.conntrack_place(hash_seed());
         let tags = CONNTRACK_TAGS.get_ptr_mut(place.set)?;
         Some(Set { tags, place })
     }
@@ -227,9 +226,12 @@ impl Set {
             unsafe { publish(tag, seen) };
             return Stored::NotStored;
         };
-        // SAFETY: as above; the BUSY tag keeps other writers out.
+        // SAFETY: as above; the BUSY tag keeps other writers out. Field by
+        // field: a whole `ConntrackSlot` would be staged on the stack first.
         unsafe {
-            slot.write(ConntrackSlot { value: *value, key: *conn, last_seen: now });
+            (*slot).value = *value;
+            (*slot).key = *conn;
+            (*slot).last_seen = now;
             publish(tag, self.place.tag);
         }
         if displacing {

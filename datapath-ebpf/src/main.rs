@@ -14,6 +14,7 @@
 mod conntrack;
 mod maps;
 mod parse;
+mod refusals;
 mod table;
 mod verdict;
 

@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use datapath_common::{
-    capacity, Address, ConnKey, ConntrackSlot, ConntrackTags, DropKey, EndpointInfo, EventBudget, FragmentKey,
-    FragmentValue, IpcacheSlot, IpcacheValue, PolicyExactKey, PolicyKey, PolicySlot, PolicyValue, TableSet, VerdictKey,
+    capacity, Address, ConntrackSlot, ConntrackTags, DropKey, EndpointInfo, EventBudget, FragmentKey, FragmentValue,
+    IpcacheSlot, IpcacheValue, PolicyExactKey, PolicyKey, PolicySlot, PolicyValue, RefusalSet, TableSet, VerdictKey,
+    CONFIG_HASH_SEED,
 };
 
 #[map(name = "BH_IPCACHE")]
@@ -64,10 +65,9 @@ pub static CONNTRACK_TAGS: Array<ConntrackTags> = Array::pinned(capacity::CONNTR
 #[map(name = "BH_FRAGMENTS")]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::pinned(capacity::FRAGMENTS, 0);
 
-/// Flows refused recently, so retransmissions are dropped without being
-/// counted or reported again. Value: the policy revision of the refusal.
-#[map(name = "BH_DENIED")]
-pub static DENIED_FLOWS: LruHashMap<ConnKey, u64> = LruHashMap::pinned(capacity::DENIED_FLOWS, 0);
+/// Connections refused recently (`crate::refusals`).
+#[map(name = "BH_REFUSED")]
+pub static REFUSED: Array<RefusalSet> = Array::pinned(capacity::REFUSED_SETS, 0);
 
 #[map(name = "BH_DROPS")]
 pub static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::pinned(capacity::DROPS, 0);
@@ -83,6 +83,13 @@ pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 
 #[map(name = "BH_CONFIG")]
 pub static CONFIG: Array<u64> = Array::pinned(capacity::CONFIG, 0);
+
+/// The seed of the placement hashes (conntrack's, the refusals' and the
+/// exact tables'), written once when the maps are created.
+#[inline(always)]
+pub fn hash_seed() -> u64 {
+    CONFIG.get(CONFIG_HASH_SEED).copied().unwrap_or(0)
+}
 
 /// Working memory of one program run (not pinned: nothing in it outlives a packet).
 #[map(name = "BH_SCRATCH")]

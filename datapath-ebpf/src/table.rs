@@ -11,9 +11,9 @@
 use core::sync::atomic::{compiler_fence, Ordering};
 
 use aya_ebpf::maps::{Array, HashMap};
-use datapath_common::{TableSet, TableSlot, CONFIG_HASH_SEED, TABLE_WAYS};
+use datapath_common::{TableSet, TableSlot, TABLE_WAYS};
 
-use crate::maps::CONFIG;
+use crate::maps::hash_seed;
 
 /// The agent kept writing the key's set through every try: the caller
 /// fails closed.
@@ -36,7 +36,7 @@ pub fn lookup<S: TableSlot>(
     // Conntrack's seed too: written once when the maps are created. Read
     // here, not passed in: a seed kept live through the caller's lookups
     // took the programs' call chain past the verifier's 512-byte stack.
-    let seed = CONFIG.get(CONFIG_HASH_SEED).copied().unwrap_or(0);
+    let seed = hash_seed();
     let place = S::place(key, seed, sets_count);
     // Never `None`: the set number is below the array's size.
     let Some(set) = sets.get_ptr(place.set) else {

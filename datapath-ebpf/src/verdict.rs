@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_coarse_ns},
     maps::{lpm_trie::Key, PerCpuHashMap},
     programs::{SockAddrContext, TcContext},
 };
@@ -17,11 +17,11 @@ use datapath_common::{
 use crate::{
     conntrack::{Found, Set, Stored},
     maps::{
-        CGROUP_ENDPOINTS, CONFIG, DENIED_FLOWS, DROPS, ENDPOINTS, ENDPOINTS_BY_IFINDEX, EVENTS, EVENT_BUDGET,
-        FRAGMENTS, IPCACHE, IPCACHE_EXACT, IPCACHE_TABLE, LOCAL_ADDRS, POLICY, POLICY_EXACT, POLICY_TABLE, SCRATCH,
-        VERDICTS,
+        CGROUP_ENDPOINTS, CONFIG, DROPS, ENDPOINTS, ENDPOINTS_BY_IFINDEX, EVENTS, EVENT_BUDGET, FRAGMENTS, IPCACHE,
+        IPCACHE_EXACT, IPCACHE_TABLE, LOCAL_ADDRS, POLICY, POLICY_EXACT, POLICY_TABLE, SCRATCH, VERDICTS,
     },
     parse::{parse, quoted_connection, Packet, ParseError, Parsed, Scratch, FRAG_FIRST, FRAG_LATER, L4},
+    refusals::first_refusal,
     table::{self, Busy},
 };
 
@@ -174,7 +174,9 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
             if decision.verdict == verdict::ALLOW {
                 return Ok(());
             }
-            refuse_new_flow(conn, direction, peer, &Reported::deny(&decision, SOURCE_TC), revision);
+            if first_refusal(conn, revision) {
+                report(conn, direction, peer, &Reported::deny(&decision, SOURCE_TC));
+            }
             return Err(reason::POLICY_DENIED);
         }
         Ok(found) => return recheck(&set, &found, conn, has_ports, revision),
@@ -238,7 +240,11 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
         }
         return Ok(());
     }
-    refuse_new_flow(conn, direction, peer, &Reported::deny(&decision, SOURCE_TC), revision);
+    // Counted and reported once: retransmissions under the same policy
+    // revision are dropped silently.
+    if first_refusal(conn, revision) {
+        report(conn, direction, peer, &Reported::deny(&decision, SOURCE_TC));
+    }
     Err(reason::POLICY_DENIED)
 }
 
@@ -293,20 +299,6 @@ fn recheck(set: &Set, found: &Found, conn: &ConnKey, has_ports: bool, revision: 
         report(conn, origin, peer, &Reported::deny(&decision, SOURCE_TC));
         Err(reason::POLICY_REVOKED)
     }
-}
-
-/// Count and report a refused connection once: retransmissions of it under
-/// the same policy revision are dropped silently.
-#[inline(never)]
-fn refuse_new_flow(conn: &ConnKey, direction: u8, peer: u32, refusal: &Reported, revision: u64) {
-    if let Some(seen) = DENIED_FLOWS.get_ptr(conn) {
-        // SAFETY: map value pointer valid for this run.
-        if unsafe { *seen } == revision {
-            return;
-        }
-    }
-    let _ = DENIED_FLOWS.insert(conn, &revision, 0);
-    report(conn, direction, peer, refusal);
 }
 
 /// The policy entry for one connection: the peer's own entries first, then
@@ -410,10 +402,10 @@ fn flow_events_enabled() -> bool {
 #[inline(always)]
 fn send_event(conn: &ConnKey, direction: u8, peer: u32, verdict: &Reported) {
     let Reported { kind, source, policy_id, rule } = *verdict;
-    if !take_event_budget() {
+    let Some(now) = take_event_budget() else {
         count_drop(conn.endpoint, direction, reason::EVENT_RATE_LIMITED);
         return;
-    }
+    };
     let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
         count_drop(conn.endpoint, direction, reason::EVENT_RATE_LIMITED);
         return;
@@ -429,8 +421,7 @@ fn send_event(conn: &ConnKey, direction: u8, peer: u32, verdict: &Reported) {
     // SAFETY: `event` points to reserved ring-buffer memory the size of an
     // Event; every field is written before `submit`.
     unsafe {
-        // A helper without preconditions.
-        (*event).timestamp_ns = bpf_ktime_get_ns();
+        (*event).timestamp_ns = now;
         (*event).saddr = *saddr;
         (*event).daddr = *daddr;
         (*event).endpoint = conn.endpoint;
@@ -447,26 +438,30 @@ fn send_event(conn: &ConnKey, direction: u8, peer: u32, verdict: &Reported) {
     slot.submit(0);
 }
 
+/// One event from this CPU's budget: the time it was taken (the event's
+/// timestamp), or `None` when the budget of this second is spent.
 #[inline(always)]
-fn take_event_budget() -> bool {
+fn take_event_budget() -> Option<u64> {
     let limit = match CONFIG.get(CONFIG_EVENTS_PER_SECOND) {
         Some(limit) if *limit != 0 => *limit,
         _ => DEFAULT_EVENTS_PER_SECOND,
     };
-    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
-        return false;
-    };
+    let budget = EVENT_BUDGET.get_ptr_mut(0)?;
+    // The coarse clock (the last tick's time): a flood spends most refusals
+    // here, where reading the clocksource itself cost more than the rest of
+    // the refusal on this project's VMs (BENCHMARKS.md). Events need no
+    // finer time than a tick.
     // SAFETY: per-CPU value, one writer per CPU; a helper without preconditions.
-    let (budget, now) = unsafe { (&mut *budget, bpf_ktime_get_ns()) };
+    let (budget, now) = unsafe { (&mut *budget, bpf_ktime_get_coarse_ns()) };
     if now.wrapping_sub(budget.window_start_ns) >= 1_000_000_000 {
         budget.window_start_ns = now;
         budget.sent = 0;
     }
     if budget.sent >= limit {
-        return false;
+        return None;
     }
     budget.sent += 1;
-    true
+    Some(now)
 }
 
 /// Egress verdict at connect()/sendmsg() time. Allows (1) or refuses with
@@ -538,6 +533,8 @@ pub fn judge_socket(ctx: &SockAddrContext, ipv6: bool) -> i32 {
         // Audit verdicts are reported by TC, which sees the flow's first packet.
         return SOCKET_ALLOW;
     }
-    refuse_new_flow(&conn, EGRESS, peer, &Reported::deny(&decision, SOURCE_CGROUP), policy_revision());
+    if first_refusal(&conn, policy_revision()) {
+        report(&conn, EGRESS, peer, &Reported::deny(&decision, SOURCE_CGROUP));
+    }
     SOCKET_REFUSE
 }

@@ -51,6 +51,11 @@ const LOOPBACK_IFINDEX: u32 = 1;
 /// `offsetof(struct __sk_buff, ifindex)`.
 const SKB_IFINDEX_OFFSET: usize = 40;
 
+/// Maps an older datapath pinned that this one no longer uses: removed at
+/// load, so an upgrade does not leave their memory behind. `BH_DENIED` was
+/// the LRU hash of refused flows, now `map_names::REFUSED`.
+const RETIRED_MAPS: &[&str] = &["BH_DENIED"];
+
 /// Prefix length of an ipcache entry for one address (/128, or /32 IPv4-mapped).
 const FULL_ADDRESS: u32 = 128;
 
@@ -125,6 +130,14 @@ impl Datapath {
         for dir in [pin_dir.clone(), pin_dir.join("links")] {
             fs::create_dir_all(&dir)
                 .map_err(|source| DatapathError::PinDir { path: dir.display().to_string(), source })?;
+        }
+        for retired in RETIRED_MAPS {
+            let pin = pin_dir.join(retired);
+            if let Err(source) = fs::remove_file(&pin) {
+                if source.kind() != std::io::ErrorKind::NotFound {
+                    return Err(DatapathError::PinDir { path: pin.display().to_string(), source });
+                }
+            }
         }
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pin_dir).load(DATAPATH_OBJECT)?;
         for name in [program_names::FROM_POD, program_names::TO_POD] {

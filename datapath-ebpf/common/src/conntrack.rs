@@ -250,3 +250,40 @@ mod tests {
         assert_ne!(key.conntrack_place(1), key.conntrack_place(2));
     }
 }
+
+/// Ways of a `RefusalSet`.
+pub const REFUSAL_WAYS: usize = 8;
+
+/// `BH_REFUSED`: which connections were refused recently, so a
+/// retransmission is dropped without being counted or reported again. A
+/// connection is remembered as a fingerprint of its key and the policy
+/// revision of its refusal (`refusal_fingerprint`): under a new revision it
+/// is judged, and if refused, counted afresh. One set is one cache line,
+/// read whole by a lookup; a new refusal takes the way its fingerprint
+/// names, displacing whichever refusal was there (a flood displaces older
+/// refusals, whose retransmissions are then counted again, as after an LRU
+/// eviction; never an admitted connection, which lives in conntrack).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefusalSet {
+    /// `REFUSAL_FREE` or a fingerprint.
+    pub fingerprints: [u64; REFUSAL_WAYS],
+}
+
+/// A way no refusal holds.
+pub const REFUSAL_FREE: u64 = 0;
+
+impl ConntrackPlace {
+    /// The fingerprint of a connection in this place refused under
+    /// `revision`: never `REFUSAL_FREE`.
+    #[inline(always)]
+    pub fn refusal_fingerprint(&self, revision: u64) -> u64 {
+        (self.tag ^ revision.wrapping_mul(HASH_MULTIPLIER)) | 1
+    }
+
+    /// The refusal set of this place, among `capacity::REFUSED_SETS`.
+    #[inline(always)]
+    pub fn refusal_set(&self) -> u32 {
+        self.set & (capacity::REFUSED_SETS - 1)
+    }
+}

@@ -73,7 +73,9 @@ pub mod map_names {
     /// One `ConntrackTags` per conntrack set: what a lookup reads first.
     pub const CONNTRACK_TAGS: &str = "BH_CT_TAGS";
     pub const FRAGMENTS: &str = "BH_FRAGMENTS";
-    pub const DENIED_FLOWS: &str = "BH_DENIED";
+    /// Connections refused recently (`RefusalSet`): a retransmission of a
+    /// refused connection is dropped without being counted or reported again.
+    pub const REFUSED: &str = "BH_REFUSED";
     pub const DROPS: &str = "BH_DROPS";
     pub const VERDICTS: &str = "BH_VERDICTS";
     pub const EVENTS: &str = "BH_EVENTS";
@@ -111,7 +113,8 @@ pub mod capacity {
     pub const CONNTRACK: u32 = CONNTRACK_SETS * super::CONNTRACK_WAYS as u32;
     pub const CONNTRACK_SETS: u32 = 1 << 15;
     pub const FRAGMENTS: u32 = 1 << 13;
-    pub const DENIED_FLOWS: u32 = 1 << 16;
+    /// Refused connections: `REFUSED_SETS` sets of `REFUSAL_WAYS` (64k, 512 KiB).
+    pub const REFUSED_SETS: u32 = 1 << 13;
     pub const DROPS: u32 = 1 << 14;
     pub const VERDICTS: u32 = 1 << 16;
     pub const EVENTS_BYTES: u32 = 1 << 20;
@@ -157,6 +160,7 @@ mod tests {
         assert_eq!(size_of::<ConntrackValue>(), 16);
         assert_eq!(size_of::<ConntrackSlot>(), 64);
         assert_eq!(size_of::<ConntrackTags>(), 64);
+        assert_eq!(size_of::<RefusalSet>(), 64);
         assert_eq!(size_of::<TableHeader>(), 64);
         assert_eq!(size_of::<IpcacheSlot>(), 32);
         assert_eq!(size_of::<PolicySlot>(), 32);

@@ -17,7 +17,7 @@ use bulkhead_policy::{
     PolicyObject, PolicyRef, Snapshot,
 };
 use datapath_common::{
-    identity, policy_prefix, program_names, proto, verdict, EndpointInfo, PolicyKey, PolicyValue, EGRESS,
+    identity, policy_prefix, program_names, proto, reason, verdict, EndpointInfo, PolicyKey, PolicyValue, EGRESS,
     IPV4_MAPPED_PREFIX,
 };
 use serde_json::json;
@@ -30,13 +30,21 @@ use crate::testbed::{
 pub fn run(what: &str) -> Result<()> {
     match what {
         "datapath" => datapath(),
+        // The BPF_PROG_TEST_RUN part alone (no iperf3).
+        "datapath:test_run" => {
+            let test_run = test_run_numbers()?;
+            println!("{}", json!({ "test_run_ns": rounded(&test_run) }));
+            Ok(())
+        }
         "compile" => compile(),
         "convergence" => convergence(),
         "scale" => crate::scale::run(&[10_000, 50_000, 150_000]),
         other => match other.strip_prefix("scale:") {
             // `scale:10000,50000`: chosen sizes.
             Some(sizes) => crate::scale::run(&sizes.split(',').map(str::parse).collect::<Result<Vec<usize>, _>>()?),
-            None => bail!("unknown benchmark {other:?}: datapath, compile, convergence or scale[:sizes]"),
+            None => bail!(
+                "unknown benchmark {other:?}: datapath[:test_run], connections, compile, convergence or scale[:sizes]"
+            ),
         },
     }
 }
@@ -108,6 +116,8 @@ struct BenchDatapath {
     dp: Datapath,
     pin_dir: PathBuf,
     cold_peers: Vec<Ipv4Addr>,
+    /// `rate_limited` as last read.
+    limited_before: u64,
 }
 
 impl BenchDatapath {
@@ -115,7 +125,7 @@ impl BenchDatapath {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-bench-{label}"));
         let _ = Datapath::unpin_all(&pin_dir);
         let dp = Datapath::load(&pin_dir)?;
-        let mut bench = BenchDatapath { label, dp, pin_dir, cold_peers: Vec::new() };
+        let mut bench = BenchDatapath { label, dp, pin_dir, cold_peers: Vec::new(), limited_before: 0 };
         let dp = &mut bench.dp;
         dp.set_endpoint(1, EndpointInfo::new(BENCH_ENDPOINT, 0, &[address_key(IpAddr::V4(POD))]))?;
         dp.set_local_address(address_key(IpAddr::V4(POD)), BENCH_ENDPOINT)?;
@@ -159,16 +169,29 @@ impl Drop for BenchDatapath {
 /// the measurement falls on every size alike, so the spread between sizes
 /// is theirs and not the machine's.
 fn interleaved_ns(
-    datapaths: &[BenchDatapath],
+    datapaths: &mut [BenchDatapath],
     program: &'static str,
     expected: i32,
     packet: impl Fn(u16) -> Vec<u8>,
 ) -> Result<Vec<f64>> {
+    interleaved_checked_ns(datapaths, program, expected, packet, |_| Ok(()))
+}
+
+/// `interleaved_ns`, calling `after_run` on each datapath after each of its
+/// runs (untimed): to check what the run did besides its verdict.
+fn interleaved_checked_ns(
+    datapaths: &mut [BenchDatapath],
+    program: &'static str,
+    expected: i32,
+    packet: impl Fn(u16) -> Vec<u8>,
+    mut after_run: impl FnMut(&mut BenchDatapath) -> Result<()>,
+) -> Result<Vec<f64>> {
     let mut rounds = vec![Vec::new(); datapaths.len()];
     for round in 0..=ROUNDS {
         let frame = packet(round);
-        for (bench, rounds) in datapaths.iter().zip(&mut rounds) {
+        for (bench, rounds) in datapaths.iter_mut().zip(&mut rounds) {
             let ns = bench.run_ns(program, &frame, NEW_FLOWS_PER_ROUND, expected)?;
+            after_run(bench)?;
             if round > 0 {
                 rounds.push(ns);
             }
@@ -177,27 +200,75 @@ fn interleaved_ns(
     Ok(rounds.into_iter().map(median).collect())
 }
 
+/// A run may move between CPUs, and each CPU has its own budget.
+const CPUS_THAT_MAY_SEND: u64 = 4;
+
+/// Events the rate limit kept back, over every endpoint and direction.
+fn rate_limited(dp: &Datapath) -> u64 {
+    dp.drops().iter().filter(|(key, _)| key.reason == reason::EVENT_RATE_LIMITED).map(|(_, count)| count).sum()
+}
+
 fn test_run_numbers() -> Result<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
-    let datapaths =
+    let mut datapaths =
         SIZES.iter().map(|&(label, total)| BenchDatapath::load(label, total)).collect::<Result<Vec<_>>>()?;
+    let datapaths = &mut datapaths[..];
 
     // Conntrack hit: one established flow, the same packet repeated.
     // (Source port 65535: outside the new-flow runs' ports below.)
-    for bench in &datapaths {
+    for bench in datapaths.iter() {
         bench.run_ns(program_names::FROM_POD, &frame(PEER, 65535, 80, TCP_SYN), 1, PASS)?;
     }
-    let ct_hit = interleaved_ns(&datapaths, program_names::FROM_POD, PASS, |_| frame(PEER, 65535, 80, TCP_ACK))?;
+    let ct_hit = interleaved_ns(datapaths, program_names::FROM_POD, PASS, |_| frame(PEER, 65535, 80, TCP_ACK))?;
     // New connections, allowed and denied, with hot caches: the fixture
     // moves the source port on by one each run, so every run is a
     // connection conntrack has not seen (each round its own ports).
     let first_port = |round: u16| round * NEW_FLOWS_PER_ROUND as u16;
-    let new_allowed = interleaved_ns(&datapaths, program_names::BENCH_NEW_FLOW, PASS, |round| {
+    let new_allowed = interleaved_ns(datapaths, program_names::BENCH_NEW_FLOW, PASS, |round| {
         frame(PEER, first_port(round), 80, TCP_SYN)
     })?;
-    let denied = interleaved_ns(&datapaths, program_names::BENCH_NEW_FLOW, SHOT, |round| {
-        frame(PEER, first_port(round), 81, TCP_SYN)
-    })?;
+    // Denied, each refusal's event sent: a budget no run exhausts, the ring
+    // buffer drained after each run (it holds one run's events), and every
+    // event checked for.
+    for bench in datapaths.iter_mut() {
+        bench.dp.set_events_per_second(u64::MAX)?;
+    }
+    let denied = interleaved_checked_ns(
+        datapaths,
+        program_names::BENCH_NEW_FLOW,
+        SHOT,
+        |round| frame(PEER, first_port(round), 81, TCP_SYN),
+        |bench| {
+            let sent = bench.dp.drain_events().len();
+            if sent != NEW_FLOWS_PER_ROUND as usize {
+                bail!("bench {}: {sent} events for {NEW_FLOWS_PER_ROUND} refusals", bench.label);
+            }
+            Ok(())
+        },
+    )?;
+    // Denied, each event kept back by the rate limit: a budget of one a second.
+    for bench in datapaths.iter_mut() {
+        bench.dp.set_events_per_second(1)?;
+        bench.dp.drain_events();
+        bench.limited_before = rate_limited(&bench.dp);
+    }
+    let denied_no_event = interleaved_checked_ns(
+        datapaths,
+        program_names::BENCH_NEW_FLOW,
+        SHOT,
+        |round| frame(PEER, first_port(round), 82, TCP_SYN),
+        |bench| {
+            let limited = rate_limited(&bench.dp);
+            let kept_back = limited - bench.limited_before;
+            bench.limited_before = limited;
+            // One event a second per CPU may still go through.
+            if kept_back + CPUS_THAT_MAY_SEND < u64::from(NEW_FLOWS_PER_ROUND) {
+                bail!("bench {}: {kept_back} of {NEW_FLOWS_PER_ROUND} events kept back", bench.label);
+            }
+            bench.dp.drain_events();
+            Ok(())
+        },
+    )?;
 
     // The same, one new connection per BPF_PROG_TEST_RUN call: what a
     // connection costs when it arrives with caches the syscall cooled. Each
@@ -209,19 +280,24 @@ fn test_run_numbers() -> Result<BTreeMap<String, f64>> {
     let arp = vec![crate::testbed::packet::arp_frame(); 3000];
     for (i, bench) in datapaths.iter().enumerate() {
         let label = bench.label;
-        let (ct_hit, new_allowed, denied) = (ct_hit[i], new_allowed[i], denied[i]);
+        let (ct_hit, new_allowed, denied, denied_no_event) = (ct_hit[i], new_allowed[i], denied[i], denied_no_event[i]);
         let harness = bench.one_shot_ns(&arp, PASS)?;
         let one_shot_allowed = bench.one_shot_ns(&one_shot_allowed, PASS)?;
         let one_shot_denied = bench.one_shot_ns(&one_shot_denied, SHOT)?;
-        println!("test_run {label:>4}: ct_hit {ct_hit:.0} ns  new_allowed {new_allowed:.0} ns  denied {denied:.0} ns");
+        println!("test_run {label:>4}: ct_hit {ct_hit:.0} ns  new_allowed {new_allowed:.0} ns  denied {denied:.0} ns  denied, no event {denied_no_event:.0} ns");
         println!("test_run {label:>4}, one new connection per call: allowed {one_shot_allowed:.0} ns  denied {one_shot_denied:.0} ns  (harness alone, ARP: {harness:.0} ns)");
         out.insert(format!("ct_hit_{label}"), ct_hit);
         out.insert(format!("new_allowed_{label}"), new_allowed);
         out.insert(format!("denied_{label}"), denied);
+        out.insert(format!("denied_no_event_{label}"), denied_no_event);
         out.insert(format!("one_shot_allowed_{label}"), one_shot_allowed);
         out.insert(format!("one_shot_denied_{label}"), one_shot_denied);
         out.insert(format!("one_shot_harness_{label}"), harness);
     }
+
+    // The denial figures at the largest size under the names of their own.
+    out.insert("denied".into(), out["denied_1m"]);
+    out.insert("denied_no_event".into(), out["denied_no_event_1m"]);
 
     // Cache-cold: random peers among 100k identities with entries, at 1M.
     let largest = datapaths.last().context("no datapath")?;
@@ -383,6 +459,11 @@ fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
     Ok(out)
 }
 
+/// Figures to two decimals, for the JSON line.
+fn rounded(figures: &BTreeMap<String, f64>) -> serde_json::Map<String, serde_json::Value> {
+    figures.iter().map(|(k, v)| (k.clone(), json!((v * 100.0).round() / 100.0))).collect()
+}
+
 fn datapath() -> Result<()> {
     let test_run = test_run_numbers()?;
     let throughput = throughput_numbers()?;
@@ -391,7 +472,7 @@ fn datapath() -> Result<()> {
     println!("throughput medians: none {:.2} Gbit/s, bulkhead {:.2} ({ratio_none:.2}x none), iptables {:.2} (bulkhead {ratio_iptables:.2}x)", throughput["none"], throughput["bulkhead"], throughput["iptables"]);
     // Flatness: the largest over the smallest of 1k, 100k and 1M entries.
     let mut spread = BTreeMap::new();
-    for metric in ["ct_hit", "new_allowed", "denied"] {
+    for metric in ["ct_hit", "new_allowed", "denied", "denied_no_event"] {
         let values: Vec<f64> = ["1k", "100k", "1m"].iter().map(|size| test_run[&format!("{metric}_{size}")]).collect();
         let max = values.iter().cloned().fold(f64::MIN, f64::max);
         let min = values.iter().cloned().fold(f64::MAX, f64::min);
@@ -401,15 +482,12 @@ fn datapath() -> Result<()> {
         "spread from 1k to 1M entries (largest / smallest): {}",
         spread.iter().map(|(k, v)| format!("{k} {v:.2}")).collect::<Vec<_>>().join(", ")
     );
-    let round = |m: &BTreeMap<String, f64>| {
-        m.iter().map(|(k, v)| (k.clone(), json!((v * 100.0).round() / 100.0))).collect::<serde_json::Map<_, _>>()
-    };
     println!(
         "{}",
         json!({
-            "test_run_ns": round(&test_run),
-            "test_run_spread": round(&spread),
-            "throughput_gbps": round(&throughput),
+            "test_run_ns": rounded(&test_run),
+            "test_run_spread": rounded(&spread),
+            "throughput_gbps": rounded(&throughput),
             "bulkhead_vs_none": (ratio_none * 100.0).round() / 100.0,
             "bulkhead_vs_iptables": (ratio_iptables * 100.0).round() / 100.0,
         })

@@ -118,6 +118,40 @@ fn retransmitted_denied_syn_counts_one_blocked_connection() {
 }
 
 #[test]
+fn a_refusal_counts_again_only_under_a_new_policy_revision() {
+    let dp = allowlist("refusal-revision");
+    let syn = out(POD, PEER, L4::Tcp { sport: 40020, dport: 22, flags: TCP_SYN });
+    assert_eq!(dp.sent_by_pod(&syn), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&syn), TC_ACT_SHOT);
+    assert_eq!(dp.blocked(7, EGRESS, 13, 4), 1);
+    // A policy change that still refuses it: judged again, counted again, once.
+    dp.bump_revision();
+    assert_eq!(dp.sent_by_pod(&syn), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&syn), TC_ACT_SHOT);
+    assert_eq!(dp.blocked(7, EGRESS, 13, 4), 2);
+    assert_eq!(dp.events().len(), 2);
+    // Allowed now: the remembered refusal does not stand in the way.
+    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 22, 16)), PolicyValue::new(verdict::ALLOW, 11, 0));
+    dp.bump_revision();
+    assert_eq!(dp.sent_by_pod(&syn), TC_ACT_OK);
+    assert_eq!(dp.blocked(7, EGRESS, 13, 4), 2);
+}
+
+#[test]
+fn many_refused_connections_each_count_once_through_their_retransmissions() {
+    let dp = allowlist("refusal-many");
+    let syns: Vec<Vec<u8>> =
+        (0..500).map(|i| out(POD, PEER, L4::Tcp { sport: 41000 + i, dport: 22, flags: TCP_SYN })).collect();
+    for _ in 0..3 {
+        for syn in &syns {
+            assert_eq!(dp.sent_by_pod(syn), TC_ACT_SHOT);
+        }
+    }
+    assert_eq!(dp.blocked(7, EGRESS, 13, 4), 500, "one count per connection, none per retransmission");
+    assert_eq!(dp.drops(7, EGRESS, reason::POLICY_DENIED), 1500, "every packet dropped");
+}
+
+#[test]
 fn udp_and_sctp_ports_are_enforced() {
     let dp = allowlist("udpsctp");
     assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Udp { sport: 5000, dport: 53 })), TC_ACT_OK);
