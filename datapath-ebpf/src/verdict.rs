@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     maps::{lpm_trie::Key, PerCpuHashMap},
     programs::{SockAddrContext, TcContext},
 };
@@ -447,12 +447,8 @@ fn take_event_budget() -> Option<u64> {
         _ => DEFAULT_EVENTS_PER_SECOND,
     };
     let budget = EVENT_BUDGET.get_ptr_mut(0)?;
-    // The coarse clock (the last tick's time): a flood spends most refusals
-    // here, where reading the clocksource itself cost more than the rest of
-    // the refusal on this project's VMs (BENCHMARKS.md). Events need no
-    // finer time than a tick.
     // SAFETY: per-CPU value, one writer per CPU; a helper without preconditions.
-    let (budget, now) = unsafe { (&mut *budget, bpf_ktime_get_coarse_ns()) };
+    let (budget, now) = unsafe { (&mut *budget, bpf_ktime_get_ns()) };
     if now.wrapping_sub(budget.window_start_ns) >= 1_000_000_000 {
         budget.window_start_ns = now;
         budget.sent = 0;

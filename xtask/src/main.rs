@@ -42,7 +42,7 @@ enum Task {
         #[arg(required = true)]
         dirs: Vec<String>,
     },
-    /// Run a benchmark: `datapath` (`datapath:test_run` without iperf3), `connections`, `compile`,
+    /// Run a benchmark: `datapath` (`datapath:test_run` without iperf3), `compile`,
     /// `convergence` or `scale` (`scale:10000` for chosen sizes).
     Bench { what: String },
 }
@@ -81,13 +81,9 @@ fn main() -> Result<()> {
             lab(&args)
         }
         Task::Bench { what } => match what.as_str() {
-            "datapath" | "datapath:test_run" | "connections" | "compile" | "convergence" | "scale" => {
-                lab(&["bench", &what])
-            }
+            "datapath" | "datapath:test_run" | "compile" | "convergence" | "scale" => lab(&["bench", &what]),
             other if other.starts_with("scale:") => lab(&["bench", &what]),
-            other => bail!(
-                "unknown benchmark {other:?}: datapath[:test_run], connections, compile, convergence or scale[:sizes]"
-            ),
+            other => bail!("unknown benchmark {other:?}: datapath[:test_run], compile, convergence or scale[:sizes]"),
         },
     }
 }

@@ -42,9 +42,7 @@ pub fn run(what: &str) -> Result<()> {
         other => match other.strip_prefix("scale:") {
             // `scale:10000,50000`: chosen sizes.
             Some(sizes) => crate::scale::run(&sizes.split(',').map(str::parse).collect::<Result<Vec<usize>, _>>()?),
-            None => bail!(
-                "unknown benchmark {other:?}: datapath[:test_run], connections, compile, convergence or scale[:sizes]"
-            ),
+            None => bail!("unknown benchmark {other:?}: datapath[:test_run], compile, convergence or scale[:sizes]"),
         },
     }
 }
