@@ -78,7 +78,7 @@ pub static VERDICTS: PerCpuHashMap<VerdictKey, u64> = PerCpuHashMap::pinned(capa
 #[map(name = "BH_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
 
-#[map(name = "BH_EV_BUDGET")]
+#[map(name = "BH_EVENT_BUDGET")]
 pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 
 #[map(name = "BH_CONFIG")]

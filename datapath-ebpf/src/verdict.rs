@@ -3,13 +3,13 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_cgroup_id, bpf_jiffies64, bpf_ktime_get_ns},
     maps::{lpm_trie::Key, PerCpuHashMap},
     programs::{SockAddrContext, TcContext},
 };
 use datapath_common::{
     capacity, identity, policy_prefix, proto, reason, verdict, Address, ConnKey, ConntrackValue, DropKey, EndpointInfo,
-    Event, FragmentKey, FragmentValue, PolicyExactKey, PolicyKey, PolicyValue, VerdictKey, CONFIG_EVENTS_PER_SECOND,
+    Event, EventBudget, FragmentKey, FragmentValue, PolicyExactKey, PolicyKey, PolicyValue, VerdictKey, CONFIG_EVENTS_PER_SECOND,
     CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, CONNTRACK_FLAG_REVOKED, EGRESS, ENDPOINT_FLAG_FAIL_CLOSED, EVENT_AUDIT,
     EVENT_DENY, EVENT_NEW_FLOW, INGRESS, NO_ENDPOINT, SOURCE_CGROUP, SOURCE_TC,
 };
@@ -402,12 +402,18 @@ fn flow_events_enabled() -> bool {
 #[inline(always)]
 fn send_event(conn: &ConnKey, direction: u8, peer: u32, verdict: &Reported) {
     let Reported { kind, source, policy_id, rule } = *verdict;
-    let Some(now) = take_event_budget() else {
-        count_drop(conn.endpoint, direction, reason::EVENT_RATE_LIMITED);
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU value, one writer per CPU at a time.
+    let budget = unsafe { &mut *budget };
+    let counted = usize::from(direction & 1);
+    let Some(now) = take_event_budget(budget) else {
+        budget.kept_back[counted] += 1;
         return;
     };
     let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
-        count_drop(conn.endpoint, direction, reason::EVENT_RATE_LIMITED);
+        budget.kept_back[counted] += 1;
         return;
     };
     let (saddr, daddr, sport, dport) = if direction == EGRESS {
@@ -441,14 +447,25 @@ fn send_event(conn: &ConnKey, direction: u8, peer: u32, verdict: &Reported) {
 /// One event from this CPU's budget: the time it was taken (the event's
 /// timestamp), or `None` when the budget of this second is spent.
 #[inline(always)]
-fn take_event_budget() -> Option<u64> {
+fn take_event_budget(budget: &mut EventBudget) -> Option<u64> {
     let limit = match CONFIG.get(CONFIG_EVENTS_PER_SECOND) {
         Some(limit) if *limit != 0 => *limit,
         _ => DEFAULT_EVENTS_PER_SECOND,
     };
-    let budget = EVENT_BUDGET.get_ptr_mut(0)?;
-    // SAFETY: per-CPU value, one writer per CPU; a helper without preconditions.
-    let (budget, now) = unsafe { (&mut *budget, bpf_ktime_get_ns()) };
+    if budget.sent >= limit {
+        // Spent: whether the window has ended is asked once per clock tick
+        // (jiffies, inlined by the verifier) instead of at every refusal,
+        // where reading the clock cost more than counting the refusal. A new
+        // window is seen at most one tick late.
+        // SAFETY: a helper without preconditions.
+        let tick = unsafe { bpf_jiffies64() };
+        if tick == budget.spent_tick {
+            return None;
+        }
+        budget.spent_tick = tick;
+    }
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     if now.wrapping_sub(budget.window_start_ns) >= 1_000_000_000 {
         budget.window_start_ns = now;
         budget.sent = 0;

@@ -29,6 +29,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("netcat-openbsd", "/usr/bin/nc.openbsd"),
     ("iperf3", "/usr/bin/iperf3"),
     ("iptables", "/usr/sbin/iptables"),
+    // bench connections: iptables as its users match many peers.
+    ("ipset", "/usr/sbin/ipset"),
     ("curl", "/usr/bin/curl"),
     // The image: a static binary (musl), assembled as OCI without a daemon.
     ("musl-tools", "/usr/bin/musl-gcc"),

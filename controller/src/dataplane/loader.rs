@@ -16,7 +16,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, MapData, MapError, PerCpuHashMap, RingBuf,
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf,
     },
     programs::{
         links::{CgroupAttachMode, FdLink, PinnedLink},
@@ -25,9 +25,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use datapath_common::{
-    capacity, map_names, policy_prefix, program_names, Address, DropKey, EndpointInfo, Event, IpcacheSlot,
+    capacity, map_names, policy_prefix, program_names, reason, Address, DropKey, EndpointInfo, Event, EventBudget, IpcacheSlot,
     IpcacheValue, PolicyExactKey, PolicyKey, PolicySlot, PolicyValue, TableSlot, VerdictKey, CONFIG_EVENTS_PER_SECOND,
-    CONFIG_FLOW_EVENTS, CONFIG_HASH_SEED, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED, NO_ENDPOINT,
+    CONFIG_FLOW_EVENTS, CONFIG_HASH_SEED, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED, NO_ENDPOINT, EGRESS, INGRESS,
 };
 
 use super::{
@@ -41,7 +41,8 @@ static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/bulkhead";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
-/// Dropped packets per (endpoint, direction, reason), summed over CPUs.
+/// Dropped packets per (endpoint, direction, reason), summed over CPUs;
+/// events the budget kept back under endpoint 0 and `reason::EVENT_RATE_LIMITED`.
 pub type DropCount = BTreeMap<DropKey, u64>;
 /// Blocked and audited connections per (endpoint, policy, rule, direction, kind).
 pub type VerdictCount = BTreeMap<VerdictKey, u64>;
@@ -53,8 +54,9 @@ const SKB_IFINDEX_OFFSET: usize = 40;
 
 /// Maps an older datapath pinned that this one no longer uses: removed at
 /// load, so an upgrade does not leave their memory behind. `BH_DENIED` was
-/// the LRU hash of refused flows, now `map_names::REFUSED`.
-const RETIRED_MAPS: &[&str] = &["BH_DENIED"];
+/// the LRU hash of refused flows, now `map_names::REFUSED`; `BH_EV_BUDGET`
+/// the event budget before it counted what it keeps back.
+const RETIRED_MAPS: &[&str] = &["BH_DENIED", "BH_EV_BUDGET"];
 
 /// Prefix length of an ipcache entry for one address (/128, or /32 IPv4-mapped).
 const FULL_ADDRESS: u32 = 128;
@@ -72,6 +74,7 @@ pub struct Datapath {
     policy_exact: ExactTable<PolicySlot>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     verdicts: PerCpuHashMap<MapData, VerdictKey, u64>,
+    event_budget: PerCpuArray<MapData, EventBudget>,
     config: Array<MapData, u64>,
     events: Option<RingBuf<MapData>>,
 }
@@ -165,6 +168,7 @@ impl Datapath {
         let policy = take(&mut ebpf, map_names::POLICY)?;
         let drops = take(&mut ebpf, map_names::DROPS)?;
         let verdicts = take(&mut ebpf, map_names::VERDICTS)?;
+        let event_budget = take(&mut ebpf, map_names::EVENT_BUDGET)?;
         let mut config = take(&mut ebpf, map_names::CONFIG)?;
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);
         let seed = seed_placement(&mut config)?;
@@ -195,6 +199,7 @@ impl Datapath {
             policy_exact,
             drops,
             verdicts,
+            event_budget,
             config,
             events,
         })
@@ -501,6 +506,15 @@ impl Datapath {
         let mut out = DropCount::new();
         for (key, values) in self.drops.iter().filter_map(Result::ok) {
             *out.entry(key).or_default() += values.iter().sum::<u64>();
+        }
+        if let Ok(budgets) = self.event_budget.get(&0, 0) {
+            for direction in [INGRESS, EGRESS] {
+                let kept_back: u64 = budgets.iter().map(|budget| budget.kept_back[usize::from(direction)]).sum();
+                if kept_back > 0 {
+                    let key = DropKey { endpoint: 0, direction, reason: reason::EVENT_RATE_LIMITED, _pad: [0; 2] };
+                    *out.entry(key).or_default() += kept_back;
+                }
+            }
         }
         out
     }

@@ -15,7 +15,9 @@ pub mod reason {
     /// through every retry: the packet is dropped rather than judged on a
     /// guess (the sender retransmits).
     pub const TABLE_BUSY: u8 = 9;
-    /// Not drops: events the rate limit kept from userspace.
+    /// Not drops: events the rate limit kept from userspace. Counted in
+    /// `EventBudget::kept_back`, per CPU and direction, and reported under
+    /// endpoint 0 with the drops.
     pub const EVENT_RATE_LIMITED: u8 = 32;
     /// Not drops: a new connection displaced the least recently seen one of
     /// its full conntrack set, or was not stored (another CPU was writing

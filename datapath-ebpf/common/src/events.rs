@@ -1,4 +1,4 @@
-//! `BH_EVENTS` (ring buffer) and `BH_EV_BUDGET`: deny, audit and new-flow
+//! `BH_EVENTS` (ring buffer) and `BH_EVENT_BUDGET`: deny, audit and new-flow
 //! events to the agent, within a per-CPU budget.
 
 use crate::address::Address;
@@ -33,12 +33,21 @@ pub struct Event {
     pub source: u8,
 }
 
-/// Per-CPU token bucket for events.
+/// Per-CPU token bucket for events, and the count of what it kept back.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EventBudget {
     pub window_start_ns: u64,
     pub sent: u64,
+    /// The clock tick (jiffies) at which the spent budget's window was last
+    /// looked at.
+    pub spent_tick: u64,
+    /// Events kept back (rate limit, or a full ring buffer), by direction
+    /// (`INGRESS`, `EGRESS`). Counted here, in memory the budget check has
+    /// already brought in, rather than in `BH_DROPS`: a hash update per
+    /// refusal under a flood, the case the limit exists for. Reported as
+    /// the drop reason `EVENT_RATE_LIMITED`.
+    pub kept_back: [u64; 2],
 }
 
 crate::user_pod!(Event, EventBudget);

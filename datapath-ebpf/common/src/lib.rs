@@ -79,7 +79,7 @@ pub mod map_names {
     pub const DROPS: &str = "BH_DROPS";
     pub const VERDICTS: &str = "BH_VERDICTS";
     pub const EVENTS: &str = "BH_EVENTS";
-    pub const EVENT_BUDGET: &str = "BH_EV_BUDGET";
+    pub const EVENT_BUDGET: &str = "BH_EVENT_BUDGET";
     pub const CONFIG: &str = "BH_CONFIG";
 }
 

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use bulkhead::dataplane::{sync::Programmer, Datapath};
 use bulkhead_crds::Protocol;
 use bulkhead_policy::{
-    self as policy, manifest, state::address_key, Change, ContainerPort, Namespace, Object, Pod, PodRef, PolicyKind,
+    self as policy, manifest, DesiredState, state::address_key, Change, ContainerPort, Namespace, Object, Pod, PodRef, PolicyKind,
     PolicyObject, PolicyRef, Snapshot,
 };
 use datapath_common::{
@@ -24,7 +24,7 @@ use serde_json::json;
 
 use crate::testbed::{
     packet::{PacketSpec, L4, TCP_ACK, TCP_SYN},
-    Topology,
+    TestPod, Topology,
 };
 
 pub fn run(what: &str) -> Result<()> {
@@ -38,17 +38,18 @@ pub fn run(what: &str) -> Result<()> {
         }
         "compile" => compile(),
         "convergence" => convergence(),
+        "connections" => crate::connections::run(),
         "scale" => crate::scale::run(&[10_000, 50_000, 150_000]),
         other => match other.strip_prefix("scale:") {
             // `scale:10000,50000`: chosen sizes.
             Some(sizes) => crate::scale::run(&sizes.split(',').map(str::parse).collect::<Result<Vec<usize>, _>>()?),
-            None => bail!("unknown benchmark {other:?}: datapath[:test_run], compile, convergence or scale[:sizes]"),
+            None => bail!("unknown benchmark {other:?}: datapath[:test_run], compile, connections, convergence or scale[:sizes]"),
         },
     }
 }
 
 /// Of an even count, the mean of the two middle values.
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     let middle = values.len() / 2;
     if values.len().is_multiple_of(2) {
@@ -66,7 +67,7 @@ const POD: Ipv4Addr = Ipv4Addr::new(10, 199, 1, 10);
 const PEER: Ipv4Addr = Ipv4Addr::new(10, 199, 2, 20);
 const PEER_IDENTITY: u32 = 5000;
 
-fn allow() -> PolicyValue {
+pub(crate) fn allow() -> PolicyValue {
     PolicyValue::new(verdict::ALLOW, 1, 0)
 }
 
@@ -315,6 +316,29 @@ fn test_run_numbers() -> Result<BTreeMap<String, f64>> {
     Ok(out)
 }
 
+/// What the agent would compile for two pods `client` and `server` of
+/// namespace `bench`, the server's container listening on `port`, under
+/// `policy` (manifests).
+pub(crate) fn two_pod_policy(client: &TestPod, server: &TestPod, port: u16, policy: &str) -> Result<DesiredState> {
+    let mut snapshot = Snapshot::default();
+    snapshot.add_namespace(Namespace::new("bench", Default::default()));
+    for (name, pod) in [("client", client), ("server", server)] {
+        snapshot.add_pod(Pod {
+            namespace: "bench".into(),
+            name: name.into(),
+            labels: std::sync::Arc::new([("app".to_string(), name.to_string())].into()),
+            ips: vec![pod.ipv4],
+            ports: vec![ContainerPort { name: None, port, protocol: Protocol::TCP }],
+            node_name: None,
+            uid: None,
+        });
+    }
+    for object in manifest::parse("bench", policy)? {
+        snapshot.apply(Change::Applied(object));
+    }
+    Ok(policy::compile(&snapshot))
+}
+
 fn iperf_gbps(topology: &Topology, server_ip: IpAddr) -> Result<f64> {
     let out = topology
         .pod_command("client", &["iperf3", "-c", &server_ip.to_string(), "-t", "3", "-J"])
@@ -352,23 +376,7 @@ fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
     let mut with_iptables = Vec::new();
 
     // Bulkhead: a 10k-entry policy (10k pods' identities allowed elsewhere) plus the iperf allow.
-    let mut snapshot = Snapshot::default();
-    snapshot.add_namespace(Namespace::new("bench", Default::default()));
-    for (name, pod) in [("client", &client), ("server", &server)] {
-        snapshot.add_pod(Pod {
-            namespace: "bench".into(),
-            name: name.into(),
-            labels: std::sync::Arc::new([("app".to_string(), name.to_string())].into()),
-            ips: vec![pod.ipv4],
-            ports: vec![ContainerPort { name: None, port: 5201, protocol: Protocol::TCP }],
-            node_name: None,
-            uid: None,
-        });
-    }
-    for object in manifest::parse("bench", THROUGHPUT_POLICY)? {
-        snapshot.apply(Change::Applied(object));
-    }
-    let desired = policy::compile(&snapshot);
+    let desired = two_pod_policy(&client, &server, 5201, THROUGHPUT_POLICY)?;
     let pin_dir = PathBuf::from("/sys/fs/bpf/bulkhead-bench-tp");
     let _ = Datapath::unpin_all(&pin_dir);
     topology.enter_node();

@@ -4,10 +4,11 @@
 //!   packets, a real kube-apiserver with etcd; each removed by name on drop.
 //! - [`probe`]: scenario directories with real traffic through the agent.
 //! - [`demo`]: a small shop enforced end to end (`cargo xtask demo`).
-//! - [`bench`]: the benchmarks (`cargo xtask bench`); [`scale`] the one at
-//!   cluster scale.
+//! - [`bench`]: the benchmarks (`cargo xtask bench`); [`connections`] the
+//!   connection rate between two pods, [`scale`] the one at cluster scale.
 
 pub mod bench;
+pub mod connections;
 pub mod demo;
 pub mod probe;
 pub mod scale;
