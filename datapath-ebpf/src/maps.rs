@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use datapath_common::{
-    capacity, Address, ConntrackSlot, ConntrackTags, DropKey, EndpointInfo, EventBudget, FragmentKey, FragmentValue,
+    capacity, Address, ConntrackSlot, ConntrackTags, EndpointInfo, EventBudget, FragmentKey, FragmentValue,
     IpcacheSlot, IpcacheValue, PolicyExactKey, PolicyKey, PolicySlot, PolicyValue, RefusalSet, TableSet, VerdictKey,
     CONFIG_HASH_SEED,
 };
@@ -45,6 +45,10 @@ pub static LOCAL_ADDRS: HashMap<Address, u32> = HashMap::pinned(capacity::LOCAL_
 #[map(name = "BH_POLICY")]
 pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
 
+/// Trie entries per (endpoint, direction, peer), by `prefixed_slot`.
+#[map(name = "BH_PREFIXED")]
+pub static POLICY_PREFIXED: Array<u32> = Array::pinned(capacity::POLICY_PREFIXED, 0);
+
 /// Full-length policy entries: one peer (or any peer), protocol and port;
 /// in the table, or in the hash when their set was full (as for the ipcache).
 #[map(name = "BH_POLICY_TAB")]
@@ -69,8 +73,8 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::pinne
 #[map(name = "BH_REFUSED")]
 pub static REFUSED: Array<RefusalSet> = Array::pinned(capacity::REFUSED_SETS, 0);
 
-#[map(name = "BH_DROPS")]
-pub static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::pinned(capacity::DROPS, 0);
+#[map(name = "BH_DROP_COUNTS")]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(capacity::DROPS, 0);
 
 #[map(name = "BH_VERDICTS")]
 pub static VERDICTS: PerCpuHashMap<VerdictKey, u64> = PerCpuHashMap::pinned(capacity::VERDICTS, 0);

@@ -8,17 +8,18 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext},
 };
 use datapath_common::{
-    capacity, identity, policy_prefix, proto, reason, verdict, Address, ConnKey, ConntrackValue, DropKey, EndpointInfo,
-    Event, EventBudget, FragmentKey, FragmentValue, PolicyExactKey, PolicyKey, PolicyValue, VerdictKey, CONFIG_EVENTS_PER_SECOND,
-    CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, CONNTRACK_FLAG_REVOKED, EGRESS, ENDPOINT_FLAG_FAIL_CLOSED, EVENT_AUDIT,
-    EVENT_DENY, EVENT_NEW_FLOW, INGRESS, NO_ENDPOINT, SOURCE_CGROUP, SOURCE_TC,
+    capacity, identity, policy_prefix, prefixed_slot, proto, reason, verdict, Address, ConnKey, ConntrackValue,
+    DropKey, EndpointInfo, Event, FragmentKey, FragmentValue, PolicyExactKey, PolicyKey, PolicyValue, VerdictKey,
+    CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, CONNTRACK_FLAG_REVOKED, EGRESS,
+    ENDPOINT_FLAG_FAIL_CLOSED, EVENT_AUDIT, EVENT_DENY, EVENT_NEW_FLOW, INGRESS, NO_ENDPOINT, SOURCE_CGROUP, SOURCE_TC,
 };
 
 use crate::{
     conntrack::{Found, Set, Stored},
     maps::{
         CGROUP_ENDPOINTS, CONFIG, DROPS, ENDPOINTS, ENDPOINTS_BY_IFINDEX, EVENTS, EVENT_BUDGET, FRAGMENTS, IPCACHE,
-        IPCACHE_EXACT, IPCACHE_TABLE, LOCAL_ADDRS, POLICY, POLICY_EXACT, POLICY_TABLE, SCRATCH, VERDICTS,
+        IPCACHE_EXACT, IPCACHE_TABLE, LOCAL_ADDRS, POLICY, POLICY_EXACT, POLICY_PREFIXED, POLICY_TABLE, SCRATCH,
+        VERDICTS,
     },
     parse::{parse, quoted_connection, Packet, ParseError, Parsed, Scratch, FRAG_FIRST, FRAG_LATER, L4},
     refusals::first_refusal,
@@ -46,14 +47,14 @@ pub fn judge_packet(ctx: &TcContext, direction: u8) -> i32 {
     // Fail closed: these programs are only attached to pod veths; a packet we
     // cannot attribute to an endpoint is dropped rather than let through.
     let Some(endpoint) = endpoint_of(ifindex) else {
-        count_drop(0, direction, reason::NO_ENDPOINT);
+        count_drop(direction, reason::NO_ENDPOINT);
         return TC_ACT_SHOT;
     };
     // SAFETY: a hash-map value pointer stays valid for this program run; the
     // agent replaces endpoint values whole.
     let endpoint = unsafe { &*endpoint };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        count_drop(endpoint.endpoint_id, direction, reason::MALFORMED);
+        count_drop(direction, reason::MALFORMED);
         return TC_ACT_SHOT;
     };
     // SAFETY: per-CPU scratch, used by one program run at a time on this CPU.
@@ -62,18 +63,18 @@ pub fn judge_packet(ctx: &TcContext, direction: u8) -> i32 {
         Ok(Parsed::Arp) => return TC_ACT_OK,
         Ok(Parsed::Ip) => {}
         Err(ParseError::Malformed) => {
-            count_drop(endpoint.endpoint_id, direction, reason::MALFORMED);
+            count_drop(direction, reason::MALFORMED);
             return TC_ACT_SHOT;
         }
         Err(ParseError::UnsupportedL3) => {
-            count_drop(endpoint.endpoint_id, direction, reason::UNSUPPORTED_L3);
+            count_drop(direction, reason::UNSUPPORTED_L3);
             return TC_ACT_SHOT;
         }
     };
     match judge_ip(ctx, endpoint, direction, scratch) {
         Ok(()) => TC_ACT_OK,
         Err(why) => {
-            count_drop(endpoint.endpoint_id, direction, why);
+            count_drop(direction, why);
             TC_ACT_SHOT
         }
     }
@@ -208,7 +209,7 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
         let entry = ConntrackValue { revision, peer_identity: peer, flags: 0, origin, _pad: [0; 2] };
         match set.store(conn, &entry, vacancy) {
             Stored::Free => {}
-            Stored::Displaced | Stored::NotStored => count_drop(endpoint_id, direction, reason::CONNTRACK_FULL),
+            Stored::Displaced | Stored::NotStored => count_drop(direction, reason::CONNTRACK_FULL),
         }
         if packet.fragment.kind == FRAG_FIRST {
             remember_fragment(packet);
@@ -322,6 +323,11 @@ fn policy_for(endpoint: u32, direction: u8, peer: u32, protocol: u8, port: u16) 
     if let Some(value) = table::lookup(&POLICY_TABLE, capacity::POLICY_TABLE_SETS, &POLICY_EXACT, &exact)? {
         return Ok(Some(value));
     }
+    // No trie entry for this endpoint, direction and peer: no walk. Most
+    // refusals end here (a default deny has no entry at all).
+    if let Some(0) = POLICY_PREFIXED.get(prefixed_slot(endpoint, direction, peer)) {
+        return Ok(None);
+    }
     let key = Key::new(policy_prefix::FULL, PolicyKey::new(endpoint, direction, peer, protocol, port));
     Ok(POLICY.get(&key).copied())
 }
@@ -357,8 +363,11 @@ fn bump<K>(map: &PerCpuHashMap<K, u64>, key: &K) {
 }
 
 #[inline(always)]
-fn count_drop(endpoint: u32, direction: u8, why: u8) {
-    bump(&DROPS, &DropKey { endpoint, direction, reason: why, _pad: [0; 2] });
+fn count_drop(direction: u8, why: u8) {
+    if let Some(count) = DROPS.get_ptr_mut(DropKey { direction, reason: why }.slot()) {
+        // SAFETY: per-CPU value: no other writer on this CPU during the run.
+        unsafe { *count += 1 };
+    }
 }
 
 /// What `report` says of a flow (a struct: BPF functions take at most five arguments).
@@ -402,18 +411,12 @@ fn flow_events_enabled() -> bool {
 #[inline(always)]
 fn send_event(conn: &ConnKey, direction: u8, peer: u32, verdict: &Reported) {
     let Reported { kind, source, policy_id, rule } = *verdict;
-    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU value, one writer per CPU at a time.
-    let budget = unsafe { &mut *budget };
-    let counted = usize::from(direction & 1);
-    let Some(now) = take_event_budget(budget) else {
-        budget.kept_back[counted] += 1;
+    let Some(now) = take_event_budget() else {
+        count_drop(direction, reason::EVENT_RATE_LIMITED);
         return;
     };
     let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
-        budget.kept_back[counted] += 1;
+        count_drop(direction, reason::EVENT_RATE_LIMITED);
         return;
     };
     let (saddr, daddr, sport, dport) = if direction == EGRESS {
@@ -447,11 +450,14 @@ fn send_event(conn: &ConnKey, direction: u8, peer: u32, verdict: &Reported) {
 /// One event from this CPU's budget: the time it was taken (the event's
 /// timestamp), or `None` when the budget of this second is spent.
 #[inline(always)]
-fn take_event_budget(budget: &mut EventBudget) -> Option<u64> {
+fn take_event_budget() -> Option<u64> {
     let limit = match CONFIG.get(CONFIG_EVENTS_PER_SECOND) {
         Some(limit) if *limit != 0 => *limit,
         _ => DEFAULT_EVENTS_PER_SECOND,
     };
+    let budget = EVENT_BUDGET.get_ptr_mut(0)?;
+    // SAFETY: per-CPU value, one writer per CPU at a time.
+    let budget = unsafe { &mut *budget };
     if budget.sent >= limit {
         // Spent: whether the window has ended is asked once per clock tick
         // (jiffies, inlined by the verifier) instead of at every refusal,

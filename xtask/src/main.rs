@@ -43,7 +43,7 @@ enum Task {
         dirs: Vec<String>,
     },
     /// Run a benchmark: `datapath` (`datapath:test_run` without iperf3), `compile`,
-    /// `connections`, `convergence` or `scale` (`scale:10000` for chosen sizes).
+    /// `connections`, `convergence`, `flood` or `scale` (`scale:10000` for chosen sizes).
     Bench { what: String },
 }
 
@@ -81,9 +81,9 @@ fn main() -> Result<()> {
             lab(&args)
         }
         Task::Bench { what } => match what.as_str() {
-            "datapath" | "datapath:test_run" | "compile" | "connections" | "convergence" | "scale" => lab(&["bench", &what]),
+            "datapath" | "datapath:test_run" | "compile" | "connections" | "convergence" | "flood" | "scale" => lab(&["bench", &what]),
             other if other.starts_with("scale:") => lab(&["bench", &what]),
-            other => bail!("unknown benchmark {other:?}: datapath[:test_run], compile, connections, convergence or scale[:sizes]"),
+            other => bail!("unknown benchmark {other:?}: datapath[:test_run], compile, connections, convergence, flood or scale[:sizes]"),
         },
     }
 }

@@ -6,7 +6,7 @@
 //! datapath keeps enforcing while no agent runs.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fs,
     os::fd::AsFd,
     path::{Path, PathBuf},
@@ -25,9 +25,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use datapath_common::{
-    capacity, map_names, policy_prefix, program_names, reason, Address, DropKey, EndpointInfo, Event, EventBudget, IpcacheSlot,
-    IpcacheValue, PolicyExactKey, PolicyKey, PolicySlot, PolicyValue, TableSlot, VerdictKey, CONFIG_EVENTS_PER_SECOND,
-    CONFIG_FLOW_EVENTS, CONFIG_HASH_SEED, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED, NO_ENDPOINT, EGRESS, INGRESS,
+    capacity, map_names, policy_prefix, prefixed_slot, program_names, Address, DropKey, EndpointInfo, Event,
+    IpcacheSlot, IpcacheValue, PolicyExactKey, PolicyKey, PolicySlot, PolicyValue, TableSlot, VerdictKey,
+    CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_HASH_SEED, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED,
+    NO_ENDPOINT,
 };
 
 use super::{
@@ -41,8 +42,7 @@ static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/bulkhead";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
-/// Dropped packets per (endpoint, direction, reason), summed over CPUs;
-/// events the budget kept back under endpoint 0 and `reason::EVENT_RATE_LIMITED`.
+/// Dropped packets per (direction, reason), summed over CPUs.
 pub type DropCount = BTreeMap<DropKey, u64>;
 /// Blocked and audited connections per (endpoint, policy, rule, direction, kind).
 pub type VerdictCount = BTreeMap<VerdictKey, u64>;
@@ -55,8 +55,9 @@ const SKB_IFINDEX_OFFSET: usize = 40;
 /// Maps an older datapath pinned that this one no longer uses: removed at
 /// load, so an upgrade does not leave their memory behind. `BH_DENIED` was
 /// the LRU hash of refused flows, now `map_names::REFUSED`; `BH_EV_BUDGET`
-/// the event budget before it counted what it keeps back.
-const RETIRED_MAPS: &[&str] = &["BH_DENIED", "BH_EV_BUDGET"];
+/// the event budget before it kept its clock tick; `BH_DROPS` the drop
+/// counters when they were a hash by endpoint.
+const RETIRED_MAPS: &[&str] = &["BH_DENIED", "BH_EV_BUDGET", "BH_DROPS"];
 
 /// Prefix length of an ipcache entry for one address (/128, or /32 IPv4-mapped).
 const FULL_ADDRESS: u32 = 128;
@@ -71,10 +72,16 @@ pub struct Datapath {
     cgroup_endpoints: HashMap<MapData, u64, EndpointInfo>,
     local_addrs: HashMap<MapData, [u8; 16], u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    /// Trie entries per `prefixed_slot`: counted before an entry is written
+    /// and after it is removed, so the programs never skip a trie that
+    /// holds something for them.
+    policy_prefixed: Array<MapData, u32>,
+    /// The trie's keys (prefix length, key): a lookup in the trie answers
+    /// the longest match, not whether this very entry is there.
+    trie_keys: HashSet<(u32, PolicyKey)>,
     policy_exact: ExactTable<PolicySlot>,
-    drops: PerCpuHashMap<MapData, DropKey, u64>,
+    drops: PerCpuArray<MapData, u64>,
     verdicts: PerCpuHashMap<MapData, VerdictKey, u64>,
-    event_budget: PerCpuArray<MapData, EventBudget>,
     config: Array<MapData, u64>,
     events: Option<RingBuf<MapData>>,
 }
@@ -142,6 +149,9 @@ impl Datapath {
                 }
             }
         }
+        // A datapath older than the trie's counts left a trie without them:
+        // counted afresh below, before any program is attached.
+        let count_prefixed = !pin_dir.join(map_names::POLICY_PREFIXED).exists();
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pin_dir).load(DATAPATH_OBJECT)?;
         for name in [program_names::FROM_POD, program_names::TO_POD] {
             let program: &mut SchedClassifier = ebpf
@@ -166,9 +176,9 @@ impl Datapath {
         let cgroup_endpoints = take(&mut ebpf, map_names::CGROUP_ENDPOINTS)?;
         let local_addrs = take(&mut ebpf, map_names::LOCAL_ADDRS)?;
         let policy = take(&mut ebpf, map_names::POLICY)?;
+        let policy_prefixed = take(&mut ebpf, map_names::POLICY_PREFIXED)?;
         let drops = take(&mut ebpf, map_names::DROPS)?;
         let verdicts = take(&mut ebpf, map_names::VERDICTS)?;
-        let event_budget = take(&mut ebpf, map_names::EVENT_BUDGET)?;
         let mut config = take(&mut ebpf, map_names::CONFIG)?;
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);
         let seed = seed_placement(&mut config)?;
@@ -186,7 +196,7 @@ impl Datapath {
             seed,
             map_names::POLICY_EXACT,
         )?;
-        Ok(Self {
+        let mut datapath = Self {
             ebpf,
             pin_dir,
             ipcache,
@@ -196,13 +206,20 @@ impl Datapath {
             cgroup_endpoints,
             local_addrs,
             policy,
+            policy_prefixed,
+            trie_keys: HashSet::new(),
             policy_exact,
             drops,
             verdicts,
-            event_budget,
             config,
             events,
-        })
+        };
+        datapath.trie_keys =
+            datapath.policy.keys().filter_map(Result::ok).map(|key| (key.prefix_len(), key.data())).collect();
+        if count_prefixed {
+            datapath.count_prefixed()?;
+        }
+        Ok(datapath)
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -414,14 +431,56 @@ impl Datapath {
         if prefix_len == policy_prefix::FULL {
             return self.policy_exact.insert(PolicyExactKey::from(key), value);
         }
-        self.policy.insert(&Key::new(prefix_len, key), value, 0).map_err(|source| full_or(map_names::POLICY, source))
+        let trie_key = Key::new(prefix_len, key);
+        let new = !self.trie_keys.contains(&(prefix_len, key));
+        if new {
+            self.add_prefixed(&key, 1)?;
+        }
+        match self.policy.insert(&trie_key, value, 0) {
+            Ok(()) => {
+                self.trie_keys.insert((prefix_len, key));
+                Ok(())
+            }
+            Err(source) => {
+                if new {
+                    self.add_prefixed(&key, -1)?;
+                }
+                Err(full_or(map_names::POLICY, source))
+            }
+        }
     }
 
     pub fn remove_policy(&mut self, prefix_len: u32, key: PolicyKey) -> Result<(), DatapathError> {
         if prefix_len == policy_prefix::FULL {
             return self.policy_exact.remove(&PolicyExactKey::from(key));
         }
-        ignore_missing(map_names::POLICY, self.policy.remove(&Key::new(prefix_len, key)))
+        ignore_missing(map_names::POLICY, self.policy.remove(&Key::new(prefix_len, key)))?;
+        if self.trie_keys.remove(&(prefix_len, key)) {
+            self.add_prefixed(&key, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Move the count of trie entries in `key`'s slot by `by`.
+    fn add_prefixed(&mut self, key: &PolicyKey, by: i64) -> Result<(), DatapathError> {
+        let slot = prefixed_slot(key.endpoint(), key.direction(), key.identity());
+        let name = map_names::POLICY_PREFIXED;
+        let count = self.policy_prefixed.get(&slot, 0).map_err(|source| DatapathError::Map { name, source })?;
+        let count = u32::try_from((i64::from(count) + by).max(0)).unwrap_or(u32::MAX);
+        self.policy_prefixed.set(slot, count, 0).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Count the trie's entries into their slots (all zero: a new map).
+    fn count_prefixed(&mut self) -> Result<(), DatapathError> {
+        let mut counts = vec![0u32; capacity::POLICY_PREFIXED as usize];
+        for (_, key) in &self.trie_keys {
+            counts[prefixed_slot(key.endpoint(), key.direction(), key.identity()) as usize] += 1;
+        }
+        let name = map_names::POLICY_PREFIXED;
+        for (slot, count) in counts.into_iter().enumerate().filter(|(_, count)| *count != 0) {
+            self.policy_prefixed.set(slot as u32, count, 0).map_err(|source| DatapathError::Map { name, source })?;
+        }
+        Ok(())
     }
 
     /// The interfaces (by ifindex) the endpoints map holds an entry for.
@@ -504,16 +563,11 @@ impl Datapath {
 
     pub fn drops(&self) -> DropCount {
         let mut out = DropCount::new();
-        for (key, values) in self.drops.iter().filter_map(Result::ok) {
-            *out.entry(key).or_default() += values.iter().sum::<u64>();
-        }
-        if let Ok(budgets) = self.event_budget.get(&0, 0) {
-            for direction in [INGRESS, EGRESS] {
-                let kept_back: u64 = budgets.iter().map(|budget| budget.kept_back[usize::from(direction)]).sum();
-                if kept_back > 0 {
-                    let key = DropKey { endpoint: 0, direction, reason: reason::EVENT_RATE_LIMITED, _pad: [0; 2] };
-                    *out.entry(key).or_default() += kept_back;
-                }
+        for slot in 0..capacity::DROPS {
+            let Ok(values) = self.drops.get(&slot, 0) else { continue };
+            let count = values.iter().sum::<u64>();
+            if count != 0 {
+                out.insert(DropKey::of_slot(slot), count);
             }
         }
         out

@@ -15,9 +15,7 @@ pub mod reason {
     /// through every retry: the packet is dropped rather than judged on a
     /// guess (the sender retransmits).
     pub const TABLE_BUSY: u8 = 9;
-    /// Not drops: events the rate limit kept from userspace. Counted in
-    /// `EventBudget::kept_back`, per CPU and direction, and reported under
-    /// endpoint 0 with the drops.
+    /// Not drops: events the rate limit kept from userspace.
     pub const EVENT_RATE_LIMITED: u8 = 32;
     /// Not drops: a new connection displaced the least recently seen one of
     /// its full conntrack set, or was not stored (another CPU was writing
@@ -42,14 +40,30 @@ pub mod reason {
     }
 }
 
-/// Key of the per-CPU drop counters.
-#[repr(C)]
+/// Drop reasons each direction has a counter for (`reason` values are below).
+pub const DROP_REASONS: u32 = 64;
+
+/// Which drop counter: one per direction and reason, the labels of
+/// `bulkhead_dropped_packets_total`. Not per endpoint: the counters are a
+/// per-CPU array the verifier indexes inline, where a hash keyed by
+/// endpoint cost a hash lookup on every dropped packet of a flood. The
+/// pod a refusal concerns is in the verdict counters and the events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DropKey {
-    pub endpoint: u32,
     pub direction: u8,
     pub reason: u8,
-    pub _pad: [u8; 2],
+}
+
+impl DropKey {
+    /// Its index in `map_names::DROPS`, among `capacity::DROPS`.
+    #[inline(always)]
+    pub const fn slot(self) -> u32 {
+        (self.direction as u32 & 1) * DROP_REASONS + (self.reason as u32 & (DROP_REASONS - 1))
+    }
+
+    pub const fn of_slot(slot: u32) -> Self {
+        DropKey { direction: (slot / DROP_REASONS) as u8, reason: (slot % DROP_REASONS) as u8 }
+    }
 }
 
 /// Key of the per-CPU connection-verdict counters (blocked and audited flows).
@@ -65,4 +79,4 @@ pub struct VerdictKey {
     pub _pad: [u8; 2],
 }
 
-crate::user_pod!(DropKey, VerdictKey);
+crate::user_pod!(VerdictKey);

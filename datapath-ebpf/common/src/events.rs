@@ -33,7 +33,7 @@ pub struct Event {
     pub source: u8,
 }
 
-/// Per-CPU token bucket for events, and the count of what it kept back.
+/// Per-CPU token bucket for events.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EventBudget {
@@ -42,12 +42,6 @@ pub struct EventBudget {
     /// The clock tick (jiffies) at which the spent budget's window was last
     /// looked at.
     pub spent_tick: u64,
-    /// Events kept back (rate limit, or a full ring buffer), by direction
-    /// (`INGRESS`, `EGRESS`). Counted here, in memory the budget check has
-    /// already brought in, rather than in `BH_DROPS`: a hash update per
-    /// refusal under a flood, the case the limit exists for. Reported as
-    /// the drop reason `EVENT_RATE_LIMITED`.
-    pub kept_back: [u64; 2],
 }
 
 crate::user_pod!(Event, EventBudget);

@@ -60,6 +60,10 @@ pub mod map_names {
     pub const CGROUP_ENDPOINTS: &str = "BH_CG_ENDPOINTS";
     pub const LOCAL_ADDRS: &str = "BH_LOCAL_ADDRS";
     pub const POLICY: &str = "BH_POLICY";
+    /// Which (endpoint, direction, peer) have entries in `POLICY`: counts
+    /// by `prefixed_slot`, so a lookup walks the trie only where it can
+    /// find something.
+    pub const POLICY_PREFIXED: &str = "BH_PREFIXED";
     /// Full-length policy entries (one peer or any peer, one protocol, one
     /// port) whose set in `POLICY_TABLE` was full: the table's overflow.
     pub const POLICY_EXACT: &str = "BH_POLICY_EX";
@@ -76,7 +80,8 @@ pub mod map_names {
     /// Connections refused recently (`RefusalSet`): a retransmission of a
     /// refused connection is dropped without being counted or reported again.
     pub const REFUSED: &str = "BH_REFUSED";
-    pub const DROPS: &str = "BH_DROPS";
+    /// Per-CPU drop counters by `DropKey::slot`.
+    pub const DROPS: &str = "BH_DROP_COUNTS";
     pub const VERDICTS: &str = "BH_VERDICTS";
     pub const EVENTS: &str = "BH_EVENTS";
     pub const EVENT_BUDGET: &str = "BH_EVENT_BUDGET";
@@ -105,6 +110,8 @@ pub mod capacity {
     pub const LOCAL_ADDRS: u32 = 1 << 15;
     pub const POLICY: u32 = 1 << 21;
     pub const POLICY_EXACT: u32 = 1 << 21;
+    /// Slots of `map_names::POLICY_PREFIXED` (256 KiB).
+    pub const POLICY_PREFIXED: u32 = 1 << 16;
     /// Sets of the exact tables (`TABLE_WAYS` entries each): 256k
     /// addresses in 10 MiB and 1M policy entries in 40 MiB.
     pub const IPCACHE_TABLE_SETS: u32 = 1 << 15;
@@ -115,7 +122,7 @@ pub mod capacity {
     pub const FRAGMENTS: u32 = 1 << 13;
     /// Refused connections: `REFUSED_SETS` sets of `REFUSAL_WAYS` (64k, 512 KiB).
     pub const REFUSED_SETS: u32 = 1 << 13;
-    pub const DROPS: u32 = 1 << 14;
+    pub const DROPS: u32 = 2 * super::DROP_REASONS;
     pub const VERDICTS: u32 = 1 << 16;
     pub const EVENTS_BYTES: u32 = 1 << 20;
     pub const CONFIG: u32 = super::CONFIG_SLOTS;
@@ -166,7 +173,6 @@ mod tests {
         assert_eq!(size_of::<PolicySlot>(), 32);
         assert_eq!(size_of::<TableSet<PolicySlot>>(), 64 + 32 * TABLE_WAYS);
         assert_eq!(size_of::<FragmentKey>(), 40);
-        assert_eq!(size_of::<DropKey>(), 8);
         assert_eq!(size_of::<VerdictKey>(), 16);
         assert_eq!(size_of::<Event>(), 8 + 32 + 16 + 8);
     }

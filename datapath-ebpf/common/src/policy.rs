@@ -1,7 +1,22 @@
 //! `BH_POLICY` (LPM trie), `BH_POLICY_TAB` and its overflow `BH_POLICY_EX`:
 //! each endpoint's verdict per direction, peer identity, protocol and port.
 
-use crate::{hash::pair, table::TableSlot};
+use crate::{
+    capacity,
+    hash::{pair, placement_hash},
+    table::TableSlot,
+};
+
+/// The slot of `map_names::POLICY_PREFIXED` that counts the trie entries of
+/// one endpoint, direction and peer identity (every trie entry names all
+/// three: its prefix is at least `policy_prefix::ANY_PROTOCOL`). Slots are
+/// shared by hash: a count that is not zero says "walk the trie", which is
+/// never wrong, only slower; zero says no entry there, which the agent keeps
+/// true by counting an entry before writing it and after removing it.
+#[inline(always)]
+pub fn prefixed_slot(endpoint: u32, direction: u8, identity: u32) -> u32 {
+    placement_hash([pair(endpoint, identity), u64::from(direction)], 0) as u32 & (capacity::POLICY_PREFIXED - 1)
+}
 
 /// Length in bits of the parts of a policy key, in key order.
 pub mod policy_prefix {

@@ -13,8 +13,8 @@ use anyhow::{bail, Context, Result};
 use bulkhead::dataplane::{sync::Programmer, Datapath};
 use bulkhead_crds::Protocol;
 use bulkhead_policy::{
-    self as policy, manifest, DesiredState, state::address_key, Change, ContainerPort, Namespace, Object, Pod, PodRef, PolicyKind,
-    PolicyObject, PolicyRef, Snapshot,
+    self as policy, manifest, state::address_key, Change, ContainerPort, DesiredState, Namespace, Object, Pod, PodRef,
+    PolicyKind, PolicyObject, PolicyRef, Snapshot,
 };
 use datapath_common::{
     identity, policy_prefix, program_names, proto, reason, verdict, EndpointInfo, PolicyKey, PolicyValue, EGRESS,
@@ -39,11 +39,12 @@ pub fn run(what: &str) -> Result<()> {
         "compile" => compile(),
         "convergence" => convergence(),
         "connections" => crate::connections::run(),
+        "flood" => crate::flood::run(),
         "scale" => crate::scale::run(&[10_000, 50_000, 150_000]),
         other => match other.strip_prefix("scale:") {
             // `scale:10000,50000`: chosen sizes.
             Some(sizes) => crate::scale::run(&sizes.split(',').map(str::parse).collect::<Result<Vec<usize>, _>>()?),
-            None => bail!("unknown benchmark {other:?}: datapath[:test_run], compile, connections, convergence or scale[:sizes]"),
+            None => bail!("unknown benchmark {other:?}: datapath[:test_run], compile, connections, convergence, flood or scale[:sizes]"),
         },
     }
 }
@@ -687,7 +688,7 @@ fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
     values[((values.len() - 1) as f64 * p).round() as usize]
 }
 
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Result<()> {
+pub(crate) fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while !done() {
         if Instant::now() > deadline {

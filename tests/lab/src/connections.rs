@@ -34,7 +34,7 @@ use crate::{
     testbed::{TestPod, Topology},
 };
 
-const PORT: u16 = 7000;
+pub(crate) const PORT: u16 = 7000;
 /// Parallel clients: twice the cores, so a client waiting on its connect
 /// leaves the CPU to another.
 const CLIENTS: usize = 4;
@@ -60,7 +60,7 @@ spec:
 "#;
 
 /// This thread, into a network namespace by name.
-fn enter_netns(netns: &str) -> Result<()> {
+pub(crate) fn enter_netns(netns: &str) -> Result<()> {
     let file = File::open(format!("/var/run/netns/{netns}")).with_context(|| format!("netns {netns}"))?;
     // SAFETY: setns on a namespace fd this function holds; it moves only the calling thread.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -90,14 +90,14 @@ fn reset_on_close(fd: &impl AsRawFd) -> Result<()> {
 
 /// The server pod's listener: accepting threads that answer each connection
 /// with one byte and close it, until dropped.
-struct Server {
+pub(crate) struct Server {
     listener: Arc<TcpListener>,
     stop: Arc<AtomicBool>,
     acceptors: Vec<JoinHandle<()>>,
 }
 
 impl Server {
-    fn start(pod: &TestPod) -> Result<Self> {
+    pub(crate) fn start(pod: &TestPod) -> Result<Self> {
         let netns = pod.netns.clone();
         let address = SocketAddr::new(pod.ipv4, PORT);
         let listener = std::thread::spawn(move || -> Result<TcpListener> {
@@ -140,7 +140,7 @@ impl Drop for Server {
 }
 
 /// One connection from the client pod: connected, answered, closed.
-fn one_connection(server: SocketAddr) -> Result<()> {
+pub(crate) fn one_connection(server: SocketAddr) -> Result<()> {
     let mut stream = TcpStream::connect_timeout(&server, CONNECT_TIMEOUT)?;
     reset_on_close(&stream)?;
     stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;

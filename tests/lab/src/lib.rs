@@ -5,11 +5,13 @@
 //! - [`probe`]: scenario directories with real traffic through the agent.
 //! - [`demo`]: a small shop enforced end to end (`cargo xtask demo`).
 //! - [`bench`]: the benchmarks (`cargo xtask bench`); [`connections`] the
-//!   connection rate between two pods, [`scale`] the one at cluster scale.
+//!   connection rate between two pods, [`flood`] other pods' latency under
+//!   a flood of refusals, [`scale`] the one at cluster scale.
 
 pub mod bench;
 pub mod connections;
 pub mod demo;
+pub mod flood;
 pub mod probe;
 pub mod scale;
 pub mod testbed;

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use bulkhead_lab::testbed::packet::{self, PacketSpec, L4, TCP_ACK, TCP_SYN};
 use common::{TestDatapath, TC_ACT_OK, TC_ACT_SHOT};
 use datapath_common::{
-    capacity, identity, proto, reason, verdict, PolicyValue, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, TABLE_WAYS,
+    capacity, identity, map_names, proto, reason, verdict, PolicyValue, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, TABLE_WAYS,
 };
 
 const POD: &str = "10.244.1.10";
@@ -50,7 +50,7 @@ fn arp_passes_and_unknown_l3_is_dropped() {
     frame[12] = 0x88;
     frame[13] = 0xcc; // LLDP
     assert_eq!(dp.sent_by_pod(&frame), TC_ACT_SHOT);
-    assert_eq!(dp.drops(7, EGRESS, reason::UNSUPPORTED_L3), 1);
+    assert_eq!(dp.drops(EGRESS, reason::UNSUPPORTED_L3), 1);
 }
 
 #[test]
@@ -58,7 +58,7 @@ fn ipv4_tcp_allowed_port_passes_other_port_is_denied() {
     let dp = allowlist("v4tcp");
     assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 40000, dport: 80, flags: TCP_SYN })), TC_ACT_OK);
     assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 40001, dport: 81, flags: TCP_SYN })), TC_ACT_SHOT);
-    assert_eq!(dp.drops(7, EGRESS, reason::POLICY_DENIED), 1);
+    assert_eq!(dp.drops(EGRESS, reason::POLICY_DENIED), 1);
     assert_eq!(dp.blocked(7, EGRESS, 13, 4), 1);
 }
 
@@ -96,11 +96,11 @@ fn a_connection_older_than_the_datapath_is_picked_up_only_the_way_policy_allows(
     // The server may not open a connection to the pod with that entry.
     let opening = out(server, POD, L4::Tcp { sport: 443, dport: 40100, flags: TCP_SYN });
     assert_eq!(dp.sent_to_pod(&opening), TC_ACT_SHOT, "a SYN the other way is judged as a new connection");
-    assert_eq!(dp.drops(7, INGRESS, reason::POLICY_DENIED), 1);
+    assert_eq!(dp.drops(INGRESS, reason::POLICY_DENIED), 1);
     // Mid-stream segments that fit no allowed direction stay dropped.
     let stray = out(server, POD, L4::Tcp { sport: 5555, dport: 22, flags: TCP_ACK });
     assert_eq!(dp.sent_to_pod(&stray), TC_ACT_SHOT);
-    assert_eq!(dp.drops(7, INGRESS, reason::POLICY_DENIED), 2);
+    assert_eq!(dp.drops(INGRESS, reason::POLICY_DENIED), 2);
 }
 
 #[test]
@@ -111,7 +111,7 @@ fn retransmitted_denied_syn_counts_one_blocked_connection() {
         assert_eq!(dp.sent_by_pod(&syn), TC_ACT_SHOT);
     }
     assert_eq!(dp.blocked(7, EGRESS, 13, 4), 1);
-    assert_eq!(dp.drops(7, EGRESS, reason::POLICY_DENIED), 3);
+    assert_eq!(dp.drops(EGRESS, reason::POLICY_DENIED), 3);
     let events = dp.events();
     assert_eq!(events.len(), 1, "one deny event per refused flow: {events:?}");
     assert_eq!((events[0].policy_id, events[0].rule, events[0].dport), (13, 4, 22));
@@ -148,7 +148,7 @@ fn many_refused_connections_each_count_once_through_their_retransmissions() {
         }
     }
     assert_eq!(dp.blocked(7, EGRESS, 13, 4), 500, "one count per connection, none per retransmission");
-    assert_eq!(dp.drops(7, EGRESS, reason::POLICY_DENIED), 1500, "every packet dropped");
+    assert_eq!(dp.drops(EGRESS, reason::POLICY_DENIED), 1500, "every packet dropped");
 }
 
 #[test]
@@ -194,12 +194,12 @@ fn icmp_errors_of_allowed_flows_pass_unrelated_ones_do_not() {
 fn spoofed_source_is_dropped_and_counted() {
     let dp = allowlist("spoof");
     assert_eq!(dp.sent_by_pod(&out("10.244.1.11", PEER, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
-    assert_eq!(dp.drops(7, EGRESS, reason::SPOOFED_SOURCE), 1);
+    assert_eq!(dp.drops(EGRESS, reason::SPOOFED_SOURCE), 1);
     assert_eq!(
         dp.sent_by_pod(&out("fd00:10:244::b", PEER6, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })),
         TC_ACT_SHOT
     );
-    assert_eq!(dp.drops(7, EGRESS, reason::SPOOFED_SOURCE), 2);
+    assert_eq!(dp.drops(EGRESS, reason::SPOOFED_SOURCE), 2);
 }
 
 #[test]
@@ -212,7 +212,7 @@ fn addresses_beyond_the_endpoint_entry_are_checked_in_the_address_map() {
     dp.endpoint_on_loopback(7, &[POD, POD6, "10.244.1.99"]);
     assert_eq!(dp.sent_by_pod(&out("10.244.1.99", PEER, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_OK);
     assert_eq!(dp.sent_by_pod(&out("10.244.1.98", PEER, L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
-    assert_eq!(dp.drops(7, EGRESS, reason::SPOOFED_SOURCE), 1);
+    assert_eq!(dp.drops(EGRESS, reason::SPOOFED_SOURCE), 1);
 }
 
 #[test]
@@ -240,7 +240,7 @@ fn ipv6_extension_headers_are_walked_to_the_transport_header() {
     let mut spec = PacketSpec::new(ip(POD6), ip(PEER6), L4::Tcp { sport: 43000, dport: 80, flags: TCP_SYN });
     spec.ipv6_extensions = (0..9).map(|_| (60u8, vec![0u8; 6])).collect();
     assert_eq!(dp.sent_by_pod(&spec.frame()), TC_ACT_SHOT);
-    assert_eq!(dp.drops(7, EGRESS, reason::MALFORMED), 1);
+    assert_eq!(dp.drops(EGRESS, reason::MALFORMED), 1);
 }
 
 #[test]
@@ -263,7 +263,7 @@ fn later_fragments_pass_only_when_their_flow_is_known() {
     let mut stray = first.clone();
     stray.ipv4_fragment = Some((false, 3, 0x9999));
     assert_eq!(dp.sent_by_pod(&stray.frame()), TC_ACT_SHOT);
-    assert_eq!(dp.drops(7, EGRESS, reason::UNKNOWN_FRAGMENT), 1);
+    assert_eq!(dp.drops(EGRESS, reason::UNKNOWN_FRAGMENT), 1);
     assert_eq!(dp.sent_by_pod(&first.frame()), TC_ACT_OK);
     assert_eq!(dp.sent_by_pod(&later.frame()), TC_ACT_OK);
 
@@ -332,8 +332,8 @@ fn truncated_and_malformed_headers_are_dropped() {
         let frame = spec.frame();
         assert_eq!(dp.sent_by_pod(&frame[..14 + 40 + keep]), TC_ACT_SHOT);
     }
-    assert_eq!(dp.drops(7, EGRESS, reason::MALFORMED), 14);
-    assert_eq!(dp.drops(7, EGRESS, reason::POLICY_DENIED), 0, "no malformed packet reached the policy");
+    assert_eq!(dp.drops(EGRESS, reason::MALFORMED), 14);
+    assert_eq!(dp.drops(EGRESS, reason::POLICY_DENIED), 0, "no malformed packet reached the policy");
 }
 
 #[test]
@@ -388,6 +388,28 @@ fn peer_entries_come_before_any_peer_entries_whichever_map_holds_them() {
     // Removing the exact entry falls back to the range.
     dp.remove_rule(7, EGRESS, PEER_ID, Some((proto::TCP, 9001, 16)));
     assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 47004, dport: 9001, flags: TCP_SYN })), TC_ACT_SHOT);
+}
+
+#[test]
+fn a_peers_prefix_entries_are_found_as_long_as_one_is_left_and_after_a_reload() {
+    let dp = allowlist("prefixed");
+    let tcp = |sport| out(PEER, POD, L4::Tcp { sport, dport: 8080, flags: TCP_SYN });
+    let udp = |sport| out(PEER, POD, L4::Udp { sport, dport: 5353 });
+    // The peer's ingress: any protocol (from `allowlist`), and any TCP port.
+    dp.rule(7, INGRESS, PEER_ID, Some((proto::TCP, 0, 0)), PolicyValue::new(verdict::ALLOW, 60, 0));
+    dp.rule(7, INGRESS, PEER_ID, Some((proto::TCP, 0, 0)), PolicyValue::new(verdict::ALLOW, 61, 0));
+    assert_eq!(dp.sent_to_pod(&udp(41000)), TC_ACT_OK);
+    // One of the two prefix entries removed: the other is still walked to.
+    dp.remove_rule(7, INGRESS, PEER_ID, None);
+    assert_eq!(dp.sent_to_pod(&udp(41001)), TC_ACT_SHOT, "any protocol is gone");
+    assert_eq!(dp.sent_to_pod(&tcp(41002)), TC_ACT_OK, "any TCP port is still there");
+    // A datapath from before the counts: they are taken from the trie at load.
+    dp.reload_without(map_names::POLICY_PREFIXED);
+    assert_eq!(dp.sent_to_pod(&tcp(41003)), TC_ACT_OK, "found after the reload");
+    // The last one removed: the peer falls to the any-peer deny.
+    dp.remove_rule(7, INGRESS, PEER_ID, Some((proto::TCP, 0, 0)));
+    assert_eq!(dp.sent_to_pod(&tcp(41004)), TC_ACT_SHOT);
+    assert_eq!(dp.blocked(7, INGRESS, 13, 5), 2);
 }
 
 #[test]
@@ -461,10 +483,10 @@ fn endpoints_are_found_by_any_ifindex_and_gone_once_removed() {
         dp.sent_by_pod_on(high, &out(POD, PEER, L4::Tcp { sport: 48001, dport: 81, flags: TCP_SYN })),
         TC_ACT_SHOT
     );
-    assert_eq!(dp.drops(8, EGRESS, reason::POLICY_DENIED), 1);
+    assert_eq!(dp.drops(EGRESS, reason::POLICY_DENIED), 1);
     // Loopback (ifindex 1) is in the array: nothing there until set.
     assert_eq!(dp.sent_by_pod(&syn), TC_ACT_SHOT);
-    assert_eq!(dp.drops(0, EGRESS, reason::NO_ENDPOINT), 1);
+    assert_eq!(dp.drops(EGRESS, reason::NO_ENDPOINT), 1);
     dp.endpoint_on_loopback(8, &[POD]);
     assert_eq!(dp.sent_by_pod(&syn), TC_ACT_OK);
     // Removed endpoints drop everything again, whichever map held them.
@@ -472,7 +494,7 @@ fn endpoints_are_found_by_any_ifindex_and_gone_once_removed() {
     dp.dp.borrow_mut().remove_endpoint(high).unwrap();
     assert_eq!(dp.sent_by_pod(&syn), TC_ACT_SHOT);
     assert_eq!(dp.sent_by_pod_on(high, &syn), TC_ACT_SHOT);
-    assert_eq!(dp.drops(0, EGRESS, reason::NO_ENDPOINT), 3);
+    assert_eq!(dp.drops(EGRESS, reason::NO_ENDPOINT), 3);
 }
 
 #[test]
@@ -489,7 +511,7 @@ fn revoked_allow_cuts_an_established_connection() {
     dp.bump_revision();
     assert_eq!(dp.sent_by_pod(&ack), TC_ACT_SHOT);
     assert_eq!(dp.sent_to_pod(&reply), TC_ACT_SHOT, "replies of a revoked connection are dropped too");
-    assert_eq!(dp.drops(7, EGRESS, reason::POLICY_REVOKED), 1);
+    assert_eq!(dp.drops(EGRESS, reason::POLICY_REVOKED), 1);
     assert_eq!(dp.blocked(7, EGRESS, 30, 2), 1);
     // Allowed again: the connection resumes.
     dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 80, 16)), PolicyValue::new(verdict::ALLOW, 11, 0));
@@ -518,12 +540,12 @@ fn a_full_conntrack_set_displaces_its_least_recently_seen_connection() {
     for i in 0..8 {
         assert_eq!(open(i), TC_ACT_OK);
     }
-    assert_eq!(dp.drops(7, EGRESS, reason::CONNTRACK_FULL), 0);
+    assert_eq!(dp.drops(EGRESS, reason::CONNTRACK_FULL), 0);
     // Let the clock (jiffies) move on, then see connection 0 again.
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert_eq!(reply(0), TC_ACT_OK);
     assert_eq!(open(8), TC_ACT_OK);
-    assert_eq!(dp.drops(7, EGRESS, reason::CONNTRACK_FULL), 1, "the ninth connection displaced one");
+    assert_eq!(dp.drops(EGRESS, reason::CONNTRACK_FULL), 1, "the ninth connection displaced one");
     assert_eq!(reply(1), TC_ACT_SHOT, "connection 1, the least recently seen, was displaced");
     for i in [0, 2, 3, 4, 5, 6, 7, 8] {
         assert_eq!(reply(i), TC_ACT_OK, "connection {i} is still tracked");
@@ -551,5 +573,5 @@ fn endpoint_without_entries_and_fail_closed_endpoints_deny() {
     assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 2, dport: 80, flags: TCP_SYN })), TC_ACT_OK);
     dp.fail_closed(9);
     assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 3, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
-    assert_eq!(dp.drops(9, EGRESS, reason::ENDPOINT_FAIL_CLOSED), 1);
+    assert_eq!(dp.drops(EGRESS, reason::ENDPOINT_FAIL_CLOSED), 1);
 }

@@ -101,6 +101,13 @@ impl TestDatapath {
         self.dp.borrow_mut().remove_policy(prefix, key).unwrap();
     }
 
+    /// Load the datapath again over its pins, `pin` removed first (as if an
+    /// older datapath without that map had pinned the rest).
+    pub fn reload_without(&self, pin: &str) {
+        std::fs::remove_file(self.pin_dir.join(pin)).unwrap();
+        *self.dp.borrow_mut() = Datapath::load(&self.pin_dir).unwrap_or_else(|e| panic!("reloading: {e}"));
+    }
+
     pub fn bump_revision(&self) {
         self.dp.borrow_mut().bump_policy_revision().unwrap();
     }
@@ -121,8 +128,8 @@ impl TestDatapath {
         self.dp.borrow().test_run(program_names::TO_POD, frame, 1).unwrap().0
     }
 
-    pub fn drops(&self, endpoint: u32, direction: u8, reason: u8) -> u64 {
-        let key = DropKey { endpoint, direction, reason, _pad: [0; 2] };
+    pub fn drops(&self, direction: u8, reason: u8) -> u64 {
+        let key = DropKey { direction, reason };
         self.dp.borrow().drops().get(&key).copied().unwrap_or(0)
     }
 
