@@ -149,9 +149,6 @@ impl Datapath {
                 }
             }
         }
-        // A datapath older than the trie's counts left a trie without them:
-        // counted afresh below, before any program is attached.
-        let count_prefixed = !pin_dir.join(map_names::POLICY_PREFIXED).exists();
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pin_dir).load(DATAPATH_OBJECT)?;
         for name in [program_names::FROM_POD, program_names::TO_POD] {
             let program: &mut SchedClassifier = ebpf
@@ -216,9 +213,7 @@ impl Datapath {
         };
         datapath.trie_keys =
             datapath.policy.keys().filter_map(Result::ok).map(|key| (key.prefix_len(), key.data())).collect();
-        if count_prefixed {
-            datapath.count_prefixed()?;
-        }
+        datapath.count_prefixed()?;
         Ok(datapath)
     }
 
@@ -470,7 +465,11 @@ impl Datapath {
         self.policy_prefixed.set(slot, count, 0).map_err(|source| DatapathError::Map { name, source })
     }
 
-    /// Count the trie's entries into their slots (all zero: a new map).
+    /// Count the trie's entries into their slots, at every load: a datapath
+    /// older than the counts left a trie without them, and an agent that
+    /// died between counting and writing left a count short. Only slots
+    /// with entries are written; a count left too high elsewhere costs a
+    /// trie walk, never a verdict.
     fn count_prefixed(&mut self) -> Result<(), DatapathError> {
         let mut counts = vec![0u32; capacity::POLICY_PREFIXED as usize];
         for (_, key) in &self.trie_keys {
