@@ -350,17 +350,6 @@ fn iperf_gbps(topology: &Topology, server_ip: IpAddr) -> Result<f64> {
     Ok(bps / 1e9)
 }
 
-const THROUGHPUT_POLICY: &str = r#"
-apiVersion: bulkhead.io/v1alpha1
-kind: ConnectionPolicy
-metadata: {name: iperf, namespace: bench}
-spec:
-  podSelector: {matchLabels: {app: server}}
-  ingress:
-    - from: [{podSelector: {matchLabels: {app: client}}}]
-      ports: [{port: 5201}]
-"#;
-
 fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
     let mut topology = Topology::new("bnch", 198);
     let client = topology.add_pod("client");
@@ -377,7 +366,7 @@ fn throughput_numbers() -> Result<BTreeMap<String, f64>> {
     let mut with_iptables = Vec::new();
 
     // Bulkhead: a 10k-entry policy (10k pods' identities allowed elsewhere) plus the iperf allow.
-    let desired = two_pod_policy(&client, &server, 5201, THROUGHPUT_POLICY)?;
+    let desired = two_pod_policy(&client, &server, 5201, &server_ingress_policy(5201))?;
     let pin_dir = PathBuf::from("/sys/fs/bpf/bulkhead-bench-tp");
     let _ = Datapath::unpin_all(&pin_dir);
     topology.enter_node();
@@ -683,7 +672,7 @@ fn compile() -> Result<()> {
 
 const CONVERGENCE_PIN_DIR: &str = "/sys/fs/bpf/bulkhead-bench-convergence";
 
-fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
+pub(crate) fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
     values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     values[((values.len() - 1) as f64 * p).round() as usize]
 }
@@ -699,7 +688,9 @@ pub(crate) fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> 
     Ok(())
 }
 
-fn convergence_policy(port: u16) -> String {
+/// Pod `server` of namespace `bench` takes connections from pod `client` on
+/// `port` only.
+pub(crate) fn server_ingress_policy(port: u16) -> String {
     format!("apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {{name: server-ingress, namespace: bench}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n    - from: [{{podSelector: {{matchLabels: {{app: client}}}}}}]\n      ports: [{{protocol: TCP, port: {port}}}]\n")
 }
 
@@ -753,12 +744,12 @@ fn convergence() -> Result<()> {
     std::fs::create_dir_all(&folder)?;
     let write = |name: &str, text: &str| crate::testbed::write_atomically(&folder.join(name), text);
     write("cluster.yaml", &cluster(true))?;
-    write("policy.yaml", &convergence_policy(1000))?;
+    write("policy.yaml", &server_ingress_policy(1000))?;
     let agent = convergence_agent(&topology, topology.node_command(&exe), &format!("dir:{}", folder.display()))?;
     let mut dir_ms = Vec::new();
     for round in 0..100u16 {
         let started = Instant::now();
-        write("policy.yaml", &convergence_policy(1001 + round))?;
+        write("policy.yaml", &server_ingress_policy(1001 + round))?;
         let revision = bulkhead::source::dir::revision(&folder)?;
         wait_for("the folder change is enforced", Duration::from_secs(10), || {
             topology.agent_state()["revision"] == revision.as_str()
@@ -792,7 +783,7 @@ fn convergence() -> Result<()> {
         ]);
         anyhow::ensure!(out.status.success(), "patching pod status: {}", String::from_utf8_lossy(&out.stderr));
     }
-    plane.apply(&convergence_policy(1000));
+    plane.apply(&server_ingress_policy(1000));
     let _ = Datapath::unpin_all(CONVERGENCE_PIN_DIR);
     let agent = convergence_agent(&topology, plane.command_as("admin", &exe), "kubernetes")?;
     // The bench's own client talks to the API server from the node's namespace.

@@ -10,7 +10,6 @@
 
 use std::{
     collections::BTreeMap,
-    fs::File,
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
@@ -30,8 +29,8 @@ use datapath_common::{policy_prefix, proto, PolicyKey, INGRESS};
 use serde_json::json;
 
 use crate::{
-    bench::{allow, median, two_pod_policy},
-    testbed::{TestPod, Topology},
+    bench::{allow, median, server_ingress_policy, two_pod_policy},
+    testbed::{enter_netns, TestPod, Topology},
 };
 
 pub(crate) const PORT: u16 = 7000;
@@ -47,27 +46,6 @@ const MEASURE: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const SIZES: [(&str, u32); 2] = [("1k", 1_000), ("100k", 100_000)];
 const IPSET: &str = "bhconn";
-
-const POLICY: &str = r#"
-apiVersion: bulkhead.io/v1alpha1
-kind: ConnectionPolicy
-metadata: {name: connections, namespace: bench}
-spec:
-  podSelector: {matchLabels: {app: server}}
-  ingress:
-    - from: [{podSelector: {matchLabels: {app: client}}}]
-      ports: [{port: 7000}]
-"#;
-
-/// This thread, into a network namespace by name.
-pub(crate) fn enter_netns(netns: &str) -> Result<()> {
-    let file = File::open(format!("/var/run/netns/{netns}")).with_context(|| format!("netns {netns}"))?;
-    // SAFETY: setns on a namespace fd this function holds; it moves only the calling thread.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns into {netns}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
 
 /// Close with an RST rather than a FIN: no TIME_WAIT left behind.
 fn reset_on_close(fd: &impl AsRawFd) -> Result<()> {
@@ -187,7 +165,7 @@ impl Enforced {
     fn load(label: &str, client: &TestPod, server: &TestPod, filler: u32) -> Result<Self> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-bench-conn-{label}"));
         let _ = Datapath::unpin_all(&pin_dir);
-        let desired = two_pod_policy(client, server, PORT, POLICY)?;
+        let desired = two_pod_policy(client, server, PORT, &server_ingress_policy(PORT))?;
         let mut enforced = Enforced { programmer: Programmer::adopt(Datapath::load(&pin_dir)?), desired, pin_dir };
         enforced.programmer.apply(&enforced.desired, Vec::new())?;
         let endpoint = enforced.desired.endpoints[&PodRef::new("bench", "server")].id;

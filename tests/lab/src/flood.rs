@@ -30,8 +30,10 @@ use bulkhead::dataplane::Datapath;
 use serde_json::json;
 
 use crate::{
-    connections::{enter_netns, one_connection, Server, PORT},
+    bench::percentile,
+    connections::{one_connection, Server, PORT},
     testbed::{
+        enter_netns,
         packet::{PacketSpec, L4, TCP_SYN},
         TestPod, Topology,
     },
@@ -202,11 +204,6 @@ fn policy_drops(topology: &Topology) -> Result<f64> {
         .filter(|l| l.starts_with("bulkhead_dropped_packets_total{") && l.contains("reason=\"policy_denied\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum())
-}
-
-fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    values[((values.len() - 1) as f64 * p).round() as usize]
 }
 
 /// One phase: allowed connections measured back to back for `PHASE`.

@@ -138,6 +138,17 @@ fn run_quiet(args: &[&str]) {
 }
 
 /// The listener/prober script (tests/tools/netprobe.py) of this checkout.
+/// Move this thread (only) into a network namespace by name.
+pub fn enter_netns(netns: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/var/run/netns/{netns}"))?;
+    // SAFETY: setns on a namespace fd this function holds; it moves only the calling thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn netprobe() -> String {
     workspace_root().join("tests/tools/netprobe.py").display().to_string()
 }
@@ -405,14 +416,10 @@ impl Topology {
         if status.success() { "allow" } else { "deny" }.to_string()
     }
 
-    /// Run a closure with this thread inside the node's network namespace,
-    /// where the host-side veths are.
+    /// Move this thread into the node's network namespace, where the
+    /// host-side veths are.
     pub fn enter_node(&self) {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(format!("/var/run/netns/{}", self.node_netns)).unwrap();
-        // SAFETY: setns on a valid namespace fd; affects only this thread.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        enter_netns(&self.node_netns).unwrap();
     }
 
     /// An HTTP GET to a server listening inside the node's namespace (the
