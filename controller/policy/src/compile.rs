@@ -78,6 +78,8 @@ impl Scope {
 type ClassKey = (Vec<PolicyRef>, NamedPorts);
 
 struct Class {
+    /// Its policies in evaluation order.
+    chain: Chain,
     /// Indexed by direction: the "any peer" verdict function.
     any: [AnyPeer; 2],
     groups: EntryGroups,
@@ -618,7 +620,7 @@ impl Compiler {
             evaluator.entries(&any, &mut groups);
             any
         });
-        Class { any, groups, members: BTreeMap::new() }
+        Class { chain, any, groups, members: BTreeMap::new() }
     }
 
     fn join_class(&mut self, pod_ref: &PodRef, endpoint: u32, key: &ClassKey) {
@@ -787,19 +789,19 @@ impl Compiler {
 
     /// A new identity: every cached class with a rule naming it gets its entries.
     fn add_identity_entries(&mut self, id: u32) {
-        let Self { policies, classes, universe, state, touched, .. } = self;
-        let naming: HashSet<&PolicyRef> =
-            policies.iter().filter(|(_, p)| p.names_identity(universe, id)).map(|(r, _)| r).collect();
-        if naming.is_empty() {
-            return;
-        }
+        let Self { classes, universe, state, touched, .. } = self;
+        // Only the policies of the classes (those selecting pods in scope)
+        // are asked, each once (by number): an agent's classes hold a few
+        // dozen of the cluster's thousands of policies.
+        let mut names: HashMap<u32, bool> = HashMap::new();
         for (key, class) in classes.iter_mut() {
-            if !key.0.iter().any(|r| naming.contains(r)) {
+            let named =
+                class.chain.all().any(|p| *names.entry(p.number).or_insert_with(|| p.names_identity(universe, id)));
+            if !named {
                 continue;
             }
-            let chain = Chain::of(&key.0, policies);
             for direction in [INGRESS, EGRESS] {
-                let evaluator = Evaluator { universe, chain: &chain, direction, own_named_ports: &key.1 };
+                let evaluator = Evaluator { universe, chain: &class.chain, direction, own_named_ports: &key.1 };
                 if evaluator.signature(id).is_empty() {
                     continue;
                 }

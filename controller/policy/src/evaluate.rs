@@ -127,18 +127,21 @@ fn rule_names(universe: &Universe, direction: u8, rule: &Rule, peers: &[PeerId],
     }
 }
 
-/// The selected policies of one class of pods, in evaluation order.
-pub struct Chain<'a> {
-    admin: Vec<&'a Accepted>,
-    namespace: Vec<&'a Accepted>,
-    baseline: Vec<&'a Accepted>,
+/// The selected policies of one class of pods, in evaluation order. It
+/// holds the policies it was made of, so a class keeps its chain for as
+/// long as its policies stay (a changed policy makes new classes).
+pub struct Chain {
+    admin: Vec<Rc<Accepted>>,
+    namespace: Vec<Rc<Accepted>>,
+    baseline: Vec<Rc<Accepted>>,
 }
 
-impl<'a> Chain<'a> {
+impl Chain {
     /// The chain of the policies named by `selected` (all accepted).
-    pub fn of(selected: &[PolicyRef], policies: &'a BTreeMap<PolicyRef, Rc<Accepted>>) -> Self {
+    pub fn of(selected: &[PolicyRef], policies: &BTreeMap<PolicyRef, Rc<Accepted>>) -> Self {
         let mut chain = Chain { admin: vec![], namespace: vec![], baseline: vec![] };
         for policy in selected.iter().filter_map(|r| policies.get(r)) {
+            let policy = policy.clone();
             match policy.tier {
                 Tier::Admin => chain.admin.push(policy),
                 Tier::Namespace => chain.namespace.push(policy),
@@ -147,7 +150,7 @@ impl<'a> Chain<'a> {
         }
         // Both cluster kinds share a tier: by priority, then name, then kind
         // (a ClusterConnectionPolicy before a ClusterNetworkPolicy).
-        let order = |a: &&Accepted, b: &&Accepted| {
+        let order = |a: &Rc<Accepted>, b: &Rc<Accepted>| {
             (a.priority, &a.id.name, a.id.kind).cmp(&(b.priority, &b.id.name, b.id.kind))
         };
         chain.admin.sort_by(order);
@@ -156,15 +159,15 @@ impl<'a> Chain<'a> {
         chain
     }
 
-    fn all(&self) -> impl Iterator<Item = &'a Accepted> + '_ {
-        self.admin.iter().chain(&self.namespace).chain(&self.baseline).copied()
+    pub fn all(&self) -> impl Iterator<Item = &Accepted> + '_ {
+        self.admin.iter().chain(&self.namespace).chain(&self.baseline).map(|p| &**p)
     }
 }
 
 /// Evaluates one class of pods in one direction.
 pub struct Evaluator<'a> {
     pub universe: &'a Universe,
-    pub chain: &'a Chain<'a>,
+    pub chain: &'a Chain,
     pub direction: u8,
     pub own_named_ports: &'a NamedPorts,
 }
@@ -218,7 +221,7 @@ impl Evaluator<'_> {
     /// `Pass` (or no match) leaves the tier undecided.
     fn cluster_tier(
         &self,
-        tier: &[&Accepted],
+        tier: &[Rc<Accepted>],
         class: Class,
         protocol: Option<Protocol>,
         port: u16,
@@ -241,11 +244,11 @@ impl Evaluator<'_> {
     /// Evaluation per api.md; `with_audit` also applies Audit-mode policies.
     fn evaluate(&self, class: Class, protocol: Option<Protocol>, port: u16, with_audit: bool) -> (bool, u32, u32) {
         let d = self.direction as usize;
-        let active = |p: &&&Accepted| with_audit || !p.audit;
+        let active = |p: &&Rc<Accepted>| with_audit || !p.audit;
         if let Some(decided) = self.cluster_tier(&self.chain.admin, class, protocol, port, with_audit) {
             return decided;
         }
-        let mut isolating = self.chain.namespace.iter().filter(active).filter(|p| p.isolates[d]).copied().peekable();
+        let mut isolating = self.chain.namespace.iter().filter(active).filter(|p| p.isolates[d]).peekable();
         if let Some(first) = isolating.peek().copied() {
             for policy in isolating {
                 for (rule, peers) in policy.rules(self.direction) {

@@ -543,6 +543,19 @@ impl Agent {
             changed = self.changed.len(),
             "reconciling"
         );
+        // When only other nodes' pods changed, what selects this node's pods
+        // (and so its counters and coverage gauges) stayed as it was.
+        let endpoints_before = &self.state().endpoints;
+        let mut local_pods_changed = self.compile_all
+            || self.changed.iter().any(|c| !matches!(c, Changed::Pod(pod) if !endpoints_before.contains_key(pod)));
+        let changed_pods: Vec<PodRef> = match local_pods_changed {
+            true => Vec::new(),
+            false => self
+                .changed
+                .iter()
+                .filter_map(|c| if let Changed::Pod(pod) = c { Some(pod.clone()) } else { None })
+                .collect(),
+        };
         let started = Instant::now();
         match self.compiler.as_mut() {
             Some(compiler) if self.compile_all => compiler.recompile(&self.snapshot),
@@ -557,11 +570,13 @@ impl Agent {
         }
         self.changed.clear();
         self.compile_all = false;
-        self.shared.metrics.compile_seconds.observe(started.elapsed().as_secs_f64());
+        let compiled = started.elapsed();
+        self.shared.metrics.compile_seconds.observe(compiled.as_secs_f64());
         let compiler = self.compiler.as_mut().expect("compiled above");
         let ops = compiler.take_ops();
         // The compiler's endpoints are this node's pods.
         let local = &compiler.state().endpoints;
+        local_pods_changed |= changed_pods.iter().any(|pod| local.contains_key(pod));
 
         // Pods gone, moved or renumbered lose their programs before their entries go.
         let stale: Vec<PodRef> = self
@@ -580,9 +595,11 @@ impl Agent {
 
         let started = Instant::now();
         let writes_before = self.programmer.writes();
+        let operations = ops.len();
         let synced = self.programmer.apply(self.compiler.as_ref().expect("compiled above").state(), ops);
         self.shared.metrics.map_writes.inc_by(self.programmer.writes() - writes_before);
-        self.shared.metrics.sync_seconds.observe(started.elapsed().as_secs_f64());
+        let written = started.elapsed();
+        self.shared.metrics.sync_seconds.observe(written.as_secs_f64());
         let ok = match synced {
             Ok(report) => {
                 for (endpoint, error) in &report.failed_closed {
@@ -603,8 +620,18 @@ impl Agent {
             }
         };
         self.pods_by_endpoint = self.state().endpoints.iter().map(|(p, e)| (e.id, p.clone())).collect();
-        self.attach_missing().await;
-        self.keep_counters();
+        let started = Instant::now();
+        if self.attach_missing().await || local_pods_changed {
+            self.publish_endpoints();
+            self.keep_counters();
+        }
+        tracing::debug!(
+            compile_ms = compiled.as_secs_f64() * 1e3,
+            operations,
+            write_ms = written.as_secs_f64() * 1e3,
+            attach_ms = started.elapsed().as_secs_f64() * 1e3,
+            "reconciled"
+        );
         if let Some(baselines) = self.baselines.as_mut() {
             let present = self.attached.keys().filter_map(|p| self.snapshot.pods.get(p)).map(Workload::of).collect();
             baselines.retain(&present);
@@ -669,8 +696,10 @@ impl Agent {
         self.compiler.as_ref().map(Compiler::state).unwrap_or_else(|| EMPTY.get_or_init(DesiredState::default))
     }
 
-    /// Attach the programs for local pods that do not have them yet.
-    async fn attach_missing(&mut self) {
+    /// Attach the programs for local pods that do not have them yet;
+    /// whether any was.
+    async fn attach_missing(&mut self) -> bool {
+        let before = self.attached.len();
         let local: Vec<(PodRef, u32, Vec<IpAddr>)> = self
             .state()
             .endpoints
@@ -716,7 +745,7 @@ impl Agent {
             }
         }
         self.report_overdue();
-        self.publish_endpoints();
+        self.attached.len() != before
     }
 
     /// `bulkhead_endpoints{namespace,isolation}`: the enforced local pods by
@@ -794,12 +823,10 @@ impl Agent {
         if self.retry && self.pending.is_none() {
             self.pending = Some(Pending { first_observed: Instant::now(), last_change: Instant::now() });
         }
-        if !self.waiting.is_empty() && self.shared.is_ready() {
-            let before = self.attached.len();
-            self.attach_missing().await;
-            if self.attached.len() != before {
-                self.publish();
-            }
+        if !self.waiting.is_empty() && self.shared.is_ready() && self.attach_missing().await {
+            self.publish_endpoints();
+            self.keep_counters();
+            self.publish();
         }
     }
 

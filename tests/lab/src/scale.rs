@@ -293,7 +293,10 @@ fn measure(topology: &Topology, spares: &[TestPod], cluster: &Cluster) -> Result
             .node_command(testbed::product_binary())
             .args(topology.agent_args(NODE, PIN_DIR, &cluster.folder))
             .args(["--egress-learning-seconds", "0"])
-            .env("RUST_LOG", "warn,netlink_packet_route=error")
+            .env(
+                "RUST_LOG",
+                std::env::var("BULKHEAD_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn,netlink_packet_route=error".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?,
