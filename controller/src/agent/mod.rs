@@ -611,6 +611,7 @@ impl Agent {
                     let pod = self.state().endpoint_by_id(*endpoint).map(|p| p.to_string()).unwrap_or_default();
                     tracing::info!(%pod, endpoint, "allowlist complete again: the pod is enforced normally");
                 }
+                local_pods_changed |= !report.failed_closed.is_empty() || !report.reopened.is_empty();
                 true
             }
             Err(error) => {
@@ -621,7 +622,8 @@ impl Agent {
         };
         self.pods_by_endpoint = self.state().endpoints.iter().map(|(p, e)| (e.id, p.clone())).collect();
         let started = Instant::now();
-        if self.attach_missing().await || local_pods_changed {
+        local_pods_changed |= self.attach_missing().await || !self.waiting.is_empty();
+        if local_pods_changed {
             self.publish_endpoints();
             self.keep_counters();
         }
@@ -643,7 +645,10 @@ impl Agent {
         self.retry = false;
         self.syncs += 1;
         self.shared.metrics.policy_convergence.observe(pending.first_observed.elapsed().as_secs_f64());
-        self.publish();
+        match local_pods_changed {
+            true => self.publish(),
+            false => self.publish_revision(),
+        }
         if !self.shared.ready.swap(true, Ordering::Relaxed) {
             self.shared.metrics.ready_seconds.set(self.shared.started.elapsed().as_secs_f64());
             tracing::info!(
@@ -1098,6 +1103,29 @@ impl Agent {
         }
     }
 
+    /// What changes when only other nodes' pods did: the revision held,
+    /// the syncs, the entries in the maps.
+    fn publish_revision(&self) {
+        let mut state = self.shared.state.lock().expect("state lock");
+        state.revision.clone_from(&self.revision);
+        state.syncs = self.syncs;
+        drop(state);
+        self.publish_map_entries();
+    }
+
+    fn publish_map_entries(&self) {
+        let metrics = &self.shared.metrics;
+        let state = self.state();
+        let policy_entries = state.policy.len() - self.programmer.unwritten();
+        metrics.map_entries.with_label_values(&["policy"]).set(policy_entries as i64);
+        metrics.map_entries.with_label_values(&["ipcache"]).set(state.ipcache.len() as i64);
+        metrics.map_entries.with_label_values(&["endpoints"]).set(self.attached.len() as i64);
+        metrics
+            .map_entries
+            .with_label_values(&["local_addresses"])
+            .set(self.attached.values().map(|a| a.addresses.len()).sum::<usize>() as i64);
+    }
+
     fn publish(&self) {
         let failed = self.programmer.failed_closed();
         let view = StateView {
@@ -1135,15 +1163,7 @@ impl Agent {
         let metrics = &self.shared.metrics;
         metrics.endpoints_failed_closed.set(view.failed_closed.len() as i64);
         metrics.policies_rejected.set(self.snapshot.rejected.len() as i64);
-        let state = self.state();
-        let policy_entries = state.policy.len() - self.programmer.unwritten();
-        metrics.map_entries.with_label_values(&["policy"]).set(policy_entries as i64);
-        metrics.map_entries.with_label_values(&["ipcache"]).set(state.ipcache.len() as i64);
-        metrics.map_entries.with_label_values(&["endpoints"]).set(self.attached.len() as i64);
-        metrics
-            .map_entries
-            .with_label_values(&["local_addresses"])
-            .set(self.attached.values().map(|a| a.addresses.len()).sum::<usize>() as i64);
+        self.publish_map_entries();
         *self.shared.state.lock().expect("state lock") = view;
     }
 }
