@@ -6,6 +6,7 @@
 //! write needs no lock of its own: `&mut self` is the lock.
 
 use std::{
+    collections::HashSet,
     os::fd::{AsFd, AsRawFd},
     ptr::NonNull,
     sync::atomic::{fence, AtomicU32, Ordering},
@@ -29,6 +30,10 @@ pub struct ExactTable<S: TableSlot> {
     mapping_len: usize,
     seed: u64,
     overflow: HashMap<MapData, S::Key, S::Value>,
+    /// The overflow hash's keys (as `TableSlot::words`): whether a key is
+    /// there is asked at every write to a set that overflowed, and a
+    /// lookup in the map is a system call.
+    overflow_keys: HashSet<[u64; 2]>,
     /// Kept open: programs loaded later (the bench fixture) refer to the
     /// map by this descriptor.
     _map: MapData,
@@ -95,7 +100,8 @@ where
             return Err(DatapathError::Mmap { name, source: std::io::Error::last_os_error() });
         }
         let sets = NonNull::new(address.cast::<TableSet<S>>()).expect("mmap returned a non-null address");
-        Ok(ExactTable { name, sets, set_count, mapping_len, seed, overflow, _map: map })
+        let overflow_keys = overflow.keys().filter_map(Result::ok).map(|key| S::words(&key)).collect();
+        Ok(ExactTable { name, sets, set_count, mapping_len, seed, overflow, overflow_keys, _map: map })
     }
 
     fn place(&self, key: &S::Key) -> TablePlace {
@@ -114,7 +120,7 @@ where
         let way = (0..TABLE_WAYS).find(|&way| set.header.tags[way] == place.tag && set.slots[way].key() == key);
         match way {
             Some(way) => Location::Way(way),
-            None if set.header.overflowed > 0 && self.overflow.get(key, 0).is_ok() => Location::Overflow,
+            None if set.header.overflowed > 0 && self.overflow_keys.contains(&S::words(key)) => Location::Overflow,
             None => Location::Nowhere,
         }
     }
@@ -159,7 +165,9 @@ where
     }
 
     fn insert_overflow(&mut self, key: &S::Key, value: S::Value) -> Result<(), DatapathError> {
-        self.overflow.insert(key, value, 0).map_err(|source| DatapathError::MapFull { name: self.name, source })
+        self.overflow.insert(key, value, 0).map_err(|source| DatapathError::MapFull { name: self.name, source })?;
+        self.overflow_keys.insert(S::words(key));
+        Ok(())
     }
 
     pub fn remove(&mut self, key: &S::Key) -> Result<(), DatapathError> {
@@ -168,6 +176,7 @@ where
             Location::Way(way) => self.write_set(place.set, |set| set.header.tags[way] = 0),
             Location::Overflow => {
                 self.overflow.remove(key).map_err(|source| DatapathError::Map { name: self.name, source })?;
+                self.overflow_keys.remove(&S::words(key));
                 self.write_set(place.set, |set| set.header.overflowed -= 1);
             }
             Location::Nowhere => {}
