@@ -984,13 +984,12 @@ impl Compiler {
             _ => return,
         }
         self.namespace_labels.insert(name.to_string(), labels.clone());
-        let ids = self.universe.identities_in(name);
-        for id in &ids {
-            self.drop_identity_entries(*id);
-        }
-        self.universe.relabel_namespace(name, &labels);
-        for id in &ids {
-            self.add_identity_entries(*id);
+        // An identity's entries follow from which selectors match it: those
+        // of the namespace's identities that no selector matches
+        // differently stay as they are.
+        for id in self.universe.relabel_namespace(name, &labels) {
+            self.drop_identity_entries(id);
+            self.add_identity_entries(id);
         }
         for pod_ref in self.local_in(name) {
             let pod = &self.pods[&pod_ref];

@@ -3,7 +3,7 @@
 //! and go instead of being recomputed.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
@@ -95,8 +95,9 @@ impl Universe {
     }
 
     /// A namespace's labels changed: its identities are matched again
-    /// against every selector in use.
-    pub fn relabel_namespace(&mut self, namespace: &str, labels: &Labels) {
+    /// against every selector in use. The identities some selector now
+    /// matches differently, sorted: only theirs can be other entries.
+    pub fn relabel_namespace(&mut self, namespace: &str, labels: &Labels) -> BTreeSet<u32> {
         let ids = self.identities_in(namespace);
         for id in &ids {
             if let Some(pod) = self.pods.get_mut(id) {
@@ -104,15 +105,19 @@ impl Universe {
             }
         }
         let Self { pods, cidrs, selected, .. } = self;
+        let mut moved = BTreeSet::new();
         for selected in selected.iter_mut().flatten() {
             for id in &ids {
-                if selects(pods, cidrs, &selected.peer, *id) {
-                    selected.ids.insert(*id);
-                } else {
-                    selected.ids.remove(id);
+                let changed = match selects(pods, cidrs, &selected.peer, *id) {
+                    true => selected.ids.insert(*id),
+                    false => selected.ids.remove(id),
+                };
+                if changed {
+                    moved.insert(*id);
                 }
             }
         }
+        moved
     }
 
     pub fn remove_identity(&mut self, id: u32) {
