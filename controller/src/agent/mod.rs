@@ -389,6 +389,9 @@ pub struct Agent {
     quarantining: BTreeSet<PodRef>,
     /// The `seq` of the last event record.
     last_seq: u64,
+    /// Something local changed since the state view was last built whole
+    /// (a failed sync publishes nothing; the retry must build it).
+    local_unpublished: bool,
 }
 
 impl Agent {
@@ -460,6 +463,7 @@ impl Agent {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_micros() as u64)
                 .unwrap_or(0),
+            local_unpublished: true,
         })
     }
 
@@ -623,6 +627,7 @@ impl Agent {
         self.pods_by_endpoint = self.state().endpoints.iter().map(|(p, e)| (e.id, p.clone())).collect();
         let started = Instant::now();
         local_pods_changed |= self.attach_missing().await || !self.waiting.is_empty();
+        self.local_unpublished |= local_pods_changed;
         if local_pods_changed {
             self.publish_endpoints();
             self.keep_counters();
@@ -645,7 +650,7 @@ impl Agent {
         self.retry = false;
         self.syncs += 1;
         self.shared.metrics.policy_convergence.observe(pending.first_observed.elapsed().as_secs_f64());
-        match local_pods_changed {
+        match std::mem::take(&mut self.local_unpublished) {
             true => self.publish(),
             false => self.publish_revision(),
         }
