@@ -101,16 +101,16 @@ impl TestDatapath {
         self.dp.borrow_mut().remove_policy(prefix, key).unwrap();
     }
 
-    /// Load the datapath again over its pins, `pin` removed first (as if an
-    /// older datapath without that map had pinned the rest).
     /// Load the datapath again over its pins, as a restarted agent adopts it.
     pub fn reload(&self) {
         *self.dp.borrow_mut() = Datapath::load(&self.pin_dir).unwrap_or_else(|e| panic!("reloading: {e}"));
     }
 
+    /// Load the datapath again over its pins, `pin` removed first (as if an
+    /// older datapath without that map had pinned the rest).
     pub fn reload_without(&self, pin: &str) {
         std::fs::remove_file(self.pin_dir.join(pin)).unwrap();
-        *self.dp.borrow_mut() = Datapath::load(&self.pin_dir).unwrap_or_else(|e| panic!("reloading: {e}"));
+        self.reload();
     }
 
     pub fn bump_revision(&self) {
