@@ -119,7 +119,8 @@ pub struct EventRecord {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StateView {
     pub ready: bool,
-    /// The source revision (a folder's content digest) the datapath holds.
+    /// The source revision the datapath holds: a folder's content digest,
+    /// or the resourceVersion of the newest object change the API server sent.
     pub revision: Option<String>,
     pub syncs: u64,
     /// Local pods and the interface each is enforced on.
@@ -293,7 +294,7 @@ impl Shared {
         serde_json::to_string_pretty(&self.state()).expect("serializable state")
     }
 
-    /// `/debug/revision`: the folder revision the datapath holds, local pods
+    /// `/debug/revision`: the source revision the datapath holds, local pods
     /// enforced and map writes so far; small enough to poll.
     pub fn revision_json(&self) -> String {
         let state = self.state.lock().expect("state lock");

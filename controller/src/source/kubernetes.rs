@@ -158,6 +158,9 @@ async fn follow<K: Watched>(api: Api<K>, updates: mpsc::Sender<Update>, listed: 
     let mut first_list = true;
     while let Some(event) = events.next().await {
         let observed = Instant::now();
+        // The resourceVersion of the change, reported once it is enforced:
+        // how a client that wrote an object knows the datapath holds it.
+        let mut revision = None;
         let changes = match event {
             Err(error) => {
                 tracing::warn!(kind = ?K::KIND, %error, "watch failed; retrying with backoff, what is enforced stays");
@@ -182,13 +185,19 @@ async fn follow<K: Watched>(api: Api<K>, updates: mpsc::Sender<Update>, listed: 
                 }
                 changes
             }
-            Ok(watcher::Event::Apply(object)) => match readable(object.clone()) {
-                Some(readable) => vec![Change::Applied(readable)],
-                None => vec![Change::Deleted(object.key())],
-            },
-            Ok(watcher::Event::Delete(object)) => vec![Change::Deleted(object.key())],
+            Ok(watcher::Event::Apply(object)) => {
+                revision = object.resource_version();
+                match readable(object.clone()) {
+                    Some(readable) => vec![Change::Applied(readable)],
+                    None => vec![Change::Deleted(object.key())],
+                }
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                revision = object.resource_version();
+                vec![Change::Deleted(object.key())]
+            }
         };
-        if updates.send(Update { changes, observed, revision: None }).await.is_err() {
+        if updates.send(Update { changes, observed, revision }).await.is_err() {
             return;
         }
     }

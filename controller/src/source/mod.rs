@@ -17,6 +17,7 @@ pub struct Update {
     /// convergence time.
     pub observed: Instant,
     /// The source's version of the world after these changes (the content
-    /// digest of a folder), reported once it is in the datapath.
+    /// digest of a folder, the resourceVersion of an object the API server
+    /// sent), reported once it is in the datapath.
     pub revision: Option<String>,
 }

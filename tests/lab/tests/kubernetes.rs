@@ -141,6 +141,18 @@ fn kubernetes_mode_follows_the_api_server() {
         topology.probe("api", "TCP", db.ipv4, 5432) == "deny"
     });
     assert_eq!(topology.probe("frontend", "TCP", db.ipv4, 5432), "allow");
+    // The agent says which resourceVersion it holds: at least the edit's.
+    let edited = plane.json(&["get", "connectionpolicy", "db-from-api", "-n", "shop"])["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("a resourceVersion");
+    eventually("/debug/revision holds the edit's resourceVersion", Duration::from_secs(10), || {
+        let (_, body) = topology.node_http_get("127.0.0.1:9464", "/debug/revision").unwrap_or_default();
+        let held = serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default()["revision"]
+            .as_str()
+            .and_then(|v| v.parse::<u64>().ok());
+        held.is_some_and(|held| held >= edited)
+    });
 
     // Invalid: rejected by name, with an Event, and nothing else changes.
     let bad = "apiVersion: bulkhead.io/v1alpha1\nkind: ConnectionPolicy\nmetadata: {name: broken, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: api}}\n  ingress: [{ports: [{port: 90, endPort: 80}]}]\n";
