@@ -40,10 +40,14 @@ pub fn run(what: &str) -> Result<()> {
         "convergence" => convergence(),
         "connections" => crate::connections::run(),
         "flood" => crate::flood::run(),
-        "scale" => crate::scale::run(&[10_000, 50_000, 150_000]),
+        "scale" => crate::scale::run(&[10_000, 50_000, 150_000], true),
         other => match other.strip_prefix("scale:") {
-            // `scale:10000,50000`: chosen sizes.
-            Some(sizes) => crate::scale::run(&sizes.split(',').map(str::parse).collect::<Result<Vec<usize>, _>>()?),
+            // `scale:10000,50000,api`: chosen folder sizes, and the API server's if `api` is named.
+            Some(chosen) => {
+                let chosen: Vec<&str> = chosen.split(',').collect();
+                let sizes = chosen.iter().filter(|c| **c != "api").map(|c| c.parse()).collect::<Result<Vec<usize>, _>>()?;
+                crate::scale::run(&sizes, chosen.contains(&"api"))
+            }
             None => bail!("unknown benchmark {other:?}: datapath[:test_run], compile, connections, convergence, flood or scale[:sizes]"),
         },
     }

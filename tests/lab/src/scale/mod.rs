@@ -28,6 +28,8 @@ use serde_json::json;
 
 use crate::testbed::{self, Process, TestPod, Topology, AGENT_ADDRESS};
 
+mod api_server;
+
 const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-bench-scale";
 const NODE: &str = "node-0000";
 const LOCAL_PODS: usize = 100;
@@ -376,7 +378,20 @@ fn measure(topology: &Topology, spares: &[TestPod], cluster: &Cluster) -> Result
     let (agent_rss, agent_peak) = memory_mb(bench.agent.pid());
     let (engine_rss, engine_peak) = memory_mb(engine.0.id());
     series.insert("churn", churn);
-    for (what, s) in &series {
+    print_series(&series);
+    println!("  agent RSS {agent_rss:.0} MB (peak {agent_peak:.0}), {agent_cores:.2} cores under churn; controller engine RSS {engine_rss:.0} MB (peak {engine_peak:.0}), {engine_cores:.2} cores under churn");
+    let mut result = summary(&series);
+    result["ready_s"] = json!(ready_after_sync);
+    result["up_s"] = json!(up_s);
+    result["agent_rss_mb"] = json!(agent_peak);
+    result["controller_rss_mb"] = json!(engine_peak);
+    result["controller_cpu_cores"] = json!(engine_cores);
+    result["agent_cpu_cores_churn"] = json!(agent_cores);
+    Ok(result)
+}
+
+fn print_series(series: &BTreeMap<&str, Series>) {
+    for (what, s) in series {
         let summary = s.summary();
         println!(
             "  {what:16} change -> enforced p50 {:7.1} ms  p99 {:7.1} ms  (n {}), map writes per change (median) {}",
@@ -386,20 +401,17 @@ fn measure(topology: &Topology, spares: &[TestPod], cluster: &Cluster) -> Result
             summary["map_writes_median"]
         );
     }
-    println!("  agent RSS {agent_rss:.0} MB (peak {agent_peak:.0}), {agent_cores:.2} cores under churn; controller engine RSS {engine_rss:.0} MB (peak {engine_peak:.0}), {engine_cores:.2} cores under churn");
+}
+
+/// Each kind's p50, p99 and map writes per change, as the JSON line has them.
+fn summary(series: &BTreeMap<&str, Series>) -> serde_json::Value {
     let p = |what: &str, q: &str| series.get(what).map(|s| s.summary()[q].clone()).unwrap_or_default();
     let kinds = ["policy_edit", "local_pod", "remote_pod", "namespace_label", "churn"];
-    Ok(json!({
-        "ready_s": ready_after_sync,
-        "up_s": up_s,
-        "agent_rss_mb": agent_peak,
-        "controller_rss_mb": engine_peak,
-        "controller_cpu_cores": engine_cores,
-        "agent_cpu_cores_churn": agent_cores,
+    json!({
         "p50_ms": kinds.iter().map(|k| (k.to_string(), p(k, "p50"))).collect::<serde_json::Map<_, _>>(),
         "p99_ms": kinds.iter().map(|k| (k.to_string(), p(k, "p99"))).collect::<serde_json::Map<_, _>>(),
         "map_writes_per_change": kinds.iter().map(|k| (k.to_string(), p(k, "map_writes_median"))).collect::<serde_json::Map<_, _>>(),
-    }))
+    })
 }
 
 /// 100 pod files a second, each created and deleted a second later,
@@ -419,7 +431,8 @@ fn churn(bench: &mut Bench, cluster: &Cluster) -> Result<Series> {
     let mut next = started;
     for i in 0..total {
         let at = Instant::now();
-        // Creates, and deletes of the pods made a second ago.
+        // A second of creates, then creates (even steps) and deletes of the
+        // pods made a second ago (odd steps; the step before was a create).
         let (path, text) = if i % 2 == 0 || i < CHURN_PER_SECOND {
             let node = 1 + i % (cluster.nodes - 1);
             let ip = IpAddr::V4(std::net::Ipv4Addr::new(10, 98, (i / 250 % 250) as u8, (i % 250) as u8));
@@ -434,7 +447,7 @@ fn churn(bench: &mut Bench, cluster: &Cluster) -> Result<Series> {
             );
             (folder.join(format!("c{i}.yaml")), Some(text))
         } else {
-            (folder.join(format!("c{}.yaml", i - CHURN_PER_SECOND)), None)
+            (folder.join(format!("c{}.yaml", i - CHURN_PER_SECOND - 1)), None)
         };
         match &text {
             Some(text) => testbed::write_atomically(&path, text)?,
@@ -471,8 +484,12 @@ fn churn(bench: &mut Bench, cluster: &Cluster) -> Result<Series> {
     Ok(series)
 }
 
-/// `cargo xtask bench scale [sizes...]`.
-pub fn run(sizes: &[usize]) -> Result<()> {
+/// The cluster size measured through the real API server.
+pub const API_SERVER_PODS: usize = 10_000;
+
+/// `cargo xtask bench scale[:sizes]`: each size through a folder, then
+/// (`through_api_server`) `API_SERVER_PODS` through a real API server.
+pub fn run(sizes: &[usize], through_api_server: bool) -> Result<()> {
     testbed::catch_interrupts();
     let mut topology = Topology::new("scl", 190);
     let mut local = Vec::new();
@@ -491,8 +508,17 @@ pub fn run(sizes: &[usize]) -> Result<()> {
         let _ = Datapath::unpin_all(PIN_DIR);
         results.insert(pods.to_string(), result?);
     }
+    let mut through_api = serde_json::Map::new();
+    if through_api_server {
+        testbed::interrupted()?;
+        let cluster = generate(&folder, API_SERVER_PODS, &local)?;
+        println!("generated {API_SERVER_PODS} pods for the API server");
+        let result = api_server::measure(&topology, &spares, &cluster);
+        let _ = Datapath::unpin_all(PIN_DIR);
+        through_api.insert(API_SERVER_PODS.to_string(), result?);
+    }
     let _ = std::fs::remove_dir_all(&folder);
-    println!("{}", json!({ "sizes": results }));
+    println!("{}", json!({ "sizes": results, "api_server": through_api }));
     Ok(())
 }
 
