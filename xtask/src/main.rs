@@ -43,7 +43,7 @@ enum Task {
         dirs: Vec<String>,
     },
     /// Run a benchmark: `datapath` (`datapath:test_run` without iperf3), `compile`,
-    /// `connections`, `convergence`, `flood` or `scale` (`scale:10000` for chosen sizes).
+    /// `connections`, `convergence`, `flood` or `scale` (`scale:10000,api` for chosen folder sizes and the 10k API-server run).
     Bench { what: String },
 }
 
