@@ -15,7 +15,7 @@
 //! hash slot is taken — are handled by compiling everything again.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet},
     mem,
     net::IpAddr,
     rc::Rc,
@@ -23,6 +23,7 @@ use std::{
 };
 
 use datapath_common::{identity, PolicyKey, PolicyValue, EGRESS, INGRESS};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use ipnet::IpNet;
 
 use crate::{

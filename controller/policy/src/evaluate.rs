@@ -8,12 +8,13 @@
 //! most specific protocol/port prefix within each — returns exactly it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     rc::Rc,
 };
 
 use bulkhead_crds::Protocol;
 use datapath_common::{identity, policy_prefix, verdict, PolicyValue, EGRESS, INGRESS, RULE_DEFAULT_DENY};
+use foldhash::{HashMap, HashMapExt};
 
 use crate::{
     identity::NamedPorts,

@@ -11,12 +11,10 @@
 //! order on a collision: the same snapshot always gives the same numbers, and
 //! a change elsewhere in the cluster does not renumber an identity.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    sync::Arc,
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 use bulkhead_crds::Protocol;
+use foldhash::{HashSet, HashSetExt};
 use ipnet::IpNet;
 
 use crate::selector::Labels;

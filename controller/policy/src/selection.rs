@@ -8,7 +8,9 @@
 //! Only pods with an address are counted: a pod that has none yet has no
 //! connection to police.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use foldhash::HashMap;
 
 use crate::{
     compile::Changed,

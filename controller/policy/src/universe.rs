@@ -3,10 +3,11 @@
 //! and go instead of being recomputed.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet},
     sync::Arc,
 };
 
+use foldhash::{HashMap, HashSet};
 use ipnet::IpNet;
 
 use crate::{
