@@ -120,7 +120,8 @@ pub struct EventRecord {
 pub struct StateView {
     pub ready: bool,
     /// The source revision the datapath holds: a folder's content digest,
-    /// or the resourceVersion of the newest object change the API server sent.
+    /// or the resourceVersion of the last object change the API server sent
+    /// (per kind's watch: not a promise about other kinds' older changes).
     pub revision: Option<String>,
     pub syncs: u64,
     /// Local pods and the interface each is enforced on.
