@@ -29,7 +29,7 @@ use ipnet::IpNet;
 use crate::{
     diff::{MapOp, OpsPlan},
     evaluate::{Accepted, AnyPeer, Chain, ClassEntry, EntryGroups, Evaluator},
-    identity::{identity_hash, longest_prefix, stable_hash, IdentityKey, NamedPorts, Numbering},
+    identity::{identity_hash, longest_prefix, stable_debug_hash, IdentityKey, NamedPorts, Numbering},
     model::{Pod, PodRef, PolicyRef},
     rules::{NamespaceScope, Peer, Policy},
     selector::Labels,
@@ -163,7 +163,7 @@ struct Touched {
 }
 
 fn ref_hash<R: std::fmt::Debug>(r: &R) -> u64 {
-    stable_hash(&format!("{r:?}"))
+    stable_debug_hash(r)
 }
 
 const IDENTITY_SPACE: u32 = (1 << 31) - identity::FIRST_ALLOCATED;

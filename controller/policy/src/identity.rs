@@ -52,12 +52,43 @@ impl IdentityKey {
 
 /// FNV-1a, 64 bits: stable across runs and platforms (unlike `DefaultHasher`).
 pub fn stable_hash(text: &str) -> u64 {
-    let mut hash: u64 = 0xcbf29ce484222325;
-    for byte in text.bytes() {
-        hash ^= byte as u64;
-        hash = hash.wrapping_mul(0x100000001b3);
+    let mut hash = Fnv::default();
+    hash.feed(text);
+    hash.0
+}
+
+/// `stable_hash` of a value's `Debug` text, fed as it is formatted rather
+/// than built into a string first: the numbering of every identity, pod
+/// and policy hashes this way, so the numbers stay what they always were.
+pub fn stable_debug_hash(value: &impl std::fmt::Debug) -> u64 {
+    use std::fmt::Write;
+    let mut hash = Fnv::default();
+    write!(hash, "{value:?}").expect("hashing never fails");
+    hash.0
+}
+
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf29ce484222325)
     }
-    hash
+}
+
+impl Fnv {
+    fn feed(&mut self, text: &str) {
+        for byte in text.bytes() {
+            self.0 ^= byte as u64;
+            self.0 = self.0.wrapping_mul(0x100000001b3);
+        }
+    }
+}
+
+impl std::fmt::Write for Fnv {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        self.feed(text);
+        Ok(())
+    }
 }
 
 /// Numbers for a set of keys, each in `[base, base + space)` from its hash,
@@ -145,7 +176,7 @@ impl<K: Ord + Clone> Numbering<K> {
 }
 
 pub fn identity_hash(key: &IdentityKey) -> u64 {
-    stable_hash(&format!("{key:?}"))
+    stable_debug_hash(key)
 }
 
 /// The longest prefix of `prefixes` containing `address`.
@@ -162,4 +193,35 @@ pub fn longest_prefix(by_len: &[HashSet<IpNet>], address: std::net::IpAddr) -> O
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_1a_of_known_text() {
+        // Published FNV-1a 64 test vectors.
+        assert_eq!(stable_hash(""), 0xcbf29ce484222325);
+        assert_eq!(stable_hash("a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(stable_hash("foobar"), 0x85944171f73967e8);
+    }
+
+    #[test]
+    fn a_debug_hash_is_the_hash_of_the_debug_text() {
+        let labels: Labels = [("app".to_string(), "web".to_string()), ("tier".to_string(), "front".to_string())].into();
+        let keys = [
+            IdentityKey::Pod {
+                namespace: "shop".into(),
+                labels: Arc::new(labels),
+                named_ports: [(("http".to_string(), Protocol::TCP), 8080)].into(),
+                cidr: Some("10.0.0.0/8".parse().unwrap()),
+            },
+            IdentityKey::Cidr("192.0.2.0/24".parse().unwrap()),
+        ];
+        for key in &keys {
+            assert_eq!(stable_debug_hash(key), stable_hash(&format!("{key:?}")), "{key:?}");
+            assert_eq!(identity_hash(key), stable_hash(&format!("{key:?}")));
+        }
+    }
 }
