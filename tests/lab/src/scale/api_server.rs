@@ -8,7 +8,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
     path::{Path, PathBuf},
     process::Stdio,
     sync::{Arc, Mutex},
@@ -24,8 +23,8 @@ use kube::{
 use serde_json::json;
 
 use super::{
-    cpu_seconds, memory_mb, pod_yaml, Cluster, Series, APPS, CHURN_PER_SECOND, CHURN_SECONDS, LOCAL_PODS, NODE,
-    PIN_DIR, ROUNDS,
+    churn_deletes, cpu_seconds, memory_mb, Cluster, Series, CHURN_PER_SECOND, CHURN_SECONDS, LOCAL_PODS, NODE, PIN_DIR,
+    ROUNDS,
 };
 use crate::testbed::{self, apiserver::ControlPlane, Process, TestPod, Topology, AGENT_ADDRESS};
 
@@ -287,10 +286,7 @@ async fn measure_in_node(
             .arg(format!("--cgroup-root={}", topology.kubepods.display()))
             .arg(format!("--state-dir={}", topology.state_dir(NODE).display()))
             .args(["--egress-learning-seconds", "0"])
-            .env(
-                "RUST_LOG",
-                std::env::var("BULKHEAD_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn,netlink_packet_route=error".into()),
-            )
+            .env("RUST_LOG", super::agent_log_filter())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?,
@@ -330,9 +326,7 @@ async fn measure_in_node(
     // (b) a local pod added, then removed.
     for round in 0..ROUNDS {
         let spare = &spares[round % spares.len()];
-        let text =
-            pod_yaml(&spare.name, round % cluster.namespaces, round % APPS.len(), 7, NODE, &spare.uid, spare.ipv4);
-        let pod = one(&text)?;
+        let pod = one(&cluster.local_extra_pod(round, spare))?;
         timed(topology, LOCAL_PODS + 1, series.entry("local_pod").or_default(), create(&client, &pod, Some(cgroups)))
             .await?;
         let uid = pod.api(&client).get(pod.name()).await?.metadata.uid.unwrap_or_default();
@@ -341,18 +335,7 @@ async fn measure_in_node(
     }
     // (c) a remote pod added and removed: both count.
     for round in 0..ROUNDS / 2 {
-        let node = 1 + round % (cluster.nodes - 1);
-        let ip = IpAddr::V4(std::net::Ipv4Addr::new(10, 99, 0, 10 + round as u8));
-        let text = pod_yaml(
-            &format!("extra-{round}"),
-            round % cluster.namespaces,
-            round % APPS.len(),
-            round as u64,
-            &format!("node-{node:04}"),
-            "uid-extra",
-            ip,
-        );
-        let pod = one(&text)?;
+        let pod = one(&cluster.remote_extra_pod(round))?;
         let remote = series.entry("remote_pod").or_default();
         timed(topology, LOCAL_PODS, remote, create(&client, &pod, None)).await?;
         timed(topology, LOCAL_PODS, remote, delete(&client, &pod)).await?;
@@ -407,33 +390,25 @@ async fn churn(topology: &Topology, client: &Client, cluster: &Cluster) -> Resul
     let started = Instant::now();
     let mut next = started;
     for i in 0..total {
-        // As through the folder: a second of creates, then creates (even
-        // steps) and deletes of the pods made a second ago (odd steps).
-        let creating = i % 2 == 0 || i < CHURN_PER_SECOND;
-        let manifest = if creating {
-            let node = 1 + i % (cluster.nodes - 1);
-            let ip = IpAddr::V4(std::net::Ipv4Addr::new(10, 98, (i / 250 % 250) as u8, (i % 250) as u8));
-            let text = pod_yaml(
-                &format!("churn-{i}"),
-                i % cluster.namespaces,
-                i % APPS.len(),
-                (i % 50) as u64,
-                &format!("node-{node:04}"),
-                "uid-churn",
-                ip,
-            );
-            let manifest = Arc::new(one(&text)?);
-            manifests.insert(i, manifest.clone());
-            manifest
-        } else {
-            manifests.remove(&(i - CHURN_PER_SECOND - 1)).context("the pod made a second ago")?
+        // The same steps as through the folder.
+        let deleting = churn_deletes(i);
+        let manifest = match deleting {
+            None => {
+                let manifest = Arc::new(one(&cluster.churn_pod(i))?);
+                manifests.insert(i, manifest.clone());
+                manifest
+            }
+            Some(made) => manifests.remove(&made).context("the pod made a second ago")?,
         };
         written.lock().expect("written lock").push((Instant::now(), None));
         let (client, written) = (client.clone(), written.clone());
         tasks.push(tokio::spawn(async move {
             // Churn pods are remote: no cgroups.
-            let revision =
-                if creating { create(&client, &manifest, None).await? } else { delete(&client, &manifest).await? };
+            let revision = if deleting.is_none() {
+                create(&client, &manifest, None).await?
+            } else {
+                delete(&client, &manifest).await?
+            };
             written.lock().expect("written lock")[i].1 = Some(revision);
             anyhow::Ok(())
         }));

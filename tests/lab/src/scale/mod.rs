@@ -178,6 +178,55 @@ pub fn generate(folder: &Path, pods: usize, local: &[TestPod]) -> Result<Cluster
     Ok(Cluster { pods, nodes, namespaces, folder: folder.to_path_buf(), edits, relabels })
 }
 
+impl Cluster {
+    /// Round `round`'s extra pod on the agent's node: a spare real namespace.
+    fn local_extra_pod(&self, round: usize, spare: &TestPod) -> String {
+        pod_yaml(&spare.name, round % self.namespaces, round % APPS.len(), 7, NODE, &spare.uid, spare.ipv4)
+    }
+
+    /// Round `round`'s extra pod on another node.
+    fn remote_extra_pod(&self, round: usize) -> String {
+        let node = 1 + round % (self.nodes - 1);
+        let ip = IpAddr::V4(std::net::Ipv4Addr::new(10, 99, 0, 10 + round as u8));
+        pod_yaml(
+            &format!("extra-{round}"),
+            round % self.namespaces,
+            round % APPS.len(),
+            round as u64,
+            &format!("node-{node:04}"),
+            "uid-extra",
+            ip,
+        )
+    }
+
+    /// Churn pod `i`, on another node.
+    fn churn_pod(&self, i: usize) -> String {
+        let node = 1 + i % (self.nodes - 1);
+        let ip = IpAddr::V4(std::net::Ipv4Addr::new(10, 98, (i / 250 % 250) as u8, (i % 250) as u8));
+        pod_yaml(
+            &format!("churn-{i}"),
+            i % self.namespaces,
+            i % APPS.len(),
+            (i % 50) as u64,
+            &format!("node-{node:04}"),
+            "uid-churn",
+            ip,
+        )
+    }
+}
+
+/// What churn step `i` does: a second of creates, then creates (even steps)
+/// and deletes of the pods made a second ago (odd steps; the step before
+/// that one was a create). `None` creates pod `i`; `Some(j)` deletes pod `j`.
+fn churn_deletes(i: usize) -> Option<usize> {
+    (i % 2 == 1 && i >= CHURN_PER_SECOND).then(|| i - CHURN_PER_SECOND - 1)
+}
+
+/// The agent's log filter: `BULKHEAD_BENCH_AGENT_LOG`, else warnings.
+fn agent_log_filter() -> String {
+    std::env::var("BULKHEAD_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn,netlink_packet_route=error".into())
+}
+
 /// The agent as the bench polls it.
 struct Agent<'a> {
     topology: &'a Topology,
@@ -295,10 +344,7 @@ fn measure(topology: &Topology, spares: &[TestPod], cluster: &Cluster) -> Result
             .node_command(testbed::product_binary())
             .args(topology.agent_args(NODE, PIN_DIR, &cluster.folder))
             .args(["--egress-learning-seconds", "0"])
-            .env(
-                "RUST_LOG",
-                std::env::var("BULKHEAD_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn,netlink_packet_route=error".into()),
-            )
+            .env("RUST_LOG", agent_log_filter())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?,
@@ -338,8 +384,7 @@ fn measure(topology: &Topology, spares: &[TestPod], cluster: &Cluster) -> Result
     for round in 0..ROUNDS {
         let spare = &spares[round % spares.len()];
         let path = cluster.folder.join("pods/local-extra.yaml");
-        let text =
-            pod_yaml(&spare.name, round % cluster.namespaces, round % APPS.len(), 7, NODE, &spare.uid, spare.ipv4);
+        let text = cluster.local_extra_pod(round, spare);
         bench.endpoints = LOCAL_PODS + 1;
         bench.change(&path, Some(&text), series.entry("local_pod").or_default())?;
         bench.endpoints = LOCAL_PODS;
@@ -348,17 +393,7 @@ fn measure(topology: &Topology, spares: &[TestPod], cluster: &Cluster) -> Result
     // (c) a remote pod added and removed: both count.
     for round in 0..ROUNDS / 2 {
         let path = cluster.folder.join("pods/remote-extra.yaml");
-        let node = 1 + round % (cluster.nodes - 1);
-        let ip = IpAddr::V4(std::net::Ipv4Addr::new(10, 99, 0, 10 + round as u8));
-        let text = pod_yaml(
-            &format!("extra-{round}"),
-            round % cluster.namespaces,
-            round % APPS.len(),
-            round as u64,
-            &format!("node-{node:04}"),
-            "uid-extra",
-            ip,
-        );
+        let text = cluster.remote_extra_pod(round);
         let remote = series.entry("remote_pod").or_default();
         bench.change(&path, Some(&text), remote)?;
         bench.change(&path, None, remote)?;
@@ -431,23 +466,9 @@ fn churn(bench: &mut Bench, cluster: &Cluster) -> Result<Series> {
     let mut next = started;
     for i in 0..total {
         let at = Instant::now();
-        // A second of creates, then creates (even steps) and deletes of the
-        // pods made a second ago (odd steps; the step before was a create).
-        let (path, text) = if i % 2 == 0 || i < CHURN_PER_SECOND {
-            let node = 1 + i % (cluster.nodes - 1);
-            let ip = IpAddr::V4(std::net::Ipv4Addr::new(10, 98, (i / 250 % 250) as u8, (i % 250) as u8));
-            let text = pod_yaml(
-                &format!("churn-{i}"),
-                i % cluster.namespaces,
-                i % APPS.len(),
-                (i % 50) as u64,
-                &format!("node-{node:04}"),
-                "uid-churn",
-                ip,
-            );
-            (folder.join(format!("c{i}.yaml")), Some(text))
-        } else {
-            (folder.join(format!("c{}.yaml", i - CHURN_PER_SECOND - 1)), None)
+        let (path, text) = match churn_deletes(i) {
+            None => (folder.join(format!("c{i}.yaml")), Some(cluster.churn_pod(i))),
+            Some(made) => (folder.join(format!("c{made}.yaml")), None),
         };
         match &text {
             Some(text) => testbed::write_atomically(&path, text)?,
