@@ -9,7 +9,7 @@ use aya_ebpf::{
 use datapath_common::{
     capacity, Address, ConntrackSlot, ConntrackTags, EndpointInfo, EventBudget, FragmentKey, FragmentValue,
     IpcacheSlot, IpcacheValue, PolicyExactKey, PolicyKey, PolicySlot, PolicyValue, RefusalSet, TableSet, VerdictKey,
-    CONFIG_HASH_SEED,
+    VerdictSlot, CONFIG_HASH_SEED,
 };
 
 #[map(name = "BH_IPCACHE")]
@@ -76,6 +76,12 @@ pub static REFUSED: Array<RefusalSet> = Array::pinned(capacity::REFUSED_SETS, 0)
 #[map(name = "BH_DROP_COUNTS")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(capacity::DROPS, 0);
 
+/// Verdict counters the programs find without a helper call (`VerdictSlot`),
+/// each CPU's own.
+#[map(name = "BH_VERDICT_SLOTS")]
+pub static VERDICT_SLOTS: Array<VerdictSlot> = Array::pinned(capacity::VERDICT_SLOTS, BPF_F_MMAPABLE);
+
+/// Verdict counters of keys whose slot another key holds.
 #[map(name = "BH_VERDICTS")]
 pub static VERDICTS: PerCpuHashMap<VerdictKey, u64> = PerCpuHashMap::pinned(capacity::VERDICTS, 0);
 

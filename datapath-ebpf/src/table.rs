@@ -5,13 +5,13 @@
 //! An array lookup is inlined by the verifier, so a key found here costs no
 //! helper call; a hash lookup costs a call into the kernel and a jhash of
 //! the key, and on CPUs with return-stack mitigations every call and return
-//! is dear. The overflow hash is searched only when the key's set says some
-//! of its keys are there.
+//! is dear. The overflow hash is searched only when the key's set says keys
+//! with its tag's filter bit are there.
 
 use core::sync::atomic::{compiler_fence, Ordering};
 
 use aya_ebpf::maps::{Array, HashMap};
-use datapath_common::{TableSet, TableSlot, TABLE_WAYS};
+use datapath_common::{TableSet, TableSlot, OVERFLOW_FILTER_WORDS, TABLE_WAYS};
 
 use crate::maps::hash_seed;
 
@@ -65,7 +65,8 @@ pub fn lookup<S: TableSlot>(
                 break;
             }
         }
-        let overflowed = header.overflowed;
+        let (word, mask) = place.overflow_bit();
+        let overflowed = header.overflow_filter[word & (OVERFLOW_FILTER_WORDS - 1)] & mask;
         compiler_fence(Ordering::SeqCst);
         // SAFETY: as above.
         let after = unsafe { core::ptr::addr_of!((*set).header.sequence).read_volatile() };

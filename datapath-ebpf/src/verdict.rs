@@ -1,9 +1,11 @@
 //! From a parsed packet (or a socket call) to a verdict: endpoint, peer
 //! identity, conntrack, policy lookup, counters and events.
 
+use core::sync::atomic::{compiler_fence, Ordering};
+
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_current_cgroup_id, bpf_jiffies64, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns},
     maps::{lpm_trie::Key, PerCpuHashMap},
     programs::{SockAddrContext, TcContext},
 };
@@ -12,6 +14,7 @@ use datapath_common::{
     DropKey, EndpointInfo, Event, FragmentKey, FragmentValue, PolicyExactKey, PolicyKey, PolicyValue, VerdictKey,
     CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, CONNTRACK_FLAG_REVOKED, EGRESS,
     ENDPOINT_FLAG_FAIL_CLOSED, EVENT_AUDIT, EVENT_DENY, EVENT_NEW_FLOW, INGRESS, NO_ENDPOINT, SOURCE_CGROUP, SOURCE_TC,
+    VERDICT_SLOT_CPUS,
 };
 
 use crate::{
@@ -19,7 +22,7 @@ use crate::{
     maps::{
         CGROUP_ENDPOINTS, CONFIG, DROPS, ENDPOINTS, ENDPOINTS_BY_IFINDEX, EVENTS, EVENT_BUDGET, FRAGMENTS, IPCACHE,
         IPCACHE_EXACT, IPCACHE_TABLE, LOCAL_ADDRS, POLICY, POLICY_EXACT, POLICY_PREFIXED, POLICY_TABLE, SCRATCH,
-        VERDICTS,
+        VERDICTS, VERDICT_SLOTS,
     },
     parse::{parse, quoted_connection, Packet, ParseError, Parsed, Scratch, FRAG_FIRST, FRAG_LATER, L4},
     refusals::first_refusal,
@@ -362,6 +365,35 @@ fn bump<K>(map: &PerCpuHashMap<K, u64>, key: &K) {
     }
 }
 
+/// Count one verdict: in the key's slot of this CPU when it holds the key or
+/// is free (an array element the verifier inlines), else in the hash.
+#[inline(always)]
+fn count_verdict(key: &VerdictKey) {
+    // SAFETY: a helper without preconditions (inlined by the verifier).
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    if cpu < VERDICT_SLOT_CPUS {
+        if let Some(slot) = VERDICT_SLOTS.get_ptr_mut(key.slot(cpu)) {
+            // SAFETY: this CPU's slot: no other program writes it meanwhile;
+            // the agent only frees a slot whose key names a pod gone.
+            let slot = unsafe { &mut *slot };
+            if slot.key.words() == key.words() {
+                slot.count += 1;
+                return;
+            }
+            if slot.is_free() {
+                // The count before the key: the agent reading meanwhile
+                // sees the key with this count or not at all (a freed
+                // slot's count is 0, then its endpoint).
+                slot.count = 1;
+                compiler_fence(Ordering::Release);
+                slot.key = *key;
+                return;
+            }
+        }
+    }
+    bump(&VERDICTS, key);
+}
+
 #[inline(always)]
 fn count_drop(direction: u8, why: u8) {
     if let Some(count) = DROPS.get_ptr_mut(DropKey { direction, reason: why }.slot()) {
@@ -395,7 +427,7 @@ impl Reported {
 fn report(conn: &ConnKey, direction: u8, peer: u32, verdict: &Reported) {
     let Reported { kind, policy_id, rule, .. } = *verdict;
     if kind != EVENT_NEW_FLOW {
-        bump(&VERDICTS, &VerdictKey { endpoint: conn.endpoint, policy_id, rule, direction, kind, _pad: [0; 2] });
+        count_verdict(&VerdictKey { endpoint: conn.endpoint, policy_id, rule, direction, kind, _pad: [0; 2] });
     }
     send_event(conn, direction, peer, verdict);
 }

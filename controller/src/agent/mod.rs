@@ -190,6 +190,8 @@ const BASELINES_FILE: &str = "egress-baselines.json";
 /// well under the API server's 256 KiB.
 const REPORTED_FLOWS: usize = 300;
 const HOUSEKEEPING: Duration = Duration::from_millis(200);
+/// How often the verdict slots of pods gone are freed (a read of every slot).
+const FREE_VERDICT_SLOTS: Duration = Duration::from_secs(10);
 /// How often the datapath is swept of what pods gone while no agent ran left.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// The loop is stuck when it has not ticked for this long.
@@ -375,6 +377,8 @@ pub struct Agent {
     /// The last sync failed; try again at the next tick.
     retry: bool,
     counted_verdicts: VerdictCount,
+    /// When the verdict slots of gone pods were last freed.
+    verdict_slots_freed: Instant,
     counted_drops: DropCount,
     /// The connection counters made at 0 for each enforced pod, policy
     /// and direction, so a rate() alert sees a series from the start.
@@ -452,6 +456,7 @@ impl Agent {
             revision: None,
             retry: false,
             counted_verdicts: VerdictCount::new(),
+            verdict_slots_freed: Instant::now(),
             zero_counters: BTreeSet::new(),
             counted_drops: DropCount::new(),
             syncs: 0,
@@ -878,6 +883,18 @@ impl Agent {
         }
     }
 
+    /// Give the datapath's verdict slots of pods gone back to new keys; what
+    /// they counted leaves the totals already turned into metrics too.
+    fn free_verdict_slots(&mut self) {
+        let pods = &self.pods_by_endpoint;
+        let freed = self.programmer.datapath_mut().free_verdict_slots(|endpoint| pods.contains_key(&endpoint));
+        for (key, count) in freed {
+            if let Some(counted) = self.counted_verdicts.get_mut(&key) {
+                *counted = counted.saturating_sub(count);
+            }
+        }
+    }
+
     /// Counters into metrics, events into logs.
     fn read_datapath(&mut self) {
         let events = self.programmer.datapath_mut().drain_events();
@@ -932,6 +949,10 @@ impl Agent {
             metric.with_label_values(&labels).inc_by(count - before);
         }
         self.counted_verdicts = verdicts;
+        if self.verdict_slots_freed.elapsed() >= FREE_VERDICT_SLOTS {
+            self.verdict_slots_freed = Instant::now();
+            self.free_verdict_slots();
+        }
 
         let drops = self.programmer.datapath().drops();
         for (key, count) in &drops {

@@ -10,6 +10,7 @@ use std::{
     fs,
     os::fd::AsFd,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -26,13 +27,14 @@ use aya::{
 };
 use datapath_common::{
     capacity, map_names, policy_prefix, prefixed_slot, program_names, Address, DropKey, EndpointInfo, Event,
-    IpcacheSlot, IpcacheValue, PolicyExactKey, PolicyKey, PolicySlot, PolicyValue, TableSlot, VerdictKey,
+    IpcacheSlot, IpcacheValue, PolicyExactKey, PolicyKey, PolicySlot, PolicyValue, TableSlot, VerdictKey, VerdictSlot,
     CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_HASH_SEED, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED,
-    NO_ENDPOINT,
+    NO_ENDPOINT, VERDICT_SLOTS_PER_CPU, VERDICT_SLOT_CPUS,
 };
 
 use super::{
     error::{AttachError, DatapathError},
+    shared_array::SharedArray,
     table::ExactTable,
 };
 
@@ -81,6 +83,7 @@ pub struct Datapath {
     trie_keys: HashSet<(u32, PolicyKey)>,
     policy_exact: ExactTable<PolicySlot>,
     drops: PerCpuArray<MapData, u64>,
+    verdict_slots: SharedArray<VerdictSlot>,
     verdicts: PerCpuHashMap<MapData, VerdictKey, u64>,
     config: Array<MapData, u64>,
     events: Option<RingBuf<MapData>>,
@@ -175,6 +178,7 @@ impl Datapath {
         let policy = take(&mut ebpf, map_names::POLICY)?;
         let policy_prefixed = take(&mut ebpf, map_names::POLICY_PREFIXED)?;
         let drops = take(&mut ebpf, map_names::DROPS)?;
+        let verdict_slots = shared_array(&mut ebpf, map_names::VERDICT_SLOTS, capacity::VERDICT_SLOTS)?;
         let verdicts = take(&mut ebpf, map_names::VERDICTS)?;
         let mut config = take(&mut ebpf, map_names::CONFIG)?;
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);
@@ -207,6 +211,7 @@ impl Datapath {
             trie_keys: HashSet::new(),
             policy_exact,
             drops,
+            verdict_slots,
             verdicts,
             config,
             events,
@@ -572,12 +577,52 @@ impl Datapath {
         out
     }
 
+    /// Every verdict counter, its slots' counts and the hash's added up.
     pub fn verdicts(&self) -> VerdictCount {
         let mut out = VerdictCount::new();
+        for (_, slot) in self.held_verdict_slots() {
+            *out.entry(slot.key).or_default() += slot.count;
+        }
         for (key, values) in self.verdicts.iter().filter_map(Result::ok) {
             *out.entry(key).or_default() += values.iter().sum::<u64>();
         }
         out
+    }
+
+    /// The verdict slots that hold a key, with their index, of every CPU
+    /// this machine can have.
+    fn held_verdict_slots(&self) -> Vec<(u32, VerdictSlot)> {
+        let cpus = aya::util::nr_cpus().map_or(VERDICT_SLOT_CPUS, |cpus| (cpus as u32).min(VERDICT_SLOT_CPUS));
+        (0..cpus * VERDICT_SLOTS_PER_CPU)
+            // SAFETY: an element of the mapping; a copy, read while the
+            // programs may count in it (`VerdictSlot` says in what order).
+            .map(|index| (index, unsafe { self.verdict_slots.element(index).read_volatile() }))
+            .filter(|(_, slot)| !slot.is_free())
+            .collect()
+    }
+
+    /// Free the verdict slots whose keys name endpoints gone (`live` says
+    /// which are not), so new keys find them; answers the counts freed,
+    /// which leave the counters' totals.
+    pub fn free_verdict_slots(&mut self, live: impl Fn(u32) -> bool) -> VerdictCount {
+        let mut freed = VerdictCount::new();
+        for (index, slot) in self.held_verdict_slots() {
+            if live(slot.key.endpoint) {
+                continue;
+            }
+            let element = self.verdict_slots.element(index);
+            // SAFETY: aligned fields of an element of the mapping. A
+            // program takes a slot only once its endpoint is free, so the
+            // count goes to 0 first: one taking the slot next starts from
+            // there. A gone pod's key is counted no more.
+            unsafe {
+                let count = AtomicU64::from_ptr(std::ptr::addr_of_mut!((*element).count));
+                *freed.entry(slot.key).or_default() += count.swap(0, Ordering::AcqRel);
+                let endpoint = AtomicU32::from_ptr(std::ptr::addr_of_mut!((*element).key.endpoint));
+                endpoint.store(NO_ENDPOINT, Ordering::Release);
+            }
+        }
+        freed
     }
 
     /// Drain the event ring buffer.
@@ -682,6 +727,13 @@ fn seed_placement(config: &mut Array<MapData, u64>) -> Result<u64, DatapathError
 }
 
 /// An exact table and its overflow hash, mapped for writing.
+fn shared_array<T>(ebpf: &mut Ebpf, name: &'static str, len: u32) -> Result<SharedArray<T>, DatapathError> {
+    let aya::maps::Map::Array(map) = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))? else {
+        return Err(DatapathError::Layout { name, found: "another map type".into(), wanted: "an array".into() });
+    };
+    SharedArray::open(name, map, len)
+}
+
 fn exact_table<S>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -694,10 +746,8 @@ where
     S::Key: aya::Pod,
     S::Value: aya::Pod,
 {
-    let aya::maps::Map::Array(map) = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))? else {
-        return Err(DatapathError::Layout { name, found: "another map type".into(), wanted: "an array".into() });
-    };
-    ExactTable::open(name, map, sets, seed, take(ebpf, overflow)?)
+    let sets = shared_array(ebpf, name, sets)?;
+    ExactTable::open(name, sets, seed, take(ebpf, overflow)?)
 }
 
 /// How a link's pin names its target (an interface, or a cgroup's path):

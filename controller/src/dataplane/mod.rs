@@ -4,6 +4,7 @@
 
 mod error;
 mod loader;
+mod shared_array;
 mod sweep;
 pub mod sync;
 mod table;

@@ -6,9 +6,7 @@
 //! write needs no lock of its own: `&mut self` is the lock.
 
 use std::{
-    collections::HashSet,
-    os::fd::{AsFd, AsRawFd},
-    ptr::NonNull,
+    collections::{HashMap as StdHashMap, HashSet},
     sync::atomic::{fence, AtomicU32, Ordering},
 };
 
@@ -16,32 +14,23 @@ use aya::{
     maps::{HashMap, MapData},
     Pod,
 };
-use datapath_common::{TablePlace, TableSet, TableSlot, TABLE_WAYS};
+use datapath_common::{overflow_filter, TablePlace, TableSet, TableSlot, TABLE_WAYS};
 
-use super::error::DatapathError;
-
-/// `BPF_F_MMAPABLE`: the array can be mapped into userspace.
-const BPF_F_MMAPABLE: u32 = 1 << 10;
+use super::{error::DatapathError, shared_array::SharedArray};
 
 pub struct ExactTable<S: TableSlot> {
     name: &'static str,
-    sets: NonNull<TableSet<S>>,
-    set_count: u32,
-    mapping_len: usize,
+    sets: SharedArray<TableSet<S>>,
     seed: u64,
     overflow: HashMap<MapData, S::Key, S::Value>,
     /// The overflow hash's keys (as `TableSlot::words`): whether a key is
     /// there is asked at every write to a set that overflowed, and a
     /// lookup in the map is a system call.
     overflow_keys: HashSet<[u64; 2]>,
-    /// Kept open: programs loaded later (the bench fixture) refer to the
-    /// map by this descriptor.
-    _map: MapData,
+    /// The places of the overflow hash's keys, by set: what a set's
+    /// overflow filter is made from again when one of them leaves.
+    overflow_places: StdHashMap<u32, Vec<TablePlace>>,
 }
-
-// SAFETY: the mapping is owned by the table and written only through
-// `&mut self`; nothing in it is tied to the thread that made it.
-unsafe impl<S: TableSlot> Send for ExactTable<S> {}
 
 /// Where a key is now.
 enum Location {
@@ -56,63 +45,44 @@ where
     S::Key: Pod,
     S::Value: Pod,
 {
-    /// Map the table `map` (the array named `name`, `set_count` sets) into
-    /// memory. A map pinned by an older build with another layout is
-    /// refused by name rather than misread.
+    /// The table of `sets` (the array named `name`) and its overflow hash.
     pub fn open(
         name: &'static str,
-        map: MapData,
-        set_count: u32,
+        sets: SharedArray<TableSet<S>>,
         seed: u64,
         overflow: HashMap<MapData, S::Key, S::Value>,
     ) -> Result<Self, DatapathError> {
-        let info = map.info().map_err(|source| DatapathError::Map { name, source })?;
-        let set_size = size_of::<TableSet<S>>();
-        if info.map_flags() & BPF_F_MMAPABLE == 0
-            || info.value_size() as usize != set_size
-            || info.max_entries() != set_count
-        {
-            return Err(DatapathError::Layout {
-                name,
-                found: format!(
-                    "flags {:#x}, {} sets of {} bytes",
-                    info.map_flags(),
-                    info.max_entries(),
-                    info.value_size()
-                ),
-                wanted: format!("mmapable, {set_count} sets of {set_size} bytes"),
-            });
+        let keys: Vec<S::Key> = overflow.keys().filter_map(Result::ok).collect();
+        let overflow_keys = keys.iter().map(S::words).collect();
+        let mut table = ExactTable { name, sets, seed, overflow, overflow_keys, overflow_places: StdHashMap::new() };
+        for key in &keys {
+            let place = table.place(key);
+            table.overflow_places.entry(place.set).or_default().push(place);
         }
-        let mapping_len = set_size * set_count as usize;
-        // SAFETY: a shared read-write mapping of the whole array, which the
-        // kernel allows for BPF_F_MMAPABLE arrays; the pointer is checked.
-        let address = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                mapping_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if address == libc::MAP_FAILED {
-            return Err(DatapathError::Mmap { name, source: std::io::Error::last_os_error() });
+        // The filters again from the hash: a table pinned by a build
+        // without them, or an agent stopped between a key's insert and its
+        // bit, left bits missing, and a missing bit hides a key.
+        let sets: Vec<u32> = table.overflow_places.keys().copied().collect();
+        for index in sets {
+            table.refilter(index);
         }
-        let sets = NonNull::new(address.cast::<TableSet<S>>()).expect("mmap returned a non-null address");
-        let overflow_keys = overflow.keys().filter_map(Result::ok).map(|key| S::words(&key)).collect();
-        Ok(ExactTable { name, sets, set_count, mapping_len, seed, overflow, overflow_keys, _map: map })
+        Ok(table)
+    }
+
+    /// Make set `index`'s overflow filter from the places of its keys in the hash.
+    fn refilter(&mut self, index: u32) {
+        let filter = overflow_filter(self.overflow_places.get(&index).into_iter().flatten().copied());
+        self.write_set(index, |set| set.header.overflow_filter = filter);
     }
 
     fn place(&self, key: &S::Key) -> TablePlace {
-        S::place(key, self.seed, self.set_count)
+        S::place(key, self.seed, self.sets.len())
     }
 
     fn set(&self, index: u32) -> &TableSet<S> {
-        assert!(index < self.set_count);
-        // SAFETY: within the mapping; the programs never write it, and this
-        // process writes it only through `&mut self`.
-        unsafe { &*self.sets.as_ptr().add(index as usize) }
+        // SAFETY: the programs never write the table, and this process
+        // writes it only through `&mut self`.
+        unsafe { &*self.sets.element(index) }
     }
 
     fn locate(&self, key: &S::Key, place: &TablePlace) -> Location {
@@ -129,9 +99,8 @@ where
     /// that overlapped the change, so they see the set before or after it,
     /// never in between.
     fn write_set(&mut self, index: u32, change: impl FnOnce(&mut TableSet<S>)) {
-        assert!(index < self.set_count);
-        // SAFETY: within the mapping; see `set`.
-        let set = unsafe { &mut *self.sets.as_ptr().add(index as usize) };
+        // SAFETY: see `set`; `&mut self` keeps every other reference out.
+        let set = unsafe { &mut *self.sets.element(index) };
         // SAFETY: an aligned u32 in the mapping, written by no one else.
         let sequence = unsafe { AtomicU32::from_ptr(&mut set.header.sequence) };
         let before = sequence.load(Ordering::Relaxed);
@@ -157,7 +126,12 @@ where
                     // In the hash before the set says so: a lookup in
                     // between misses the key, as before the insert.
                     self.insert_overflow(&key, value)?;
-                    self.write_set(place.set, |set| set.header.overflowed += 1);
+                    self.overflow_places.entry(place.set).or_default().push(place);
+                    let (word, mask) = place.overflow_bit();
+                    self.write_set(place.set, |set| {
+                        set.header.overflowed += 1;
+                        set.header.overflow_filter[word] |= mask;
+                    });
                 }
             },
         }
@@ -177,7 +151,16 @@ where
             Location::Overflow => {
                 self.overflow.remove(key).map_err(|source| DatapathError::Map { name: self.name, source })?;
                 self.overflow_keys.remove(&S::words(key));
+                if let Some(places) = self.overflow_places.get_mut(&place.set) {
+                    if let Some(at) = places.iter().position(|held| *held == place) {
+                        places.swap_remove(at);
+                    }
+                    if places.is_empty() {
+                        self.overflow_places.remove(&place.set);
+                    }
+                }
                 self.write_set(place.set, |set| set.header.overflowed -= 1);
+                self.refilter(place.set);
             }
             Location::Nowhere => {}
         }
@@ -187,7 +170,7 @@ where
     /// Every entry, in the table and in the overflow hash.
     pub fn entries(&self) -> Vec<(S::Key, S::Value)> {
         let mut out = Vec::new();
-        for index in 0..self.set_count {
+        for index in 0..self.sets.len() {
             let set = self.set(index);
             for way in 0..TABLE_WAYS {
                 if set.header.tags[way] != 0 {
@@ -201,13 +184,6 @@ where
 
     /// Entries in the overflow hash: keys whose set was full when they came.
     pub fn overflowed(&self) -> usize {
-        (0..self.set_count).map(|index| self.set(index).header.overflowed as usize).sum()
-    }
-}
-
-impl<S: TableSlot> Drop for ExactTable<S> {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `open`, unmapped once.
-        unsafe { libc::munmap(self.sets.as_ptr().cast(), self.mapping_len) };
+        (0..self.sets.len()).map(|index| self.set(index).header.overflowed as usize).sum()
     }
 }

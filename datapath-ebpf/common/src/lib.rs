@@ -82,6 +82,11 @@ pub mod map_names {
     pub const REFUSED: &str = "BH_REFUSED";
     /// Per-CPU drop counters by `DropKey::slot`.
     pub const DROPS: &str = "BH_DROP_COUNTS";
+    /// Connection-verdict counters, `VERDICT_SLOTS_PER_CPU` for each CPU, by
+    /// `VerdictKey::slot` (`VerdictSlot`): found without a helper call, and
+    /// read and freed by the agent in place. Keys whose slot another key
+    /// holds are counted in `VERDICTS`.
+    pub const VERDICT_SLOTS: &str = "BH_VERDICT_SLOTS";
     pub const VERDICTS: &str = "BH_VERDICTS";
     pub const EVENTS: &str = "BH_EVENTS";
     pub const EVENT_BUDGET: &str = "BH_EVENT_BUDGET";
@@ -123,6 +128,8 @@ pub mod capacity {
     /// Refused connections: `REFUSED_SETS` sets of `REFUSAL_WAYS` (64k, 512 KiB).
     pub const REFUSED_SETS: u32 = 1 << 13;
     pub const DROPS: u32 = 2 * super::DROP_REASONS;
+    /// 1.5 MiB.
+    pub const VERDICT_SLOTS: u32 = super::VERDICT_SLOTS_PER_CPU * super::VERDICT_SLOT_CPUS;
     pub const VERDICTS: u32 = 1 << 16;
     pub const EVENTS_BYTES: u32 = 1 << 20;
     pub const CONFIG: u32 = super::CONFIG_SLOTS;
@@ -174,6 +181,7 @@ mod tests {
         assert_eq!(size_of::<TableSet<PolicySlot>>(), 64 + 32 * TABLE_WAYS);
         assert_eq!(size_of::<FragmentKey>(), 40);
         assert_eq!(size_of::<VerdictKey>(), 16);
+        assert_eq!(size_of::<VerdictSlot>(), 24);
         assert_eq!(size_of::<Event>(), 8 + 32 + 16 + 8);
     }
 }

@@ -25,8 +25,18 @@ pub struct TableHeader {
     pub overflowed: u32,
     /// The ways' tags: 0 for a free way, else odd (`TablePlace::tag`).
     pub tags: [u32; TABLE_WAYS],
-    pub _pad: [u32; 6],
+    /// A bit per tag value of the set's keys in the overflow hash
+    /// (`TablePlace::overflow_bit`): a lookup that misses the ways asks the
+    /// hash only when its own bit is set, where a count of overflowed keys
+    /// sent every miss of an overflowed set to the hash. A bit left set
+    /// costs a hash lookup, never a verdict; a key is in the hash before
+    /// its bit is set.
+    pub overflow_filter: [u32; OVERFLOW_FILTER_WORDS],
+    pub _pad: [u32; 2],
 }
+
+/// Words of `TableHeader::overflow_filter`: 128 bits.
+pub const OVERFLOW_FILTER_WORDS: usize = 4;
 
 /// One set of a table: a header line and `TABLE_WAYS` slots of 32 bytes.
 #[repr(C, align(64))]
@@ -41,6 +51,26 @@ pub struct TableSet<S> {
 pub struct TablePlace {
     pub set: u32,
     pub tag: u32,
+}
+
+impl TablePlace {
+    /// The key's bit in its set's `overflow_filter`: word and mask, from tag
+    /// bits the set number does not use.
+    #[inline(always)]
+    pub const fn overflow_bit(&self) -> (usize, u32) {
+        let bit = (self.tag >> 1) as usize & (OVERFLOW_FILTER_WORDS * 32 - 1);
+        (bit / 32, 1 << (bit % 32))
+    }
+}
+
+/// The overflow filter of a set whose overflowed keys have these places.
+pub fn overflow_filter(places: impl IntoIterator<Item = TablePlace>) -> [u32; OVERFLOW_FILTER_WORDS] {
+    let mut filter = [0; OVERFLOW_FILTER_WORDS];
+    for place in places {
+        let (word, mask) = place.overflow_bit();
+        filter[word] |= mask;
+    }
+    filter
 }
 
 /// An entry of a table: key and value, 32 bytes.
@@ -91,5 +121,29 @@ mod tests {
         let places: std::vec::Vec<_> =
             (1..=8).map(|seed| IpcacheSlot::place(&address, seed, capacity::IPCACHE_TABLE_SETS)).collect();
         assert!(places.windows(2).any(|pair| pair[0] != pair[1]), "the seed moves keys");
+    }
+
+    #[test]
+    fn overflow_filters_hold_their_keys_bits_and_few_others() {
+        let places: std::vec::Vec<_> = (0..3u32)
+            .map(|i| PolicySlot::place(&PolicyExactKey::new(9, 300 + i, proto::TCP, 80, EGRESS), 0x5eed, 1 << 17))
+            .collect();
+        let filter = overflow_filter(places.iter().copied());
+        for place in &places {
+            let (word, mask) = place.overflow_bit();
+            assert_ne!(filter[word] & mask, 0);
+        }
+        let set_bits: u32 = filter.iter().map(|word| word.count_ones()).sum();
+        assert!((1..=3).contains(&set_bits));
+        // Other keys of a set with three overflowed keys hit the filter
+        // about 3 times in 128: most misses skip the hash.
+        let hits = (0..10_000u32)
+            .map(|i| PolicySlot::place(&PolicyExactKey::new(10, 5000 + i, proto::UDP, 53, EGRESS), 0x5eed, 1 << 17))
+            .filter(|place| {
+                let (word, mask) = place.overflow_bit();
+                filter[word] & mask != 0
+            })
+            .count();
+        assert!(hits < 600, "{hits} of 10000 misses would search the hash");
     }
 }

@@ -8,7 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use bulkhead_lab::testbed::packet::{self, PacketSpec, L4, TCP_ACK, TCP_SYN};
 use common::{TestDatapath, TC_ACT_OK, TC_ACT_SHOT};
 use datapath_common::{
-    capacity, identity, map_names, proto, reason, verdict, PolicyValue, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, TABLE_WAYS,
+    capacity, identity, map_names, proto, reason, verdict, PolicyValue, VerdictKey, EGRESS, EVENT_DENY, INGRESS,
+    IPV4_MAPPED_PREFIX, TABLE_WAYS, VERDICT_SLOTS_PER_CPU,
 };
 
 const POD: &str = "10.244.1.10";
@@ -443,6 +444,13 @@ fn exact_entries_beyond_a_full_set_overflow_to_the_hash_and_are_still_found() {
         refused.len(),
         refused.first().map(|&i| address(i))
     );
+    // Half of them removed: the sets' overflow filters are made again from
+    // the keys left in the hash, and those are still found.
+    for i in (0..count).step_by(2) {
+        dp.dp.borrow_mut().remove_ipcache(prefix, common::address_bytes(address(i))).unwrap();
+    }
+    let lost: Vec<u32> = (1..count).step_by(2).filter(|&i| dp.sent_by_pod(&syn(i, 40002)) != TC_ACT_OK).collect();
+    assert!(lost.is_empty(), "{} addresses left not found, first {:?}", lost.len(), lost.first().map(|&i| address(i)));
     // Removed from both places: the addresses are world again, denied.
     for i in 0..count {
         dp.dp.borrow_mut().remove_ipcache(prefix, common::address_bytes(address(i))).unwrap();
@@ -451,6 +459,48 @@ fn exact_entries_beyond_a_full_set_overflow_to_the_hash_and_are_still_found() {
     assert_eq!(dp.dp.borrow().ipcache_entries().len(), 2);
     let passed = (0..count).step_by(97).filter(|&i| dp.sent_by_pod(&syn(i, 40001)) == TC_ACT_OK).count();
     assert_eq!(passed, 0, "removed addresses still resolve");
+}
+
+#[test]
+fn verdict_counts_are_exact_in_slots_and_hash_and_gone_pods_slots_are_freed() {
+    let dp = allowlist("verdict-slots");
+    // More keys than a CPU has slots: some share a slot, and the later ones
+    // are counted in the hash.
+    let keys = 2 * VERDICT_SLOTS_PER_CPU;
+    let port = |i: u32| 20_000 + i as u16;
+    for i in 0..keys {
+        dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, port(i), 16)), PolicyValue::new(verdict::DENY, 100 + i, i));
+    }
+    let refuse_each = |sport: u16| {
+        for i in 0..keys {
+            let syn = out(POD, PEER, L4::Tcp { sport, dport: port(i), flags: TCP_SYN });
+            assert_eq!(dp.sent_by_pod(&syn), TC_ACT_SHOT);
+        }
+    };
+    refuse_each(50_000);
+    refuse_each(50_001);
+    let counts = |i: u32| dp.blocked(7, EGRESS, 100 + i, i);
+    let wrong: Vec<(u32, u64)> = (0..keys).map(|i| (i, counts(i))).filter(|&(_, n)| n != 2).collect();
+    assert!(wrong.is_empty(), "keys not counted twice (key, count): {wrong:?}");
+    // A live pod's slots stay; a gone pod's are freed, and their counts
+    // leave the totals.
+    assert!(dp.dp.borrow_mut().free_verdict_slots(|_| true).is_empty());
+    let freed = dp.dp.borrow_mut().free_verdict_slots(|endpoint| endpoint != 7);
+    let in_slots: u64 = freed.values().sum();
+    // Keys that share a slot: some counts in slots, the rest in the hash.
+    assert!((u64::from(VERDICT_SLOTS_PER_CPU)..2 * u64::from(keys)).contains(&in_slots), "{in_slots} counts in slots");
+    for i in 0..keys {
+        let key =
+            VerdictKey { endpoint: 7, policy_id: 100 + i, rule: i, direction: EGRESS, kind: EVENT_DENY, _pad: [0; 2] };
+        assert_eq!(counts(i) + freed.get(&key).copied().unwrap_or(0), 2, "key {i}");
+    }
+    // The freed slots count again from 0, taken by whichever keys come first.
+    refuse_each(50_002);
+    for i in 0..keys {
+        let key =
+            VerdictKey { endpoint: 7, policy_id: 100 + i, rule: i, direction: EGRESS, kind: EVENT_DENY, _pad: [0; 2] };
+        assert_eq!(counts(i) + freed.get(&key).copied().unwrap_or(0), 3, "key {i}");
+    }
 }
 
 /// A veth with a chosen ifindex (this kernel has no dummy driver), removed
