@@ -381,12 +381,13 @@ fn count_verdict(key: &VerdictKey) {
                 return;
             }
             if slot.is_free() {
-                // The count before the key: the agent reading meanwhile
-                // sees the key with this count or not at all (a freed
-                // slot's count is 0, then its endpoint).
+                // The count, then the key with its endpoint last: the agent
+                // reads the endpoint first, so it sees this key whole with
+                // its count, or a free slot.
                 slot.count = 1;
+                slot.key = VerdictKey { endpoint: NO_ENDPOINT, ..*key };
                 compiler_fence(Ordering::Release);
-                slot.key = *key;
+                slot.key.endpoint = key.endpoint;
                 return;
             }
         }

@@ -594,10 +594,20 @@ impl Datapath {
     fn held_verdict_slots(&self) -> Vec<(u32, VerdictSlot)> {
         let cpus = aya::util::nr_cpus().map_or(VERDICT_SLOT_CPUS, |cpus| (cpus as u32).min(VERDICT_SLOT_CPUS));
         (0..cpus * VERDICT_SLOTS_PER_CPU)
-            // SAFETY: an element of the mapping; a copy, read while the
-            // programs may count in it (`VerdictSlot` says in what order).
-            .map(|index| (index, unsafe { self.verdict_slots.element(index).read_volatile() }))
-            .filter(|(_, slot)| !slot.is_free())
+            .filter_map(|index| {
+                let element = self.verdict_slots.element(index);
+                // SAFETY: aligned fields of an element of the mapping, read
+                // while a program may take or count in it: the endpoint
+                // first, which a program taking the slot writes last
+                // (`VerdictSlot`), then a copy of the rest.
+                let (endpoint, mut slot) = unsafe {
+                    let endpoint = AtomicU32::from_ptr(std::ptr::addr_of_mut!((*element).key.endpoint));
+                    let endpoint = endpoint.load(Ordering::Acquire);
+                    (endpoint, element.read_volatile())
+                };
+                slot.key.endpoint = endpoint;
+                (!slot.is_free()).then_some((index, slot))
+            })
             .collect()
     }
 
@@ -726,7 +736,7 @@ fn seed_placement(config: &mut Array<MapData, u64>) -> Result<u64, DatapathError
     Ok(seed)
 }
 
-/// An exact table and its overflow hash, mapped for writing.
+/// The array map `name`, mapped into memory.
 fn shared_array<T>(ebpf: &mut Ebpf, name: &'static str, len: u32) -> Result<SharedArray<T>, DatapathError> {
     let aya::maps::Map::Array(map) = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))? else {
         return Err(DatapathError::Layout { name, found: "another map type".into(), wanted: "an array".into() });
@@ -734,6 +744,7 @@ fn shared_array<T>(ebpf: &mut Ebpf, name: &'static str, len: u32) -> Result<Shar
     SharedArray::open(name, map, len)
 }
 
+/// An exact table and its overflow hash, mapped for writing.
 fn exact_table<S>(
     ebpf: &mut Ebpf,
     name: &'static str,

@@ -14,7 +14,7 @@ use aya::{
     maps::{HashMap, MapData},
     Pod,
 };
-use datapath_common::{overflow_filter, TablePlace, TableSet, TableSlot, TABLE_WAYS};
+use datapath_common::{overflow_filter, TablePlace, TableSet, TableSlot, OVERFLOW_FILTER_WORDS, TABLE_WAYS};
 
 use super::{error::DatapathError, shared_array::SharedArray};
 
@@ -64,15 +64,15 @@ where
         // bit, left bits missing, and a missing bit hides a key.
         let sets: Vec<u32> = table.overflow_places.keys().copied().collect();
         for index in sets {
-            table.refilter(index);
+            let filter = table.filter_of(index);
+            table.write_set(index, |set| set.header.overflow_filter = filter);
         }
         Ok(table)
     }
 
-    /// Make set `index`'s overflow filter from the places of its keys in the hash.
-    fn refilter(&mut self, index: u32) {
-        let filter = overflow_filter(self.overflow_places.get(&index).into_iter().flatten().copied());
-        self.write_set(index, |set| set.header.overflow_filter = filter);
+    /// Set `index`'s overflow filter, made from the places of its keys in the hash.
+    fn filter_of(&self, index: u32) -> [u32; OVERFLOW_FILTER_WORDS] {
+        overflow_filter(self.overflow_places.get(&index).into_iter().flatten().copied())
     }
 
     fn place(&self, key: &S::Key) -> TablePlace {
@@ -159,8 +159,11 @@ where
                         self.overflow_places.remove(&place.set);
                     }
                 }
-                self.write_set(place.set, |set| set.header.overflowed -= 1);
-                self.refilter(place.set);
+                let filter = self.filter_of(place.set);
+                self.write_set(place.set, |set| {
+                    set.header.overflowed -= 1;
+                    set.header.overflow_filter = filter;
+                });
             }
             Location::Nowhere => {}
         }

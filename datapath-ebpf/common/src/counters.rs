@@ -117,9 +117,10 @@ pub const VERDICT_SLOT_CPUS: u32 = 256;
 /// then on; a key whose slot another key holds is counted in the hash
 /// (`map_names::VERDICTS`). Userspace adds both up, so a count is exact
 /// wherever it lands; the slot only saves the hash lookup, a helper call
-/// and a jhash, on every refusal. The agent frees a slot whose key names a
-/// pod gone with one store to the key's endpoint: a program takes only a
-/// slot whose endpoint is free, and writes all of it.
+/// and a jhash, on every refusal. The key's endpoint is what says a slot is
+/// held: a program taking a slot writes it last, the agent reads it first
+/// and, to free the slot of a pod gone, sets the count to 0 and then the
+/// endpoint to `NO_ENDPOINT`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VerdictSlot {
