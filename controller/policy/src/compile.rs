@@ -35,7 +35,7 @@ use crate::{
     selector::Labels,
     snapshot::Snapshot,
     state::{full_address_key, prefix_key, DesiredState, Endpoint, IpcacheKey, PolicyEntryKey},
-    universe::Universe,
+    universe::{PeerId, Universe},
 };
 
 /// What changed in a snapshot since a `Compiler` last saw it.
@@ -262,28 +262,63 @@ fn stamp_group(
 /// only what differs.
 fn restamp(state: &mut DesiredState, touched: &mut Touched, endpoint: u32, old: &EntryGroups, new: &EntryGroups) {
     for (group @ (_, peer), entries) in old {
-        match new.get(group) {
-            Some(same) if Rc::ptr_eq(same, entries) || same == entries => {}
-            Some(other) => {
-                let kept: HashSet<(u32, u8, u8, u16)> =
-                    other.iter().map(|(l, d, p, port, _)| (*l, *d, *p, *port)).collect();
-                for (prefix_len, direction, protocol, port, _) in entries.iter() {
-                    if !kept.contains(&(*prefix_len, *direction, *protocol, *port)) {
-                        write_policy(
-                            state,
-                            touched,
-                            (*prefix_len, PolicyKey::new(endpoint, *direction, *peer, *protocol, *port)),
-                            None,
-                        );
-                    }
-                }
-            }
-            None => stamp_group(state, touched, endpoint, *peer, entries, false),
-        }
+        restamp_group(state, touched, endpoint, *peer, entries, new.get(group).map_or(&[], |e| e));
     }
     for (group @ (_, peer), entries) in new {
-        if old.get(group).is_none_or(|same| !Rc::ptr_eq(same, entries) && same != entries) {
+        if !old.contains_key(group) {
             stamp_group(state, touched, endpoint, *peer, entries, true);
+        }
+    }
+}
+
+/// Change one endpoint's entries for one peer from `old` to `new`, writing
+/// only what differs.
+fn restamp_group(
+    state: &mut DesiredState,
+    touched: &mut Touched,
+    endpoint: u32,
+    peer: u32,
+    old: &[ClassEntry],
+    new: &[ClassEntry],
+) {
+    GroupChange::between(old, new).write(state, touched, endpoint, peer);
+}
+
+/// How one peer's entries differ between two versions of a group: worked
+/// out once, written for each endpoint of a class.
+#[derive(Default)]
+struct GroupChange {
+    removed: Vec<(u32, u8, u8, u16)>,
+    written: Vec<ClassEntry>,
+}
+
+impl GroupChange {
+    fn between(old: &[ClassEntry], new: &[ClassEntry]) -> Self {
+        if std::ptr::eq(old, new) || old == new {
+            return Self::default();
+        }
+        let place =
+            |(prefix_len, direction, protocol, port, _): &ClassEntry| (*prefix_len, *direction, *protocol, *port);
+        let kept: HashSet<(u32, u8, u8, u16)> = new.iter().map(place).collect();
+        let before: HashSet<&ClassEntry> = old.iter().collect();
+        GroupChange {
+            removed: old.iter().map(place).filter(|p| !kept.contains(p)).collect(),
+            written: new.iter().filter(|e| !before.contains(e)).copied().collect(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.removed.is_empty() && self.written.is_empty()
+    }
+
+    fn write(&self, state: &mut DesiredState, touched: &mut Touched, endpoint: u32, peer: u32) {
+        for (prefix_len, direction, protocol, port) in &self.removed {
+            let key = (*prefix_len, PolicyKey::new(endpoint, *direction, peer, *protocol, *port));
+            write_policy(state, touched, key, None);
+        }
+        for (prefix_len, direction, protocol, port, value) in &self.written {
+            let key = (*prefix_len, PolicyKey::new(endpoint, *direction, peer, *protocol, *port));
+            write_policy(state, touched, key, Some(*value));
         }
     }
 }
@@ -790,30 +825,54 @@ impl Compiler {
 
     /// A new identity: every cached class with a rule naming it gets its entries.
     fn add_identity_entries(&mut self, id: u32) {
+        self.redo_identity_entries(id, None);
+    }
+
+    /// Compute an identity's entries again in the classes whose policies
+    /// use one of the `changed` peers (every class for a new identity,
+    /// `None`) and write what differs: a namespace relabel redoes its
+    /// identities, and most classes' entries for them stay as they were.
+    fn redo_identity_entries(&mut self, id: u32, changed: Option<&[PeerId]>) {
         let Self { classes, universe, state, touched, .. } = self;
         // Only the policies of the classes (those selecting pods in scope)
         // are asked, each once (by number): an agent's classes hold a few
         // dozen of the cluster's thousands of policies.
         let mut names: HashMap<u32, bool> = HashMap::new();
+        let mut uses: HashMap<u32, bool> = HashMap::new();
         for (key, class) in classes.iter_mut() {
+            if let Some(changed) = changed {
+                let affected =
+                    class.chain.all().any(|p| *uses.entry(p.number).or_insert_with(|| p.uses_any_peer(changed)));
+                if !affected {
+                    continue;
+                }
+            }
             let named =
                 class.chain.all().any(|p| *names.entry(p.number).or_insert_with(|| p.names_identity(universe, id)));
-            if !named {
-                continue;
-            }
             for direction in [INGRESS, EGRESS] {
-                let evaluator = Evaluator { universe, chain: &class.chain, direction, own_named_ports: &key.1 };
-                if evaluator.signature(id).is_empty() {
-                    continue;
+                let entries = match named {
+                    true => {
+                        let evaluator = Evaluator { universe, chain: &class.chain, direction, own_named_ports: &key.1 };
+                        match evaluator.signature(id).is_empty() {
+                            true => Vec::new(),
+                            false => evaluator.identity_entries(id, &class.any[direction as usize]),
+                        }
+                    }
+                    false => Vec::new(),
+                };
+                let old = match changed {
+                    Some(_) => class.groups.remove(&(direction, id)),
+                    None => None,
+                };
+                let change = GroupChange::between(old.as_deref().unwrap_or(&[]), &entries);
+                if !change.is_empty() {
+                    for endpoint in class.members.values() {
+                        change.write(state, touched, *endpoint, id);
+                    }
                 }
-                let entries = evaluator.identity_entries(id, &class.any[direction as usize]);
-                if entries.is_empty() {
-                    continue;
+                if !entries.is_empty() {
+                    class.groups.insert((direction, id), entries.into());
                 }
-                for endpoint in class.members.values() {
-                    stamp_group(state, touched, *endpoint, id, &entries, true);
-                }
-                class.groups.insert((direction, id), entries.into());
             }
         }
     }
@@ -988,9 +1047,8 @@ impl Compiler {
         // An identity's entries follow from which selectors match it: those
         // of the namespace's identities that no selector matches
         // differently stay as they are.
-        for id in self.universe.relabel_namespace(name, &labels) {
-            self.drop_identity_entries(id);
-            self.add_identity_entries(id);
+        for (id, peers) in self.universe.relabel_namespace(name, &labels) {
+            self.redo_identity_entries(id, Some(&peers));
         }
         for pod_ref in self.local_in(name) {
             let pod = &self.pods[&pod_ref];

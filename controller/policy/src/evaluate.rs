@@ -98,6 +98,11 @@ impl Accepted {
             .any(|d| self.rules(d).any(|(rule, peers)| rule_names(universe, d, rule, peers, id)))
     }
 
+    /// Whether any rule of this policy uses one of these peers.
+    pub fn uses_any_peer(&self, peers: &[PeerId]) -> bool {
+        self.peers.iter().flatten().flatten().any(|peer| peers.contains(peer))
+    }
+
     /// The rules of one direction, each with its peers.
     fn rules(&self, direction: u8) -> impl Iterator<Item = (&Rule, &[PeerId])> {
         self.policy.rules[direction as usize].iter().zip(self.peers[direction as usize].iter().map(Vec::as_slice))

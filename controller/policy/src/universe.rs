@@ -2,10 +2,7 @@
 //! selector → identities cache that is kept up to date as identities come
 //! and go instead of being recomputed.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 use foldhash::{HashMap, HashSet};
 use ipnet::IpNet;
@@ -97,8 +94,9 @@ impl Universe {
 
     /// A namespace's labels changed: its identities are matched again
     /// against every selector in use. The identities some selector now
-    /// matches differently, sorted: only theirs can be other entries.
-    pub fn relabel_namespace(&mut self, namespace: &str, labels: &Labels) -> BTreeSet<u32> {
+    /// matches differently, each with those selectors: only theirs can be
+    /// other entries, and only in classes whose policies use those selectors.
+    pub fn relabel_namespace(&mut self, namespace: &str, labels: &Labels) -> BTreeMap<u32, Vec<PeerId>> {
         let ids = self.identities_in(namespace);
         for id in &ids {
             if let Some(pod) = self.pods.get_mut(id) {
@@ -106,15 +104,18 @@ impl Universe {
             }
         }
         let Self { pods, cidrs, selected, .. } = self;
-        let mut moved = BTreeSet::new();
-        for selected in selected.iter_mut().flatten() {
+        let mut moved: BTreeMap<u32, Vec<PeerId>> = BTreeMap::new();
+        // Only a namespace selector that looks at labels can answer differently.
+        let relabelled = |(_, selected): &(PeerId, &mut Selected)| matches!(&selected.peer, Peer::Pods { namespaces: NamespaceScope::Selected(s), .. } if !s.is_everything());
+        let in_use = selected.iter_mut().enumerate().filter_map(|(peer, s)| Some((peer, s.as_mut()?)));
+        for (peer, selected) in in_use.filter(relabelled) {
             for id in &ids {
                 let changed = match selects(pods, cidrs, &selected.peer, *id) {
                     true => selected.ids.insert(*id),
                     false => selected.ids.remove(id),
                 };
                 if changed {
-                    moved.insert(*id);
+                    moved.entry(*id).or_default().push(peer);
                 }
             }
         }
