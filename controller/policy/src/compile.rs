@@ -262,26 +262,13 @@ fn stamp_group(
 /// only what differs.
 fn restamp(state: &mut DesiredState, touched: &mut Touched, endpoint: u32, old: &EntryGroups, new: &EntryGroups) {
     for (group @ (_, peer), entries) in old {
-        restamp_group(state, touched, endpoint, *peer, entries, new.get(group).map_or(&[], |e| e));
+        GroupChange::between(entries, new.get(group).map_or(&[], |e| e)).write(state, touched, endpoint, *peer);
     }
     for (group @ (_, peer), entries) in new {
         if !old.contains_key(group) {
             stamp_group(state, touched, endpoint, *peer, entries, true);
         }
     }
-}
-
-/// Change one endpoint's entries for one peer from `old` to `new`, writing
-/// only what differs.
-fn restamp_group(
-    state: &mut DesiredState,
-    touched: &mut Touched,
-    endpoint: u32,
-    peer: u32,
-    old: &[ClassEntry],
-    new: &[ClassEntry],
-) {
-    GroupChange::between(old, new).write(state, touched, endpoint, peer);
 }
 
 /// How one peer's entries differ between two versions of a group: worked
