@@ -366,6 +366,9 @@ pub struct Agent {
     /// Local pods by endpoint id: what events and counters name.
     pods_by_endpoint: HashMap<u32, PodRef>,
     attached: BTreeMap<PodRef, Attached>,
+    /// Interfaces given programs behind a pending entry while the first
+    /// compile ran; each gets its endpoint in `attach_missing` or loses them.
+    attached_pending: Vec<HostInterface>,
     /// The `bulkhead_endpoints` series last published, so gone ones are removed.
     published_endpoints: BTreeSet<(String, &'static str)>,
     /// Local pods not enforced yet, since when and why.
@@ -449,6 +452,7 @@ impl Agent {
             compile_all: true,
             pods_by_endpoint: HashMap::new(),
             attached: BTreeMap::new(),
+            attached_pending: Vec::new(),
             published_endpoints: BTreeSet::new(),
             waiting: BTreeMap::new(),
             source_synced: false,
@@ -567,16 +571,30 @@ impl Agent {
                 .filter_map(|c| if let Changed::Pod(pod) = c { Some(pod.clone()) } else { None })
                 .collect(),
         };
+        let scope = Scope::Node {
+            name: self.config.node_name.clone(),
+            unscheduled_are_local: self.config.unscheduled_pods_are_local,
+        };
+        let local_veths = match self.compiler {
+            Some(_) => Vec::new(),
+            None => self.local_veths(&scope).await,
+        };
         let started = Instant::now();
         match self.compiler.as_mut() {
             Some(compiler) if self.compile_all => compiler.recompile(&self.snapshot),
             Some(compiler) => compiler.update(&self.snapshot, &self.changed),
             None => {
-                let scope = Scope::Node {
-                    name: self.config.node_name.clone(),
-                    unscheduled_are_local: self.config.unscheduled_pods_are_local,
-                };
-                self.compiler = Some(Compiler::scoped(&self.snapshot, scope).tracking_changes());
+                // Creating a TCX link waits for an RCU grace period (about
+                // 15 ms, two per pod, serialised by the kernel): at start-up
+                // the links are made while the first compile runs.
+                let (programmer, snapshot) = (&mut self.programmer, &self.snapshot);
+                let (compiler, attached_pending) = std::thread::scope(|threads| {
+                    let attaching = threads.spawn(|| attach_pending(programmer, local_veths));
+                    let compiler = Compiler::scoped(snapshot, scope).tracking_changes();
+                    (compiler, attaching.join().unwrap_or_default())
+                });
+                self.compiler = Some(compiler);
+                self.attached_pending = attached_pending;
             }
         }
         self.changed.clear();
@@ -634,6 +652,7 @@ impl Agent {
         self.pods_by_endpoint = self.state().endpoints.iter().map(|(p, e)| (e.id, p.clone())).collect();
         let started = Instant::now();
         local_pods_changed |= self.attach_missing().await || !self.waiting.is_empty();
+        self.detach_unclaimed_pending();
         self.local_unpublished |= local_pods_changed;
         if local_pods_changed {
             self.publish_endpoints();
@@ -763,6 +782,38 @@ impl Agent {
         }
         self.report_overdue();
         self.attached.len() != before
+    }
+
+    /// The host-side veths of the pods `scope` holds, as far as the node has
+    /// wired them now.
+    async fn local_veths(&self, scope: &Scope) -> Vec<HostInterface> {
+        let mut veths = Vec::new();
+        for pod in self.snapshot.pods.values().filter(|pod| scope.includes(pod)) {
+            if let Some(address) = pod.ips.first() {
+                if let Ok(Wiring::Veth(interface)) = self.host.wiring(*address).await {
+                    veths.push(interface);
+                }
+            }
+        }
+        veths
+    }
+
+    /// Interfaces attached pending whose pod was not enforced after all (it
+    /// left, or its wiring changed) lose their programs: none may stay open.
+    fn detach_unclaimed_pending(&mut self) {
+        for interface in std::mem::take(&mut self.attached_pending) {
+            if self.attached.values().any(|a| a.interface.ifindex == interface.ifindex) {
+                continue;
+            }
+            let datapath = self.programmer.datapath_mut();
+            let detached = datapath.detach_interface(&interface.name).map_err(|e| e.to_string());
+            if let Err(error) =
+                detached.and_then(|()| datapath.remove_endpoint(interface.ifindex).map_err(|e| e.to_string()))
+            {
+                tracing::warn!(interface = %interface.name, %error, "removing the programs attached at start-up failed");
+                self.shared.metrics.sync_errors.with_label_values(&["attach"]).inc();
+            }
+        }
     }
 
     /// `bulkhead_endpoints{namespace,isolation}`: the enforced local pods by
@@ -1194,6 +1245,22 @@ impl Agent {
         self.publish_map_entries();
         *self.shared.state.lock().expect("state lock") = view;
     }
+}
+
+/// Give each interface its programs behind a pending entry (see
+/// `Programmer::attach_pending`); what is attached is returned. A failure
+/// only costs the head start: `attach_missing` tries again and reports it.
+fn attach_pending(programmer: &mut Programmer, interfaces: Vec<HostInterface>) -> Vec<HostInterface> {
+    interfaces
+        .into_iter()
+        .filter(|interface| match programmer.attach_pending(&interface.name, interface.ifindex) {
+            Ok(attached) => attached,
+            Err(error) => {
+                tracing::debug!(interface = %interface.name, %error, "attaching ahead of the first compile failed");
+                false
+            }
+        })
+        .collect()
 }
 
 /// Each rejected version is logged once, by every agent that sees it, at

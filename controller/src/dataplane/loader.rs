@@ -277,6 +277,11 @@ impl Datapath {
         Ok(())
     }
 
+    /// Whether either TC program's link is pinned for this interface.
+    pub fn interface_links_pinned(&self, interface: &str) -> bool {
+        [program_names::FROM_POD, program_names::TO_POD].iter().any(|name| self.link_pin(interface, name).exists())
+    }
+
     /// Detach from an interface by removing the pinned links.
     pub fn detach_interface(&mut self, interface: &str) -> Result<(), AttachError> {
         for name in [program_names::FROM_POD, program_names::TO_POD] {

@@ -191,6 +191,25 @@ impl Programmer {
         Ok(())
     }
 
+    /// Attach both TC programs to a pod's interface before its endpoint is
+    /// compiled, behind a pending entry: they pass everything until
+    /// `attach_endpoint` writes the real one. Returns false, touching
+    /// nothing, when links are pinned for it already (a previous agent's,
+    /// enforcing).
+    pub fn attach_pending(&mut self, interface: &str, ifindex: u32) -> Result<bool, EndpointError> {
+        if self.datapath.interface_links_pinned(interface) {
+            return Ok(false);
+        }
+        self.datapath.set_endpoint(ifindex, EndpointInfo::pending())?;
+        if let Err(error) = self.datapath.attach_interface(interface) {
+            // Half attached: undo, so no program ever finds the entry gone.
+            let _ = self.datapath.detach_interface(interface);
+            self.datapath.remove_endpoint(ifindex)?;
+            return Err(error.into());
+        }
+        Ok(true)
+    }
+
     pub fn detach_endpoint(
         &mut self,
         interface: &str,

@@ -24,6 +24,14 @@ pub const NO_ENDPOINT: u32 = 0;
 pub const ENDPOINT_FLAG_FAIL_CLOSED: u32 = 1;
 pub const ENDPOINT_FLAG_ADDRESS_0: u32 = 2;
 pub const ENDPOINT_FLAG_ADDRESS_1: u32 = 4;
+/// The agent is still compiling the endpoint's allowlist: its programs were
+/// attached early (creating a TCX link waits for an RCU grace period, so at
+/// start-up that overlaps the first compile) and pass everything, as if not
+/// attached yet, until the endpoint's real entry replaces this one.
+pub const ENDPOINT_FLAG_PENDING: u32 = 8;
+/// The id a pending entry carries: outside the range endpoint ids are
+/// numbered in, and not `NO_ENDPOINT`, so the array slot reads as held.
+pub const PENDING_ENDPOINT: u32 = u32::MAX;
 
 impl EndpointInfo {
     /// An endpoint carrying (up to) its first two addresses.
@@ -40,6 +48,15 @@ impl EndpointInfo {
             info.flags |= flag;
         }
         info
+    }
+
+    /// The entry of an interface whose programs pass everything for now.
+    pub fn pending() -> Self {
+        EndpointInfo {
+            endpoint_id: PENDING_ENDPOINT,
+            flags: ENDPOINT_FLAG_PENDING,
+            addresses: [Address::UNSPECIFIED; 2],
+        }
     }
 
     /// Whether `address` is one of the addresses carried here.

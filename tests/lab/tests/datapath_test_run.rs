@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use bulkhead_lab::testbed::packet::{self, PacketSpec, L4, TCP_ACK, TCP_SYN};
 use common::{TestDatapath, TC_ACT_OK, TC_ACT_SHOT};
 use datapath_common::{
-    capacity, identity, map_names, proto, reason, verdict, PolicyValue, VerdictKey, EGRESS, EVENT_DENY, INGRESS,
-    IPV4_MAPPED_PREFIX, TABLE_WAYS, VERDICT_SLOTS_PER_CPU,
+    capacity, identity, map_names, proto, reason, verdict, EndpointInfo, PolicyValue, VerdictKey, EGRESS, EVENT_DENY,
+    INGRESS, IPV4_MAPPED_PREFIX, TABLE_WAYS, VERDICT_SLOTS_PER_CPU,
 };
 
 const POD: &str = "10.244.1.10";
@@ -632,4 +632,31 @@ fn endpoint_without_entries_and_fail_closed_endpoints_deny() {
     dp.fail_closed(9);
     assert_eq!(dp.sent_by_pod(&out(POD, PEER, L4::Tcp { sport: 3, dport: 80, flags: TCP_SYN })), TC_ACT_SHOT);
     assert_eq!(dp.drops(EGRESS, reason::ENDPOINT_FAIL_CLOSED), 1);
+}
+
+#[test]
+fn a_pending_endpoint_passes_everything_until_its_real_entry_replaces_it() {
+    let dp = allowlist("pending");
+    let denied = out(POD, PEER, L4::Tcp { sport: 5000, dport: 81, flags: TCP_SYN });
+    let denied_in = out("10.244.3.30", POD, L4::Tcp { sport: 5001, dport: 22, flags: TCP_SYN });
+    let spoofed = out("10.244.9.9", PEER, L4::Udp { sport: 5002, dport: 53 });
+    dp.dp.borrow_mut().set_endpoint(1, EndpointInfo::pending()).unwrap();
+    // As if the programs were not attached: nothing is judged or counted.
+    assert_eq!(dp.sent_by_pod(&denied), TC_ACT_OK);
+    assert_eq!(dp.sent_to_pod(&denied_in), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&spoofed), TC_ACT_OK);
+    for direction in [EGRESS, INGRESS] {
+        for why in [reason::POLICY_DENIED, reason::SPOOFED_SOURCE] {
+            assert_eq!(dp.drops(direction, why), 0);
+        }
+    }
+    assert!(dp.events().is_empty());
+    // The compiled entry takes over: the same packets are judged.
+    dp.endpoint_on_loopback(7, &[POD, POD6]);
+    assert_eq!(dp.sent_by_pod(&denied), TC_ACT_SHOT);
+    assert_eq!(dp.sent_to_pod(&denied_in), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&spoofed), TC_ACT_SHOT);
+    assert_eq!(dp.drops(EGRESS, reason::POLICY_DENIED), 1);
+    assert_eq!(dp.drops(INGRESS, reason::POLICY_DENIED), 1);
+    assert_eq!(dp.drops(EGRESS, reason::SPOOFED_SOURCE), 1);
 }
