@@ -13,8 +13,8 @@ use datapath_common::{
     capacity, identity, policy_prefix, prefixed_slot, proto, reason, verdict, Address, ConnKey, ConntrackValue,
     DropKey, EndpointInfo, Event, FragmentKey, FragmentValue, PolicyExactKey, PolicyKey, PolicyValue, VerdictKey,
     CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_POLICY_REVISION, CONNTRACK_FLAG_REVOKED, EGRESS,
-    ENDPOINT_FLAG_FAIL_CLOSED, ENDPOINT_FLAG_PENDING, EVENT_AUDIT, EVENT_DENY, EVENT_NEW_FLOW, INGRESS, NO_ENDPOINT,
-    SOURCE_CGROUP, SOURCE_TC, VERDICT_SLOT_CPUS,
+    ENDPOINT_FLAG_FAIL_CLOSED, EVENT_AUDIT, EVENT_DENY, EVENT_NEW_FLOW, INGRESS, NO_ENDPOINT, SOURCE_CGROUP, SOURCE_TC,
+    VERDICT_SLOT_CPUS,
 };
 
 use crate::{
@@ -56,7 +56,7 @@ pub fn judge_packet(ctx: &TcContext, direction: u8) -> i32 {
     // SAFETY: a hash-map value pointer stays valid for this program run; the
     // agent replaces endpoint values whole.
     let endpoint = unsafe { &*endpoint };
-    if endpoint.flags & ENDPOINT_FLAG_PENDING != 0 {
+    if endpoint.is_pending() {
         return TC_ACT_OK;
     }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {

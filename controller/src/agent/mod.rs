@@ -798,18 +798,12 @@ impl Agent {
         veths
     }
 
-    /// Interfaces attached pending whose pod was not enforced after all (it
-    /// left, or its wiring changed) lose their programs: none may stay open.
+    /// Interfaces attached pending that no pod's real entry replaced (it
+    /// left, its wiring changed, or its attach failed before the entry was
+    /// written) lose their programs: none may stay open.
     fn detach_unclaimed_pending(&mut self) {
         for interface in std::mem::take(&mut self.attached_pending) {
-            if self.attached.values().any(|a| a.interface.ifindex == interface.ifindex) {
-                continue;
-            }
-            let datapath = self.programmer.datapath_mut();
-            let detached = datapath.detach_interface(&interface.name).map_err(|e| e.to_string());
-            if let Err(error) =
-                detached.and_then(|()| datapath.remove_endpoint(interface.ifindex).map_err(|e| e.to_string()))
-            {
+            if let Err(error) = self.programmer.detach_pending(&interface.name, interface.ifindex) {
                 tracing::warn!(interface = %interface.name, %error, "removing the programs attached at start-up failed");
                 self.shared.metrics.sync_errors.with_label_values(&["attach"]).inc();
             }

@@ -342,6 +342,11 @@ impl Datapath {
         Ok(())
     }
 
+    /// The entry behind an interface, as the hash (the record) holds it.
+    pub fn endpoint(&self, ifindex: u32) -> Option<EndpointInfo> {
+        self.endpoints.get(&ifindex, 0).ok()
+    }
+
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         if ifindex < capacity::ENDPOINTS_BY_IFINDEX {
             let vacant = EndpointInfo::new(NO_ENDPOINT, 0, &[]);

@@ -210,6 +210,18 @@ impl Programmer {
         Ok(true)
     }
 
+    /// Undo `attach_pending` for an interface whose entry is still the
+    /// pending one; one that `attach_endpoint` has written since is left
+    /// enforcing. Returns whether anything was undone.
+    pub fn detach_pending(&mut self, interface: &str, ifindex: u32) -> Result<bool, EndpointError> {
+        if !self.datapath.endpoint(ifindex).is_some_and(|info| info.is_pending()) {
+            return Ok(false);
+        }
+        self.datapath.detach_interface(interface)?;
+        self.datapath.remove_endpoint(ifindex)?;
+        Ok(true)
+    }
+
     pub fn detach_endpoint(
         &mut self,
         interface: &str,

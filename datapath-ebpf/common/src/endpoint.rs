@@ -59,6 +59,12 @@ impl EndpointInfo {
         }
     }
 
+    /// Whether this is a pending entry: programs attached, nothing judged yet.
+    #[inline(always)]
+    pub fn is_pending(&self) -> bool {
+        self.flags & ENDPOINT_FLAG_PENDING != 0
+    }
+
     /// Whether `address` is one of the addresses carried here.
     #[inline(always)]
     pub fn carries(&self, address: &Address) -> bool {

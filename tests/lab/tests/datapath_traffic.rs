@@ -326,22 +326,34 @@ fn programs_attached_ahead_of_the_compile_pass_until_it_lands_and_never_reopen_a
     let mut cluster = Cluster::new("tr5", 205, &["a", "b"]);
     cluster.set_policies(POLICIES);
     let b = cluster.ip("b", false);
-    let attach_pending_everywhere = |cluster: &Cluster| -> Vec<bool> {
+    let each_pod = |cluster: &Cluster, step: fn(&mut Programmer, &str, u32) -> bool| -> Vec<bool> {
         cluster.topology.enter_node();
         let mut programmer = Programmer::adopt(Datapath::load(&cluster.pin_dir).expect("load datapath"));
         let topology = &cluster.topology;
         topology
             .pods
             .iter()
-            .map(|pod| programmer.attach_pending(&pod.host_interface, topology.ifindex(&pod.host_interface)).unwrap())
+            .map(|pod| step(&mut programmer, &pod.host_interface, topology.ifindex(&pod.host_interface)))
             .collect()
     };
+    let attach_pending_everywhere = |cluster: &Cluster| {
+        each_pod(cluster, |programmer, name, ifindex| programmer.attach_pending(name, ifindex).unwrap())
+    };
+    let detach_pending_everywhere = |cluster: &Cluster| {
+        each_pod(cluster, |programmer, name, ifindex| programmer.detach_pending(name, ifindex).unwrap())
+    };
     // What the agent does at start-up, while its first compile runs.
+    assert_eq!(attach_pending_everywhere(&cluster), [true, true]);
+    // Undone while still pending, nothing is left: attaching again starts afresh.
+    assert_eq!(detach_pending_everywhere(&cluster), [true, true]);
     assert_eq!(attach_pending_everywhere(&cluster), [true, true]);
     assert_eq!(cluster.topology.probe("a", "SCTP", b, 81), "allow", "pending: as if not attached");
     cluster.enforce();
     assert_eq!(cluster.topology.probe("a", "SCTP", b, 81), "deny", "the real entries replaced the pending ones");
     assert_eq!(cluster.topology.probe("a", "TCP", b, 80), "allow");
+    // Undoing the head start leaves a real entry and its programs enforcing.
+    assert_eq!(detach_pending_everywhere(&cluster), [false, false]);
+    assert_eq!(cluster.topology.probe("a", "SCTP", b, 81), "deny", "still enforced");
     // A restarted agent finds the pods enforced and leaves them so.
     cluster.programmer = None;
     assert_eq!(attach_pending_everywhere(&cluster), [false, false]);
