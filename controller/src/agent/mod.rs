@@ -28,7 +28,7 @@ use bulkhead_policy::{
     compile::Scope,
     coverage::{self, Isolation},
     state::address_key,
-    Admission, Change, Changed, Compiler, DesiredState, ObjectKey, PodRef, PolicyRef, Snapshot,
+    Admission, Change, Changed, Compiler, DesiredState, ObjectKey, Pod, PodRef, PolicyRef, Snapshot,
 };
 
 use crate::{
@@ -575,28 +575,22 @@ impl Agent {
             name: self.config.node_name.clone(),
             unscheduled_are_local: self.config.unscheduled_pods_are_local,
         };
-        let local_veths = match self.compiler {
-            Some(_) => Vec::new(),
-            None => self.local_veths(&scope).await,
-        };
+        // Creating a TCX link waits for an RCU grace period (about 15 ms, two
+        // per pod, serialised by the kernel): the links of pods not attached
+        // yet are made while their allowlists compile.
+        let head_start = self.veths_to_attach_ahead(&scope).await;
         let started = Instant::now();
-        match self.compiler.as_mut() {
-            Some(compiler) if self.compile_all => compiler.recompile(&self.snapshot),
-            Some(compiler) => compiler.update(&self.snapshot, &self.changed),
-            None => {
-                // Creating a TCX link waits for an RCU grace period (about
-                // 15 ms, two per pod, serialised by the kernel): at start-up
-                // the links are made while the first compile runs.
-                let (programmer, snapshot) = (&mut self.programmer, &self.snapshot);
-                let (compiler, attached_pending) = std::thread::scope(|threads| {
-                    let attaching = threads.spawn(|| attach_pending(programmer, local_veths));
-                    let compiler = Compiler::scoped(snapshot, scope).tracking_changes();
-                    (compiler, attaching.join().unwrap_or_default())
-                });
-                self.compiler = Some(compiler);
-                self.attached_pending = attached_pending;
+        let (programmer, snapshot, changed) = (&mut self.programmer, &self.snapshot, &self.changed);
+        let (compiler, compile_all) = (&mut self.compiler, self.compile_all);
+        self.attached_pending = std::thread::scope(|threads| {
+            let attaching = (!head_start.is_empty()).then(|| threads.spawn(|| attach_pending(programmer, head_start)));
+            match compiler.as_mut() {
+                Some(compiler) if compile_all => compiler.recompile(snapshot),
+                Some(compiler) => compiler.update(snapshot, changed),
+                None => *compiler = Some(Compiler::scoped(snapshot, scope).tracking_changes()),
             }
-        }
+            attaching.map(|attaching| attaching.join().unwrap_or_default()).unwrap_or_default()
+        });
         self.changed.clear();
         self.compile_all = false;
         let compiled = started.elapsed();
@@ -784,11 +778,22 @@ impl Agent {
         self.attached.len() != before
     }
 
-    /// The host-side veths of the pods `scope` holds, as far as the node has
-    /// wired them now.
-    async fn local_veths(&self, scope: &Scope) -> Vec<HostInterface> {
+    /// The host-side veths, as far as the node has wired them now, of the
+    /// pods `scope` holds that have no programs yet: all of them at start-up
+    /// or after a re-list, else those among the changed objects.
+    async fn veths_to_attach_ahead(&self, scope: &Scope) -> Vec<HostInterface> {
+        let candidates: Vec<(&PodRef, &Pod)> = match self.compiler.is_none() || self.compile_all {
+            true => self.snapshot.pods.iter().collect(),
+            false => self
+                .changed
+                .iter()
+                .filter_map(|c| if let Changed::Pod(pod) = c { self.snapshot.pods.get_key_value(pod) } else { None })
+                .collect(),
+        };
         let mut veths = Vec::new();
-        for pod in self.snapshot.pods.values().filter(|pod| scope.includes(pod)) {
+        let unattached =
+            candidates.into_iter().filter(|(key, pod)| scope.includes(pod) && !self.attached.contains_key(*key));
+        for (_, pod) in unattached {
             if let Some(address) = pod.ips.first() {
                 if let Ok(Wiring::Veth(interface)) = self.host.wiring(*address).await {
                     veths.push(interface);

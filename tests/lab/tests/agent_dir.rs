@@ -96,7 +96,9 @@ fn the_agent_enforces_a_folder_and_follows_its_edits() {
     let frontend = topology.add_pod("frontend");
     let api = topology.add_pod("api");
     let db = topology.add_pod("db");
+    let late = topology.add_pod("late");
     topology.serve("db", &["5432/TCP"]);
+    topology.serve("late", &["5432/TCP"]);
     topology.serve("api", &["8080/TCP"]);
     let mut cluster = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n".to_string();
     for (pod, app, port) in [(&frontend, "frontend", 80), (&api, "api", 8080), (&db, "db", 5432)] {
@@ -170,6 +172,21 @@ fn the_agent_enforces_a_folder_and_follows_its_edits() {
     eventually("frontend's egress is limited again", Duration::from_secs(5), || {
         topology.probe("frontend", "TCP", db.ipv4, 5432) == "eperm"
     });
+
+    // A pod that arrives while the agent runs is enforced from its first
+    // reconcile: its programs go on while its allowlist compiles, behind an
+    // entry that the real one replaces.
+    assert!(!link_pins().iter().any(|p| p.starts_with(&late.host_interface)), "late is not in the folder yet");
+    cluster.push_str(&pod_yaml(&late.name, "db", &late.uid, &late.ipv4.to_string(), 5432));
+    write(&folder.join("cluster.yaml"), &cluster);
+    eventually("late, selected by db-from-api, refuses db", Duration::from_secs(5), || {
+        topology.probe("db", "TCP", late.ipv4, 5432) == "deny"
+    });
+    assert_eq!(topology.probe("api", "TCP", late.ipv4, 5432), "allow");
+    let datapath = Datapath::load(PIN_DIR).unwrap();
+    let late_ifindex = topology.node_ifindex(&late.host_interface);
+    assert!(datapath.endpoint(late_ifindex).is_some_and(|entry| !entry.is_pending()), "late's entry is its real one");
+    drop(datapath);
 
     // Killed, the agent leaves enforcement in place; its successor adopts it.
     agent.kill();
