@@ -178,10 +178,6 @@ pub struct Evaluator<'a> {
     pub own_named_ports: &'a NamedPorts,
 }
 
-/// Which identities can share entries: the rules that name them, and (when
-/// egress rules use named ports) how they resolve those names.
-type SignatureKey = (Vec<u32>, Option<NamedPorts>);
-
 /// A peer class: one identity, or `None` for every identity no rule names.
 type Class = Option<u32>;
 
@@ -353,34 +349,33 @@ impl Evaluator<'_> {
         positions
     }
 
-    /// Every identity's signature, for a whole class at once.
-    fn signatures(&self) -> BTreeMap<u32, Vec<u32>> {
-        let mut signatures: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    /// Every identity some rule names, with its signature: (identity, rule
+    /// position) pairs sorted by identity, then position. One flat sort, not
+    /// a map of vectors: a class's rules can name most of the cluster's
+    /// identities.
+    fn signatures(&self) -> Vec<(u32, u32)> {
+        let mut named = Vec::new();
         for (position, (rule, peers)) in self.chain.all().flat_map(|p| p.rules(self.direction)).enumerate() {
             let position = position as u32;
-            let mut name = |id: u32| {
-                let positions = signatures.entry(id).or_default();
-                if positions.last() != Some(&position) {
-                    positions.push(position);
-                }
-            };
             match &rule.peers {
                 Some(_) => {
                     for peer in peers {
-                        self.universe.peer_ids(*peer).for_each(&mut name);
+                        named.extend(self.universe.peer_ids(*peer).map(|id| (id, position)));
                     }
                 }
                 None if self.direction == EGRESS => {
                     for id in self.universe.identities_with_named_ports() {
                         if rule_names(self.universe, self.direction, rule, peers, id) {
-                            name(id);
+                            named.push((id, position));
                         }
                     }
                 }
                 None => {}
             }
         }
-        signatures
+        named.sort_unstable();
+        named.dedup();
+        named
     }
 
     /// This direction's "any peer" entries.
@@ -413,16 +408,25 @@ impl Evaluator<'_> {
         // Identities that match the same rules (and resolve named ports the
         // same way) share one verdict function.
         let any_named_egress = self.any_named_egress();
-        let mut by_signature: HashMap<SignatureKey, Rc<[ClassEntry]>> = HashMap::new();
-        for (id, signature) in self.signatures() {
-            let named = if any_named_egress { self.universe.named_ports(id).cloned() } else { None };
-            let key = (signature, named);
-            let entries = match by_signature.get(&key) {
-                Some(e) => e.clone(),
+        // Identities share entries when the same rules name them and (when
+        // egress rules use named ports) they resolve those names alike: per
+        // signature, each set of named ports seen with it.
+        type Shared<'u> = Vec<(Option<&'u NamedPorts>, Rc<[ClassEntry]>)>;
+        let mut by_signature: HashMap<Vec<u32>, Shared> = HashMap::new();
+        let mut signature = Vec::new();
+        for named in self.signatures().chunk_by(|a, b| a.0 == b.0) {
+            let id = named[0].0;
+            signature.clear();
+            signature.extend(named.iter().map(|(_, position)| *position));
+            let ports = if any_named_egress { self.universe.named_ports(id) } else { None };
+            let known =
+                by_signature.get(signature.as_slice()).and_then(|shared| shared.iter().find(|(p, _)| *p == ports));
+            let entries = match known {
+                Some((_, entries)) => entries.clone(),
                 None => {
-                    let e: Rc<[ClassEntry]> = self.identity_entries(id, any).into();
-                    by_signature.insert(key, e.clone());
-                    e
+                    let entries: Rc<[ClassEntry]> = self.identity_entries(id, any).into();
+                    by_signature.entry(signature.clone()).or_default().push((ports, entries.clone()));
+                    entries
                 }
             };
             if !entries.is_empty() {
