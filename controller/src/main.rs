@@ -338,6 +338,7 @@ enum Output {
 }
 
 fn main() -> ExitCode {
+    bulkhead::share_one_malloc_arena();
     match run() {
         Ok(code) => code,
         Err(e) => {

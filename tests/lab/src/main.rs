@@ -29,7 +29,11 @@ fn main() -> ExitCode {
         Command::Demo => bulkhead_lab::demo::run().map(|()| true),
         Command::Probe { dirs } => bulkhead_lab::probe::run(&dirs),
         Command::Bench { what } => bulkhead_lab::bench::run(&what).map(|()| true),
-        Command::StatusEngine { folder } => bulkhead_lab::scale::status_engine(&folder).map(|()| true),
+        Command::StatusEngine { folder } => {
+            // The controller's engine, as the product binary runs it.
+            bulkhead::share_one_malloc_arena();
+            bulkhead_lab::scale::status_engine(&folder).map(|()| true)
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
