@@ -338,7 +338,7 @@ enum Output {
 }
 
 fn main() -> ExitCode {
-    bulkhead::share_one_malloc_arena();
+    bulkhead::limit_malloc_arenas();
     match run() {
         Ok(code) => code,
         Err(e) => {

@@ -31,7 +31,7 @@ fn main() -> ExitCode {
         Command::Bench { what } => bulkhead_lab::bench::run(&what).map(|()| true),
         Command::StatusEngine { folder } => {
             // The controller's engine, as the product binary runs it.
-            bulkhead::share_one_malloc_arena();
+            bulkhead::limit_malloc_arenas();
             bulkhead_lab::scale::status_engine(&folder).map(|()| true)
         }
     };
