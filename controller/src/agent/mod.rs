@@ -809,7 +809,7 @@ impl Agent {
     fn detach_unclaimed_pending(&mut self) {
         for interface in std::mem::take(&mut self.attached_pending) {
             if let Err(error) = self.programmer.detach_pending(&interface.name, interface.ifindex) {
-                tracing::warn!(interface = %interface.name, %error, "removing the programs attached at start-up failed");
+                tracing::warn!(interface = %interface.name, %error, "removing programs attached ahead of their compile failed");
                 self.shared.metrics.sync_errors.with_label_values(&["attach"]).inc();
             }
         }
@@ -1255,7 +1255,7 @@ fn attach_pending(programmer: &mut Programmer, interfaces: Vec<HostInterface>) -
         .filter(|interface| match programmer.attach_pending(&interface.name, interface.ifindex) {
             Ok(attached) => attached,
             Err(error) => {
-                tracing::debug!(interface = %interface.name, %error, "attaching ahead of the first compile failed");
+                tracing::debug!(interface = %interface.name, %error, "attaching ahead of the compile failed");
                 false
             }
         })
