@@ -58,7 +58,9 @@ pub struct Config {
     pub cgroup_root: Option<PathBuf>,
     /// Pods without `spec.nodeName` are this node's: a folder describes one node.
     pub unscheduled_pods_are_local: bool,
-    /// Quiet time that ends a burst of changes.
+    /// Quiet time that ends a burst of changes. Short: what arrives while a
+    /// reconcile runs is gathered into the next one anyway, and every
+    /// change waits this long before it is enforced.
     pub debounce: Duration,
     /// The longest a change waits for a burst to end.
     pub max_delay: Duration,
@@ -83,7 +85,7 @@ impl Config {
             pin_dir,
             cgroup_root: None,
             unscheduled_pods_are_local: false,
-            debounce: Duration::from_millis(5),
+            debounce: Duration::from_millis(1),
             max_delay: Duration::from_millis(50),
             events_per_second: None,
             egress_learning: Some(Duration::from_secs(600)),
@@ -323,8 +325,8 @@ impl Default for Shared {
     }
 }
 
-/// One connection counter series: Audit mode, direction, pod, policy.
-type CounterSeries = (bool, u8, PodRef, String);
+/// One connection counter series of a pod: Audit mode, direction, policy.
+type PodCounter = (bool, u8, PolicyRef);
 
 /// A local pod the programs are attached for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -385,7 +387,7 @@ pub struct Agent {
     counted_drops: DropCount,
     /// The connection counters made at 0 for each enforced pod, policy
     /// and direction, so a rate() alert sees a series from the start.
-    zero_counters: BTreeSet<CounterSeries>,
+    zero_counters: BTreeMap<PodRef, Vec<PodCounter>>,
     syncs: u64,
     baselines: Option<EgressBaselines>,
     /// When the datapath was last swept (after the first full sync).
@@ -461,7 +463,7 @@ impl Agent {
             retry: false,
             counted_verdicts: VerdictCount::new(),
             verdict_slots_freed: Instant::now(),
-            zero_counters: BTreeSet::new(),
+            zero_counters: BTreeMap::new(),
             counted_drops: DropCount::new(),
             syncs: 0,
             baselines,
@@ -1023,32 +1025,55 @@ impl Agent {
     /// an Audit-mode policy); series whose pod or policy went, go.
     fn keep_counters(&mut self) {
         let Some(compiler) = self.compiler.as_ref() else { return };
-        let mut wanted = BTreeSet::new();
+        let metrics = &self.shared.metrics;
+        let counter =
+            |audit: bool| if audit { &metrics.audit_denied_connections } else { &metrics.blocked_connections };
+        let add = |pod: &PodRef, (audit, direction, policy): &PodCounter| {
+            let policy = policy.qualified_name();
+            counter(*audit).with_label_values(&[direction_name(*direction), &pod.namespace, &pod.name, &policy]);
+        };
+        let remove = |pod: &PodRef, (audit, direction, policy): &PodCounter| {
+            let policy = policy.qualified_name();
+            let _ = counter(*audit).remove_label_values(&[direction_name(*direction), &pod.namespace, &pod.name, &policy]);
+        };
+        // Most reconciles change no pod's policies: compare borrowed series
+        // pod by pod, and build label strings only for what differs.
+        let mut wanted: Vec<(bool, u8, &PolicyRef)> = Vec::new();
+        let mut kept = BTreeMap::new();
         for pod in self.attached.keys() {
+            wanted.clear();
             for id in compiler.policies_selecting(pod) {
                 let Some(policy) = compiler.policy(id) else { continue };
                 for direction in [INGRESS, EGRESS] {
                     if coverage::governs(policy, direction) {
-                        wanted.insert((policy.audit, direction, pod.clone(), id.qualified_name()));
+                        wanted.push((policy.audit, direction, id));
                     }
                 }
             }
+            wanted.sort_unstable();
+            wanted.dedup();
+            let had = self.zero_counters.remove(pod).unwrap_or_default();
+            let unchanged = had.len() == wanted.len()
+                && had.iter().zip(&wanted).all(|(h, w)| (h.0, h.1, &h.2) == (w.0, w.1, w.2));
+            if unchanged {
+                kept.insert(pod.clone(), had);
+                continue;
+            }
+            let now: Vec<PodCounter> = wanted.iter().map(|(a, d, id)| (*a, *d, (*id).clone())).collect();
+            for series in had.iter().filter(|s| !now.contains(s)) {
+                remove(pod, series);
+            }
+            for series in now.iter().filter(|s| !had.contains(s)) {
+                add(pod, series);
+            }
+            kept.insert(pod.clone(), now);
         }
-        let metrics = &self.shared.metrics;
-        let counter =
-            |audit: bool| if audit { &metrics.audit_denied_connections } else { &metrics.blocked_connections };
-        let labels = |(_, direction, pod, policy): &CounterSeries| {
-            [direction_name(*direction).to_string(), pod.namespace.clone(), pod.name.clone(), policy.clone()]
-        };
-        for series in self.zero_counters.difference(&wanted) {
-            let labels = labels(series);
-            let _ = counter(series.0).remove_label_values(&labels.each_ref().map(String::as_str));
+        // Pods no longer enforced lose their series.
+        for (pod, had) in std::mem::replace(&mut self.zero_counters, kept) {
+            for series in &had {
+                remove(&pod, series);
+            }
         }
-        for series in wanted.difference(&self.zero_counters) {
-            let labels = labels(series);
-            counter(series.0).with_label_values(&labels.each_ref().map(String::as_str));
-        }
-        self.zero_counters = wanted;
     }
 
     /// An egress connection (allowed, denied or audited) against its workload's baseline.
