@@ -1034,7 +1034,8 @@ impl Agent {
         };
         let remove = |pod: &PodRef, (audit, direction, policy): &PodCounter| {
             let policy = policy.qualified_name();
-            let _ = counter(*audit).remove_label_values(&[direction_name(*direction), &pod.namespace, &pod.name, &policy]);
+            let _ =
+                counter(*audit).remove_label_values(&[direction_name(*direction), &pod.namespace, &pod.name, &policy]);
         };
         // Most reconciles change no pod's policies: compare borrowed series
         // pod by pod, and build label strings only for what differs.
@@ -1053,8 +1054,8 @@ impl Agent {
             wanted.sort_unstable();
             wanted.dedup();
             let had = self.zero_counters.remove(pod).unwrap_or_default();
-            let unchanged = had.len() == wanted.len()
-                && had.iter().zip(&wanted).all(|(h, w)| (h.0, h.1, &h.2) == (w.0, w.1, w.2));
+            let unchanged =
+                had.len() == wanted.len() && had.iter().zip(&wanted).all(|(h, w)| (h.0, h.1, &h.2) == (w.0, w.1, w.2));
             if unchanged {
                 kept.insert(pod.clone(), had);
                 continue;
