@@ -2,7 +2,7 @@
 //! debugging views on another (loopback by default: they name pods and
 //! flows).
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
 use http_body_util::Full;
 use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
@@ -14,6 +14,19 @@ pub struct Reply {
     pub status: StatusCode,
     pub content_type: &'static str,
     pub body: String,
+}
+
+/// What a handler answers: a reply now, or one that comes when something
+/// happens (a long poll).
+pub enum Answer {
+    Now(Reply),
+    Later(Pin<Box<dyn Future<Output = Reply> + Send>>),
+}
+
+impl From<Reply> for Answer {
+    fn from(reply: Reply) -> Self {
+        Answer::Now(reply)
+    }
 }
 
 impl Reply {
@@ -42,7 +55,7 @@ impl Reply {
 /// address (port 0 picks one).
 pub async fn serve<H>(address: SocketAddr, handler: H) -> std::io::Result<SocketAddr>
 where
-    H: Fn(&str, &str) -> Reply + Send + Sync + 'static,
+    H: Fn(&str, &str) -> Answer + Send + Sync + 'static,
 {
     let listener = TcpListener::bind(address).await?;
     let bound = listener.local_addr()?;
@@ -50,7 +63,10 @@ where
     tokio::spawn(accept(listener, move |request: Request<hyper::body::Incoming>| {
         let handler = handler.clone();
         async move {
-            let reply = handler(request.uri().path(), request.uri().query().unwrap_or_default());
+            let reply = match handler(request.uri().path(), request.uri().query().unwrap_or_default()) {
+                Answer::Now(reply) => reply,
+                Answer::Later(reply) => reply.await,
+            };
             Ok::<_, Infallible>(
                 Response::builder()
                     .status(reply.status)

@@ -4,10 +4,13 @@
 //! on the debug address, loopback unless the operator says otherwise, since
 //! they name pods and flows.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use super::Shared;
-use crate::http::{self, Reply};
+use crate::http::{self, Answer, Reply};
+
+/// The longest `/debug/revision?after_sync=` waits for a sync.
+const LONG_POLL: Duration = Duration::from_secs(3);
 
 /// Serve both until the process ends; the bound addresses (port 0 picks one).
 pub async fn serve(
@@ -20,15 +23,15 @@ pub async fn serve(
         return Ok((bound, bound));
     }
     let for_debug = shared.clone();
-    let metrics = http::serve(metrics, move |path, _| observe(&shared, path)).await?;
+    let metrics = http::serve(metrics, move |path, _| observe(&shared, path).into()).await?;
     let debug = http::serve(debug, move |path, query| debug_view(&for_debug, path, query)).await?;
     Ok((metrics, debug))
 }
 
-fn respond(shared: &Shared, path: &str, query: &str) -> Reply {
+fn respond(shared: &Arc<Shared>, path: &str, query: &str) -> Answer {
     match path {
         "/debug/state" | "/debug/events" | "/debug/revision" => debug_view(shared, path, query),
-        _ => observe(shared, path),
+        _ => observe(shared, path).into(),
     }
 }
 
@@ -41,16 +44,26 @@ fn observe(shared: &Shared, path: &str) -> Reply {
     }
 }
 
-fn debug_view(shared: &Shared, path: &str, query: &str) -> Reply {
+fn debug_view(shared: &Arc<Shared>, path: &str, query: &str) -> Answer {
+    let parameter = |name: &str| query.split('&').find_map(|p| p.strip_prefix(name)?.strip_prefix('=')?.parse().ok());
     match path {
-        "/debug/state" => Reply::ok("application/json", shared.state_json()),
+        "/debug/state" => Reply::ok("application/json", shared.state_json()).into(),
         // `?after=<seq>`: only the events after that one (what `bulkhead flows --follow` polls).
-        "/debug/events" => {
-            let after = query.split('&').find_map(|p| p.strip_prefix("after=")).and_then(|n| n.parse().ok());
-            Reply::ok("application/json", shared.events_json(after.unwrap_or(0)))
-        }
-        "/debug/revision" => Reply::ok("application/json", shared.revision_json()),
-        _ => Reply::not_found(),
+        "/debug/events" => Reply::ok("application/json", shared.events_json(parameter("after").unwrap_or(0))).into(),
+        // `?after_sync=<n>`: answered once the agent has synced more than n
+        // times (or after `LONG_POLL`), so a waiter need not poll.
+        "/debug/revision" => match parameter("after_sync") {
+            Some(seen) => {
+                let shared = shared.clone();
+                Answer::Later(Box::pin(async move {
+                    let mut synced = shared.synced.subscribe();
+                    let _ = tokio::time::timeout(LONG_POLL, synced.wait_for(|syncs| *syncs > seen)).await;
+                    Reply::ok("application/json", shared.revision_json())
+                }))
+            }
+            None => Reply::ok("application/json", shared.revision_json()).into(),
+        },
+        _ => Reply::not_found().into(),
     }
 }
 
@@ -83,5 +96,30 @@ mod tests {
         assert_eq!(status(metrics, "/debug/events").await.unwrap(), 404);
         assert_eq!(status(debug, "/debug/state").await.unwrap(), 200);
         assert_eq!(status(debug, "/metrics").await.unwrap(), 404);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_revision_long_poll_answers_at_the_next_sync() {
+        let shared = Arc::new(Shared::new());
+        let (_, debug) =
+            serve("127.0.0.1:0".parse().unwrap(), "127.0.0.2:0".parse().unwrap(), shared.clone()).await.unwrap();
+        let body = |path: &'static str| {
+            tokio::task::spawn_blocking(move || {
+                let mut stream = std::net::TcpStream::connect(debug).unwrap();
+                write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+                let mut response = String::new();
+                stream.read_to_string(&mut response).unwrap();
+                let body = response.split_once("\r\n\r\n").unwrap().1.to_string();
+                serde_json::from_str::<serde_json::Value>(&body).unwrap()
+            })
+        };
+        assert_eq!(body("/debug/revision").await.unwrap()["syncs"], 0, "no wait without after_sync");
+        let waiting = body("/debug/revision?after_sync=0");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "answered before any sync");
+        shared.state.lock().unwrap().syncs = 1;
+        shared.synced.send_replace(1);
+        assert_eq!(waiting.await.unwrap()["syncs"], 1);
+        assert_eq!(body("/debug/revision?after_sync=0").await.unwrap()["syncs"], 1, "a sync already past answers now");
     }
 }

@@ -153,6 +153,8 @@ pub struct Shared {
     ready: AtomicBool,
     heartbeat: Mutex<Instant>,
     state: Mutex<StateView>,
+    /// The syncs published so far (`/debug/revision?after_sync=` waits on it).
+    synced: tokio::sync::watch::Sender<u64>,
     events: Mutex<VecDeque<EventRecord>>,
     /// Local pods unenforced beyond the grace, and why.
     unenforced: Mutex<BTreeMap<String, String>>,
@@ -207,6 +209,7 @@ impl Shared {
             ready: AtomicBool::new(false),
             heartbeat: Mutex::new(Instant::now()),
             state: Mutex::new(StateView::default()),
+            synced: tokio::sync::watch::Sender::new(0),
             events: Mutex::new(VecDeque::new()),
             unenforced: Mutex::new(BTreeMap::new()),
             report: Mutex::new((0, NodeReport::default())),
@@ -306,6 +309,7 @@ impl Shared {
         serde_json::json!({
             "revision": state.revision,
             "endpoints": state.endpoints.len(),
+            "syncs": state.syncs,
             "map_writes": self.metrics.map_writes.get(),
         })
         .to_string()
@@ -1214,6 +1218,7 @@ impl Agent {
         state.revision.clone_from(&self.revision);
         state.syncs = self.syncs;
         drop(state);
+        self.shared.synced.send_replace(self.syncs);
         self.publish_map_entries();
     }
 
@@ -1269,6 +1274,7 @@ impl Agent {
         metrics.policies_rejected.set(self.snapshot.rejected.len() as i64);
         self.publish_map_entries();
         *self.shared.state.lock().expect("state lock") = view;
+        self.shared.synced.send_replace(self.syncs);
     }
 }
 

@@ -96,7 +96,7 @@ impl Shared {
 pub async fn run(client: Client, config: Config) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::default());
     let for_http = shared.clone();
-    let address = http::serve(config.metrics_address, move |path, _| for_http.respond(path))
+    let address = http::serve(config.metrics_address, move |path, _| for_http.respond(path).into())
         .await
         .with_context(|| format!("serving metrics on {}", config.metrics_address))?;
     if let Some(webhook) = &config.webhook {

@@ -235,7 +235,11 @@ struct Agent<'a> {
 
 impl Agent<'_> {
     fn revision(&self) -> serde_json::Value {
-        match self.topology.node_http_get(AGENT_ADDRESS, "/debug/revision") {
+        self.get("/debug/revision")
+    }
+
+    fn get(&self, path: &str) -> serde_json::Value {
+        match self.topology.node_http_get(AGENT_ADDRESS, path) {
             Ok((200, body)) => serde_json::from_str(&body).unwrap_or_default(),
             _ => serde_json::Value::Null,
         }
@@ -245,18 +249,26 @@ impl Agent<'_> {
         self.process.0.id()
     }
 
-    /// Wait until the agent holds `revision` with `endpoints` local pods; the wait.
+    /// Wait until the agent holds `revision` with `endpoints` local pods; the
+    /// wait. Each request is a long poll that the agent answers at its next
+    /// sync, so the bench adds no load of its own while it waits.
     fn until(&self, revision: &str, endpoints: usize) -> Result<Duration> {
         let started = Instant::now();
+        let mut state = self.revision();
         loop {
-            let state = self.revision();
             if state["revision"] == revision && state["endpoints"] == endpoints {
                 return Ok(started.elapsed());
             }
             if started.elapsed() > Duration::from_secs(60) {
                 bail!("the agent did not reach revision {revision} with {endpoints} pods in 60 s: {state}");
             }
-            std::thread::sleep(Duration::from_micros(500));
+            match state["syncs"].as_u64() {
+                Some(seen) => state = self.get(&format!("/debug/revision?after_sync={seen}")),
+                None => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    state = self.revision();
+                }
+            }
         }
     }
 
@@ -364,13 +376,23 @@ fn measure(topology: &Topology, spares: &[TestPod], cluster: &Cluster) -> Result
     );
 
     // The controller's engine on the same folder, in a process of its own.
-    let engine = Process(
+    // The changes are measured once it has the cluster, as in a cluster
+    // whose controller is up: not while it loads, competing for the cores.
+    let mut engine = Process(
         Command::new(std::env::current_exe()?)
             .args(["status-engine", &cluster.folder.display().to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?,
     );
+    let engine_started = Instant::now();
+    let mut said = String::new();
+    let engine_output = engine.0.stdout.take().context("the engine's stdout")?;
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(engine_output), &mut said)?;
+    if said.trim() != ENGINE_SYNCED {
+        bail!("the controller's engine stopped before it had the cluster (it said {said:?})");
+    }
+    println!("  controller engine synced in {:.1} s", engine_started.elapsed().as_secs_f64());
 
     let mut bench = Bench { agent, source, endpoints: LOCAL_PODS };
     let mut series: BTreeMap<&str, Series> = BTreeMap::new();
@@ -548,6 +570,9 @@ fn tracing_free_note(statuses: usize) {
     std::hint::black_box(statuses);
 }
 
+/// What the engine prints once it has the whole folder.
+const ENGINE_SYNCED: &str = "synced";
+
 /// `bulkhead-lab status-engine FOLDER`: the controller's status engine on a
 /// folder, with every node's report simulated as enforcing its pods at the
 /// policies' generations (built once, from the folder's first view).
@@ -561,6 +586,7 @@ pub fn status_engine(folder: &Path) -> Result<()> {
         let mut engine = Engine::default();
         let now = || k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
         let mut first = true;
+        let mut synced_note = true;
         let mut statuses = 0usize;
         while let Some(update) = received.recv().await {
             let objects: Vec<_> = if first {
@@ -590,6 +616,9 @@ pub fn status_engine(folder: &Path) -> Result<()> {
             }
             statuses += engine.take_desired(&now()).len();
             tracing_free_note(statuses);
+            if std::mem::take(&mut synced_note) {
+                println!("{ENGINE_SYNCED}");
+            }
         }
         Ok(())
     })
