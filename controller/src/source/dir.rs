@@ -415,6 +415,11 @@ pub async fn run(mut source: DirSource, updates: mpsc::Sender<Update>) -> anyhow
             continue;
         }
         revision = scan.revision.clone();
+        tracing::debug!(
+            since_change_ms = observed.elapsed().as_secs_f64() * 1e3,
+            changes = scan.changes.len(),
+            "folder scanned"
+        );
         if updates.send(Update { changes: scan.changes, observed, revision: Some(scan.revision) }).await.is_err() {
             return Ok(());
         }
