@@ -17,21 +17,21 @@ pub mod metrics;
 pub mod report;
 pub mod source;
 
-/// At most two malloc arenas for the whole process (glibc builds; the
-/// image's musl allocator has no arenas). glibc gives threads arenas of
-/// their own, up to eight per core, and memory freed in one stays resident
-/// for that arena alone: the agent compiles on one thread, attaches programs
-/// on another and serves HTTP on the runtime's. At 150k pods its peak was
-/// 882 MB with the default, 740 MB with two arenas and 645 MB with one; with
-/// one, every thread queues on one lock, and the bench's policy-edit p99 rose
-/// in the runs it was set this way (BENCHMARKS). Call it first, before any
-/// thread starts.
+/// One malloc arena for the whole process (glibc builds; the image's musl
+/// allocator has no arenas). glibc gives threads arenas of their own, up to
+/// eight per core, and memory freed in one stays resident for that arena
+/// alone: the agent compiles on one thread, attaches programs on another and
+/// serves HTTP on the runtime's. At 150k pods its peak was 882 MB with the
+/// default, 721-740 MB with two arenas and 644-645 MB with one. The lock
+/// all threads then share cost latency only while the scale bench polled
+/// the agent 2000 times a second; since it long-polls, one arena is as
+/// fast as two (BENCHMARKS). Call it first, before any thread starts.
 pub fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator parameter, and no other thread
     // exists yet to allocate meanwhile.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
