@@ -73,12 +73,14 @@ mod tests {
 
     use super::*;
 
-    fn get(address: SocketAddr, path: &str) -> u16 {
+    /// Status and body.
+    fn get(address: SocketAddr, path: &str) -> (u16, String) {
         let mut stream = std::net::TcpStream::connect(address).unwrap();
         write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).unwrap();
-        response.split_whitespace().nth(1).unwrap().parse().unwrap()
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        (head.split_whitespace().nth(1).unwrap().parse().unwrap(), body.to_string())
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -88,7 +90,7 @@ mod tests {
                 .await
                 .unwrap();
         assert_ne!(metrics, debug);
-        let status = |address, path: &'static str| tokio::task::spawn_blocking(move || get(address, path));
+        let status = |address, path: &'static str| tokio::task::spawn_blocking(move || get(address, path).0);
         assert_eq!(status(metrics, "/metrics").await.unwrap(), 200);
         assert_eq!(status(metrics, "/healthz").await.unwrap(), 200);
         assert_eq!(status(metrics, "/readyz").await.unwrap(), 503, "not ready before the first sync");
@@ -104,14 +106,7 @@ mod tests {
         let (_, debug) =
             serve("127.0.0.1:0".parse().unwrap(), "127.0.0.2:0".parse().unwrap(), shared.clone()).await.unwrap();
         let body = |path: &'static str| {
-            tokio::task::spawn_blocking(move || {
-                let mut stream = std::net::TcpStream::connect(debug).unwrap();
-                write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-                let mut response = String::new();
-                stream.read_to_string(&mut response).unwrap();
-                let body = response.split_once("\r\n\r\n").unwrap().1.to_string();
-                serde_json::from_str::<serde_json::Value>(&body).unwrap()
-            })
+            tokio::task::spawn_blocking(move || serde_json::from_str::<serde_json::Value>(&get(debug, path).1).unwrap())
         };
         assert_eq!(body("/debug/revision").await.unwrap()["syncs"], 0, "no wait without after_sync");
         let waiting = body("/debug/revision?after_sync=0");

@@ -1044,7 +1044,6 @@ impl Agent {
         // Most reconciles change no pod's policies: compare borrowed series
         // pod by pod, and build label strings only for what differs.
         let mut wanted: Vec<(bool, u8, &PolicyRef)> = Vec::new();
-        let mut kept = BTreeMap::new();
         for pod in self.attached.keys() {
             wanted.clear();
             for id in compiler.policies_selecting(pod) {
@@ -1057,11 +1056,11 @@ impl Agent {
             }
             wanted.sort_unstable();
             wanted.dedup();
-            let had = self.zero_counters.remove(pod).unwrap_or_default();
-            let unchanged =
-                had.len() == wanted.len() && had.iter().zip(&wanted).all(|(h, w)| (h.0, h.1, &h.2) == (w.0, w.1, w.2));
-            if unchanged {
-                kept.insert(pod.clone(), had);
+            if !self.zero_counters.contains_key(pod) {
+                self.zero_counters.insert(pod.clone(), Vec::new());
+            }
+            let had = self.zero_counters.get_mut(pod).expect("inserted above");
+            if had.len() == wanted.len() && had.iter().zip(&wanted).all(|(h, w)| (h.0, h.1, &h.2) == (w.0, w.1, w.2)) {
                 continue;
             }
             let now: Vec<PodCounter> = wanted.iter().map(|(a, d, id)| (*a, *d, (*id).clone())).collect();
@@ -1071,14 +1070,17 @@ impl Agent {
             for series in now.iter().filter(|s| !had.contains(s)) {
                 add(pod, series);
             }
-            kept.insert(pod.clone(), now);
+            *had = now;
         }
         // Pods no longer enforced lose their series.
-        for (pod, had) in std::mem::replace(&mut self.zero_counters, kept) {
-            for series in &had {
-                remove(&pod, series);
+        let attached = &self.attached;
+        self.zero_counters.retain(|pod, had| {
+            let enforced = attached.contains_key(pod);
+            if !enforced {
+                had.iter().for_each(|series| remove(pod, series));
             }
-        }
+            enforced
+        });
     }
 
     /// An egress connection (allowed, denied or audited) against its workload's baseline.

@@ -586,9 +586,9 @@ pub fn status_engine(folder: &Path) -> Result<()> {
         let mut engine = Engine::default();
         let now = || k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
         let mut first = true;
-        let mut synced_note = true;
         let mut statuses = 0usize;
         while let Some(update) = received.recv().await {
+            let first = std::mem::take(&mut first);
             let objects: Vec<_> = if first {
                 update
                     .changes
@@ -603,7 +603,6 @@ pub fn status_engine(folder: &Path) -> Result<()> {
             };
             engine.apply(update.changes);
             if first {
-                first = false;
                 let mut reports: BTreeMap<String, NodeReport> = BTreeMap::new();
                 for pod in objects {
                     let report = reports.entry(pod.node_name.clone().unwrap_or_default()).or_default();
@@ -616,7 +615,7 @@ pub fn status_engine(folder: &Path) -> Result<()> {
             }
             statuses += engine.take_desired(&now()).len();
             tracing_free_note(statuses);
-            if std::mem::take(&mut synced_note) {
+            if first {
                 println!("{ENGINE_SYNCED}");
             }
         }
