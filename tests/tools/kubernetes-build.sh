@@ -3,8 +3,8 @@
 # (kube-apiserver and kube-controller-manager for the API tests; kubelet, kube-scheduler and kube-proxy
 # for the real node of the e2e), and installs etcd-server, as ../shared/design/kube-apiserver.md and
 # kubelet-node.md describe. Idempotent: the binaries are
-# cached by version under $BULKHEAD_CACHE (default ~/.cache/bulkhead), with Go's build cache beside them,
-# and nothing is built when they are present. Prints the directory holding them on its last line.
+# cached by version under $BULKHEAD_CACHE (default ~/.cache/bulkhead); the build tree is removed once
+# they are in place, and nothing is built when they are present. Prints the directory holding them on its last line.
 set -euo pipefail
 # Run from a cargo build or test, OUT_DIR names cargo's folder; the Kubernetes
 # Makefile reads it as where its own output goes, and the binaries land there.
@@ -74,4 +74,7 @@ PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 GOPROXY=off HOME=$W/home \
 mkdir -p "$OUT.tmp"
 for c in "${COMPONENTS[@]}"; do cp "_output/bin/$c" "$OUT.tmp/"; done
 rm -rf "$OUT" && mv "$OUT.tmp" "$OUT"
+# The unpacked tree, its output and Go's build cache take several GB the cached binaries no longer
+# need; on a machine with little disk left they pushed the test node into DiskPressure.
+cd / && rm -rf "$W"
 echo "$OUT"

@@ -49,6 +49,12 @@ impl Drop for Cluster {
         }
         for args in [
             &["get", "pods", "-A", "-o", "wide"][..],
+            &[
+                "get",
+                "nodes",
+                "-o",
+                "jsonpath={range .items[*].status.conditions[*]}{.type}={.status} {.message}{\"\\n\"}{end}",
+            ],
             &["get", "connectionpolicies,clusterconnectionpolicies,networkpolicies", "-A", "-o", "yaml"],
             &["-n", "bulkhead-system", "logs", "-l", "app.kubernetes.io/component=agent", "--tail=60"],
             &["-n", "bulkhead-system", "logs", "-l", "app.kubernetes.io/component=controller", "--tail=30"],
