@@ -36,6 +36,8 @@ command -v kubectl >/dev/null || { echo "kubernetes-build: kubectl is not instal
 
 built=1
 for c in "${COMPONENTS[@]}"; do [[ -x $OUT/$c ]] || built=0; done
+# node-images.sh builds the pod sandbox image from this source's pause.c, kept beside the binaries.
+[[ -f $OUT/pause.c ]] || built=0
 if ((built)); then
     echo "$OUT"
     exit 0
@@ -73,6 +75,7 @@ PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 GOPROXY=off HOME=$W/home \
     make WHAT="${WHAT[*]}" GOLDFLAGS="-s -w" >&2
 mkdir -p "$OUT.tmp"
 for c in "${COMPONENTS[@]}"; do cp "_output/bin/$c" "$OUT.tmp/"; done
+cp build/pause/linux/pause.c "$OUT.tmp/"
 rm -rf "$OUT" && mv "$OUT.tmp" "$OUT"
 # The unpacked tree, its output and Go's build cache take several GB the cached binaries no longer
 # need; on a machine with little disk left they pushed the test node into DiskPressure.

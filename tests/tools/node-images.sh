@@ -3,11 +3,12 @@
 # runc and the CNI plugins from Debian, and two test images built FROM scratch with umoci — the pod
 # sandbox `pause` (Kubernetes' own pause.c, static) and `busybox` (Debian's busybox-static; its nc and
 # httpd are the test workloads). Idempotent, cached under $BULKHEAD_CACHE; prints the folder holding
-# pause.oci.tar and busybox.oci.tar on its last line. Run after kubernetes-build.sh (pause.c is in its tree).
+# pause.oci.tar and busybox.oci.tar on its last line. Run after kubernetes-build.sh (it keeps pause.c beside its binaries).
 set -euo pipefail
 CACHE=${BULKHEAD_CACHE:-$HOME/.cache/bulkhead}
 OUT=$CACHE/node-images-v1
-SOURCE=$CACHE/kube-build/kubernetes-1.20.2
+# Where kubernetes-build.sh keeps its binaries, and pause.c from the same source (its OUT).
+PAUSE_C=$CACHE/kubernetes-v1.20.2-r2/pause.c
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.node-images.lock"
@@ -30,7 +31,7 @@ if [[ -f $OUT/pause.oci.tar && -f $OUT/busybox.oci.tar ]]; then
     echo "$OUT"
     exit 0
 fi
-[[ -f $SOURCE/build/pause/linux/pause.c ]] || { echo "node-images: run kubernetes-build.sh first ($SOURCE)" >&2; exit 1; }
+[[ -f $PAUSE_C ]] || { echo "node-images: run kubernetes-build.sh first (no $PAUSE_C)" >&2; exit 1; }
 
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
@@ -50,7 +51,7 @@ finish() {
 }
 
 start pause
-gcc -static -O2 -DVERSION=v1.20.2 -o "$W/pause/bundle/rootfs/pause" "$SOURCE/build/pause/linux/pause.c"
+gcc -static -O2 -DVERSION=v1.20.2 -o "$W/pause/bundle/rootfs/pause" "$PAUSE_C"
 finish pause /pause
 
 start busybox
