@@ -3,12 +3,10 @@
 # runc and the CNI plugins from Debian, and two test images built FROM scratch with umoci — the pod
 # sandbox `pause` (Kubernetes' own pause.c, static) and `busybox` (Debian's busybox-static; its nc and
 # httpd are the test workloads). Idempotent, cached under $BULKHEAD_CACHE; prints the folder holding
-# pause.oci.tar and busybox.oci.tar on its last line. Run after kubernetes-build.sh (it keeps pause.c beside its binaries).
+# pause.oci.tar and busybox.oci.tar on its last line. The pause.c comes from kubernetes-build.sh's cache.
 set -euo pipefail
 CACHE=${BULKHEAD_CACHE:-$HOME/.cache/bulkhead}
 OUT=$CACHE/node-images-v1
-# Where kubernetes-build.sh keeps its binaries, and pause.c from the same source (its OUT).
-PAUSE_C=$CACHE/kubernetes-v1.20.2-r2/pause.c
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.node-images.lock"
@@ -31,7 +29,8 @@ if [[ -f $OUT/pause.oci.tar && -f $OUT/busybox.oci.tar ]]; then
     echo "$OUT"
     exit 0
 fi
-[[ -f $PAUSE_C ]] || { echo "node-images: run kubernetes-build.sh first (no $PAUSE_C)" >&2; exit 1; }
+# kubernetes-build.sh keeps pause.c beside its binaries (built once, cached; it prints their folder last).
+PAUSE_C=$(bash "$(dirname "$0")/kubernetes-build.sh" | tail -n 1)/pause.c
 
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
