@@ -279,6 +279,11 @@ struct AgentArgs {
     /// labelled bulkhead.io/on-anomaly=quarantine (Kubernetes mode).
     #[arg(long, value_parser = ["log", "quarantine"], default_value = "log")]
     on_anomaly: String,
+    /// The names the CNI gives pods' host-side veths begin with (e.g. `veth`
+    /// for bridge and ptp, `cali` for Calico), comma-separated: such veths get
+    /// their programs as they appear, before kubelet reports the pod's address.
+    #[arg(long, value_delimiter = ',')]
+    pod_interface_prefix: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -581,6 +586,7 @@ fn agent(args: AgentArgs) -> Result<()> {
     config.events_per_second = args.events_per_second;
     config.state_dir = Some(args.state_dir);
     config.quarantine_on_anomaly = args.on_anomaly == "quarantine";
+    config.pod_interface_prefixes = args.pod_interface_prefix.into_iter().filter(|p| !p.is_empty()).collect();
     config.egress_learning =
         (args.egress_learning_seconds > 0).then(|| std::time::Duration::from_secs(args.egress_learning_seconds));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

@@ -48,6 +48,46 @@ pub enum Wiring {
     Missing(String),
 }
 
+/// A veth of this node coming or going, as the kernel announces it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VethEvent {
+    /// A veth whose other end is in another namespace appeared (or changed).
+    Added(HostInterface),
+    /// An interface went away (any kind: the message may lack the veth's details).
+    Removed(HostInterface),
+}
+
+/// Follow the veths of this network namespace as they come and go: the
+/// host side of a pod's veth appears when the CNI wires the pod, before
+/// kubelet reports the pod's address.
+pub fn veth_events() -> std::io::Result<tokio::sync::mpsc::UnboundedReceiver<VethEvent>> {
+    use futures::StreamExt;
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    let (mut connection, _, mut messages) = rtnetlink::new_connection()?;
+    let groups = rtnetlink::sys::SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK);
+    connection.socket_mut().socket_mut().bind(&groups)?;
+    tokio::spawn(connection);
+    let (events, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((message, _)) = messages.next().await {
+            let event = match message.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                    veth_of(&link).map(|veth| VethEvent::Added(veth.interface))
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                    Some(VethEvent::Removed(HostInterface { name: name_of(&link), ifindex: link.header.index }))
+                }
+                _ => None,
+            };
+            if event.is_some_and(|event| events.send(event).is_err()) {
+                return;
+            }
+        }
+    });
+    Ok(received)
+}
+
 /// A veth of this node whose other end is in another namespace.
 struct Veth {
     interface: HostInterface,

@@ -46,7 +46,7 @@ pub mod state_file;
 
 use audit_log::AuditLog;
 use bulkhead_policy::baseline::{self, Destination, Edits, EgressBaselines, Workload};
-use host::{Host, HostInterface, Wiring};
+use host::{Host, HostInterface, VethEvent, Wiring};
 use metrics::Metrics;
 use state_file::{EditsFile, StateFile};
 
@@ -76,6 +76,10 @@ pub struct Config {
     /// Quarantine pods with an egress anomaly in namespaces labelled
     /// `bulkhead.io/on-anomaly=quarantine` (Kubernetes mode).
     pub quarantine_on_anomaly: bool,
+    /// The names the CNI gives pods' host-side veths begin with (`veth`,
+    /// `cali`, `lxc`...): such a veth gets its programs as it appears,
+    /// before its pod's address is known. Empty: at the pod's first reconcile.
+    pub pod_interface_prefixes: Vec<String>,
 }
 
 impl Config {
@@ -91,6 +95,7 @@ impl Config {
             egress_learning: Some(Duration::from_secs(600)),
             state_dir: None,
             quarantine_on_anomaly: false,
+            pod_interface_prefixes: Vec::new(),
         }
     }
 }
@@ -329,6 +334,14 @@ impl Default for Shared {
     }
 }
 
+/// The next veth event, when they are followed; `None` when they stopped.
+async fn next_veth_event(veths: &mut Option<mpsc::UnboundedReceiver<VethEvent>>) -> Option<VethEvent> {
+    match veths {
+        Some(veths) => veths.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// One connection counter series of a pod: Audit mode, direction, policy.
 type PodCounter = (bool, u8, PolicyRef);
 
@@ -375,6 +388,9 @@ pub struct Agent {
     /// Interfaces given programs behind a pending entry while the first
     /// compile ran; each gets its endpoint in `attach_missing` or loses them.
     attached_pending: Vec<HostInterface>,
+    /// Veths given programs behind a pending entry as they appeared, by
+    /// ifindex, until a pod claims them or they go.
+    attached_ahead: BTreeMap<u32, HostInterface>,
     /// The `bulkhead_endpoints` series last published, so gone ones are removed.
     published_endpoints: BTreeSet<(String, &'static str)>,
     /// Local pods not enforced yet, since when and why.
@@ -459,6 +475,7 @@ impl Agent {
             pods_by_endpoint: HashMap::new(),
             attached: BTreeMap::new(),
             attached_pending: Vec::new(),
+            attached_ahead: BTreeMap::new(),
             published_endpoints: BTreeSet::new(),
             waiting: BTreeMap::new(),
             source_synced: false,
@@ -488,6 +505,14 @@ impl Agent {
     pub async fn run(mut self, mut updates: mpsc::Receiver<Update>) {
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut veths = match self.config.pod_interface_prefixes.is_empty() {
+            true => None,
+            false => host::veth_events()
+                .inspect_err(|error| {
+                    tracing::warn!(%error, "cannot follow the node's veths: pods get their programs at their first reconcile")
+                })
+                .ok(),
+        };
         loop {
             let deadline = self
                 .pending
@@ -507,6 +532,51 @@ impl Agent {
                 },
                 () = due => self.reconcile().await,
                 _ = housekeeping.tick() => self.housekeeping().await,
+                event = next_veth_event(&mut veths) => match event {
+                    Some(event) => self.veth_event(event),
+                    None => {
+                        tracing::warn!("the node's veths are no longer followed: pods get their programs at their first reconcile");
+                        veths = None;
+                    }
+                },
+            }
+        }
+    }
+
+    /// A veth named as the CNI names pods' gets its programs as it appears,
+    /// behind a pending entry that passes everything, as a veth with no
+    /// programs would: each TCX link waits for an RCU grace period (about
+    /// 15 ms, serialised by the kernel), and so that wait is over before
+    /// kubelet reports the pod's address. The pod's real entry replaces the
+    /// pending one (`attach_missing`); a veth that goes unclaimed loses them.
+    fn veth_event(&mut self, event: VethEvent) {
+        match event {
+            VethEvent::Added(interface) => {
+                let prefixes = &self.config.pod_interface_prefixes;
+                if !prefixes.iter().any(|prefix| interface.name.starts_with(prefix.as_str()))
+                    || self.attached_ahead.contains_key(&interface.ifindex)
+                {
+                    return;
+                }
+                // False when links are pinned for it already: a pod's, or a previous agent's.
+                match self.programmer.attach_pending(&interface.name, interface.ifindex) {
+                    Ok(true) => {
+                        tracing::debug!(interface = %interface.name, "attached ahead of its pod");
+                        self.attached_ahead.insert(interface.ifindex, interface);
+                    }
+                    Ok(false) => {}
+                    Err(error) => {
+                        tracing::warn!(interface = %interface.name, %error, "attaching ahead of the pod failed; retrying at its first reconcile");
+                        self.shared.metrics.sync_errors.with_label_values(&["attach"]).inc();
+                    }
+                }
+            }
+            VethEvent::Removed(gone) => {
+                let Some(interface) = self.attached_ahead.remove(&gone.ifindex) else { return };
+                if let Err(error) = self.programmer.detach_pending(&interface.name, interface.ifindex) {
+                    tracing::warn!(interface = %interface.name, %error, "removing the programs of a veth gone unclaimed failed");
+                    self.shared.metrics.sync_errors.with_label_values(&["detach"]).inc();
+                }
             }
         }
     }
@@ -766,6 +836,7 @@ impl Agent {
             ) {
                 Ok(()) => {
                     tracing::info!(%pod, interface = %interface.name, cgroup = ?cgroup, endpoint = endpoint_id, "enforcing");
+                    self.attached_ahead.remove(&interface.ifindex);
                     if let Some(waited) = self.waiting.remove(&pod).filter(|w| w.warned) {
                         tracing::warn!(%pod, after_s = waited.since.elapsed().as_secs_f64(), "enforced at last");
                     }

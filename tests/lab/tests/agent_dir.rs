@@ -257,11 +257,73 @@ fn the_agent_enforces_a_folder_and_follows_its_edits() {
 }
 
 fn link_pins() -> Vec<String> {
-    std::fs::read_dir(Path::new(PIN_DIR).join("links"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
+    link_pins_in(PIN_DIR)
+}
+
+fn link_pins_in(pin_dir: &str) -> Vec<String> {
+    std::fs::read_dir(Path::new(pin_dir).join("links"))
+        .map(|dir| dir.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// With `--pod-interface-prefix`, a pod's veth gets its programs as the CNI
+/// makes it, passing everything until the pod's address is known; a veth
+/// that goes unclaimed takes them along, and other veths are left alone.
+#[test]
+fn veths_named_as_pods_get_their_programs_as_they_appear() {
+    assert!(common::require_root(), "not root");
+    const PINS: &str = "/sys/fs/bpf/bulkhead-test-ahead";
+    let folder = std::env::temp_dir().join("bulkhead-test-ahead-objects");
+    let _ = std::fs::remove_dir_all(&folder);
+    std::fs::create_dir_all(&folder).unwrap();
+    let _cleanup = Cleanup(folder.clone(), PINS);
+    let _ = Datapath::unpin_all(PINS);
+    let log = folder.join("agent.log.txt");
+
+    let mut topology = Topology::new("ahd", 192);
+    let api = topology.add_pod("api");
+    let mut cluster = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n".to_string();
+    cluster.push_str(&pod_yaml(&api.name, "api", &api.uid, &api.ipv4.to_string(), 8080));
+    write(&folder.join("cluster.yaml"), &cluster);
+    write(&folder.join("db-from-api.yaml"), &DB_FROM_API.replace("app: api}", "app: nobody}"));
+    let agent = Agent::start_with(&topology, &folder, &log, PINS, &["--pod-interface-prefix=bhahd,cali"]);
+    eventually("the agent is ready", Duration::from_secs(20), || get(&topology, "/readyz").0 == 200);
+
+    // The CNI wires db; kubelet has not reported it yet.
+    let db = topology.add_pod("db");
+    topology.serve("db", &["5432/TCP"]);
+    let pins_of = |interface: &str| link_pins_in(PINS).into_iter().filter(|p| p.starts_with(interface)).count();
+    eventually("db's veth has both TC programs", Duration::from_secs(5), || pins_of(&db.host_interface) == 2);
+    let pending = |ifindex: u32| Datapath::load(PINS).unwrap().endpoint(ifindex).map(|entry| entry.is_pending());
+    let db_ifindex = topology.node_ifindex(&db.host_interface);
+    assert_eq!(pending(db_ifindex), Some(true), "db's entry is the pending one");
+    assert_eq!(topology.probe("api", "TCP", db.ipv4, 5432), "allow", "a pending veth passes everything");
+
+    // Reported, db is enforced on the programs it has.
+    cluster.push_str(&pod_yaml(&db.name, "db", &db.uid, &db.ipv4.to_string(), 5432));
+    write(&folder.join("cluster.yaml"), &cluster);
+    eventually("db refuses api", Duration::from_secs(5), || topology.probe("api", "TCP", db.ipv4, 5432) == "deny");
+    assert_eq!(pending(db_ifindex), Some(false), "db's entry is its real one");
+
+    // A veth that goes before any pod claims it takes its programs and entry along.
+    let gone = topology.add_pod("gone");
+    eventually("gone's veth has both TC programs", Duration::from_secs(5), || pins_of(&gone.host_interface) == 2);
+    let gone_ifindex = topology.node_ifindex(&gone.host_interface);
+    assert_eq!(pending(gone_ifindex), Some(true));
+    topology.delete_pod("gone");
+    eventually("gone's pins are removed", Duration::from_secs(5), || pins_of(&gone.host_interface) == 0);
+    assert_eq!(pending(gone_ifindex), None, "gone's entry is removed");
+
+    // A veth named otherwise is not touched (events come in order: it was
+    // seen before late's).
+    topology.node_exec(&["ip", "link", "add", "othahd", "type", "veth", "peer", "name", "eth1", "netns", &db.netns]);
+    let late = topology.add_pod("late");
+    eventually("late's veth has both TC programs", Duration::from_secs(5), || pins_of(&late.host_interface) == 2);
+    assert_eq!(pins_of("othahd"), 0, "{:?}", link_pins_in(PINS));
+    topology.node_exec(&["ip", "link", "del", "othahd"]);
+    let complaints =
+        |l: &&str| (l.contains("\"WARN\"") || l.contains("\"ERROR\"")) && (l.contains("veth") || l.contains("ahead"));
+    assert!(agent.log().lines().filter(complaints).count() == 0, "{}", agent.log());
 }
 
 #[test]

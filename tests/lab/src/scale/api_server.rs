@@ -285,7 +285,7 @@ async fn measure_in_node(
             .args(["--metrics-address", AGENT_ADDRESS, "--debug-address", AGENT_ADDRESS])
             .arg(format!("--cgroup-root={}", topology.kubepods.display()))
             .arg(format!("--state-dir={}", topology.state_dir(NODE).display()))
-            .args(["--egress-learning-seconds", "0"])
+            .args(["--egress-learning-seconds", "0", super::POD_INTERFACE_PREFIX])
             .env("RUST_LOG", super::agent_log_filter())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -327,6 +327,7 @@ async fn measure_in_node(
     for round in 0..ROUNDS {
         let spare = &spares[round % spares.len()];
         let pod = one(&cluster.local_extra_pod(round, spare))?;
+        tokio::task::block_in_place(|| super::wire_spare(topology, spare))?;
         timed(topology, LOCAL_PODS + 1, series.entry("local_pod").or_default(), create(&client, &pod, Some(cgroups)))
             .await?;
         let uid = pod.api(&client).get(pod.name()).await?.metadata.uid.unwrap_or_default();

@@ -222,6 +222,39 @@ fn churn_deletes(i: usize) -> Option<usize> {
     (i % 2 == 1 && i >= CHURN_PER_SECOND).then(|| i - CHURN_PER_SECOND - 1)
 }
 
+/// The local pods' veths are `bhscl<n>`; the agent follows them as a CNI makes them.
+const POD_INTERFACE_PREFIX: &str = "--pod-interface-prefix=bhscl";
+
+/// Wire a spare pod again before it is reported, as the CNI wires a new
+/// pod before kubelet reports its address: its veth is new, and the agent
+/// gives it its programs as it appears. Kubelet's report follows CNI ADD
+/// by hundreds of milliseconds; the bench waits until the programs are on.
+fn wire_spare(topology: &Topology, spare: &TestPod) -> Result<()> {
+    topology.rewire_pod(spare);
+    let links = std::path::Path::new(PIN_DIR).join("links");
+    let attached = || {
+        std::fs::read_dir(&links)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|pin| {
+                pin.file_name()
+                    .to_string_lossy()
+                    .strip_prefix(spare.host_interface.as_str())
+                    .is_some_and(|rest| rest.starts_with('-'))
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while attached() < 2 {
+        if Instant::now() > deadline {
+            bail!("the agent did not attach to {} as it appeared", spare.host_interface);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
 /// The agent's log filter: `BULKHEAD_BENCH_AGENT_LOG`, else warnings.
 fn agent_log_filter() -> String {
     std::env::var("BULKHEAD_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn,netlink_packet_route=error".into())
@@ -355,7 +388,7 @@ fn measure(topology: &Topology, spares: &[TestPod], cluster: &Cluster) -> Result
         topology
             .node_command(testbed::product_binary())
             .args(topology.agent_args(NODE, PIN_DIR, &cluster.folder))
-            .args(["--egress-learning-seconds", "0"])
+            .args(["--egress-learning-seconds", "0", POD_INTERFACE_PREFIX])
             .env("RUST_LOG", agent_log_filter())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -407,6 +440,7 @@ fn measure(topology: &Topology, spares: &[TestPod], cluster: &Cluster) -> Result
         let spare = &spares[round % spares.len()];
         let path = cluster.folder.join("pods/local-extra.yaml");
         let text = cluster.local_extra_pod(round, spare);
+        wire_spare(topology, spare)?;
         bench.endpoints = LOCAL_PODS + 1;
         bench.change(&path, Some(&text), series.entry("local_pod").or_default())?;
         bench.endpoints = LOCAL_PODS;

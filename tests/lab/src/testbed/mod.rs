@@ -261,12 +261,7 @@ impl Topology {
     /// Returns how to run a command in the pod's namespace.
     fn pod_namespace(&self, netns: &str, host_interface: &str) -> impl Fn(&[&str]) + use<> {
         run(&["ip", "netns", "add", netns]);
-        let owned = netns.to_string();
-        let pod_exec = move |cmd: &[&str]| {
-            let mut args = vec!["ip", "netns", "exec", owned.as_str()];
-            args.extend_from_slice(cmd);
-            run(&args);
-        };
+        let pod_exec = in_namespace(netns);
         pod_exec(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]);
         self.node_exec(&["ip", "link", "add", host_interface, "type", "veth", "peer", "name", "eth0", "netns", netns]);
         pod_exec
@@ -295,17 +290,33 @@ impl Topology {
         let host_interface = format!("bh{}{index}", self.tag);
         let pod_exec = self.pod_namespace(&netns, &host_interface);
         pod_exec(&["ip", "link", "set", "lo", "up"]);
+        self.route_to(&netns, &host_interface, (ipv4, ipv6));
+        self.keep_pod(name, netns, host_interface, (ipv4, ipv6))
+    }
+
+    /// Wire a routed pod's veth again, as a CNI's DEL then ADD would: the
+    /// veth and its routes go, and a veth of the same name comes.
+    pub fn rewire_pod(&self, pod: &TestPod) {
+        self.node_exec(&["ip", "link", "del", &pod.host_interface]);
+        let (netns, host_interface) = (pod.netns.as_str(), pod.host_interface.as_str());
+        self.node_exec(&["ip", "link", "add", host_interface, "type", "veth", "peer", "name", "eth0", "netns", netns]);
+        self.route_to(netns, host_interface, (pod.ipv4, pod.ipv6));
+    }
+
+    /// Routed wiring (ptp, Calico): the pod's addresses on its `eth0`, a
+    /// link-local gateway, and a host route to each address via the veth.
+    fn route_to(&self, netns: &str, host_interface: &str, (ipv4, ipv6): (IpAddr, IpAddr)) {
+        let pod_exec = in_namespace(netns);
         pod_exec(&["ip", "link", "set", "eth0", "up"]);
         pod_exec(&["ip", "addr", "add", &format!("{ipv4}/32"), "dev", "eth0"]);
         pod_exec(&["ip", "-6", "addr", "add", &format!("{ipv6}/128"), "dev", "eth0", "nodad"]);
         pod_exec(&["ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
         pod_exec(&["ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
         pod_exec(&["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]);
-        self.node_exec(&["ip", "link", "set", &host_interface, "up"]);
-        self.node_exec(&["ip", "-6", "addr", "add", "fe80::1/64", "dev", &host_interface, "nodad"]);
-        self.node_exec(&["ip", "route", "add", &format!("{ipv4}/32"), "dev", &host_interface]);
-        self.node_exec(&["ip", "-6", "route", "add", &format!("{ipv6}/128"), "dev", &host_interface]);
-        self.keep_pod(name, netns, host_interface, (ipv4, ipv6))
+        self.node_exec(&["ip", "link", "set", host_interface, "up"]);
+        self.node_exec(&["ip", "-6", "addr", "add", "fe80::1/64", "dev", host_interface, "nodad"]);
+        self.node_exec(&["ip", "route", "add", &format!("{ipv4}/32"), "dev", host_interface]);
+        self.node_exec(&["ip", "-6", "route", "add", &format!("{ipv6}/128"), "dev", host_interface]);
     }
 
     /// A pod wired as bridge CNIs (bridge, flannel) wire one: its veth is a
@@ -551,5 +562,15 @@ impl Drop for Topology {
         let _ = std::fs::remove_dir(&self.kubepods);
         let _ = std::fs::remove_dir_all(&self.state_root);
         run_quiet(&["ip", "netns", "del", &self.node_netns]);
+    }
+}
+
+/// Runs a command in network namespace `netns`.
+fn in_namespace(netns: &str) -> impl Fn(&[&str]) + use<> {
+    let netns = netns.to_string();
+    move |cmd: &[&str]| {
+        let mut args = vec!["ip", "netns", "exec", netns.as_str()];
+        args.extend_from_slice(cmd);
+        run(&args);
     }
 }
