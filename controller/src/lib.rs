@@ -35,6 +35,18 @@ pub fn limit_malloc_arenas() {
     }
 }
 
+/// Hand the free pages malloc keeps back to the kernel (glibc builds; musl's
+/// allocator unmaps as it frees). glibc returns freed memory on its own only
+/// from the top of the heap, so what a whole compile's scratch freed (the
+/// first sync's map operations among it) stays resident, unused, until then.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim is thread-safe; it takes the arena's lock.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// SIGTERM (what the kubelet sends) or Ctrl-C: time to stop, cleanly.
 pub async fn stop_requested() {
     let terminate = async {

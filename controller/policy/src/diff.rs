@@ -85,11 +85,22 @@ impl OpsPlan {
     }
 
     pub fn into_ops(self) -> Vec<MapOp> {
-        let mut ops = self.deny_writes;
-        ops.extend(self.allow_deletes);
-        ops.extend(self.ipcache_writes);
-        ops.extend(self.ipcache_deletes);
-        ops.extend(self.allow_writes);
+        // Built on the allow writes, the largest phase by far when a whole
+        // state is written (a first sync: hundreds of thousands of entries):
+        // the earlier phases go in front, in its spare capacity when there is
+        // some, rather than all of it copied into a new vector beside it.
+        let mut ops = self.allow_writes;
+        let earlier = self.deny_writes.len() + self.allow_deletes.len();
+        let earlier = earlier + self.ipcache_writes.len() + self.ipcache_deletes.len();
+        ops.reserve(earlier + self.deny_deletes.len());
+        ops.splice(
+            0..0,
+            self.deny_writes
+                .into_iter()
+                .chain(self.allow_deletes)
+                .chain(self.ipcache_writes)
+                .chain(self.ipcache_deletes),
+        );
         ops.extend(self.deny_deletes);
         ops
     }
@@ -116,5 +127,39 @@ pub fn apply_one(state: &mut DesiredState, op: &MapOp) {
         MapOp::IpcacheDelete(key) => {
             state.ipcache.remove(key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datapath_common::{verdict, PolicyKey, PolicyValue};
+
+    use super::{MapOp, OpsPlan};
+
+    #[test]
+    fn operations_come_in_the_order_that_never_opens_a_connection() {
+        let key = |port: u16| (32, PolicyKey::new(1, 0, 2, 6, port));
+        let (allow, deny) = (PolicyValue::new(verdict::ALLOW, 1, 0), PolicyValue::new(verdict::DENY, 1, 0));
+        let mut plan = OpsPlan::default();
+        // Found in an order unlike the one they must be written in, several
+        // of the largest phase (allow writes) so its vector has spare room.
+        for port in 100..110 {
+            plan.policy(key(port), None, Some(&allow));
+        }
+        plan.policy(key(1), Some(&deny), None);
+        plan.ipcache((32, [9; 16]), Some(3), None);
+        plan.ipcache((32, [8; 16]), None, Some(3));
+        plan.policy(key(2), Some(&allow), None);
+        plan.policy(key(3), Some(&allow), Some(&deny));
+        let ops = plan.into_ops();
+        let mut expected = vec![
+            MapOp::PolicyUpsert(key(3), deny),
+            MapOp::PolicyDelete(key(2)),
+            MapOp::IpcacheUpsert((32, [8; 16]), 3),
+            MapOp::IpcacheDelete((32, [9; 16])),
+        ];
+        expected.extend((100..110).map(|port| MapOp::PolicyUpsert(key(port), allow)));
+        expected.push(MapOp::PolicyDelete(key(1)));
+        assert_eq!(ops, expected);
     }
 }

@@ -654,6 +654,7 @@ impl Agent {
         // Creating a TCX link waits for an RCU grace period (about 15 ms, two
         // per pod, serialised by the kernel): the links of pods not attached
         // yet are made while their allowlists compile.
+        let compiles_everything = self.compiler.is_none() || self.compile_all;
         let head_start = self.veths_to_attach_ahead(&scope).await;
         let started = Instant::now();
         let (programmer, snapshot, changed) = (&mut self.programmer, &self.snapshot, &self.changed);
@@ -738,6 +739,9 @@ impl Agent {
         if let Some(baselines) = self.baselines.as_mut() {
             let present = self.attached.keys().filter_map(|p| self.snapshot.pods.get(p)).map(Workload::of).collect();
             baselines.retain(&present);
+        }
+        if compiles_everything {
+            crate::release_free_memory();
         }
         if !ok {
             self.retry = true;

@@ -96,10 +96,18 @@ impl Programmer {
     /// adopted pins hold and `desired`.
     pub fn apply(&mut self, desired: &DesiredState, ops: Vec<MapOp>) -> Result<SyncReport, DatapathError> {
         let ops = match self.adopted.take() {
-            Some(adopted) => bulkhead_policy::diff(&adopted, desired),
+            Some(adopted) => {
+                drop(ops);
+                bulkhead_policy::diff(&adopted, desired)
+            }
             None => ops,
         };
-        let mut ops = std::mem::take(&mut self.pending).into_iter().chain(ops).collect::<Vec<_>>().into_iter();
+        // No copy of the usual case's operations (a first sync's are the whole state).
+        let mut ops = match self.pending.is_empty() {
+            true => ops,
+            false => std::mem::take(&mut self.pending).into_iter().chain(ops).collect(),
+        }
+        .into_iter();
         let mut report = SyncReport::default();
         while let Some(op) = ops.next() {
             if let MapOp::PolicyUpsert(key, _) | MapOp::PolicyDelete(key) = &op {

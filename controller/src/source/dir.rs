@@ -192,6 +192,8 @@ impl DirSource {
             for key in &self.files.get(id).map(|f| f.keys.clone()).unwrap_or_default() {
                 let holders = self.objects.entry(key.clone()).or_default();
                 if !holders.files.contains(id) {
+                    // Almost always the one file: one per object of the folder.
+                    holders.files.reserve_exact(1);
                     holders.files.push(*id);
                 }
                 keys.insert(key.clone());
