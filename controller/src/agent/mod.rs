@@ -561,7 +561,7 @@ impl Agent {
                 // False when links are pinned for it already: a pod's, or a previous agent's.
                 match self.programmer.attach_pending(&interface.name, interface.ifindex) {
                     Ok(true) => {
-                        tracing::debug!(interface = %interface.name, "attached ahead of its pod");
+                        tracing::info!(interface = %interface.name, "attached ahead of its pod");
                         self.attached_ahead.insert(interface.ifindex, interface);
                     }
                     Ok(false) => {}

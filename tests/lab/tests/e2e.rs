@@ -339,6 +339,12 @@ fn scale_up_and_down(cluster: &Cluster, cni: Cni, client: &str) {
             }
         }
     }
+    // The shipped DaemonSet follows `veth…` interfaces: each new pod's got its
+    // programs as the CNI made it, before kubelet reported the pod's address.
+    let logs =
+        cluster.kubectl(&["-n", "bulkhead-system", "logs", "-l", "app.kubernetes.io/component=agent", "--tail=-1"]);
+    let ahead = logs.lines().filter(|line| line.contains("attached ahead of its pod")).count();
+    assert!(ahead >= 8, "{ahead} veths attached ahead for 8 new pods; the agent's log:\n{logs}");
     let mut millis: Vec<u128> = latency.values().map(Duration::as_millis).collect();
     millis.sort();
     eprintln!(
