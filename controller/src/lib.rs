@@ -36,7 +36,7 @@ pub fn limit_malloc_arenas() {
 }
 
 /// Hand the free pages malloc keeps back to the kernel (glibc builds; musl's
-/// allocator unmaps as it frees). glibc returns freed memory on its own only
+/// allocator gives freed memory back by itself). glibc returns freed memory on its own only
 /// from the top of the heap, so what a whole compile's scratch freed (the
 /// first sync's map operations among it) stays resident, unused, until then.
 pub fn release_free_memory() {

@@ -651,10 +651,10 @@ impl Agent {
             name: self.config.node_name.clone(),
             unscheduled_are_local: self.config.unscheduled_pods_are_local,
         };
+        let compiles_everything = self.compiler.is_none() || self.compile_all;
         // Creating a TCX link waits for an RCU grace period (about 15 ms, two
         // per pod, serialised by the kernel): the links of pods not attached
         // yet are made while their allowlists compile.
-        let compiles_everything = self.compiler.is_none() || self.compile_all;
         let head_start = self.veths_to_attach_ahead(&scope).await;
         let started = Instant::now();
         let (programmer, snapshot, changed) = (&mut self.programmer, &self.snapshot, &self.changed);
