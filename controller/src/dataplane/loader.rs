@@ -227,7 +227,17 @@ impl Datapath {
     }
 
     fn link_pin(&self, target: &str, program: &str) -> PathBuf {
-        self.pin_dir.join("links").join(format!("{}-{program}", link_pin_target(target)))
+        link_pin_in(&self.pin_dir, target, program)
+    }
+
+    /// The pins of an interface's two TC links under `pin_dir` that exist
+    /// (none, one of a half-done attach, or both), without loading anything.
+    pub fn interface_link_pins(pin_dir: impl AsRef<Path>, interface: &str) -> Vec<PathBuf> {
+        [program_names::FROM_POD, program_names::TO_POD]
+            .iter()
+            .map(|name| link_pin_in(pin_dir.as_ref(), interface, name))
+            .filter(|pin| pin.exists())
+            .collect()
     }
 
     /// Every pinned link: (its target as pins name it, its program, the pin).
@@ -279,7 +289,7 @@ impl Datapath {
 
     /// Whether either TC program's link is pinned for this interface.
     pub fn interface_links_pinned(&self, interface: &str) -> bool {
-        [program_names::FROM_POD, program_names::TO_POD].iter().any(|name| self.link_pin(interface, name).exists())
+        !Self::interface_link_pins(&self.pin_dir, interface).is_empty()
     }
 
     /// Detach from an interface by removing the pinned links.
@@ -773,6 +783,11 @@ where
 
 /// How a link's pin names its target (an interface, or a cgroup's path):
 /// bpffs refuses names with a dot (reserved for its own files).
+/// Where the link of `program` on `target` (an interface, a cgroup path) is pinned.
+fn link_pin_in(pin_dir: &Path, target: &str, program: &str) -> PathBuf {
+    pin_dir.join("links").join(format!("{}-{program}", link_pin_target(target)))
+}
+
 pub fn link_pin_target(target: &str) -> String {
     target.trim_start_matches('/').replace(['/', '.'], "_")
 }

@@ -59,6 +59,16 @@ impl Drop for Agent {
 
 struct Cleanup(PathBuf, &'static str);
 
+/// An empty folder of objects under the temp directory, and no pins under
+/// `pin_dir`; both removed again when the returned guard drops.
+fn fresh_folder(name: &str, pin_dir: &'static str) -> (PathBuf, Cleanup) {
+    let folder = std::env::temp_dir().join(name);
+    let _ = std::fs::remove_dir_all(&folder);
+    std::fs::create_dir_all(&folder).unwrap();
+    let _ = Datapath::unpin_all(pin_dir);
+    (folder.clone(), Cleanup(folder, pin_dir))
+}
+
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = Datapath::unpin_all(self.1);
@@ -85,11 +95,7 @@ fn write(path: &Path, text: &str) {
 #[test]
 fn the_agent_enforces_a_folder_and_follows_its_edits() {
     assert!(common::require_root(), "not root");
-    let folder = std::env::temp_dir().join("bulkhead-test-agent-objects");
-    let _ = std::fs::remove_dir_all(&folder);
-    std::fs::create_dir_all(&folder).unwrap();
-    let _cleanup = Cleanup(folder.clone(), PIN_DIR);
-    let _ = Datapath::unpin_all(PIN_DIR);
+    let (folder, _cleanup) = fresh_folder("bulkhead-test-agent-objects", PIN_DIR);
     let log = folder.join("agent.log.txt");
 
     let mut topology = Topology::new("agt", 181);
@@ -257,13 +263,11 @@ fn the_agent_enforces_a_folder_and_follows_its_edits() {
 }
 
 fn link_pins() -> Vec<String> {
-    link_pins_in(PIN_DIR)
-}
-
-fn link_pins_in(pin_dir: &str) -> Vec<String> {
-    std::fs::read_dir(Path::new(pin_dir).join("links"))
-        .map(|dir| dir.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default()
+    std::fs::read_dir(Path::new(PIN_DIR).join("links"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 /// With `--pod-interface-prefix`, a pod's veth gets its programs as the CNI
@@ -273,11 +277,7 @@ fn link_pins_in(pin_dir: &str) -> Vec<String> {
 fn veths_named_as_pods_get_their_programs_as_they_appear() {
     assert!(common::require_root(), "not root");
     const PINS: &str = "/sys/fs/bpf/bulkhead-test-ahead";
-    let folder = std::env::temp_dir().join("bulkhead-test-ahead-objects");
-    let _ = std::fs::remove_dir_all(&folder);
-    std::fs::create_dir_all(&folder).unwrap();
-    let _cleanup = Cleanup(folder.clone(), PINS);
-    let _ = Datapath::unpin_all(PINS);
+    let (folder, _cleanup) = fresh_folder("bulkhead-test-ahead-objects", PINS);
     let log = folder.join("agent.log.txt");
 
     let mut topology = Topology::new("ahd", 192);
@@ -292,7 +292,7 @@ fn veths_named_as_pods_get_their_programs_as_they_appear() {
     // The CNI wires db; kubelet has not reported it yet.
     let db = topology.add_pod("db");
     topology.serve("db", &["5432/TCP"]);
-    let pins_of = |interface: &str| link_pins_in(PINS).into_iter().filter(|p| p.starts_with(interface)).count();
+    let pins_of = |interface: &str| Datapath::interface_link_pins(PINS, interface).len();
     eventually("db's veth has both TC programs", Duration::from_secs(5), || pins_of(&db.host_interface) == 2);
     let pending = |ifindex: u32| Datapath::load(PINS).unwrap().endpoint(ifindex).map(|entry| entry.is_pending());
     let db_ifindex = topology.node_ifindex(&db.host_interface);
@@ -319,7 +319,7 @@ fn veths_named_as_pods_get_their_programs_as_they_appear() {
     topology.node_exec(&["ip", "link", "add", "othahd", "type", "veth", "peer", "name", "eth1", "netns", &db.netns]);
     let late = topology.add_pod("late");
     eventually("late's veth has both TC programs", Duration::from_secs(5), || pins_of(&late.host_interface) == 2);
-    assert_eq!(pins_of("othahd"), 0, "{:?}", link_pins_in(PINS));
+    assert_eq!(pins_of("othahd"), 0);
     topology.node_exec(&["ip", "link", "del", "othahd"]);
     let complaints =
         |l: &&str| (l.contains("\"WARN\"") || l.contains("\"ERROR\"")) && (l.contains("veth") || l.contains("ahead"));
@@ -379,11 +379,7 @@ fn the_probe_runner_passes_every_scenario_and_agrees_with_check() {
 fn egress_outside_the_learned_baseline_is_counted_once() {
     assert!(common::require_root(), "not root");
     const PINS: &str = "/sys/fs/bpf/bulkhead-test-anomaly";
-    let folder = std::env::temp_dir().join("bulkhead-test-anomaly-objects");
-    let _ = std::fs::remove_dir_all(&folder);
-    std::fs::create_dir_all(&folder).unwrap();
-    let _cleanup = Cleanup(folder.clone(), PINS);
-    let _ = Datapath::unpin_all(PINS);
+    let (folder, _cleanup) = fresh_folder("bulkhead-test-anomaly-objects", PINS);
     let log = std::env::temp_dir().join("bulkhead-test-anomaly-agent.log");
     let _ = std::fs::remove_file(&log);
 
@@ -488,11 +484,7 @@ fn bulkhead(args: &[&str]) -> (bool, String) {
 fn a_default_deny_rollout_goes_from_audit_to_enforce() {
     assert!(common::require_root(), "not root");
     const PINS: &str = "/sys/fs/bpf/bulkhead-test-rollout";
-    let folder = std::env::temp_dir().join("bulkhead-test-rollout-objects");
-    let _ = std::fs::remove_dir_all(&folder);
-    std::fs::create_dir_all(&folder).unwrap();
-    let _cleanup = Cleanup(folder.clone(), PINS);
-    let _ = Datapath::unpin_all(PINS);
+    let (folder, _cleanup) = fresh_folder("bulkhead-test-rollout-objects", PINS);
     let log = std::env::temp_dir().join("bulkhead-test-rollout-agent.log");
     let _ = std::fs::remove_file(&log);
 

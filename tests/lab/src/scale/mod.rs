@@ -231,22 +231,8 @@ const POD_INTERFACE_PREFIX: &str = "--pod-interface-prefix=bhscl";
 /// by hundreds of milliseconds; the bench waits until the programs are on.
 fn wire_spare(topology: &Topology, spare: &TestPod) -> Result<()> {
     topology.rewire_pod(spare);
-    let links = std::path::Path::new(PIN_DIR).join("links");
-    let attached = || {
-        std::fs::read_dir(&links)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|pin| {
-                pin.file_name()
-                    .to_string_lossy()
-                    .strip_prefix(spare.host_interface.as_str())
-                    .is_some_and(|rest| rest.starts_with('-'))
-            })
-            .count()
-    };
     let deadline = Instant::now() + Duration::from_secs(2);
-    while attached() < 2 {
+    while Datapath::interface_link_pins(PIN_DIR, &spare.host_interface).len() < 2 {
         if Instant::now() > deadline {
             bail!("the agent did not attach to {} as it appeared", spare.host_interface);
         }
