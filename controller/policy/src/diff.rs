@@ -28,24 +28,39 @@ pub enum MapOp {
 }
 
 pub fn diff(old: &DesiredState, new: &DesiredState) -> Vec<MapOp> {
-    let mut plan = OpsPlan::default();
-    for (key, value) in &new.policy {
-        plan.policy(*key, old.policy.get(key), Some(value));
-    }
-    for (key, value) in &old.policy {
-        if !new.policy.contains_key(key) {
-            plan.policy(*key, Some(value), None);
-        }
-    }
-    for (key, id) in &new.ipcache {
-        plan.ipcache(*key, old.ipcache.get(key).copied(), Some(*id));
-    }
-    for (key, id) in &old.ipcache {
-        if !new.ipcache.contains_key(key) {
-            plan.ipcache(*key, Some(*id), None);
-        }
-    }
-    plan.into_ops()
+    diff_ops(old, new).collect()
+}
+
+/// `diff` one operation at a time, phase after phase, each phase a pass
+/// over the maps: a whole state's worth of operations (an agent's first
+/// sync writes hundreds of thousands of entries) never held at once.
+pub fn diff_ops<'a>(old: &'a DesiredState, new: &'a DesiredState) -> impl Iterator<Item = MapOp> + 'a {
+    let allows = |value: &PolicyValue| value.verdict == verdict::ALLOW;
+    let writes = move |allow: bool| {
+        new.policy
+            .iter()
+            .filter(move |(key, value)| allows(value) == allow && old.policy.get(*key) != Some(*value))
+            .map(|(key, value)| MapOp::PolicyUpsert(*key, *value))
+    };
+    let deletes = move |allow: bool| {
+        old.policy
+            .iter()
+            .filter(move |(key, value)| allows(value) == allow && !new.policy.contains_key(*key))
+            .map(|(key, _)| MapOp::PolicyDelete(*key))
+    };
+    let ipcache_writes = new
+        .ipcache
+        .iter()
+        .filter(|(key, id)| old.ipcache.get(*key) != Some(*id))
+        .map(|(key, id)| MapOp::IpcacheUpsert(*key, *id));
+    let ipcache_deletes =
+        old.ipcache.keys().filter(|key| !new.ipcache.contains_key(*key)).map(|key| MapOp::IpcacheDelete(*key));
+    writes(false)
+        .chain(deletes(true))
+        .chain(ipcache_writes)
+        .chain(ipcache_deletes)
+        .chain(writes(true))
+        .chain(deletes(false))
 }
 
 /// Map changes sorted into the phases above as they are found.
@@ -134,7 +149,8 @@ pub fn apply_one(state: &mut DesiredState, op: &MapOp) {
 mod tests {
     use datapath_common::{verdict, PolicyKey, PolicyValue};
 
-    use super::{MapOp, OpsPlan};
+    use super::{diff_ops, MapOp, OpsPlan};
+    use crate::DesiredState;
 
     #[test]
     fn operations_come_in_the_order_that_never_opens_a_connection() {
@@ -161,5 +177,34 @@ mod tests {
         expected.extend((100..110).map(|port| MapOp::PolicyUpsert(key(port), allow)));
         expected.push(MapOp::PolicyDelete(key(1)));
         assert_eq!(ops, expected);
+    }
+
+    #[test]
+    fn a_streamed_difference_is_the_plan_of_the_same_changes() {
+        let key = |endpoint: u32, port: u16| (32, PolicyKey::new(endpoint, 0, 2, 6, port));
+        let value = |n: u32| PolicyValue::new(if n % 3 == 0 { verdict::DENY } else { verdict::ALLOW }, n, 0);
+        let (mut old, mut new) = (DesiredState::default(), DesiredState::default());
+        // Kept, changed (verdicts flipping both ways), added and removed, in both maps.
+        for n in 0..60u32 {
+            let (endpoint, port) = (n % 4, n as u16);
+            if n % 5 != 0 {
+                old.policy.insert(key(endpoint, port), value(n));
+                old.ipcache.insert((32, [n as u8; 16]), n);
+            }
+            if n % 7 != 0 {
+                new.policy.insert(key(endpoint, port), value(if n % 2 == 0 { n } else { n + 1 }));
+                new.ipcache.insert((32, [n as u8; 16]), n % 11);
+            }
+        }
+        let mut plan = OpsPlan::default();
+        for key in old.policy.keys().chain(new.policy.keys()).collect::<std::collections::BTreeSet<_>>() {
+            plan.policy(*key, old.policy.get(key), new.policy.get(key));
+        }
+        for key in old.ipcache.keys().chain(new.ipcache.keys()).collect::<std::collections::BTreeSet<_>>() {
+            plan.ipcache(*key, old.ipcache.get(key).copied(), new.ipcache.get(key).copied());
+        }
+        let planned = plan.into_ops();
+        assert!(planned.len() > 40, "every kind of change is there: {planned:?}");
+        assert_eq!(diff_ops(&old, &new).collect::<Vec<_>>(), planned);
     }
 }

@@ -30,7 +30,7 @@ pub mod state;
 pub mod universe;
 
 pub use compile::{compile, Changed, Compiler};
-pub use diff::{apply, diff, MapOp};
+pub use diff::{apply, diff, diff_ops, MapOp};
 pub use model::{ContainerPort, Namespace, Pod, PodRef, PolicyKind, PolicyObject, PolicyRef};
 pub use snapshot::{Admission, Change, Object, ObjectKey, ObjectKind, Snapshot};
 pub use state::DesiredState;

@@ -95,19 +95,13 @@ impl Programmer {
     /// application, or, the first time, the difference between what the
     /// adopted pins hold and `desired`.
     pub fn apply(&mut self, desired: &DesiredState, ops: Vec<MapOp>) -> Result<SyncReport, DatapathError> {
-        let ops = match self.adopted.take() {
-            Some(adopted) => {
-                drop(ops);
-                bulkhead_policy::diff(&adopted, desired)
-            }
-            None => ops,
+        let adopted = self.adopted.take();
+        let ops: Box<dyn Iterator<Item = MapOp>> = match &adopted {
+            // Streamed: the first sync's operations are the whole state.
+            Some(adopted) => Box::new(bulkhead_policy::diff_ops(adopted, desired)),
+            None => Box::new(ops.into_iter()),
         };
-        // No copy of the usual case's operations (a first sync's are the whole state).
-        let mut ops = match self.pending.is_empty() {
-            true => ops,
-            false => std::mem::take(&mut self.pending).into_iter().chain(ops).collect(),
-        }
-        .into_iter();
+        let mut ops = std::mem::take(&mut self.pending).into_iter().chain(ops);
         let mut report = SyncReport::default();
         while let Some(op) = ops.next() {
             if let MapOp::PolicyUpsert(key, _) | MapOp::PolicyDelete(key) = &op {
