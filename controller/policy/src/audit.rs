@@ -38,7 +38,7 @@ pub const UNSTABLE_LABELS: [&str; 9] = [
 
 /// The workload a pod belongs to: its naming label, else its own name.
 pub fn workload_name(pod: &Pod) -> String {
-    WORKLOAD_LABELS.iter().find_map(|label| pod.labels.get(*label)).cloned().unwrap_or_else(|| pod.name.clone())
+    WORKLOAD_LABELS.iter().find_map(|label| pod.labels.get(*label)).cloned().unwrap_or_else(|| pod.name.to_string())
 }
 
 /// The labels that select a pod's whole workload: its naming label when it
@@ -76,7 +76,7 @@ pub enum FlowEnd {
 impl FlowEnd {
     pub fn of_pod(pod: &Pod) -> Self {
         FlowEnd::Workload {
-            namespace: pod.namespace.clone(),
+            namespace: pod.namespace.to_string(),
             name: workload_name(pod),
             labels: workload_labels(&pod.labels),
         }
@@ -373,8 +373,8 @@ pub fn unexplained(snapshot: &Snapshot, enforcing: &[PolicyRef], flows: &[Flow])
                         let index = ends.len() as u32;
                         let address = IpAddr::V4(Ipv4Addr::from(STAND_IN_BASE + index));
                         let stand_in = Pod {
-                            namespace: namespace.clone(),
-                            name: format!("{}-audit-stand-in-{index}", dns_label(name)),
+                            namespace: namespace.into(),
+                            name: format!("{}-audit-stand-in-{index}", dns_label(name)).into(),
                             labels: std::sync::Arc::new(labels.clone()),
                             ips: vec![address],
                             ports: vec![],

@@ -28,7 +28,7 @@ pub struct Workload {
 
 impl Workload {
     pub fn of(pod: &Pod) -> Self {
-        Self { namespace: pod.namespace.clone(), name: crate::audit::workload_name(pod) }
+        Self { namespace: pod.namespace.to_string(), name: crate::audit::workload_name(pod) }
     }
 }
 

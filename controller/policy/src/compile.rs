@@ -33,6 +33,7 @@ use crate::{
     model::{Pod, PodRef, PolicyRef},
     rules::{NamespaceScope, Peer, Policy},
     selector::Labels,
+    shared::Name,
     snapshot::Snapshot,
     state::{full_address_key, prefix_key, DesiredState, Endpoint, IpcacheKey, PolicyEntryKey},
     universe::{PeerId, Universe},
@@ -328,13 +329,13 @@ pub struct Compiler {
     /// How many pod addresses (and plain pod identities) use each identity.
     identity_users: HashMap<SharedKey, usize>,
     universe: Universe,
-    namespace_labels: BTreeMap<String, Labels>,
+    namespace_labels: BTreeMap<Name, Labels>,
     node_addresses: BTreeSet<IpAddr>,
     endpoint_numbers: Numbering<PodRef>,
     pods: HashMap<PodRef, CompiledPod>,
     /// The pods in scope, by namespace: what a policy or namespace change
     /// looks through.
-    local: HashMap<String, BTreeSet<PodRef>>,
+    local: HashMap<Name, BTreeSet<PodRef>>,
     address_owners: HashMap<IpAddr, Owners>,
     classes: HashMap<ClassKey, Class>,
     touched: Touched,
@@ -1033,7 +1034,7 @@ impl Compiler {
             // Unchanged, or a namespace no pod is in: nothing holds its labels.
             _ => return,
         }
-        self.namespace_labels.insert(name.to_string(), labels.clone());
+        self.namespace_labels.insert(name.into(), labels.clone());
         // An identity's entries follow from which selectors match it: those
         // of the namespace's identities that no selector matches
         // differently stay as they are.

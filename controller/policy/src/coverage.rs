@@ -77,12 +77,12 @@ pub fn coverage(snapshot: &Snapshot) -> BTreeMap<String, NamespaceCoverage> {
             continue;
         }
         let isolation = pod_isolation(snapshot, &selection, pod_ref);
-        let namespace = namespaces.entry(pod_ref.namespace.clone()).or_default();
+        let namespace = namespaces.entry(pod_ref.namespace.to_string()).or_default();
         namespace.pods += 1;
         namespace.ingress_isolated += usize::from(isolation.ingress);
         namespace.egress_isolated += usize::from(isolation.egress);
         if isolation == Isolation::default() {
-            namespace.open_pods.push(pod_ref.name.clone());
+            namespace.open_pods.push(pod_ref.name.to_string());
         }
     }
     namespaces
@@ -96,14 +96,14 @@ pub fn add_enforcement(
     enforced: &BTreeSet<String>,
 ) {
     for (pod_ref, pod) in &snapshot.pods {
-        let Some(namespace) = coverage.get_mut(&pod_ref.namespace).filter(|_| !pod.ips.is_empty()) else {
+        let Some(namespace) = coverage.get_mut(pod_ref.namespace.as_str()).filter(|_| !pod.ips.is_empty()) else {
             continue;
         };
         let count = namespace.enforced.get_or_insert(0);
         if enforced.contains(&pod_ref.to_string()) {
             *count += 1;
         } else {
-            namespace.not_enforced.push(pod_ref.name.clone());
+            namespace.not_enforced.push(pod_ref.name.to_string());
         }
     }
 }

@@ -182,17 +182,17 @@ mod tests {
     #[test]
     fn a_streamed_difference_is_the_plan_of_the_same_changes() {
         let key = |endpoint: u32, port: u16| (32, PolicyKey::new(endpoint, 0, 2, 6, port));
-        let value = |n: u32| PolicyValue::new(if n % 3 == 0 { verdict::DENY } else { verdict::ALLOW }, n, 0);
+        let value = |n: u32| PolicyValue::new(if n.is_multiple_of(3) { verdict::DENY } else { verdict::ALLOW }, n, 0);
         let (mut old, mut new) = (DesiredState::default(), DesiredState::default());
         // Kept, changed (verdicts flipping both ways), added and removed, in both maps.
         for n in 0..60u32 {
             let (endpoint, port) = (n % 4, n as u16);
-            if n % 5 != 0 {
+            if !n.is_multiple_of(5) {
                 old.policy.insert(key(endpoint, port), value(n));
                 old.ipcache.insert((32, [n as u8; 16]), n);
             }
-            if n % 7 != 0 {
-                new.policy.insert(key(endpoint, port), value(if n % 2 == 0 { n } else { n + 1 }));
+            if !n.is_multiple_of(7) {
+                new.policy.insert(key(endpoint, port), value(if n.is_multiple_of(2) { n } else { n + 1 }));
                 new.ipcache.insert((32, [n as u8; 16]), n % 11);
             }
         }

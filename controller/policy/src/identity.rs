@@ -17,7 +17,7 @@ use bulkhead_crds::Protocol;
 use foldhash::{HashSet, HashSetExt};
 use ipnet::IpNet;
 
-use crate::selector::Labels;
+use crate::{selector::Labels, shared::Name};
 
 /// A pod's named container ports: (name, protocol) → port.
 pub type NamedPorts = BTreeMap<(String, Protocol), u16>;
@@ -25,7 +25,7 @@ pub type NamedPorts = BTreeMap<(String, Protocol), u16>;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IdentityKey {
     Pod {
-        namespace: String,
+        namespace: Name,
         labels: Arc<Labels>,
         /// (name, protocol) → port: egress rules with named ports resolve against it.
         named_ports: BTreeMap<(String, Protocol), u16>,

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::{
     model::{ContainerPort, Namespace, Pod, PolicyObject},
+    shared::Name,
     snapshot::Object,
 };
 
@@ -181,6 +182,7 @@ pub fn pod_of(pod: core::Pod) -> Result<Option<Pod>, String> {
     // size, not the four a first push makes room for (22 MB at 150k pods).
     ips.shrink_to_fit();
     ports.shrink_to_fit();
+    let (namespace, name, node_name) = (namespace.into(), name.into(), node_name.map(Name::from));
     Ok(Some(Pod { namespace, name, labels: labels.into(), ips, ports, node_name, uid: pod.metadata.uid }))
 }
 

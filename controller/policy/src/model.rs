@@ -6,7 +6,7 @@ use std::{fmt, net::IpAddr, sync::Arc};
 use bulkhead_crds::{policy_networking::ClusterNetworkPolicy, ClusterConnectionPolicy, ConnectionPolicy, Protocol};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use crate::selector::Labels;
+use crate::{selector::Labels, shared::Name};
 
 /// The label every namespace carries, as the API server adds it.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -34,13 +34,13 @@ pub struct ContainerPort {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PodRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Name,
+    pub name: Name,
 }
 
 impl PodRef {
     pub fn new(namespace: &str, name: &str) -> Self {
-        Self { namespace: namespace.to_string(), name: name.to_string() }
+        Self { namespace: namespace.into(), name: name.into() }
     }
 }
 
@@ -52,21 +52,25 @@ impl fmt::Display for PodRef {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pod {
-    pub namespace: String,
-    pub name: String,
+    /// Shared with the other pods of the namespace (see `Snapshot::add_pod`).
+    pub namespace: Name,
+    /// Shared by every table that keys by this pod.
+    pub name: Name,
     /// Shared: the pods of one workload carry the same set, held once (see
     /// `Snapshot::add_pod`).
     pub labels: Arc<Labels>,
     pub ips: Vec<IpAddr>,
     pub ports: Vec<ContainerPort>,
-    pub node_name: Option<String>,
+    /// Shared with the other pods of the node.
+    pub node_name: Option<Name>,
     /// `metadata.uid`: how the agent finds the pod's cgroup.
     pub uid: Option<String>,
 }
 
 impl Pod {
+    /// Its reference, sharing its names.
     pub fn pod_ref(&self) -> PodRef {
-        PodRef::new(&self.namespace, &self.name)
+        PodRef { namespace: self.namespace.clone(), name: self.name.clone() }
     }
 }
 

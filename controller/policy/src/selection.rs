@@ -16,6 +16,7 @@ use crate::{
     compile::Changed,
     model::{PodRef, PolicyRef},
     rules::{NamespaceScope, Policy},
+    shared::Name,
     snapshot::Snapshot,
 };
 
@@ -26,7 +27,7 @@ pub struct Selection {
     refs: Vec<Option<PodRef>>,
     free: Vec<u32>,
     /// Counted pods by namespace.
-    by_namespace: HashMap<String, BTreeSet<u32>>,
+    by_namespace: HashMap<Name, BTreeSet<u32>>,
     /// For each counted pod, the policies selecting it.
     by_pod: HashMap<u32, Vec<PolicyRef>>,
     /// For each accepted policy, the pods it selects.
@@ -81,7 +82,7 @@ impl Selection {
                 Changed::Namespace(name) => {
                     let pods: Vec<PodRef> = self
                         .by_namespace
-                        .get(name)
+                        .get(name.as_str())
                         .into_iter()
                         .flatten()
                         .filter_map(|n| self.refs[*n as usize].clone())

@@ -1,8 +1,7 @@
 //! Label selectors: `matchLabels` and every `matchExpressions` operator.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::collections::BTreeMap;
 
-use foldhash::HashSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 pub type Labels = BTreeMap<String, String>;
@@ -10,27 +9,7 @@ pub type Labels = BTreeMap<String, String>;
 /// Every distinct set of pod labels, held once: the replicas of a workload
 /// carry the same set, so a cluster has far fewer sets than pods. Sources
 /// share the sets they parse, so even a first listing holds each set once.
-#[derive(Clone, Debug, Default)]
-pub struct LabelSets {
-    sets: HashSet<Arc<Labels>>,
-    /// Size after the last sweep of sets no pod holds any more.
-    swept_at: usize,
-}
-
-impl LabelSets {
-    pub fn share(&mut self, labels: Arc<Labels>) -> Arc<Labels> {
-        if let Some(known) = self.sets.get(&labels) {
-            return known.clone();
-        }
-        self.sets.insert(labels.clone());
-        // Sweeping when the set has doubled keeps the cost per pod constant.
-        if self.sets.len() > 2 * self.swept_at.max(1024) {
-            self.sets.retain(|set| Arc::strong_count(set) > 1);
-            self.swept_at = self.sets.len();
-        }
-        labels
-    }
-}
+pub type LabelSets = crate::shared::Shared<Labels>;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Operator {

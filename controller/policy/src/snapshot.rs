@@ -13,6 +13,7 @@ use crate::{
     model::{Namespace, Pod, PodRef, PolicyKind, PolicyObject, PolicyRef},
     rules::{normalize, Policy, ValidationError},
     selector::{LabelSets, Labels},
+    shared::Shared,
 };
 
 /// An object a source delivers.
@@ -104,6 +105,8 @@ pub struct Snapshot {
     /// Addresses of the node itself: always allowed to and from its pods.
     pub node_addresses: BTreeSet<IpAddr>,
     label_sets: LabelSets,
+    /// Namespace and node names, which many pods carry.
+    names: Shared<str>,
 }
 
 /// The snapshot of these objects, as if each had been applied in turn.
@@ -124,6 +127,8 @@ impl Snapshot {
 
     pub fn add_pod(&mut self, mut pod: Pod) {
         pod.labels = self.label_sets.share(pod.labels);
+        pod.namespace = pod.namespace.shared(&mut self.names);
+        pod.node_name = pod.node_name.map(|node| node.shared(&mut self.names));
         self.pods.insert(pod.pod_ref(), pod);
     }
 

@@ -13,6 +13,7 @@ use crate::{
     identity::IdentityKey,
     model::{PodRef, PolicyRef},
     rules::ValidationError,
+    shared::Name,
 };
 
 /// An ipcache key: prefix length over the 16-byte (IPv4-mapped) address.
@@ -56,7 +57,7 @@ pub fn prefix_key(net: &IpNet) -> IpcacheKey {
 pub struct Endpoint {
     pub id: u32,
     pub addresses: Vec<IpAddr>,
-    pub node_name: Option<String>,
+    pub node_name: Option<Name>,
 }
 
 /// Everything the datapath should hold, plus the names behind the numbers.

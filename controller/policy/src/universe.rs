@@ -11,11 +11,12 @@ use crate::{
     identity::{IdentityKey, NamedPorts},
     rules::{NamespaceScope, Peer},
     selector::Labels,
+    shared::Name,
 };
 
 /// What a pod identity's selectors match against.
 struct PodIdentity {
-    namespace: String,
+    namespace: Name,
     namespace_labels: Labels,
     labels: Arc<Labels>,
 }
@@ -36,7 +37,7 @@ pub struct Universe {
     /// The CIDR of a CIDR identity, or the ipBlock CIDR a pod identity's addresses fall in.
     cidrs: HashMap<u32, IpNet>,
     named_ports: HashMap<u32, NamedPorts>,
-    by_namespace: HashMap<String, HashSet<u32>>,
+    by_namespace: HashMap<Name, HashSet<u32>>,
     peer_ids: HashMap<Peer, PeerId>,
     selected: Vec<Option<Selected>>,
     free: Vec<PeerId>,
@@ -61,7 +62,7 @@ impl Universe {
     }
 
     /// Learn an identity; every selector in use is tested against it.
-    pub fn add_identity(&mut self, id: u32, key: &IdentityKey, namespace_labels: &BTreeMap<String, Labels>) {
+    pub fn add_identity(&mut self, id: u32, key: &IdentityKey, namespace_labels: &BTreeMap<Name, Labels>) {
         match key {
             IdentityKey::Pod { namespace, labels, named_ports, cidr } => {
                 let namespace_labels = namespace_labels.get(namespace).cloned().unwrap_or_default();
@@ -174,7 +175,7 @@ impl Universe {
         match peer {
             Peer::Pods { namespaces: NamespaceScope::Same(ns), .. } => self
                 .by_namespace
-                .get(ns)
+                .get(ns.as_str())
                 .into_iter()
                 .flatten()
                 .copied()

@@ -575,10 +575,10 @@ fn pod(index: usize) -> impl Strategy<Value = Pod> {
             if app == "db" {
                 ports.push(ContainerPort { name: Some("metrics".into()), port: 81, protocol: crd::Protocol::UDP });
             }
-            let node_name = node.map(String::from);
+            let node_name = node.map(bulkhead_policy::Name::from);
             Pod {
                 namespace: ns.into(),
-                name: format!("pod{index}"),
+                name: format!("pod{index}").into(),
                 labels: labels.into(),
                 ips,
                 ports,
@@ -825,7 +825,7 @@ fn take_step(cluster: &mut Cluster, other: &Cluster, step: &Step) -> Option<poli
             let source = snapshot.pods.values().nth(k % snapshot.pods.len().max(1))?.clone();
             let model = other.pods.values().nth(k % other.pods.len())?;
             let pod = Pod {
-                name: format!("extra{k}"),
+                name: format!("extra{k}").into(),
                 labels: model.labels.clone(),
                 namespace: model.namespace.clone(),
                 ..source
@@ -853,7 +853,7 @@ fn take_step(cluster: &mut Cluster, other: &Cluster, step: &Step) -> Option<poli
         Step::Reschedule(i) => {
             let pod_ref = nth_pod(snapshot, *i)?;
             let pod = snapshot.pods.get_mut(&pod_ref)?;
-            pod.node_name = Some(if pod.node_name.as_deref() == Some("n1") { "n2" } else { "n1" }.to_string());
+            pod.node_name = Some(if pod.node_name.as_deref() == Some("n1") { "n2" } else { "n1" }.into());
             Some(policy::Changed::Pod(pod_ref))
         }
         Step::ToggleProdY => {

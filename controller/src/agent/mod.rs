@@ -28,7 +28,7 @@ use bulkhead_policy::{
     compile::Scope,
     coverage::{self, Isolation},
     state::address_key,
-    Admission, Change, Changed, Compiler, DesiredState, ObjectKey, Pod, PodRef, PolicyRef, Snapshot,
+    Admission, Change, Changed, Compiler, DesiredState, Object, ObjectKey, Pod, PodRef, PolicyRef, Snapshot,
 };
 
 use crate::{
@@ -593,8 +593,16 @@ impl Agent {
         if update.revision.is_some() {
             self.revision = update.revision;
         }
-        for change in update.changes {
+        for mut change in update.changes {
+            match &mut change {
+                Change::Applied(object) => self.forget_remote_uid(object),
+                Change::Relisted(_, objects) => objects.iter_mut().for_each(|object| self.forget_remote_uid(object)),
+                Change::Deleted(_) | Change::Synced => {}
+            }
             match &change {
+                // A full compile is due (at start-up, with every pod of the
+                // cluster changed): it needs no list of what changed.
+                Change::Applied(_) | Change::Deleted(_) if self.compile_all => {}
                 Change::Applied(object) => {
                     self.changed.insert(changed_of(object.key()));
                 }
@@ -610,6 +618,16 @@ impl Agent {
             }
             for admission in self.snapshot.apply(change) {
                 log_admission(&admission);
+            }
+        }
+    }
+
+    /// A uid finds a local pod's cgroup; the pods of other nodes, nearly
+    /// all of a large cluster's, need not keep theirs.
+    fn forget_remote_uid(&self, object: &mut Object) {
+        if let Object::Pod(pod) = object {
+            if pod.node_name.as_ref().is_some_and(|node| *node != self.config.node_name) {
+                pod.uid = None;
             }
         }
     }
@@ -904,7 +922,7 @@ impl Agent {
         if let Some(compiler) = &self.compiler {
             for pod in self.attached.keys() {
                 let policies = compiler.policies_selecting(pod).iter().filter_map(|p| compiler.policy(p));
-                *counts.entry((pod.namespace.clone(), Isolation::of(policies).label())).or_default() += 1;
+                *counts.entry((pod.namespace.to_string(), Isolation::of(policies).label())).or_default() += 1;
             }
         }
         for gone in self.published_endpoints.iter().filter(|key| !counts.contains_key(*key)) {
@@ -1187,7 +1205,7 @@ impl Agent {
                 && self
                     .snapshot
                     .namespaces
-                    .get(&pod.namespace)
+                    .get(pod.namespace.as_str())
                     .and_then(|ns| ns.labels.get(ON_ANOMALY_LABEL))
                     .map(String::as_str)
                     == Some("quarantine");

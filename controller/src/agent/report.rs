@@ -190,8 +190,8 @@ fn pod_reference(anomaly: &Anomaly) -> ObjectReference {
     ObjectReference {
         api_version: Some("v1".into()),
         kind: Some("Pod".into()),
-        namespace: Some(anomaly.pod.namespace.clone()),
-        name: Some(anomaly.pod.name.clone()),
+        namespace: Some(anomaly.pod.namespace.to_string()),
+        name: Some(anomaly.pod.name.to_string()),
         uid: anomaly.uid.clone(),
         ..Default::default()
     }

@@ -191,8 +191,8 @@ impl Scenario {
         for object in &objects {
             if let Object::Pod(pod) = object {
                 let listed = objects.iter().any(|o| matches!(o, Object::Namespace(ns) if ns.name == pod.namespace));
-                if !listed && !missing.contains(&pod.namespace) {
-                    missing.push(pod.namespace.clone());
+                if !listed && !missing.contains(&pod.namespace.to_string()) {
+                    missing.push(pod.namespace.to_string());
                 }
             }
         }

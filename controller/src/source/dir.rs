@@ -13,7 +13,9 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use bulkhead_policy::{identity::stable_hash, manifest, selector::LabelSets, Change, Object, ObjectKey};
+use bulkhead_policy::{
+    identity::stable_hash, manifest, selector::LabelSets, shared::Shared, Change, Object, ObjectKey,
+};
 
 use super::Update;
 
@@ -51,6 +53,8 @@ pub struct DirSource {
     files: BTreeMap<FileId, FileState>,
     objects: HashMap<ObjectKey, Holders>,
     label_sets: LabelSets,
+    /// Namespace and node names, which many pods carry.
+    names: Shared<str>,
     /// The folder's digest: a sum over files of (path, content), kept as
     /// files change so a scan of one file costs one file.
     digest: u64,
@@ -73,6 +77,7 @@ impl DirSource {
             files: BTreeMap::new(),
             objects: HashMap::new(),
             label_sets: LabelSets::default(),
+            names: Shared::default(),
             digest: 0,
         }
     }
@@ -168,6 +173,8 @@ impl DirSource {
                     for object in &mut objects {
                         if let Object::Pod(pod) = object {
                             pod.labels = self.label_sets.share(pod.labels.clone());
+                            pod.namespace = std::mem::take(&mut pod.namespace).shared(&mut self.names);
+                            pod.node_name = pod.node_name.take().map(|node| node.shared(&mut self.names));
                         }
                     }
                     let keys = objects.iter().map(Object::key).collect();

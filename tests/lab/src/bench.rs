@@ -514,8 +514,8 @@ fn synthetic_cluster(pods: usize, namespaces: usize, policies: usize) -> (Snapsh
         let ns = i % namespaces;
         let app = (i / namespaces) % 10;
         snapshot.add_pod(Pod {
-            namespace: format!("ns{ns}"),
-            name: format!("pod{i}"),
+            namespace: format!("ns{ns}").into(),
+            name: format!("pod{i}").into(),
             labels: std::sync::Arc::new(
                 [
                     ("app".to_string(), format!("app{app}")),

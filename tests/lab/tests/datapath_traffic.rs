@@ -68,7 +68,7 @@ impl Cluster {
             topology.serve(name, &SERVED);
             snapshot.add_pod(Pod {
                 namespace: "app".into(),
-                name: name.to_string(),
+                name: (*name).into(),
                 labels: std::sync::Arc::new([("pod".to_string(), name.to_string())].into()),
                 ips: vec![pod.ipv4, pod.ipv6],
                 ports: vec![ContainerPort { name: Some("http".into()), port: 80, protocol: Protocol::TCP }],

@@ -625,7 +625,7 @@ pub fn status_engine(folder: &Path) -> Result<()> {
             if first {
                 let mut reports: BTreeMap<String, NodeReport> = BTreeMap::new();
                 for pod in objects {
-                    let report = reports.entry(pod.node_name.clone().unwrap_or_default()).or_default();
+                    let report = reports.entry(pod.node_name.as_deref().unwrap_or_default().to_string()).or_default();
                     report.enforced.insert(pod.pod_ref().to_string());
                 }
                 for (node, mut report) in reports {
