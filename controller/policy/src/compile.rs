@@ -102,9 +102,10 @@ struct CompiledPod {
     plain_identity: SharedKey,
     /// Each address and the identity it carries (it differs from the plain
     /// one when the address falls in an ipBlock CIDR).
-    addresses: Vec<(IpAddr, SharedKey)>,
-    /// For a pod in scope: its endpoint and class.
-    placement: Option<Placement>,
+    addresses: Box<[(IpAddr, SharedKey)]>,
+    /// For a pod in scope: its endpoint and class. Boxed: the pods of other
+    /// nodes, nearly all the table, have none.
+    placement: Option<Box<Placement>>,
 }
 
 struct Placement {
@@ -484,6 +485,7 @@ impl Compiler {
             self.local.entry(pod.namespace.clone()).or_default().insert(pod_ref.clone());
         }
         let (plain_identity, addresses) = identities;
+        let (addresses, placement) = (addresses.into_boxed_slice(), placement.map(Box::new));
         let compiled = CompiledPod { labels: pod.labels.clone(), plain_identity, addresses, placement };
         self.pods.insert(pod_ref.clone(), compiled);
     }
@@ -552,7 +554,7 @@ impl Compiler {
     /// The policies selecting a pod in scope (sorted); empty for one out of
     /// scope or selected by none.
     pub fn policies_selecting(&self, pod: &PodRef) -> &[PolicyRef] {
-        self.pods.get(pod).and_then(|p| p.placement.as_ref()).map_or(&[], |placement| &placement.class.0)
+        self.pods.get(pod).and_then(|p| p.placement.as_deref()).map_or(&[], |placement| &placement.class.0)
     }
 
     /// An accepted policy, as compiled.
@@ -752,7 +754,7 @@ impl Compiler {
 
         // The pod leaves its class; identities change; it joins its new class.
         let old = self.pods.remove(pod_ref);
-        if let Some(Placement { endpoint, class }) = old.as_ref().and_then(|o| o.placement.as_ref()) {
+        if let Some(Placement { endpoint, class }) = old.as_ref().and_then(|o| o.placement.as_deref()) {
             self.leave_class(pod_ref, *endpoint, class);
             if let Some(local) = self.local.get_mut(&pod_ref.namespace) {
                 local.remove(pod_ref);
@@ -800,7 +802,7 @@ impl Compiler {
                 self.address_owners.entry(*address).or_default().insert(pod_ref.clone());
             }
             let placement = is_local.then(|| {
-                let endpoint = match old.as_ref().and_then(|o| o.placement.as_ref()) {
+                let endpoint = match old.as_ref().and_then(|o| o.placement.as_deref()) {
                     Some(placed) => placed.endpoint,
                     None => self.endpoint_numbers.add(pod_ref, ref_hash),
                 };
@@ -977,7 +979,7 @@ impl Compiler {
         }
         for pod_ref in &moving {
             let pod = &self.pods[pod_ref];
-            let mut key = pod.placement.as_ref().expect("moving pods are placed").class.clone();
+            let mut key = pod.placement.as_deref().expect("moving pods are placed").class.clone();
             key.0.retain(|r| r != policy_ref);
             if let Some(policy) = self.policies.get(policy_ref) {
                 let namespace = &pod_ref.namespace;
@@ -999,7 +1001,7 @@ impl Compiler {
     /// only the entries that differ. `stale` holds classes already taken out
     /// of the cache (those of a changed policy).
     fn move_to_class(&mut self, pod_ref: &PodRef, key: ClassKey, stale: &HashMap<ClassKey, Class>) {
-        let placed = self.pods[pod_ref].placement.as_ref().expect("a pod in scope");
+        let placed = self.pods[pod_ref].placement.as_deref().expect("a pod in scope");
         let (endpoint, old_key) = (placed.endpoint, placed.class.clone());
         if old_key == key && !stale.contains_key(&old_key) {
             return;
@@ -1020,7 +1022,7 @@ impl Compiler {
                 self.classes.insert(old_key, class);
             }
         }
-        self.pods.get_mut(pod_ref).and_then(|p| p.placement.as_mut()).expect("a pod in scope").class = key;
+        self.pods.get_mut(pod_ref).and_then(|p| p.placement.as_deref_mut()).expect("a pod in scope").class = key;
     }
 
     /// A namespace's labels changed. Identity numbers stay (they do not
@@ -1043,7 +1045,7 @@ impl Compiler {
         }
         for pod_ref in self.local_in(name) {
             let pod = &self.pods[&pod_ref];
-            let old = pod.placement.as_ref().expect("a pod in scope").class.clone();
+            let old = pod.placement.as_deref().expect("a pod in scope").class.clone();
             let key = (self.selected_policies(name, &pod.labels), old.1.clone());
             for policy in old.0.iter().filter(|p| !key.0.contains(p)) {
                 *self.state.selected_pods.get_mut(policy).expect("accepted policy") -= 1;
