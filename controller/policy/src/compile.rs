@@ -330,7 +330,8 @@ pub struct Compiler {
     /// How many pod addresses (and plain pod identities) use each identity.
     identity_users: HashMap<SharedKey, usize>,
     universe: Universe,
-    namespace_labels: BTreeMap<Name, Labels>,
+    /// Each namespace's labels, shared by its identities in the universe.
+    namespace_labels: BTreeMap<Name, Arc<Labels>>,
     node_addresses: BTreeSet<IpAddr>,
     endpoint_numbers: Numbering<PodRef>,
     pods: HashMap<PodRef, CompiledPod>,
@@ -371,7 +372,7 @@ impl Compiler {
         let mut namespace_labels = BTreeMap::new();
         for pod in snapshot.pods.values() {
             if !namespace_labels.contains_key(&pod.namespace) {
-                namespace_labels.insert(pod.namespace.clone(), snapshot.namespace_labels(&pod.namespace));
+                namespace_labels.insert(pod.namespace.clone(), Arc::new(snapshot.namespace_labels(&pod.namespace)));
             }
         }
         let in_scope = snapshot.pods.iter().filter(|(_, pod)| scope.includes(pod)).map(|(r, _)| r);
@@ -649,6 +650,9 @@ impl Compiler {
             evaluator.entries(&any, &mut groups);
             any
         });
+        // Inserted in key order, the map's nodes are left about half full;
+        // built again from its sorted entries they are packed.
+        let groups = groups.into_iter().collect();
         Class { chain, any, groups, members: BTreeMap::new() }
     }
 
@@ -710,7 +714,8 @@ impl Compiler {
         let new = snapshot.pods.get(pod_ref);
         if let Some(pod) = new {
             if !self.namespace_labels.contains_key(&pod.namespace) {
-                self.namespace_labels.insert(pod.namespace.clone(), snapshot.namespace_labels(&pod.namespace));
+                self.namespace_labels
+                    .insert(pod.namespace.clone(), Arc::new(snapshot.namespace_labels(&pod.namespace)));
             }
         }
         let planned = new.map(|pod| self.identity_keys_of(pod));
@@ -1030,7 +1035,7 @@ impl Compiler {
     /// namespace's identities, so their entries are redone, and which cluster
     /// policies select its pods in scope, which may change class.
     fn update_namespace(&mut self, snapshot: &Snapshot, name: &str) {
-        let labels = snapshot.namespace_labels(name);
+        let labels = Arc::new(snapshot.namespace_labels(name));
         match self.namespace_labels.get(name) {
             Some(known) if *known != labels => {}
             // Unchanged, or a namespace no pod is in: nothing holds its labels.

@@ -17,7 +17,8 @@ use crate::{
 /// What a pod identity's selectors match against.
 struct PodIdentity {
     namespace: Name,
-    namespace_labels: Labels,
+    /// The namespace's, shared by its identities.
+    namespace_labels: Arc<Labels>,
     labels: Arc<Labels>,
 }
 
@@ -62,7 +63,7 @@ impl Universe {
     }
 
     /// Learn an identity; every selector in use is tested against it.
-    pub fn add_identity(&mut self, id: u32, key: &IdentityKey, namespace_labels: &BTreeMap<Name, Labels>) {
+    pub fn add_identity(&mut self, id: u32, key: &IdentityKey, namespace_labels: &BTreeMap<Name, Arc<Labels>>) {
         match key {
             IdentityKey::Pod { namespace, labels, named_ports, cidr } => {
                 let namespace_labels = namespace_labels.get(namespace).cloned().unwrap_or_default();
@@ -97,7 +98,7 @@ impl Universe {
     /// against every selector in use. The identities some selector now
     /// matches differently, each with those selectors: only theirs can be
     /// other entries, and only in classes whose policies use those selectors.
-    pub fn relabel_namespace(&mut self, namespace: &str, labels: &Labels) -> BTreeMap<u32, Vec<PeerId>> {
+    pub fn relabel_namespace(&mut self, namespace: &str, labels: &Arc<Labels>) -> BTreeMap<u32, Vec<PeerId>> {
         let ids = self.identities_in(namespace);
         for id in &ids {
             if let Some(pod) = self.pods.get_mut(id) {
