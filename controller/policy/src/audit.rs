@@ -377,7 +377,7 @@ pub fn unexplained(snapshot: &Snapshot, enforcing: &[PolicyRef], flows: &[Flow])
                             name: format!("{}-audit-stand-in-{index}", dns_label(name)).into(),
                             labels: std::sync::Arc::new(labels.clone()),
                             ips: vec![address],
-                            ports: vec![],
+                            ports: Vec::new().into(),
                             node_name: None,
                             uid: None,
                         };

@@ -271,7 +271,7 @@ mod tests {
             name: "web-7d4b9".into(),
             labels: Default::default(),
             ips: vec![],
-            ports: vec![],
+            ports: Vec::new().into(),
             node_name: None,
             uid: None,
         };

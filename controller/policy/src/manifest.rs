@@ -180,10 +180,10 @@ pub fn pod_of(pod: core::Pod) -> Result<Option<Pod>, String> {
     let node_name = pod.spec.and_then(|s| s.node_name);
     // Kept for the pod's life, one per pod of the cluster: at their exact
     // size, not the four a first push makes room for (22 MB at 150k pods).
+    // (The ports are copied into a shared slice at their size.)
     ips.shrink_to_fit();
-    ports.shrink_to_fit();
     let (namespace, name, node_name) = (namespace.into(), name.into(), node_name.map(Name::from));
-    Ok(Some(Pod { namespace, name, labels: labels.into(), ips, ports, node_name, uid: pod.metadata.uid }))
+    Ok(Some(Pod { namespace, name, labels: labels.into(), ips, ports: ports.into(), node_name, uid: pod.metadata.uid }))
 }
 
 #[cfg(test)]

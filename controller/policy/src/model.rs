@@ -60,7 +60,8 @@ pub struct Pod {
     /// `Snapshot::add_pod`).
     pub labels: Arc<Labels>,
     pub ips: Vec<IpAddr>,
-    pub ports: Vec<ContainerPort>,
+    /// Shared: the pods of one workload declare the same ports.
+    pub ports: Arc<[ContainerPort]>,
     /// Shared with the other pods of the node.
     pub node_name: Option<Name>,
     /// `metadata.uid`: how the agent finds the pod's cgroup.

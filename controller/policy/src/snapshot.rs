@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    model::{Namespace, Pod, PodRef, PolicyKind, PolicyObject, PolicyRef},
+    model::{ContainerPort, Namespace, Pod, PodRef, PolicyKind, PolicyObject, PolicyRef},
     rules::{normalize, Policy, ValidationError},
     selector::{LabelSets, Labels},
     shared::Shared,
@@ -31,7 +31,9 @@ pub enum Object {
 pub enum ObjectKey {
     Namespace(String),
     Pod(PodRef),
-    Policy(PolicyRef),
+    /// Boxed: a policy's reference is the largest, and a source keys
+    /// every pod of the cluster by this type.
+    Policy(Box<PolicyRef>),
 }
 
 /// Which kind of object a re-list covers.
@@ -47,7 +49,7 @@ impl Object {
         match self {
             Object::Namespace(ns) => ObjectKey::Namespace(ns.name.clone()),
             Object::Pod(pod) => ObjectKey::Pod(pod.pod_ref()),
-            Object::Policy(policy) => ObjectKey::Policy(policy.policy_ref()),
+            Object::Policy(policy) => ObjectKey::Policy(Box::new(policy.policy_ref())),
         }
     }
 }
@@ -104,9 +106,25 @@ pub struct Snapshot {
     pub rejected: BTreeMap<PolicyRef, Rejection>,
     /// Addresses of the node itself: always allowed to and from its pods.
     pub node_addresses: BTreeSet<IpAddr>,
+    common: CommonParts,
+}
+
+/// What pods have in common, held once: the replicas of a workload carry
+/// the same labels and ports, the pods of a namespace or a node its name.
+#[derive(Clone, Debug, Default)]
+pub struct CommonParts {
     label_sets: LabelSets,
-    /// Namespace and node names, which many pods carry.
     names: Shared<str>,
+    ports: Shared<[ContainerPort]>,
+}
+
+impl CommonParts {
+    pub fn share(&mut self, pod: &mut Pod) {
+        pod.labels = self.label_sets.share(pod.labels.clone());
+        pod.ports = self.ports.share(pod.ports.clone());
+        pod.namespace = std::mem::take(&mut pod.namespace).shared(&mut self.names);
+        pod.node_name = pod.node_name.take().map(|node| node.shared(&mut self.names));
+    }
 }
 
 /// The snapshot of these objects, as if each had been applied in turn.
@@ -126,9 +144,7 @@ impl Snapshot {
     }
 
     pub fn add_pod(&mut self, mut pod: Pod) {
-        pod.labels = self.label_sets.share(pod.labels);
-        pod.namespace = pod.namespace.shared(&mut self.names);
-        pod.node_name = pod.node_name.map(|node| node.shared(&mut self.names));
+        self.common.share(&mut pod);
         self.pods.insert(pod.pod_ref(), pod);
     }
 
@@ -176,7 +192,7 @@ impl Snapshot {
                     ObjectKind::Pod => self.pods.retain(|pod, _| listed.contains(&ObjectKey::Pod(pod.clone()))),
                     ObjectKind::Policy(policy_kind) => {
                         let gone = |key: &PolicyRef| {
-                            key.kind == policy_kind && !listed.contains(&ObjectKey::Policy(key.clone()))
+                            key.kind == policy_kind && !listed.contains(&ObjectKey::Policy(Box::new(key.clone())))
                         };
                         self.policies.retain(|key, _| !gone(key));
                         self.rejected.retain(|key, _| !gone(key));
@@ -215,7 +231,7 @@ mod tests {
             name: name.into(),
             labels: Default::default(),
             ips: vec![],
-            ports: vec![],
+            ports: Vec::new().into(),
             node_name: None,
             uid: None,
         })
@@ -235,7 +251,7 @@ mod tests {
     }
 
     #[test]
-    fn pods_with_equal_labels_share_one_set() {
+    fn pods_with_equal_labels_share_one_set_and_more() {
         use std::sync::Arc;
         let mut snapshot = Snapshot::default();
         let labelled = |name: &str, app: &str| match pod("x", name) {
@@ -249,5 +265,9 @@ mod tests {
         assert!(Arc::ptr_eq(&labels("a"), &labels("b")));
         assert!(!Arc::ptr_eq(&labels("a"), &labels("c")));
         assert_eq!(labels("c")["app"], "db");
+        // So are their namespace's name and their (here empty) ports.
+        let pod = |name: &str| &snapshot.pods[&PodRef::new("x", name)];
+        assert!(std::ptr::eq(pod("a").namespace.as_str(), pod("c").namespace.as_str()));
+        assert!(Arc::ptr_eq(&pod("a").ports, &pod("c").ports));
     }
 }

@@ -581,7 +581,7 @@ fn pod(index: usize) -> impl Strategy<Value = Pod> {
                 name: format!("pod{index}").into(),
                 labels: labels.into(),
                 ips,
-                ports,
+                ports: ports.into(),
                 node_name,
                 uid: None,
             }

@@ -121,7 +121,7 @@ fn an_invalid_policy_is_left_out_and_the_rest_compiles_as_before() {
         name: "a".into(),
         labels: Default::default(),
         ips: vec!["10.0.0.1".parse().unwrap()],
-        ports: vec![],
+        ports: Vec::new().into(),
         node_name: None,
         uid: None,
     });

@@ -227,7 +227,10 @@ impl Scenario {
             } else {
                 object.namespace.clone().unwrap_or_else(|| "default".into())
             };
-            push(world, Change::Deleted(ObjectKey::Policy(PolicyRef { kind, namespace, name: object.name.clone() })));
+            push(
+                world,
+                Change::Deleted(ObjectKey::Policy(Box::new(PolicyRef { kind, namespace, name: object.name.clone() }))),
+            );
         }
         for change in &step.label {
             let object = match change.kind.as_str() {

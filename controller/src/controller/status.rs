@@ -308,7 +308,7 @@ fn changed_of(key: ObjectKey) -> Changed {
     match key {
         ObjectKey::Namespace(name) => Changed::Namespace(name),
         ObjectKey::Pod(pod) => Changed::Pod(pod),
-        ObjectKey::Policy(policy) => Changed::Policy(policy),
+        ObjectKey::Policy(policy) => Changed::Policy(*policy),
     }
 }
 

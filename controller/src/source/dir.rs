@@ -13,9 +13,7 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use bulkhead_policy::{
-    identity::stable_hash, manifest, selector::LabelSets, shared::Shared, Change, Object, ObjectKey,
-};
+use bulkhead_policy::{identity::stable_hash, manifest, snapshot::CommonParts, Change, Object, ObjectKey};
 
 use super::Update;
 
@@ -52,9 +50,8 @@ pub struct DirSource {
     ids: BTreeMap<PathBuf, FileId>,
     files: BTreeMap<FileId, FileState>,
     objects: HashMap<ObjectKey, Holders>,
-    label_sets: LabelSets,
-    /// Namespace and node names, which many pods carry.
-    names: Shared<str>,
+    /// Shared as parsed, so even a first listing holds them once.
+    common: CommonParts,
     /// The folder's digest: a sum over files of (path, content), kept as
     /// files change so a scan of one file costs one file.
     digest: u64,
@@ -76,8 +73,7 @@ impl DirSource {
             ids: BTreeMap::new(),
             files: BTreeMap::new(),
             objects: HashMap::new(),
-            label_sets: LabelSets::default(),
-            names: Shared::default(),
+            common: CommonParts::default(),
             digest: 0,
         }
     }
@@ -172,9 +168,7 @@ impl DirSource {
                 Some(Ok(mut objects)) => {
                     for object in &mut objects {
                         if let Object::Pod(pod) = object {
-                            pod.labels = self.label_sets.share(pod.labels.clone());
-                            pod.namespace = std::mem::take(&mut pod.namespace).shared(&mut self.names);
-                            pod.node_name = pod.node_name.take().map(|node| node.shared(&mut self.names));
+                            self.common.share(pod);
                         }
                     }
                     let keys = objects.iter().map(Object::key).collect();

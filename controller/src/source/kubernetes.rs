@@ -73,7 +73,7 @@ macro_rules! watched_policy {
                 Ok(Some(Object::Policy(Box::new(PolicyObject::$variant(self)))))
             }
             fn key(&self) -> ObjectKey {
-                ObjectKey::Policy(PolicyRef::of(PolicyKind::$kind, &self.metadata))
+                ObjectKey::Policy(Box::new(PolicyRef::of(PolicyKind::$kind, &self.metadata)))
             }
         }
     };

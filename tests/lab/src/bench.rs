@@ -333,7 +333,7 @@ pub(crate) fn two_pod_policy(client: &TestPod, server: &TestPod, port: u16, poli
             name: name.into(),
             labels: std::sync::Arc::new([("app".to_string(), name.to_string())].into()),
             ips: vec![pod.ipv4],
-            ports: vec![ContainerPort { name: None, port, protocol: Protocol::TCP }],
+            ports: vec![ContainerPort { name: None, port, protocol: Protocol::TCP }].into(),
             node_name: None,
             uid: None,
         });
@@ -524,7 +524,7 @@ fn synthetic_cluster(pods: usize, namespaces: usize, policies: usize) -> (Snapsh
                 .into(),
             ),
             ips: vec![IpAddr::V4(Ipv4Addr::new(10, (100 + i / 65536) as u8, (i / 256 % 256) as u8, (i % 256) as u8))],
-            ports: vec![ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::TCP }],
+            ports: vec![ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::TCP }].into(),
             node_name: None,
             uid: None,
         });

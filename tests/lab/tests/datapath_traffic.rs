@@ -71,7 +71,7 @@ impl Cluster {
                 name: (*name).into(),
                 labels: std::sync::Arc::new([("pod".to_string(), name.to_string())].into()),
                 ips: vec![pod.ipv4, pod.ipv6],
-                ports: vec![ContainerPort { name: Some("http".into()), port: 80, protocol: Protocol::TCP }],
+                ports: vec![ContainerPort { name: Some("http".into()), port: 80, protocol: Protocol::TCP }].into(),
                 node_name: Some("node".into()),
                 uid: None,
             });
