@@ -48,7 +48,7 @@ use crate::{
 };
 use leader::Leadership;
 use metrics::Metrics;
-use status::{current_status, Desired, Engine};
+use status::{current_status, Desired, Engine, STATUS_INTERVAL};
 
 pub struct Config {
     /// Where the agents' report Leases and the election Lease are.
@@ -134,7 +134,9 @@ async fn follow(client: Client, config: &Config, shared: &Shared, leadership: &m
     let mut evented: BTreeSet<(PolicyRef, Option<i64>)> = BTreeSet::new();
     let mut tick = tokio::time::interval(TICK);
     let mut leading = leadership.is_leader();
+    let mut statuses_due = Instant::now();
     loop {
+        let statuses_wait = leading && engine.synced() && engine.has_marked();
         tokio::select! {
             update = received.recv() => {
                 let Some(update) = update else { break };
@@ -165,11 +167,13 @@ async fn follow(client: Client, config: &Config, shared: &Shared, leadership: &m
                 *shared.heartbeat.lock().expect("heartbeat lock") = Some(Instant::now());
                 engine.age_reports(TICK);
             }
+            () = tokio::time::sleep_until(statuses_due.into()), if statuses_wait => {}
         }
-        if !leading || !engine.synced() || !received.is_empty() {
+        if !leading || !engine.synced() || !received.is_empty() || Instant::now() < statuses_due {
             continue;
         }
         let started = Instant::now();
+        statuses_due = started + STATUS_INTERVAL;
         let desired = engine.take_desired(&Time(Timestamp::now()));
         if desired.is_empty() {
             continue;

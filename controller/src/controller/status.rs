@@ -31,6 +31,12 @@ pub struct Desired {
 /// How many pods behind a policy its Programmed message names.
 const NAMED_BEHIND: usize = 5;
 
+/// The least time between two computations of statuses; the marks made in
+/// between are gathered. A policy's status walks every pod it selects, so
+/// computed after every change, a policy selecting a third of a 150k-pod
+/// cluster kept the controller's one thread busy under churn (BENCHMARKS.md).
+pub const STATUS_INTERVAL: Duration = Duration::from_millis(200);
+
 #[derive(Default)]
 pub struct Engine {
     snapshot: Snapshot,
@@ -197,6 +203,11 @@ impl Engine {
         if !flipped.is_empty() {
             self.mark_nodes(&flipped);
         }
+    }
+
+    /// Whether some policy is marked: `take_desired` has work.
+    pub fn has_marked(&self) -> bool {
+        !self.dirty.is_empty()
     }
 
     /// The desired status of every policy marked since the last call.
@@ -393,6 +404,7 @@ mod tests {
         let rejected = find(&first[&bad].status, "Accepted");
         assert_eq!((rejected.status.as_str(), rejected.reason.as_str()), ("False", "InvalidSelector"));
         assert!(rejected.message.contains("spec.podSelector.matchExpressions[0].operator"), "{}", rejected.message);
+        assert!(!engine.has_marked());
         assert!(engine.take_desired(&now).is_empty(), "nothing changed: nothing to compute");
 
         // n1 holds the generation and enforces a; n2 has not attached a2.
@@ -404,6 +416,7 @@ mod tests {
             Duration::ZERO,
         );
         engine.age_reports(Duration::from_secs(1));
+        assert!(engine.has_marked(), "the reports mark the policy");
         let pending = engine.take_desired(&now);
         assert_eq!(pending.keys().collect::<Vec<_>>(), [&good], "only the policy the reports touch");
         let programmed = find(&pending[&good].status, "Programmed");

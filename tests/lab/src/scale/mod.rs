@@ -597,7 +597,10 @@ const ENGINE_SYNCED: &str = "synced";
 /// folder, with every node's report simulated as enforcing its pods at the
 /// policies' generations (built once, from the folder's first view).
 pub fn status_engine(folder: &Path) -> Result<()> {
-    use bulkhead::{controller::status::Engine, report::NodeReport};
+    use bulkhead::{
+        controller::status::{Engine, STATUS_INTERVAL},
+        report::NodeReport,
+    };
     use bulkhead_policy::Change;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -607,7 +610,21 @@ pub fn status_engine(folder: &Path) -> Result<()> {
         let now = || k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
         let mut first = true;
         let mut statuses = 0usize;
-        while let Some(update) = received.recv().await {
+        // Statuses at the controller's own cadence, as its loop computes them.
+        let mut statuses_due = Instant::now();
+        loop {
+            let update = tokio::select! {
+                update = received.recv() => match update {
+                    Some(update) => update,
+                    None => break,
+                },
+                () = tokio::time::sleep_until(statuses_due.into()), if engine.has_marked() => {
+                    statuses += engine.take_desired(&now()).len();
+                    statuses_due = Instant::now() + STATUS_INTERVAL;
+                    tracing_free_note(statuses);
+                    continue;
+                }
+            };
             let first = std::mem::take(&mut first);
             let objects: Vec<_> = if first {
                 update
@@ -633,8 +650,11 @@ pub fn status_engine(folder: &Path) -> Result<()> {
                     engine.report(&node, report, Duration::ZERO);
                 }
             }
-            statuses += engine.take_desired(&now()).len();
-            tracing_free_note(statuses);
+            if first || (Instant::now() >= statuses_due && received.is_empty()) {
+                statuses += engine.take_desired(&now()).len();
+                statuses_due = Instant::now() + STATUS_INTERVAL;
+                tracing_free_note(statuses);
+            }
             if first {
                 println!("{ENGINE_SYNCED}");
             }
