@@ -27,75 +27,97 @@ pub enum MapOp {
     IpcacheDelete(IpcacheKey),
 }
 
+/// The steps above, in the order they run (step 3 is two: writes, then
+/// deletes). `policy_change` and `ipcache_change` are the one place that
+/// says which step a change belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    DenyWrites,
+    AllowDeletes,
+    IpcacheWrites,
+    IpcacheDeletes,
+    AllowWrites,
+    DenyDeletes,
+}
+
+const PHASES: [Phase; 6] = [
+    Phase::DenyWrites,
+    Phase::AllowDeletes,
+    Phase::IpcacheWrites,
+    Phase::IpcacheDeletes,
+    Phase::AllowWrites,
+    Phase::DenyDeletes,
+];
+
+fn policy_change(key: PolicyEntryKey, old: Option<&PolicyValue>, new: Option<&PolicyValue>) -> Option<(Phase, MapOp)> {
+    let allows = |value: &PolicyValue| value.verdict == verdict::ALLOW;
+    match (old, new) {
+        (old, Some(value)) if old != Some(value) => {
+            let phase = if allows(value) { Phase::AllowWrites } else { Phase::DenyWrites };
+            Some((phase, MapOp::PolicyUpsert(key, *value)))
+        }
+        (Some(value), None) => {
+            let phase = if allows(value) { Phase::AllowDeletes } else { Phase::DenyDeletes };
+            Some((phase, MapOp::PolicyDelete(key)))
+        }
+        _ => None,
+    }
+}
+
+fn ipcache_change(key: IpcacheKey, old: Option<u32>, new: Option<u32>) -> Option<(Phase, MapOp)> {
+    match (old, new) {
+        (old, Some(id)) if old != Some(id) => Some((Phase::IpcacheWrites, MapOp::IpcacheUpsert(key, id))),
+        (Some(_), None) => Some((Phase::IpcacheDeletes, MapOp::IpcacheDelete(key))),
+        _ => None,
+    }
+}
+
 pub fn diff(old: &DesiredState, new: &DesiredState) -> Vec<MapOp> {
     diff_ops(old, new).collect()
 }
 
 /// `diff` one operation at a time, phase after phase, each phase a pass
-/// over the maps: a whole state's worth of operations (an agent's first
-/// sync writes hundreds of thousands of entries) never held at once.
+/// over one map (writes walk the new state, deletes the old): a whole
+/// state's worth of operations (an agent's first sync writes hundreds of
+/// thousands of entries) never held at once.
 pub fn diff_ops<'a>(old: &'a DesiredState, new: &'a DesiredState) -> impl Iterator<Item = MapOp> + 'a {
-    let allows = |value: &PolicyValue| value.verdict == verdict::ALLOW;
-    let writes = move |allow: bool| {
-        new.policy
-            .iter()
-            .filter(move |(key, value)| allows(value) == allow && old.policy.get(*key) != Some(*value))
-            .map(|(key, value)| MapOp::PolicyUpsert(*key, *value))
-    };
-    let deletes = move |allow: bool| {
-        old.policy
-            .iter()
-            .filter(move |(key, value)| allows(value) == allow && !new.policy.contains_key(*key))
-            .map(|(key, _)| MapOp::PolicyDelete(*key))
-    };
-    let ipcache_writes = new
-        .ipcache
-        .iter()
-        .filter(|(key, id)| old.ipcache.get(*key) != Some(*id))
-        .map(|(key, id)| MapOp::IpcacheUpsert(*key, *id));
-    let ipcache_deletes =
-        old.ipcache.keys().filter(|key| !new.ipcache.contains_key(*key)).map(|key| MapOp::IpcacheDelete(*key));
-    writes(false)
-        .chain(deletes(true))
-        .chain(ipcache_writes)
-        .chain(ipcache_deletes)
-        .chain(writes(true))
-        .chain(deletes(false))
+    PHASES.into_iter().flat_map(move |phase| {
+        let changes: Box<dyn Iterator<Item = Option<(Phase, MapOp)>>> = match phase {
+            Phase::DenyWrites | Phase::AllowWrites => {
+                Box::new(new.policy.iter().map(|(key, value)| policy_change(*key, old.policy.get(key), Some(value))))
+            }
+            Phase::AllowDeletes | Phase::DenyDeletes => {
+                Box::new(old.policy.iter().map(|(key, value)| policy_change(*key, Some(value), new.policy.get(key))))
+            }
+            Phase::IpcacheWrites => Box::new(
+                new.ipcache.iter().map(|(key, id)| ipcache_change(*key, old.ipcache.get(key).copied(), Some(*id))),
+            ),
+            Phase::IpcacheDeletes => Box::new(
+                old.ipcache.iter().map(|(key, id)| ipcache_change(*key, Some(*id), new.ipcache.get(key).copied())),
+            ),
+        };
+        changes.flatten().filter(move |(found, _)| *found == phase).map(|(_, op)| op)
+    })
 }
 
 /// Map changes sorted into the phases above as they are found.
 #[derive(Default)]
 pub struct OpsPlan {
-    deny_writes: Vec<MapOp>,
-    allow_deletes: Vec<MapOp>,
-    ipcache_writes: Vec<MapOp>,
-    ipcache_deletes: Vec<MapOp>,
-    allow_writes: Vec<MapOp>,
-    deny_deletes: Vec<MapOp>,
+    phases: [Vec<MapOp>; PHASES.len()],
 }
 
 impl OpsPlan {
     pub fn policy(&mut self, key: PolicyEntryKey, old: Option<&PolicyValue>, new: Option<&PolicyValue>) {
-        match (old, new) {
-            (old, Some(value)) if old != Some(value) => {
-                let phase =
-                    if value.verdict == verdict::ALLOW { &mut self.allow_writes } else { &mut self.deny_writes };
-                phase.push(MapOp::PolicyUpsert(key, *value));
-            }
-            (Some(value), None) => {
-                let phase =
-                    if value.verdict == verdict::ALLOW { &mut self.allow_deletes } else { &mut self.deny_deletes };
-                phase.push(MapOp::PolicyDelete(key));
-            }
-            _ => {}
-        }
+        self.push(policy_change(key, old, new));
     }
 
     pub fn ipcache(&mut self, key: IpcacheKey, old: Option<u32>, new: Option<u32>) {
-        match (old, new) {
-            (old, Some(id)) if old != Some(id) => self.ipcache_writes.push(MapOp::IpcacheUpsert(key, id)),
-            (Some(_), None) => self.ipcache_deletes.push(MapOp::IpcacheDelete(key)),
-            _ => {}
+        self.push(ipcache_change(key, old, new));
+    }
+
+    fn push(&mut self, change: Option<(Phase, MapOp)>) {
+        if let Some((phase, op)) = change {
+            self.phases[phase as usize].push(op);
         }
     }
 
@@ -104,21 +126,18 @@ impl OpsPlan {
         // state is written (a first sync: hundreds of thousands of entries):
         // the earlier phases go in front, in its spare capacity when there is
         // some, rather than all of it copied into a new vector beside it.
-        let mut ops = self.allow_writes;
-        let earlier = self.deny_writes.len() + self.allow_deletes.len();
-        let earlier = earlier + self.ipcache_writes.len() + self.ipcache_deletes.len();
-        ops.reserve(earlier + self.deny_deletes.len());
-        ops.splice(
-            0..0,
-            self.deny_writes
-                .into_iter()
-                .chain(self.allow_deletes)
-                .chain(self.ipcache_writes)
-                .chain(self.ipcache_deletes),
-        );
-        ops.extend(self.deny_deletes);
+        let mut phases = self.phases;
+        let mut ops = std::mem::take(&mut phases[Phase::AllowWrites as usize]);
+        let (earlier, later) = phases.split_at_mut(Phase::AllowWrites as usize);
+        ops.reserve(phases_len(earlier) + phases_len(later));
+        ops.splice(0..0, earlier.iter_mut().flat_map(std::mem::take));
+        ops.extend(later.iter_mut().flat_map(std::mem::take));
         ops
     }
+}
+
+fn phases_len(phases: &[Vec<MapOp>]) -> usize {
+    phases.iter().map(Vec::len).sum()
 }
 
 /// Apply operations to a state's maps (what the agent does to the kernel's).

@@ -191,7 +191,7 @@ impl Scenario {
         for object in &objects {
             if let Object::Pod(pod) = object {
                 let listed = objects.iter().any(|o| matches!(o, Object::Namespace(ns) if ns.name == pod.namespace));
-                if !listed && !missing.contains(&pod.namespace.to_string()) {
+                if !listed && !missing.iter().any(|ns| *ns == pod.namespace) {
                     missing.push(pod.namespace.to_string());
                 }
             }
