@@ -25,6 +25,8 @@ pub struct Selection {
     /// Pods numbered, so the per-policy sets stay small at 150k pods.
     numbers: HashMap<PodRef, u32>,
     refs: Vec<Option<PodRef>>,
+    /// Each counted pod's node, by number: what a status looks up per pod.
+    nodes: Vec<Option<Name>>,
     free: Vec<u32>,
     /// Counted pods by namespace.
     by_namespace: HashMap<Name, BTreeSet<u32>>,
@@ -54,9 +56,13 @@ impl Selection {
         self.by_policy.get(policy).map(BTreeSet::len)
     }
 
-    /// The pods a policy selects.
-    pub fn pods_of<'a>(&'a self, policy: &PolicyRef) -> impl Iterator<Item = &'a PodRef> + 'a {
-        self.by_policy.get(policy).into_iter().flatten().filter_map(|n| self.refs[*n as usize].as_ref())
+    /// The pods a policy selects, each with its node.
+    pub fn pods_of<'a>(&'a self, policy: &PolicyRef) -> impl Iterator<Item = (&'a PodRef, Option<&'a Name>)> + 'a {
+        self.by_policy
+            .get(policy)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| Some((self.refs[*n as usize].as_ref()?, self.nodes[*n as usize].as_ref())))
     }
 
     /// The policies selecting a pod.
@@ -108,6 +114,7 @@ impl Selection {
             }
             None => {
                 self.refs.push(Some(pod.clone()));
+                self.nodes.push(None);
                 (self.refs.len() - 1) as u32
             }
         };
@@ -148,6 +155,7 @@ impl Selection {
             Some(pod) => {
                 self.by_namespace.entry(pod.namespace.clone()).or_default().insert(number);
                 self.by_pod.insert(number, wanted);
+                self.nodes[number as usize] = pod.node_name.clone();
             }
             None => {
                 if let Some(pods) = self.by_namespace.get_mut(&pod_ref.namespace) {
@@ -155,6 +163,7 @@ impl Selection {
                 }
                 self.numbers.remove(pod_ref);
                 self.refs[number as usize] = None;
+                self.nodes[number as usize] = None;
                 self.free.push(number);
             }
         }
@@ -234,8 +243,8 @@ mod tests {
     fn assert_fresh(selection: &Selection, snapshot: &Snapshot) {
         let fresh = Selection::new(snapshot);
         for policy in snapshot.policies.keys() {
-            let mine: BTreeSet<&PodRef> = selection.pods_of(policy).collect();
-            let theirs: BTreeSet<&PodRef> = fresh.pods_of(policy).collect();
+            let mine: BTreeSet<_> = selection.pods_of(policy).collect();
+            let theirs: BTreeSet<_> = fresh.pods_of(policy).collect();
             assert_eq!(mine, theirs, "{policy}");
         }
     }
@@ -262,6 +271,14 @@ mod tests {
         let affected = selection.update(&snapshot, &[Changed::Pod(pod.clone())]);
         assert_eq!(affected, [web.clone()].into());
         assert_eq!(selection.policies_of(&pod), std::slice::from_ref(&red));
+
+        // A pod's node is known with it.
+        let scheduled = PodRef::new("b", "web");
+        snapshot.pods.get_mut(&scheduled).unwrap().node_name = Some("n1".into());
+        let affected = selection.update(&snapshot, &[Changed::Pod(scheduled.clone())]);
+        assert!(affected.is_empty(), "no selection changed: {affected:?}");
+        let n1 = Name::from("n1");
+        assert!(selection.pods_of(&red).any(|(pod, node)| *pod == scheduled && node == Some(&n1)));
 
         // A policy widened, and one deleted.
         snapshot.pods.remove(&PodRef::new("a", "db"));

@@ -6,6 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt::Write,
     time::Duration,
 };
 
@@ -13,8 +14,9 @@ use bulkhead_crds::PolicyStatus;
 use bulkhead_policy::{
     rules::{ValidationError, ValidationWarning},
     selection::Selection,
-    Change, Changed, Object, ObjectKey, ObjectKind, PodRef, PolicyObject, PolicyRef, Snapshot,
+    Change, Changed, Name, Object, ObjectKey, ObjectKind, PodRef, PolicyObject, PolicyRef, Snapshot,
 };
+use foldhash::HashMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::report::{NodeReport, STALE};
@@ -241,36 +243,34 @@ impl Engine {
         let mut selected = 0;
         let mut enforced = 0;
         let mut behind = Vec::new();
-        let mut nodes = BTreeSet::new();
-        for pod_ref in selection.pods_of(key) {
+        // What a node holds of this policy is looked up once per node, not
+        // once per pod: a policy may select tens of thousands of pods on a
+        // few thousand nodes.
+        let mut holding: HashMap<&str, (Holding, bool)> = HashMap::default();
+        let mut nodes = 0;
+        let mut text = String::new();
+        for (pod_ref, node) in selection.pods_of(key) {
             selected += 1;
-            let node = self.snapshot.pods.get(pod_ref).and_then(|p| p.node_name.as_deref()).unwrap_or_default();
-            let why = match self.reports.get(node).filter(|_| self.live.contains(node)).map(|(r, _)| r) {
-                None => Some(format!("no agent reports from node {node:?}")),
-                Some(report) => match report.programmed.get(&name) {
-                    Some(held) if *held == wanted => {
-                        if report.enforced.contains(&pod_ref.to_string()) {
-                            None
-                        } else {
-                            Some(
-                                report
-                                    .unenforced
-                                    .get(&pod_ref.to_string())
-                                    .cloned()
-                                    .unwrap_or_else(|| "not attached yet".into()),
-                            )
-                        }
-                    }
-                    Some(held) => Some(format!("node {node} holds generation {held}")),
-                    None => Some(format!("node {node} does not hold it yet")),
-                },
+            let node = node.map(Name::as_str).unwrap_or_default();
+            let (holds, counted) = holding.entry(node).or_insert_with(|| (self.holding(node, &name, wanted), false));
+            text.clear();
+            let _ = write!(text, "{pod_ref}");
+            let why = match *holds {
+                Holding::Holds(report) if report.enforced.contains(&text) => None,
+                Holding::Holds(report) => Some(Behind::Unenforced(report.unenforced.get(&text))),
+                Holding::NoReport => Some(Behind::NoReport),
+                Holding::Generation(held) => Some(Behind::Generation(held)),
+                Holding::NotHeld => Some(Behind::NotHeld),
             };
             match why {
                 None => {
                     enforced += 1;
-                    nodes.insert(node);
+                    if !*counted {
+                        *counted = true;
+                        nodes += 1;
+                    }
                 }
-                Some(why) if behind.len() < NAMED_BEHIND => behind.push(format!("{pod_ref}: {why}")),
+                Some(why) if behind.len() < NAMED_BEHIND => behind.push(format!("{pod_ref}: {}", why.text(node))),
                 Some(_) => {}
             }
         }
@@ -284,7 +284,7 @@ impl Engine {
                 "Programmed",
                 true,
                 "Programmed",
-                format!("enforced on all {selected} selected pods, on {} node(s)", nodes.len()),
+                format!("enforced on all {selected} selected pods, on {nodes} node(s)"),
             )
         } else if self.live.is_empty() {
             condition("Programmed", false, "NoAgents", "no agent has reported".into())
@@ -312,6 +312,46 @@ impl Engine {
             _ => Vec::new(),
         };
         Some(Desired { status, rejection: rejection.map(|r| r.error.clone()), warnings })
+    }
+    /// What `node` holds of the policy `name` wanted at `generation`.
+    fn holding(&self, node: &str, name: &str, generation: i64) -> Holding<'_> {
+        match self.reports.get(node).filter(|_| self.live.contains(node)).map(|(r, _)| r) {
+            None => Holding::NoReport,
+            Some(report) => match report.programmed.get(name) {
+                Some(held) if *held == generation => Holding::Holds(report),
+                Some(held) => Holding::Generation(*held),
+                None => Holding::NotHeld,
+            },
+        }
+    }
+}
+
+/// A node's hold on one policy, as its live report tells.
+#[derive(Clone, Copy)]
+enum Holding<'a> {
+    NoReport,
+    NotHeld,
+    Generation(i64),
+    Holds(&'a NodeReport),
+}
+
+/// Why a selected pod is not enforced, put in words only for the few a
+/// status names.
+enum Behind<'a> {
+    NoReport,
+    NotHeld,
+    Generation(i64),
+    Unenforced(Option<&'a String>),
+}
+
+impl Behind<'_> {
+    fn text(&self, node: &str) -> String {
+        match self {
+            Behind::NoReport => format!("no agent reports from node {node:?}"),
+            Behind::NotHeld => format!("node {node} does not hold it yet"),
+            Behind::Generation(held) => format!("node {node} holds generation {held}"),
+            Behind::Unenforced(why) => why.map_or("not attached yet", |why| why.as_str()).to_string(),
+        }
     }
 }
 
@@ -435,6 +475,7 @@ mod tests {
         let done = engine.take_desired(&later);
         let programmed = find(&done[&good].status, "Programmed");
         assert_eq!(programmed.status, "True", "{}", programmed.message);
+        assert!(programmed.message.contains("all 2 selected pods, on 2 node(s)"), "{}", programmed.message);
         assert_eq!(programmed.last_transition_time, later, "it changed: a new transition time");
         assert_eq!(
             find(&done[&good].status, "Accepted").last_transition_time,
@@ -447,6 +488,13 @@ mod tests {
         engine.report("n1", report(&[(&name, 3)], &["x/a", "x/b"], &[]), Duration::ZERO);
         let stale = engine.take_desired(&later);
         assert!(find(&stale[&good].status, "Programmed").message.contains("no agent reports from node \"n2\""));
+
+        // n2 back, holding an older generation.
+        engine.report("n2", report(&[(&name, 2)], &["x/a2"], &[]), Duration::ZERO);
+        let older = engine.take_desired(&later);
+        let programmed = find(&older[&good].status, "Programmed");
+        assert!(programmed.message.contains("x/a2: node n2 holds generation 2"), "{}", programmed.message);
+        assert_eq!(older[&good].status.enforced_pods, Some(1));
     }
 
     fn with_status(object: PolicyObject, status: PolicyStatus) -> PolicyObject {
