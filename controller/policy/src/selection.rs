@@ -30,6 +30,8 @@ pub struct Selection {
     free: Vec<u32>,
     /// Counted pods by namespace.
     by_namespace: HashMap<Name, BTreeSet<u32>>,
+    /// Counted pods by node: what a node's agent coming or going touches.
+    by_node: HashMap<Name, BTreeSet<u32>>,
     /// For each counted pod, the policies selecting it.
     by_pod: HashMap<u32, Vec<PolicyRef>>,
     /// For each accepted policy, the pods it selects.
@@ -63,6 +65,11 @@ impl Selection {
             .into_iter()
             .flatten()
             .filter_map(|n| Some((self.refs[*n as usize].as_ref()?, self.nodes[*n as usize].as_ref())))
+    }
+
+    /// The policies selecting pods on `node`, once per pod.
+    pub fn policies_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a PolicyRef> + 'a {
+        self.by_node.get(node).into_iter().flatten().flat_map(|n| self.by_pod.get(n)).flatten()
     }
 
     /// The policies selecting a pod.
@@ -155,7 +162,7 @@ impl Selection {
             Some(pod) => {
                 self.by_namespace.entry(pod.namespace.clone()).or_default().insert(number);
                 self.by_pod.insert(number, wanted);
-                self.nodes[number as usize] = pod.node_name.clone();
+                self.place(number, pod.node_name.clone());
             }
             None => {
                 if let Some(pods) = self.by_namespace.get_mut(&pod_ref.namespace) {
@@ -163,11 +170,31 @@ impl Selection {
                 }
                 self.numbers.remove(pod_ref);
                 self.refs[number as usize] = None;
-                self.nodes[number as usize] = None;
+                self.place(number, None);
                 self.free.push(number);
             }
         }
         affected
+    }
+
+    /// Keep a pod's node, and the pods by node with it.
+    fn place(&mut self, number: u32, node: Option<Name>) {
+        let slot = &mut self.nodes[number as usize];
+        if *slot == node {
+            return;
+        }
+        if let Some(old) = slot.take() {
+            if let Some(pods) = self.by_node.get_mut(&old) {
+                pods.remove(&number);
+                if pods.is_empty() {
+                    self.by_node.remove(&old);
+                }
+            }
+        }
+        if let Some(new) = &node {
+            self.by_node.entry(new.clone()).or_default().insert(number);
+        }
+        self.nodes[number as usize] = node;
     }
 
     /// One policy again: the pods it can select, looked at.
@@ -246,6 +273,12 @@ mod tests {
             let mine: BTreeSet<_> = selection.pods_of(policy).collect();
             let theirs: BTreeSet<_> = fresh.pods_of(policy).collect();
             assert_eq!(mine, theirs, "{policy}");
+        }
+        let nodes: BTreeSet<&Name> = selection.by_node.keys().chain(fresh.by_node.keys()).collect();
+        for node in nodes {
+            let mine: Vec<_> = selection.policies_on(node).collect::<BTreeSet<_>>().into_iter().collect();
+            let theirs: Vec<_> = fresh.policies_on(node).collect::<BTreeSet<_>>().into_iter().collect();
+            assert_eq!(mine, theirs, "{node}");
         }
     }
 

@@ -901,6 +901,11 @@ proptest! {
                 let theirs: std::collections::BTreeSet<_> = fresh_selection.pods_of(policy_ref).collect();
                 prop_assert_eq!(mine, theirs, "selection of {} after {:?}", policy_ref, chunk);
             }
+            for node in ["n1", "n2"] {
+                let mine: std::collections::BTreeSet<_> = selection.policies_on(node).collect();
+                let theirs: std::collections::BTreeSet<_> = fresh_selection.policies_on(node).collect();
+                prop_assert_eq!(mine, theirs, "policies on {} after {:?}", node, chunk);
+            }
             let fresh = policy::Compiler::scoped(&cluster.snapshot, scope.clone()).into_state();
             prop_assert_eq!(compiler.state(), &fresh, "after {:?}", chunk);
             // The operations it hands out bring the maps there too.

@@ -185,10 +185,8 @@ impl Engine {
     /// Mark the policies selecting pods on these nodes.
     fn mark_nodes(&mut self, nodes: &BTreeSet<String>) {
         let Some(selection) = &self.selection else { return };
-        for pod in
-            self.snapshot.pods.values().filter(|pod| pod.node_name.as_ref().is_some_and(|n| nodes.contains(n.as_str())))
-        {
-            self.dirty.extend(selection.policies_of(&pod.pod_ref()).iter().cloned());
+        for node in nodes {
+            self.dirty.extend(selection.policies_on(node).cloned());
         }
     }
 
