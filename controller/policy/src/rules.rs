@@ -92,11 +92,15 @@ impl Policy {
     /// Whether the policy's subject selects a pod of `namespace` (whose
     /// labels are `namespace_labels`) with `pod_labels`.
     pub fn selects(&self, namespace: &str, namespace_labels: &Labels, pod_labels: &Labels) -> bool {
-        let namespace_ok = match &self.subject_namespaces {
+        self.selects_namespace(namespace, namespace_labels) && self.subject_pods.matches(pod_labels)
+    }
+
+    /// Whether the policy's subject takes in pods of `namespace` at all.
+    pub fn selects_namespace(&self, namespace: &str, namespace_labels: &Labels) -> bool {
+        match &self.subject_namespaces {
             NamespaceScope::Same(ns) => ns == namespace,
             NamespaceScope::Selected(selector) => selector.matches(namespace_labels),
-        };
-        namespace_ok && self.subject_pods.matches(pod_labels)
+        }
     }
 }
 
