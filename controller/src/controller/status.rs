@@ -6,7 +6,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write,
     time::Duration,
 };
 
@@ -16,7 +15,7 @@ use bulkhead_policy::{
     selection::Selection,
     Change, Changed, Name, Object, ObjectKey, ObjectKind, PodRef, PolicyObject, PolicyRef, Snapshot,
 };
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::report::{NodeReport, STALE};
@@ -47,7 +46,7 @@ pub struct Engine {
     /// and what an Event refers to.
     objects: BTreeMap<PolicyRef, PolicyObject>,
     /// Each node's report, as of its last renewal (`age` at that time 0).
-    reports: BTreeMap<String, (NodeReport, Duration)>,
+    reports: BTreeMap<String, Reported>,
     /// Nodes whose report was live at the last look.
     live: BTreeSet<String>,
     dirty: BTreeSet<PolicyRef>,
@@ -149,7 +148,7 @@ impl Engine {
     /// enforcement on that node it changes.
     pub fn report(&mut self, node: &str, report: NodeReport, age: Duration) {
         let empty = NodeReport::default();
-        let before = self.reports.get(node).map(|(r, _)| r).unwrap_or(&empty);
+        let before = self.reports.get(node).map(|r| &r.report).unwrap_or(&empty);
         if before.programmed != report.programmed
             || before.enforced != report.enforced
             || before.unenforced != report.unenforced
@@ -176,7 +175,10 @@ impl Engine {
             }
             self.dirty.extend(affected);
         }
-        self.reports.insert(node.to_string(), (report, age));
+        let enforced =
+            report.enforced.iter().filter_map(|pod| pod.split_once('/')).map(|(ns, name)| PodRef::new(ns, name));
+        let enforced = enforced.collect();
+        self.reports.insert(node.to_string(), Reported { report, enforced, age });
         if age < STALE && self.live.insert(node.to_string()) {
             self.mark_nodes(&[node.to_string()].into());
         }
@@ -193,11 +195,11 @@ impl Engine {
     /// Time passed: reports go stale after `STALE` without renewal, and
     /// their nodes' policies need a look.
     pub fn age_reports(&mut self, elapsed: Duration) {
-        for (_, age) in self.reports.values_mut() {
-            *age += elapsed;
+        for reported in self.reports.values_mut() {
+            reported.age += elapsed;
         }
         let live: BTreeSet<String> =
-            self.reports.iter().filter(|(_, (_, age))| *age < STALE).map(|(n, _)| n.clone()).collect();
+            self.reports.iter().filter(|(_, reported)| reported.age < STALE).map(|(n, _)| n.clone()).collect();
         let flipped: BTreeSet<String> = live.symmetric_difference(&self.live).cloned().collect();
         self.live = live;
         if !flipped.is_empty() {
@@ -246,16 +248,13 @@ impl Engine {
         // few thousand nodes.
         let mut holding: HashMap<&str, (Holding, bool)> = HashMap::default();
         let mut nodes = 0;
-        let mut text = String::new();
         for (pod_ref, node) in selection.pods_of(key) {
             selected += 1;
             let node = node.map(Name::as_str).unwrap_or_default();
             let (holds, counted) = holding.entry(node).or_insert_with(|| (self.holding(node, &name, wanted), false));
-            text.clear();
-            let _ = write!(text, "{pod_ref}");
             let why = match *holds {
-                Holding::Holds(report) if report.enforced.contains(&text) => None,
-                Holding::Holds(report) => Some(Behind::Unenforced(report.unenforced.get(&text))),
+                Holding::Holds(reported) if reported.enforced.contains(pod_ref) => None,
+                Holding::Holds(reported) => Some(Behind::Unenforced(&reported.report)),
                 Holding::NoReport => Some(Behind::NoReport),
                 Holding::Generation(held) => Some(Behind::Generation(held)),
                 Holding::NotHeld => Some(Behind::NotHeld),
@@ -268,7 +267,9 @@ impl Engine {
                         nodes += 1;
                     }
                 }
-                Some(why) if behind.len() < NAMED_BEHIND => behind.push(format!("{pod_ref}: {}", why.text(node))),
+                Some(why) if behind.len() < NAMED_BEHIND => {
+                    behind.push(format!("{pod_ref}: {}", why.text(node, pod_ref)))
+                }
                 Some(_) => {}
             }
         }
@@ -313,10 +314,10 @@ impl Engine {
     }
     /// What `node` holds of the policy `name` wanted at `generation`.
     fn holding(&self, node: &str, name: &str, generation: i64) -> Holding<'_> {
-        match self.reports.get(node).filter(|_| self.live.contains(node)).map(|(r, _)| r) {
+        match self.reports.get(node).filter(|_| self.live.contains(node)) {
             None => Holding::NoReport,
-            Some(report) => match report.programmed.get(name) {
-                Some(held) if *held == generation => Holding::Holds(report),
+            Some(reported) => match reported.report.programmed.get(name) {
+                Some(held) if *held == generation => Holding::Holds(reported),
                 Some(held) => Holding::Generation(*held),
                 None => Holding::NotHeld,
             },
@@ -330,7 +331,15 @@ enum Holding<'a> {
     NoReport,
     NotHeld,
     Generation(i64),
-    Holds(&'a NodeReport),
+    Holds(&'a Reported),
+}
+
+/// A node's last report; its enforced pods again as references, what a
+/// status looks up for every pod it selects; its age at the last renewal.
+struct Reported {
+    report: NodeReport,
+    enforced: HashSet<PodRef>,
+    age: Duration,
 }
 
 /// Why a selected pod is not enforced, put in words only for the few a
@@ -339,16 +348,18 @@ enum Behind<'a> {
     NoReport,
     NotHeld,
     Generation(i64),
-    Unenforced(Option<&'a String>),
+    Unenforced(&'a NodeReport),
 }
 
 impl Behind<'_> {
-    fn text(&self, node: &str) -> String {
+    fn text(&self, node: &str, pod: &PodRef) -> String {
         match self {
             Behind::NoReport => format!("no agent reports from node {node:?}"),
             Behind::NotHeld => format!("node {node} does not hold it yet"),
             Behind::Generation(held) => format!("node {node} holds generation {held}"),
-            Behind::Unenforced(why) => why.map_or("not attached yet", |why| why.as_str()).to_string(),
+            Behind::Unenforced(report) => {
+                report.unenforced.get(&pod.to_string()).map_or("not attached yet", String::as_str).to_string()
+            }
         }
     }
 }
