@@ -157,8 +157,10 @@ impl Engine {
             let policies = before.programmed.keys().chain(report.programmed.keys());
             let changed_policies: BTreeSet<&String> =
                 policies.filter(|p| before.programmed.get(*p) != report.programmed.get(*p)).collect();
-            affected
-                .extend(self.snapshot.policies.keys().filter(|k| changed_policies.contains(&k.to_string())).cloned());
+            if !changed_policies.is_empty() {
+                let changed = self.snapshot.policies.keys().filter(|k| changed_policies.contains(&k.to_string()));
+                affected.extend(changed.cloned());
+            }
             let pods = before.enforced.symmetric_difference(&report.enforced).chain(
                 before
                     .unenforced
