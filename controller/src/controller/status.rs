@@ -177,9 +177,14 @@ impl Engine {
             }
             self.dirty.extend(affected);
         }
-        let enforced =
-            report.enforced.iter().filter_map(|pod| pod.split_once('/')).map(|(ns, name)| PodRef::new(ns, name));
-        let enforced = enforced.collect();
+        // A renewal mostly repeats the last report: its references are kept.
+        let enforced = match self.reports.remove(node) {
+            Some(last) if last.report.enforced == report.enforced => last.enforced,
+            _ => {
+                let pods = report.enforced.iter().filter_map(|pod| pod.split_once('/'));
+                pods.map(|(namespace, name)| PodRef::new(namespace, name)).collect()
+            }
+        };
         self.reports.insert(node.to_string(), Reported { report, enforced, age });
         if age < STALE && self.live.insert(node.to_string()) {
             self.mark_nodes(&[node.to_string()].into());
@@ -314,6 +319,7 @@ impl Engine {
         };
         Some(Desired { status, rejection: rejection.map(|r| r.error.clone()), warnings })
     }
+
     /// What `node` holds of the policy `name` wanted at `generation`.
     fn holding(&self, node: &str, name: &str, generation: i64) -> Holding<'_> {
         match self.reports.get(node).filter(|_| self.live.contains(node)) {
