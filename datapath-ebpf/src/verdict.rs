@@ -163,6 +163,27 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     (conn._pad, conn._pad2) = (0, 0);
     // Ports take part in policy for these only (ICMP echo's identifier does not).
     let has_ports = matches!(packet.l4, L4::Plain | L4::LaterFragment);
+    let port = if has_ports { packet.dport } else { 0 };
+    // A SYN opens a connection whatever conntrack holds, so policy alone
+    // decides it, and a refused one never touches conntrack: under a scan
+    // or a SYN flood the conntrack set's cache miss and its search were a
+    // fifth of each refusal. (A SYN of a connection conntrack holds is a
+    // retransmission under a policy that allowed it, or one that revoked it,
+    // which `recheck` counts through the same refusal set.)
+    let opens = packet.opens_tcp();
+    let mut opened = None;
+    if opens {
+        let peer = peer_identity(&conn.remote)?;
+        // Kubernetes requires a pod's own node to reach it (kubelet probes).
+        if peer == identity::HOST {
+            return Ok(());
+        }
+        let decision = lookup_policy(endpoint_id, direction, peer, packet.protocol, port)?;
+        if decision.verdict != verdict::ALLOW {
+            return Err(refuse(conn, direction, peer, &decision, revision));
+        }
+        opened = Some((peer, decision));
+    }
     // Never `None` (the set number is below the array's size); the verifier
     // wants the check, and failing closed is the safe answer anyway.
     let Some(set) = Set::of(conn) else {
@@ -170,34 +191,24 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     };
     let vacancy = match set.find(conn) {
         // A SYN the other way than the connection was opened starts a new
-        // one, judged as such: a picked-up connection (below) never lets a
+        // one, allowed above: a picked-up connection (below) never lets a
         // peer open what policy refuses it.
-        Ok(found) if packet.opens_tcp() && found.value.origin != direction => {
-            let peer = peer_identity(&conn.remote)?;
-            if peer == identity::HOST {
-                return Ok(());
-            }
-            let decision = lookup_policy(endpoint_id, direction, peer, packet.protocol, packet.dport)?;
-            if decision.verdict == verdict::ALLOW {
-                return Ok(());
-            }
-            if first_refusal(conn, revision) {
-                report(conn, direction, peer, &Reported::deny(&decision, SOURCE_TC));
-            }
-            return Err(reason::POLICY_DENIED);
-        }
+        Ok(found) if opens && found.value.origin != direction => return Ok(()),
         Ok(found) => return recheck(&set, &found, conn, has_ports, revision),
         Err(vacancy) => vacancy,
     };
 
     // A new connection.
-    let peer = peer_identity(&conn.remote)?;
-    // Kubernetes requires a pod's own node to reach it (kubelet probes).
-    if peer == identity::HOST {
-        return Ok(());
-    }
-    let port = if has_ports { packet.dport } else { 0 };
-    let mut decision = lookup_policy(endpoint_id, direction, peer, packet.protocol, port)?;
+    let (peer, mut decision) = match opened {
+        Some(opened) => opened,
+        None => {
+            let peer = peer_identity(&conn.remote)?;
+            if peer == identity::HOST {
+                return Ok(());
+            }
+            (peer, lookup_policy(endpoint_id, direction, peer, packet.protocol, port)?)
+        }
+    };
     let mut origin = direction;
     if decision.verdict != verdict::ALLOW && packet.continues_tcp() {
         // The middle of a TCP connection this datapath never saw open: one
@@ -247,12 +258,17 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
         }
         return Ok(());
     }
-    // Counted and reported once: retransmissions under the same policy
-    // revision are dropped silently.
+    Err(refuse(conn, direction, peer, &decision, revision))
+}
+
+/// A connection policy refuses: counted and reported once, the first time;
+/// its retransmissions under the same policy revision are dropped silently.
+#[inline(always)]
+fn refuse(conn: &ConnKey, direction: u8, peer: u32, decision: &PolicyValue, revision: u64) -> u8 {
     if first_refusal(conn, revision) {
-        report(conn, direction, peer, &Reported::deny(&decision, SOURCE_TC));
+        report(conn, direction, peer, &Reported::deny(decision, SOURCE_TC));
     }
-    Err(reason::POLICY_DENIED)
+    reason::POLICY_DENIED
 }
 
 /// Where the fragments of one packet find each other: addresses, IP id, protocol.
@@ -303,7 +319,11 @@ fn recheck(set: &Set, found: &Found, conn: &ConnKey, has_ports: bool, revision: 
     if allowed {
         Ok(())
     } else {
-        report(conn, origin, peer, &Reported::deny(&decision, SOURCE_TC));
+        // Through the refusal set: a retransmitted SYN may have been
+        // refused under this revision already (`judge_ip`).
+        if first_refusal(conn, revision) {
+            report(conn, origin, peer, &Reported::deny(&decision, SOURCE_TC));
+        }
         Err(reason::POLICY_REVOKED)
     }
 }

@@ -578,6 +578,30 @@ fn revoked_allow_cuts_an_established_connection() {
 }
 
 #[test]
+fn a_handshake_cut_by_a_policy_change_is_counted_once() {
+    let dp = allowlist("resyn");
+    let syn = out(POD, PEER, L4::Tcp { sport: 45100, dport: 80, flags: TCP_SYN });
+    let syn_ack = out(PEER, POD, L4::Tcp { sport: 80, dport: 45100, flags: TCP_SYN | TCP_ACK });
+    assert_eq!(dp.sent_by_pod(&syn), TC_ACT_OK);
+    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 80, 16)), PolicyValue::new(verdict::DENY, 31, 2));
+    dp.bump_revision();
+    // The SYN again before any answer: judged by policy alone, refused.
+    assert_eq!(dp.sent_by_pod(&syn), TC_ACT_SHOT);
+    assert_eq!(dp.drops(EGRESS, reason::POLICY_DENIED), 1);
+    // The answer to the first SYN finds the connection and revokes it: one
+    // connection, one refusal counted and reported.
+    assert_eq!(dp.sent_to_pod(&syn_ack), TC_ACT_SHOT);
+    assert_eq!(dp.drops(INGRESS, reason::POLICY_REVOKED), 1);
+    assert_eq!(dp.blocked(7, EGRESS, 31, 2), 1);
+    assert_eq!(dp.events().iter().filter(|event| event.kind == EVENT_DENY).count(), 1);
+    // Allowed again under a newer revision: the SYN opens it.
+    dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 80, 16)), PolicyValue::new(verdict::ALLOW, 11, 0));
+    dp.bump_revision();
+    assert_eq!(dp.sent_by_pod(&syn), TC_ACT_OK);
+    assert_eq!(dp.sent_to_pod(&syn_ack), TC_ACT_OK);
+}
+
+#[test]
 fn a_full_conntrack_set_displaces_its_least_recently_seen_connection() {
     let dp = allowlist("ctfull");
     let server = "10.244.3.30";
