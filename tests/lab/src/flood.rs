@@ -4,10 +4,10 @@
 //! side: the allowed connections' latency (p50, p99), the flood's rate and
 //! how much of it the datapath counted, and the CPU the agent spent.
 //!
-//! The flooding thread sends from the flooder pod through an `AF_PACKET`
-//! socket (`sendmmsg`, the qdisc bypassed), each packet a TCP SYN from a
-//! new source port: every one is a new connection to refuse, count and,
-//! within the event budget, report. A packet sent through a veth is
+//! The flooding thread sends from the flooder pod with the XDP generator
+//! (`testbed::generator`), each packet a TCP SYN with random ports: every
+//! one is a new connection to refuse, count and, within the event budget,
+//! report. A packet sent through a veth is
 //! forwarded and judged on the sending CPU, so the flooder is pinned to
 //! the last CPU and the latency probe and its server to the first: what
 //! the measurement shows is what the flood costs *other* pods, through the
@@ -17,7 +17,6 @@
 use std::{
     io::Write,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -34,6 +33,7 @@ use crate::{
     connections::{one_connection, Server, PORT},
     testbed::{
         enter_netns,
+        generator::{enable_veth_napi, Generator},
         packet::{PacketSpec, L4, TCP_SYN},
         TestPod, Topology,
     },
@@ -42,8 +42,9 @@ use crate::{
 const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-bench-flood";
 const ROUNDS: usize = 5;
 const PHASE: Duration = Duration::from_secs(3);
-/// Frames per `sendmmsg` call.
-const BATCH: usize = 256;
+/// Frames per run of the generator: each run sets up and tears down a page
+/// pool, whose teardown waits for an RCU grace period (milliseconds).
+const FRAMES_PER_RUN: u32 = 1 << 18;
 /// The refused port the flood is sent to.
 const FLOODED_PORT: u16 = 9;
 
@@ -117,70 +118,15 @@ fn mac_of(topology: &Topology, interface: &str) -> Result<[u8; 6]> {
 fn flood(flooder: &TestPod, target: IpAddr, gateway_mac: [u8; 6], stop: &AtomicBool, sent: &AtomicU64) -> Result<()> {
     enter_netns(&flooder.netns)?;
     pin_to_cpu(cpus() - 1)?;
-    // SAFETY: plain socket calls on descriptors this function owns, with
-    // buffers that outlive each call.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        if fd < 0 {
-            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-        }
-        let socket = OwnedFd::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        libc::setsockopt(
-            fd,
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        let ifindex = libc::if_nametoindex(c"eth0".as_ptr());
-        let mut address: libc::sockaddr_ll = std::mem::zeroed();
-        address.sll_family = libc::AF_PACKET as u16;
-        address.sll_ifindex = ifindex as i32;
-        address.sll_protocol = (libc::ETH_P_IP as u16).to_be();
-        if libc::bind(fd, (&raw const address).cast(), size_of::<libc::sockaddr_ll>() as libc::socklen_t) != 0 {
-            bail!("binding to eth0: {}", std::io::Error::last_os_error());
-        }
-        let template =
-            PacketSpec::new(flooder.ipv4, target, L4::Tcp { sport: 0, dport: FLOODED_PORT, flags: TCP_SYN }).frame();
-        // Ethernet (14) + IPv4 (20): the TCP source port.
-        const SPORT: usize = 34;
-        let mut frames: Vec<Vec<u8>> = (0..BATCH)
-            .map(|_| {
-                let mut frame = template.clone();
-                frame[..6].copy_from_slice(&gateway_mac);
-                frame
-            })
-            .collect();
-        let mut iovecs: Vec<libc::iovec> = frames
-            .iter_mut()
-            .map(|frame| libc::iovec { iov_base: frame.as_mut_ptr().cast(), iov_len: frame.len() })
-            .collect();
-        let mut messages: Vec<libc::mmsghdr> = iovecs
-            .iter_mut()
-            .map(|iovec| {
-                let mut message: libc::mmsghdr = std::mem::zeroed();
-                message.msg_hdr.msg_iov = iovec;
-                message.msg_hdr.msg_iovlen = 1;
-                message
-            })
-            .collect();
-        let mut port: u16 = 0;
-        while !stop.load(Ordering::Relaxed) {
-            for frame in &mut frames {
-                port = port.wrapping_add(1);
-                frame[SPORT..SPORT + 2].copy_from_slice(&port.max(1024).to_be_bytes());
-            }
-            let n = libc::sendmmsg(socket.as_raw_fd(), messages.as_mut_ptr(), BATCH as u32, 0);
-            if n < 0 {
-                let error = std::io::Error::last_os_error();
-                if error.raw_os_error() != Some(libc::ENOBUFS) {
-                    bail!("sendmmsg: {error}");
-                }
-                continue;
-            }
-            sent.fetch_add(n as u64, Ordering::Relaxed);
-        }
+    let generator = Generator::load()?;
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+    let mut frame =
+        PacketSpec::new(flooder.ipv4, target, L4::Tcp { sport: 0, dport: FLOODED_PORT, flags: TCP_SYN }).frame();
+    frame[..6].copy_from_slice(&gateway_mac);
+    while !stop.load(Ordering::Relaxed) {
+        generator.send(ifindex, &frame, FRAMES_PER_RUN)?;
+        sent.fetch_add(u64::from(FRAMES_PER_RUN), Ordering::Relaxed);
     }
     Ok(())
 }
@@ -284,6 +230,13 @@ fn measure(
         .map_err(|_| anyhow::anyhow!("the server thread panicked"))??
     };
     let gateway_mac = mac_of(topology, &flooder.host_interface)?;
+    let (node, interface) = (topology.node_netns.clone(), flooder.host_interface.clone());
+    std::thread::spawn(move || -> Result<()> {
+        enter_netns(&node)?;
+        enable_veth_napi(&interface)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread turning NAPI on panicked"))??;
     let server_address = SocketAddr::new(server.ipv4, PORT);
     latencies_us(client, server_address)?; // warm-up, not counted
 

@@ -359,3 +359,41 @@ fn programs_attached_ahead_of_the_compile_pass_until_it_lands_and_never_reopen_a
     assert_eq!(attach_pending_everywhere(&cluster), [false, false]);
     assert_eq!(cluster.topology.probe("a", "SCTP", b, 81), "deny", "still enforced");
 }
+
+/// The flood bench's generator (XDP live frames through a pod's veth)
+/// delivers every frame to the datapath: each one is judged, refused and
+/// counted at the flooding pod's own veth.
+#[test]
+fn every_frame_of_the_flood_generator_is_judged_at_the_senders_veth() {
+    const FRAMES: u32 = 20_000;
+    let mut cluster = Cluster::new("tr6", 206, &["a", "b"]);
+    cluster.set_policies(POLICIES);
+    cluster.enforce();
+    let a = cluster.topology.pod("a").clone();
+    let b = cluster.ip("b", false);
+    // `enforce` left this thread in the node's namespace.
+    testbed::generator::enable_veth_napi(&a.host_interface).expect("NAPI on a's veth");
+    let sender = std::thread::spawn(move || {
+        testbed::enter_netns(&a.netns).expect("into pod a");
+        let generator = testbed::generator::Generator::load().expect("load the generator");
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+        // a may reach b on port 80 only.
+        let frame = testbed::packet::PacketSpec::new(
+            a.ipv4,
+            b,
+            testbed::packet::L4::Tcp { sport: 0, dport: 9, flags: testbed::packet::TCP_SYN },
+        )
+        .frame();
+        generator.send(ifindex, &frame, FRAMES).expect("send");
+    });
+    sender.join().expect("the sending thread");
+    let programmer = cluster.programmer.as_mut().unwrap();
+    let refused = programmer
+        .datapath()
+        .drops()
+        .get(&DropKey { direction: datapath_common::EGRESS, reason: datapath_common::reason::POLICY_DENIED })
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(refused, u64::from(FRAMES), "every frame sent was refused and counted");
+}

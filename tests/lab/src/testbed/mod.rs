@@ -5,6 +5,7 @@
 //! pass or fail.
 
 pub mod apiserver;
+pub mod generator;
 pub mod node;
 pub mod packet;
 
