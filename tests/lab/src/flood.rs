@@ -40,11 +40,14 @@ use crate::{
 };
 
 const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-bench-flood";
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 const PHASE: Duration = Duration::from_secs(3);
+/// The flood's rate, the (#23): one vCPU of this machine generates
+/// and refuses 1.3–1.8M a second at full speed.
+const FLOOD_PACKETS_PER_S: f64 = 1_000_000.0;
 /// Frames per run of the generator: each run sets up and tears down a page
 /// pool, whose teardown waits for an RCU grace period (milliseconds).
-const FRAMES_PER_RUN: u32 = 1 << 18;
+const FRAMES_PER_RUN: u32 = 1 << 17;
 /// The refused port the flood is sent to.
 const FLOODED_PORT: u16 = 9;
 
@@ -124,9 +127,17 @@ fn flood(flooder: &TestPod, target: IpAddr, gateway_mac: [u8; 6], stop: &AtomicB
     let mut frame =
         PacketSpec::new(flooder.ipv4, target, L4::Tcp { sport: 0, dport: FLOODED_PORT, flags: TCP_SYN }).frame();
     frame[..6].copy_from_slice(&gateway_mac);
+    let started = Instant::now();
+    let mut total = 0u64;
     while !stop.load(Ordering::Relaxed) {
         generator.send(ifindex, &frame, FRAMES_PER_RUN)?;
-        sent.fetch_add(u64::from(FRAMES_PER_RUN), Ordering::Relaxed);
+        total += u64::from(FRAMES_PER_RUN);
+        sent.store(total, Ordering::Relaxed);
+        // Paced to the flood's rate: ahead of it, wait.
+        let due = Duration::from_secs_f64(total as f64 / FLOOD_PACKETS_PER_S);
+        if let Some(early) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(early);
+        }
     }
     Ok(())
 }
@@ -294,10 +305,15 @@ fn measure(
     };
     let (quiet_p50, quiet_p99) = (percentile(all(&quiet), 0.5), percentile(all(&quiet), 0.99));
     let (flood_p50, flood_p99) = (percentile(all(&flooded), 0.5), percentile(all(&flooded), 0.99));
+    // Each round's flooded p99 over its quiet one, back to back: the
+    // machine's speed swings from one round to the next (up to 2x here),
+    // and a pooled p99 takes the slowest rounds of either kind.
+    let p99 = |phase: &Phase| percentile(phase.latencies.clone(), 0.99);
+    let round_ratio = crate::bench::median(quiet.iter().zip(&flooded).map(|(q, f)| p99(f) / p99(q)).collect());
     let rate = sent_total as f64 / flood_seconds;
     let counted_share = counted_total / sent_total as f64;
     println!(
-        "allowed connections: quiet p50 {quiet_p50:.0} us p99 {quiet_p99:.0} us; under the flood p50 {flood_p50:.0} us p99 {flood_p99:.0} us ({:.2}x)",
+        "allowed connections: quiet p50 {quiet_p50:.0} us p99 {quiet_p99:.0} us; under the flood p50 {flood_p50:.0} us p99 {flood_p99:.0} us ({:.2}x); median of the rounds' p99 ratios {round_ratio:.2}x",
         flood_p99 / quiet_p99
     );
     println!(
@@ -317,6 +333,7 @@ fn measure(
                 "p50_us": {"quiet": quiet_p50.round(), "flood": flood_p50.round()},
                 "p99_us": {"quiet": quiet_p99.round(), "flood": flood_p99.round()},
                 "p99_ratio": ((flood_p99 / quiet_p99) * 100.0).round() / 100.0,
+                "p99_ratio_median_of_rounds": (round_ratio * 100.0).round() / 100.0,
                 "agent_cores": {"quiet": (agent_cores(&quiet) * 1e4).round() / 1e4, "flood": (agent_cores(&flooded) * 1e4).round() / 1e4},
             }
         })
