@@ -167,7 +167,7 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     // A SYN opens a connection whatever conntrack holds, so policy alone
     // decides it, and a refused one never touches conntrack: under a scan
     // or a SYN flood the conntrack set's cache miss and its search were a
-    // fifth of each refusal. (A SYN of a connection conntrack holds is a
+    // sixth of each refusal. (A SYN of a connection conntrack holds is a
     // retransmission under a policy that allowed it, or one that revoked it,
     // which `recheck` counts through the same refusal set.)
     let opens = packet.opens_tcp();
