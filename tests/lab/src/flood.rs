@@ -5,9 +5,10 @@
 //! how much of it the datapath counted, and the CPU the agent spent.
 //!
 //! The flooding thread sends from the flooder pod with the XDP generator
-//! (`testbed::generator`), each packet a TCP SYN with random ports: every
-//! one is a new connection to refuse, count and, within the event budget,
-//! report. A packet sent through a veth is
+//! (`testbed::generator`), each packet a TCP SYN from a random source port.
+//! Every one is refused and counted. One whose port the refusal set does
+//! not remember is also a blocked connection, reported within the event
+//! budget. A packet sent through a veth is
 //! forwarded and judged on the sending CPU, so the flooder is pinned to
 //! the last CPU and the latency probe and its server to the first: what
 //! the measurement shows is what the flood costs *other* pods, through the
