@@ -128,9 +128,8 @@ impl Engine {
     pub fn programmed_for(&self, pods: &BTreeSet<String>) -> BTreeMap<String, i64> {
         let Some(selection) = &self.selection else { return BTreeMap::new() };
         let mut programmed = BTreeMap::new();
-        for pod in pods {
-            let Some((namespace, name)) = pod.split_once('/') else { continue };
-            for policy in selection.policies_of(&PodRef::new(namespace, name)) {
+        for pod in pods.iter().filter_map(|pod| pod_ref(pod)) {
+            for policy in selection.policies_of(&pod) {
                 let generation = self.snapshot.policies.get(policy).and_then(|p| p.generation).unwrap_or(0);
                 programmed.insert(policy.to_string(), generation);
             }
@@ -149,10 +148,8 @@ impl Engine {
     pub fn report(&mut self, node: &str, report: NodeReport, age: Duration) {
         let empty = NodeReport::default();
         let before = self.reports.get(node).map(|r| &r.report).unwrap_or(&empty);
-        if before.programmed != report.programmed
-            || before.enforced != report.enforced
-            || before.unenforced != report.unenforced
-        {
+        let same_enforced = before.enforced == report.enforced;
+        if before.programmed != report.programmed || !same_enforced || before.unenforced != report.unenforced {
             let mut affected: BTreeSet<PolicyRef> = BTreeSet::new();
             let policies = before.programmed.keys().chain(report.programmed.keys());
             let changed_policies: BTreeSet<&String> =
@@ -169,21 +166,16 @@ impl Engine {
                     .filter(|p| before.unenforced.get(*p) != report.unenforced.get(*p)),
             );
             if let Some(selection) = &self.selection {
-                for pod in pods {
-                    if let Some((namespace, name)) = pod.split_once('/') {
-                        affected.extend(selection.policies_of(&PodRef::new(namespace, name)).iter().cloned());
-                    }
+                for pod in pods.filter_map(|pod| pod_ref(pod)) {
+                    affected.extend(selection.policies_of(&pod).iter().cloned());
                 }
             }
             self.dirty.extend(affected);
         }
         // A renewal mostly repeats the last report: its references are kept.
         let enforced = match self.reports.remove(node) {
-            Some(last) if last.report.enforced == report.enforced => last.enforced,
-            _ => {
-                let pods = report.enforced.iter().filter_map(|pod| pod.split_once('/'));
-                pods.map(|(namespace, name)| PodRef::new(namespace, name)).collect()
-            }
+            Some(last) if same_enforced => last.enforced,
+            _ => report.enforced.iter().filter_map(|pod| pod_ref(pod)).collect(),
         };
         self.reports.insert(node.to_string(), Reported { report, enforced, age });
         if age < STALE && self.live.insert(node.to_string()) {
@@ -340,6 +332,11 @@ enum Holding<'a> {
     NotHeld,
     Generation(i64),
     Holds(&'a Reported),
+}
+
+/// A pod as a node report names it, `namespace/name`.
+fn pod_ref(text: &str) -> Option<PodRef> {
+    text.split_once('/').map(|(namespace, name)| PodRef::new(namespace, name))
 }
 
 /// A node's last report; its enforced pods again as references, what a
