@@ -173,12 +173,9 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     let opens = packet.opens_tcp();
     let mut opened = None;
     if opens {
-        let peer = peer_identity(&conn.remote)?;
-        // Kubernetes requires a pod's own node to reach it (kubelet probes).
-        if peer == identity::HOST {
+        let Some((peer, decision)) = judge_new(conn, direction, port)? else {
             return Ok(());
-        }
-        let decision = lookup_policy(endpoint_id, direction, peer, packet.protocol, port)?;
+        };
         if decision.verdict != verdict::ALLOW {
             return Err(refuse(conn, direction, peer, &decision, revision));
         }
@@ -201,13 +198,10 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     // A new connection.
     let (peer, mut decision) = match opened {
         Some(opened) => opened,
-        None => {
-            let peer = peer_identity(&conn.remote)?;
-            if peer == identity::HOST {
-                return Ok(());
-            }
-            (peer, lookup_policy(endpoint_id, direction, peer, packet.protocol, port)?)
-        }
+        None => match judge_new(conn, direction, port)? {
+            Some(judged) => judged,
+            None => return Ok(()),
+        },
     };
     let mut origin = direction;
     if decision.verdict != verdict::ALLOW && packet.continues_tcp() {
@@ -259,6 +253,18 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
         return Ok(());
     }
     Err(refuse(conn, direction, peer, &decision, revision))
+}
+
+/// The peer of a new connection and the policy entry for it; `None` for
+/// the node itself, which Kubernetes requires to reach its pods (kubelet
+/// probes).
+#[inline(always)]
+fn judge_new(conn: &ConnKey, direction: u8, port: u16) -> Result<Option<(u32, PolicyValue)>, u8> {
+    let peer = peer_identity(&conn.remote)?;
+    if peer == identity::HOST {
+        return Ok(None);
+    }
+    Ok(Some((peer, lookup_policy(conn.endpoint, direction, peer, conn.protocol, port)?)))
 }
 
 /// A connection policy refuses: counted and reported once, the first time;
