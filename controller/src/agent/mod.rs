@@ -6,6 +6,7 @@
 //! logs. Only this loop touches the datapath, so writes never interleave.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     net::{IpAddr, Ipv6Addr},
     path::PathBuf,
@@ -20,7 +21,7 @@ use bulkhead_crds::{ON_ANOMALY_LABEL, QUARANTINE_LABEL};
 use datapath_common::{
     reason as drop_reason, Event, EGRESS, EVENT_AUDIT, EVENT_NEW_FLOW, INGRESS, RULE_DEFAULT_DENY, SOURCE_CGROUP,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use bulkhead_policy::{
@@ -100,8 +101,9 @@ impl Config {
     }
 }
 
-/// One verdict event, with names instead of numbers.
-#[derive(Clone, Debug, Serialize)]
+/// One verdict event, with names instead of numbers: what `/debug/events`
+/// serves and `bulkhead flows` reads back.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EventRecord {
     /// Increasing, from the agent's start time in microseconds, so a
     /// successor's numbers follow its predecessor's.
@@ -110,8 +112,8 @@ pub struct EventRecord {
     pub time: u64,
     /// `deny`, `audit`, or `allow` (a new egress flow: sent while egress
     /// baselines are learned).
-    pub verdict: &'static str,
-    pub direction: &'static str,
+    pub verdict: Cow<'static, str>,
+    pub direction: Cow<'static, str>,
     /// `namespace/pod` of the endpoint that judged it.
     pub pod: String,
     pub source: String,
@@ -120,7 +122,7 @@ pub struct EventRecord {
     pub policy: String,
     pub rule: Option<u32>,
     /// `tc` (a packet on the veth) or `connect` (the socket hook).
-    pub hook: &'static str,
+    pub hook: Cow<'static, str>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -1057,19 +1059,19 @@ impl Agent {
             let mut record = self.describe(event);
             self.last_seq += 1;
             record.seq = self.last_seq;
-            self.shared.metrics.events_received.with_label_values(&[record.verdict]).inc();
+            self.shared.metrics.events_received.with_label_values(&[record.verdict.as_ref()]).inc();
             if record.verdict == "allow" {
                 // Not logged: only `bulkhead flows` shows them.
             } else if record.verdict == "audit" {
                 tracing::info!(
-                    verdict = record.verdict, direction = record.direction, pod = %record.pod, source = %record.source,
-                    destination = %record.destination, protocol = %record.protocol, policy = %record.policy, rule = %rule_text(record.rule), hook = record.hook,
+                    verdict = %record.verdict, direction = %record.direction, pod = %record.pod, source = %record.source,
+                    destination = %record.destination, protocol = %record.protocol, policy = %record.policy, rule = %rule_text(record.rule), hook = %record.hook,
                     "connection would be denied (audit)"
                 );
             } else {
                 tracing::warn!(
-                    verdict = record.verdict, direction = record.direction, pod = %record.pod, source = %record.source,
-                    destination = %record.destination, protocol = %record.protocol, policy = %record.policy, rule = %rule_text(record.rule), hook = record.hook,
+                    verdict = %record.verdict, direction = %record.direction, pod = %record.pod, source = %record.source,
+                    destination = %record.destination, protocol = %record.protocol, policy = %record.policy, rule = %rule_text(record.rule), hook = %record.hook,
                     "connection denied"
                 );
             }
@@ -1290,19 +1292,19 @@ impl Agent {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
-            verdict: match event.kind {
+            verdict: Cow::Borrowed(match event.kind {
                 EVENT_AUDIT => "audit",
                 EVENT_NEW_FLOW => "allow",
                 _ => "deny",
-            },
-            direction: direction_name(event.direction),
+            }),
+            direction: Cow::Borrowed(direction_name(event.direction)),
             pod: pod.clone(),
             source: if cgroup { pod } else { name(event.saddr.octets(), event.sport) },
             destination: name(event.daddr.octets(), event.dport),
             protocol: protocol_name(event.protocol).to_string(),
             policy,
             rule: (event.rule != RULE_DEFAULT_DENY).then_some(event.rule),
-            hook: if cgroup { "connect" } else { "tc" },
+            hook: Cow::Borrowed(if cgroup { "connect" } else { "tc" }),
         }
     }
 

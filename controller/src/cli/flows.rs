@@ -10,23 +10,8 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 
-/// One verdict as an agent serves it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Verdict {
-    pub seq: u64,
-    pub time: u64,
-    pub verdict: String,
-    pub direction: String,
-    pub pod: String,
-    pub source: String,
-    pub destination: String,
-    pub protocol: String,
-    pub policy: String,
-    pub rule: Option<u32>,
-    pub hook: String,
-}
+use crate::agent::EventRecord;
 
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
@@ -37,7 +22,7 @@ pub struct Filter {
 }
 
 impl Filter {
-    pub fn admits(&self, verdict: &Verdict) -> bool {
+    pub fn admits(&self, verdict: &EventRecord) -> bool {
         // Either end: the judging pod, or the peer as the agent named it
         // (`namespace/pod (address:port)`).
         let ends = [verdict.pod.as_str(), end_pod(&verdict.source), end_pod(&verdict.destination)];
@@ -63,7 +48,7 @@ fn end_pod(end: &str) -> &str {
 }
 
 /// The verdicts an agent at `address` holds after `after`.
-pub fn fetch(address: &str, after: u64) -> Result<Vec<Verdict>> {
+pub fn fetch(address: &str, after: u64) -> Result<Vec<EventRecord>> {
     let mut stream = std::net::TcpStream::connect(address)
         .with_context(|| format!("connecting to the agent's debug address {address}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -117,7 +102,7 @@ pub fn tail(agents: &[String], filter: &Filter, follow: bool, json: bool) -> Res
     }
 }
 
-fn print_row(verdict: &Verdict) {
+fn print_row(verdict: &EventRecord) {
     let time = k8s_openapi::jiff::Timestamp::from_millisecond(verdict.time as i64)
         .map(|t| t.strftime("%H:%M:%S%.3f").to_string())
         .unwrap_or_default();
@@ -141,11 +126,11 @@ fn print_row(verdict: &Verdict) {
 mod tests {
     use super::*;
 
-    fn verdict(verdict: &str, pod: &str, source: &str, destination: &str) -> Verdict {
-        Verdict {
+    fn verdict(verdict: &str, pod: &str, source: &str, destination: &str) -> EventRecord {
+        EventRecord {
             seq: 1,
             time: 0,
-            verdict: verdict.into(),
+            verdict: verdict.to_string().into(),
             direction: "ingress".into(),
             pod: pod.into(),
             source: source.into(),
