@@ -30,7 +30,11 @@ use serde_json::json;
 
 use crate::{
     bench::{allow, median, server_ingress_policy, two_pod_policy},
-    testbed::{enter_netns, TestPod, Topology},
+    testbed::{
+        enter_netns,
+        raw_program::{instruction, RawProgram, BPF_PROG_TYPE_SCHED_CLS},
+        TestPod, Topology,
+    },
 };
 
 pub(crate) const PORT: u16 = 7000;
@@ -38,7 +42,7 @@ pub(crate) const PORT: u16 = 7000;
 /// leaves the CPU to another.
 const CLIENTS: usize = 4;
 const ACCEPTORS: usize = 2;
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 11;
 const MEASURE: Duration = Duration::from_secs(2);
 /// Every measurement must get through this many connections without a
 /// failure; a single failed connect means a configuration drops what it
@@ -198,6 +202,36 @@ impl Drop for Enforced {
     }
 }
 
+/// The floor under any TC program: one that returns `TC_ACT_OK` at once,
+/// attached where Bulkhead's are (TCX ingress and egress of both pods'
+/// host-side veths). What it costs, no policy logic can win back.
+struct EmptyTc {
+    program: RawProgram,
+}
+
+impl EmptyTc {
+    fn load() -> Result<Self> {
+        const MOV64_K: u8 = 0xb7;
+        const EXIT: u8 = 0x95;
+        const TC_ACT_OK: i32 = 0;
+        let instructions = [instruction(MOV64_K, 0, 0, 0, TC_ACT_OK), instruction(EXIT, 0, 0, 0, 0)];
+        Ok(EmptyTc { program: RawProgram::load("the empty TC program", BPF_PROG_TYPE_SCHED_CLS, &instructions)? })
+    }
+
+    fn measure(&self, topology: &Topology, client: &TestPod, server: &TestPod) -> Result<f64> {
+        let mut links = Vec::new();
+        for pod in [client, server] {
+            let ifindex = topology.ifindex(&pod.host_interface);
+            for ingress in [true, false] {
+                links.push(self.program.attach_tcx(ifindex, ingress)?);
+            }
+        }
+        let measured = connections_per_s(client, SocketAddr::new(server.ipv4, PORT));
+        drop(links);
+        measured
+    }
+}
+
 /// The same allow as iptables users write it at this size: established
 /// traffic accepted by conntrack first, new connections matched against an
 /// ipset of (source, port, destination) with `filler` other entries, the
@@ -271,56 +305,79 @@ pub fn run() -> Result<()> {
         .map(|&(label, filler)| Iptables::load(&topology, label, &client, &server, filler).map(|i| (label, i)))
         .collect::<Result<Vec<_>>>()?;
 
+    let empty_tc = EmptyTc::load()?;
+
     let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    // Each round's figure over the same round's `none`: the machine's speed
+    // drifts by more than the differences measured (none alone has ranged
+    // 42k-59k/s within one run), and a ratio of neighbours cancels most of it.
+    let mut paired: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     // A warm-up measurement, not counted: first-touch of the pods' sockets and route caches.
     connections_per_s(&client, SocketAddr::new(server.ipv4, PORT))?;
+    const CONFIGURATIONS: usize = 6;
     for round in 0..ROUNDS {
-        // Five configurations, the order rotated each round, so the
-        // machine's drift within a round falls on each alike.
-        for turn in 0..5 {
-            let (name, value) = match (round + turn) % 5 {
+        // The order rotated each round, so the machine's drift within a
+        // round falls on each configuration alike.
+        let mut this_round = BTreeMap::new();
+        for turn in 0..CONFIGURATIONS {
+            let (name, value) = match (round + turn) % CONFIGURATIONS {
                 0 => ("none".to_string(), connections_per_s(&client, SocketAddr::new(server.ipv4, PORT))?),
-                1 | 2 => {
-                    let (label, enforced) = &mut enforced[(round + turn) % 5 - 1];
+                1 => ("tc_empty".to_string(), empty_tc.measure(&topology, &client, &server)?),
+                n @ (2 | 3) => {
+                    let (label, enforced) = &mut enforced[n - 2];
                     (format!("bulkhead_{label}"), enforced.measure(&topology, &client, &server)?)
                 }
                 n => {
-                    let (label, iptables) = &iptables[n - 3];
+                    let (label, iptables) = &iptables[n - 4];
                     (format!("iptables_{label}"), iptables.measure(&topology, &client, &server)?)
                 }
             };
-            samples.entry(name).or_default().push(value);
+            this_round.insert(name, value);
         }
-        let line: Vec<String> = samples.iter().map(|(name, values)| format!("{name} {:.0}", values[round])).collect();
+        let line: Vec<String> = this_round.iter().map(|(name, value)| format!("{name} {value:.0}")).collect();
         println!("connections/s round {}: {}", round + 1, line.join("  "));
+        for (name, value) in &this_round {
+            paired.entry(name.clone()).or_default().push(value / this_round["none"]);
+            samples.entry(name.clone()).or_default().push(*value);
+        }
     }
     for (_, set) in &iptables {
         let _ = topology.node_command("ipset").args(["destroy", &set.set]).output();
     }
 
     let medians: BTreeMap<String, f64> = samples.into_iter().map(|(name, values)| (name, median(values))).collect();
-    let ratio = |a: &str, b: &str| medians[a] / medians[b];
+    let paired: BTreeMap<String, f64> = paired.into_iter().map(|(name, values)| (name, median(values))).collect();
     println!(
-        "medians over {ROUNDS} rounds: none {:.0}/s  bulkhead 1k {:.0} ({:.3}x none)  bulkhead 100k {:.0} ({:.3}x none)  iptables 1k {:.0}  iptables 100k {:.0}  bulkhead/iptables at 100k {:.2}x",
+        "medians over {ROUNDS} rounds: none {:.0}/s  tc_empty {:.0}  bulkhead 1k {:.0}  bulkhead 100k {:.0}  iptables 1k {:.0}  iptables 100k {:.0}",
         medians["none"],
+        medians["tc_empty"],
         medians["bulkhead_1k"],
-        ratio("bulkhead_1k", "none"),
         medians["bulkhead_100k"],
-        ratio("bulkhead_100k", "none"),
         medians["iptables_1k"],
         medians["iptables_100k"],
-        ratio("bulkhead_100k", "iptables_100k"),
     );
-    let rounded = |v: f64| v.round();
+    println!(
+        "median of each round's ratio to none: tc_empty {:.3}x  bulkhead 1k {:.3}x  bulkhead 100k {:.3}x  iptables 1k {:.3}x  iptables 100k {:.3}x  bulkhead/iptables at 100k {:.2}x",
+        paired["tc_empty"],
+        paired["bulkhead_1k"],
+        paired["bulkhead_100k"],
+        paired["iptables_1k"],
+        paired["iptables_100k"],
+        paired["bulkhead_100k"] / paired["iptables_100k"],
+    );
+    let rounded = |v: f64, places: i32| (v * 10f64.powi(places)).round() / 10f64.powi(places);
+    let ratio = |a: &str, b: &str| rounded(medians[a] / medians[b], 3);
     println!(
         "{}",
         json!({
-            "connections_per_s": medians.iter().map(|(k, v)| (k.clone(), json!(rounded(*v)))).collect::<serde_json::Map<_, _>>(),
+            "connections_per_s": medians.iter().map(|(k, v)| (k.clone(), json!(rounded(*v, 0)))).collect::<serde_json::Map<_, _>>(),
             "ratios": {
-                "bulkhead_1k_vs_none": (ratio("bulkhead_1k", "none") * 1000.0).round() / 1000.0,
-                "bulkhead_100k_vs_none": (ratio("bulkhead_100k", "none") * 1000.0).round() / 1000.0,
-                "bulkhead_100k_vs_iptables_100k": (ratio("bulkhead_100k", "iptables_100k") * 100.0).round() / 100.0,
-            }
+                "tc_empty_vs_none": ratio("tc_empty", "none"),
+                "bulkhead_1k_vs_none": ratio("bulkhead_1k", "none"),
+                "bulkhead_100k_vs_none": ratio("bulkhead_100k", "none"),
+                "bulkhead_100k_vs_iptables_100k": ratio("bulkhead_100k", "iptables_100k"),
+            },
+            "paired_ratios_to_none": paired.iter().filter(|(k, _)| *k != "none").map(|(k, v)| (k.clone(), json!(rounded(*v, 3)))).collect::<serde_json::Map<_, _>>(),
         })
     );
     Ok(())

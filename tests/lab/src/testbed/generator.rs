@@ -17,9 +17,9 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-const BPF_PROG_LOAD: libc::c_long = 5;
+use super::raw_program::{bpf, instruction, Instruction, RawProgram, BPF_PROG_TYPE_XDP};
+
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 const XDP_TX: i32 = 3;
 const BPF_FUNC_GET_PRANDOM_U32: i32 = 7;
@@ -28,20 +28,6 @@ const SOURCE_PORT_AT: i16 = 34;
 /// Frames per batch of the live mode (its maximum is 256).
 const BATCH_SIZE: u32 = 256;
 const ETHTOOL_SGRO: u32 = 0x2c;
-
-/// One BPF instruction, as `struct bpf_insn` lays it out.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Instruction {
-    code: u8,
-    registers: u8,
-    offset: i16,
-    immediate: i32,
-}
-
-const fn instruction(code: u8, dst: u8, src: u8, offset: i16, immediate: i32) -> Instruction {
-    Instruction { code, registers: (src << 4) | dst, offset, immediate }
-}
 
 /// `r6 = data; r7 = data_end; if data + 36 > data_end goto send;`
 /// `*(u16 *)(data + 34) = bpf_get_prandom_u32(); send: return XDP_TX;`
@@ -67,35 +53,14 @@ fn program() -> [Instruction; 9] {
     ]
 }
 
-fn bpf(command: libc::c_long, attr: &mut [u64]) -> i64 {
-    // SAFETY: `attr` is a zero-padded `union bpf_attr` of the size passed.
-    unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_mut_ptr(), std::mem::size_of_val(attr)) }
-}
-
 /// The loaded generator program.
 pub struct Generator {
-    program: OwnedFd,
+    program: RawProgram,
 }
 
 impl Generator {
     pub fn load() -> Result<Self> {
-        let instructions = program();
-        let license = CString::new("GPL")?;
-        let mut log = vec![0u8; 4096];
-        let mut attr = [0u64; 16];
-        attr[0] = u64::from(BPF_PROG_TYPE_XDP) | ((instructions.len() as u64) << 32);
-        attr[1] = instructions.as_ptr() as u64;
-        attr[2] = license.as_ptr() as u64;
-        attr[3] = 1 | ((log.len() as u64) << 32); // log_level, log_size
-        attr[4] = log.as_mut_ptr() as u64;
-        let fd = bpf(BPF_PROG_LOAD, &mut attr);
-        if fd < 0 {
-            let error = std::io::Error::last_os_error();
-            let log = String::from_utf8_lossy(&log);
-            bail!("loading the flood generator: {error}\n{}", log.trim_end_matches('\0'));
-        }
-        // SAFETY: a descriptor the kernel just returned, owned here alone.
-        Ok(Generator { program: unsafe { OwnedFd::from_raw_fd(fd as i32) } })
+        Ok(Generator { program: RawProgram::load("the flood generator", BPF_PROG_TYPE_XDP, &program())? })
     }
 
     /// Send `count` copies of `frame`, ports randomised, out of `ifindex`
@@ -107,7 +72,7 @@ impl Generator {
         context[1] = frame.len() as u32;
         context[3] = ifindex;
         let mut attr = [0u64; 10];
-        attr[0] = self.program.as_raw_fd() as u64; // prog_fd, retval
+        attr[0] = self.program.fd() as u64; // prog_fd, retval
         attr[1] = frame.len() as u64; // data_size_in, data_size_out
         attr[2] = frame.as_ptr() as u64;
         attr[4] = u64::from(count); // repeat, duration

@@ -8,6 +8,7 @@ pub mod apiserver;
 pub mod generator;
 pub mod node;
 pub mod packet;
+pub mod raw_program;
 
 use std::{
     io::{BufRead, BufReader},
