@@ -42,8 +42,12 @@ pub(crate) const PORT: u16 = 7000;
 /// leaves the CPU to another.
 const CLIENTS: usize = 4;
 const ACCEPTORS: usize = 2;
-const ROUNDS: usize = 11;
-const MEASURE: Duration = Duration::from_secs(2);
+/// Many short rounds rather than a few long ones: a round of six
+/// configurations then spans 3 s, over which the machine's speed drifts
+/// less than the few per cent told apart (7 rounds of 2 s put `tc_empty`
+/// anywhere from 0.95x to 1.00x of `none`; 41 of 0.5 s, 0.96-0.98x).
+const ROUNDS: usize = 41;
+const MEASURE: Duration = Duration::from_millis(500);
 /// Every measurement must get through this many connections without a
 /// failure; a single failed connect means a configuration drops what it
 /// should allow, and the bench stops rather than print its figure.
