@@ -1,5 +1,6 @@
 //! `bench connections`: new TCP connections per second between two pods,
-//! with no policy, with Bulkhead and with iptables, side by side.
+//! with no policy, with an empty TC program, with Bulkhead and with iptables,
+//! side by side.
 //!
 //! Client and server are threads of this process moved into the pods'
 //! network namespaces (`setns` is per thread): no helper process to start,
