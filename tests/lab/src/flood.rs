@@ -41,8 +41,11 @@ use crate::{
 };
 
 const PIN_DIR: &str = "/sys/fs/bpf/bulkhead-bench-flood";
-const ROUNDS: usize = 7;
-const PHASE: Duration = Duration::from_secs(3);
+/// Many short rounds: a quiet and a flooded phase 2.5 s apart see much the
+/// same machine, and the median of 21 rounds' ratios moves less than that
+/// of 7 rounds of 3 s (0.83-1.07x over three runs, against 0.97-1.31x).
+const ROUNDS: usize = 21;
+const PHASE: Duration = Duration::from_secs(1);
 /// The flood's rate, the (#23): one vCPU of this machine generates
 /// and refuses 1.3–1.8M a second at full speed.
 const FLOOD_PACKETS_PER_S: f64 = 1_000_000.0;
