@@ -33,7 +33,7 @@ use crate::{
     bench::{allow, median, server_ingress_policy, two_pod_policy},
     testbed::{
         enter_netns,
-        raw_program::{instruction, RawProgram, BPF_PROG_TYPE_SCHED_CLS},
+        raw_program::{instruction, opcode, RawProgram, BPF_PROG_TYPE_SCHED_CLS},
         TestPod, Topology,
     },
 };
@@ -216,8 +216,7 @@ struct EmptyTc {
 
 impl EmptyTc {
     fn load() -> Result<Self> {
-        const MOV64_K: u8 = 0xb7;
-        const EXIT: u8 = 0x95;
+        use opcode::{EXIT, MOV64_K};
         const TC_ACT_OK: i32 = 0;
         let instructions = [instruction(MOV64_K, 0, 0, 0, TC_ACT_OK), instruction(EXIT, 0, 0, 0, 0)];
         Ok(EmptyTc { program: RawProgram::load("the empty TC program", BPF_PROG_TYPE_SCHED_CLS, &instructions)? })

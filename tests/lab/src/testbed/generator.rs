@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use super::raw_program::{bpf, instruction, Instruction, RawProgram, BPF_PROG_TYPE_XDP};
+use super::raw_program::{bpf, instruction, opcode, Instruction, RawProgram, BPF_PROG_TYPE_XDP};
 
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
@@ -32,14 +32,7 @@ const ETHTOOL_SGRO: u32 = 0x2c;
 /// `r6 = data; r7 = data_end; if data + 36 > data_end goto send;`
 /// `*(u16 *)(data + 34) = bpf_get_prandom_u32(); send: return XDP_TX;`
 fn program() -> [Instruction; 9] {
-    const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
-    const STX_H: u8 = 0x6b; // BPF_STX | BPF_MEM | BPF_H
-    const MOV64_X: u8 = 0xbf;
-    const MOV64_K: u8 = 0xb7;
-    const ADD64_K: u8 = 0x07;
-    const JGT_X: u8 = 0x2d;
-    const CALL: u8 = 0x85;
-    const EXIT: u8 = 0x95;
+    use opcode::*;
     [
         instruction(LDX_W, 6, 1, 0, 0),
         instruction(LDX_W, 7, 1, 4, 0),

@@ -17,6 +17,20 @@ pub const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_TCX_INGRESS: u32 = 46;
 const BPF_TCX_EGRESS: u32 = 47;
 
+/// The opcodes the lab's programs use (`linux/bpf.h`, `bpf_common.h`).
+pub mod opcode {
+    /// `BPF_LDX | BPF_MEM | BPF_W`
+    pub const LDX_W: u8 = 0x61;
+    /// `BPF_STX | BPF_MEM | BPF_H`
+    pub const STX_H: u8 = 0x6b;
+    pub const MOV64_X: u8 = 0xbf;
+    pub const MOV64_K: u8 = 0xb7;
+    pub const ADD64_K: u8 = 0x07;
+    pub const JGT_X: u8 = 0x2d;
+    pub const CALL: u8 = 0x85;
+    pub const EXIT: u8 = 0x95;
+}
+
 /// One BPF instruction, as `struct bpf_insn` lays it out.
 #[repr(C)]
 #[derive(Clone, Copy)]
