@@ -189,7 +189,11 @@ impl Set {
         if displacing {
             // The least recently seen; of equals, the lowest way (ways fill
             // in order, so the one stored first).
-            let mut oldest = None;
+            // Two plain values, not an `Option<u32>`: LLVM reads the
+            // option's payload whole even while it is `None`, from a stack
+            // slot it may have lent to a pointer meanwhile, and the verifier
+            // refuses arithmetic on a pointer.
+            let (mut any, mut oldest) = (false, 0u32);
             for way in 0..CONNTRACK_WAYS {
                 if tags.tags[way] == CONNTRACK_TAG_BUSY {
                     continue;
@@ -199,12 +203,12 @@ impl Set {
                 };
                 // SAFETY: as above.
                 let age = now.wrapping_sub(unsafe { (*slot).last_seen });
-                if oldest.is_none_or(|oldest| age > oldest) {
-                    oldest = Some(age);
+                if !any || age > oldest {
+                    (any, oldest) = (true, age);
                     victim = way;
                 }
             }
-            if oldest.is_none() {
+            if !any {
                 return Stored::NotStored;
             }
         }

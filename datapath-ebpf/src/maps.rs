@@ -101,6 +101,7 @@ pub fn hash_seed() -> u64 {
     CONFIG.get(CONFIG_HASH_SEED).copied().unwrap_or(0)
 }
 
-/// Working memory of one program run (not pinned: nothing in it outlives a packet).
+/// Working memory of one program run, and a sampling count (not pinned:
+/// nothing in it matters to a later datapath).
 #[map(name = "BH_SCRATCH")]
 pub static SCRATCH: PerCpuArray<crate::parse::Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -11,10 +11,12 @@ use aya_ebpf::programs::TcContext;
 use datapath_common::{proto, Address, ConnKey};
 
 /// Per-CPU working memory of one TC program run: the packet as parsed, and
-/// its connection as the endpoint sees it.
+/// its connection as the endpoint sees it; and, across runs, how many TCP
+/// packets this CPU passed without conntrack (see `judge_ip`).
 pub struct Scratch {
     pub packet: Packet,
     pub conn: ConnKey,
+    pub passed_untracked: u32,
 }
 
 const ETH_HLEN: usize = 14;
@@ -87,6 +89,13 @@ impl Packet {
     #[inline(always)]
     pub fn opens_tcp(&self) -> bool {
         self.protocol == proto::TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    /// A TCP packet past the connection's first: its ACK flag is set (a
+    /// SYN's answer, or any later segment).
+    #[inline(always)]
+    pub fn acknowledges_tcp(&self) -> bool {
+        self.protocol == proto::TCP && self.tcp_flags & TCP_ACK != 0
     }
 
     /// A TCP packet from the middle of a connection (ACK set, no SYN).

@@ -38,6 +38,9 @@ impl From<Busy> for u8 {
 }
 
 const DEFAULT_EVENTS_PER_SECOND: u64 = 1000;
+/// One TCP packet in this many, of those passed without conntrack, refreshes
+/// its connection's entry (`judge_ip`).
+const REFRESH_EVERY: u32 = 16;
 const SOCK_RAW: u32 = 3;
 /// cgroup sock_addr verdicts.
 const SOCKET_ALLOW: i32 = 1;
@@ -100,7 +103,7 @@ fn endpoint_of(ifindex: u32) -> Option<*const EndpointInfo> {
 
 #[inline(always)]
 fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &mut Scratch) -> Result<(), u8> {
-    let Scratch { packet, conn } = scratch;
+    let Scratch { packet, conn, passed_untracked } = scratch;
     let endpoint_id = endpoint.endpoint_id;
     if let L4::NeighbourDiscovery = packet.l4 {
         return Ok(());
@@ -141,6 +144,11 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
                 if found.value.flags & CONNTRACK_FLAG_REVOKED == 0 {
                     return Ok(());
                 }
+            } else if conn.protocol == proto::TCP && tcp_allowed_both_ways(endpoint, conn) {
+                // TCP that passes without conntrack (below) may have lost its
+                // entry to newer connections: its errors (fragmentation
+                // needed, above all) pass the same way as its segments.
+                return Ok(());
             }
         }
     }
@@ -161,6 +169,28 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     conn.remote_port = remote_port;
     conn.protocol = packet.protocol;
     (conn._pad, conn._pad2) = (0, 0);
+    // TCP past its SYN, of a connection policy allows both ways: passed
+    // without conntrack. Its entry is one connection's, cold at the first
+    // packets and then moved between the CPUs of its two ends, where the
+    // policy entries are shared by every connection between the same pods:
+    // in real traffic those misses were most of what a packet cost
+    // (BENCHMARKS.md). Anything else, a revoked connection above all, is
+    // judged by conntrack as before, in the direction it was opened.
+    if packet.acknowledges_tcp() && tcp_allowed_both_ways(endpoint, conn) {
+        // Conntrack still has to know the connection is alive: a revoked
+        // connection it has displaced would be picked up again (below) in
+        // the direction policy still allows. One such packet in
+        // `REFRESH_EVERY` on each CPU refreshes its connection's entry, so
+        // a connection that carries traffic stays among the last its set
+        // gives up, as it did when every packet refreshed it.
+        *passed_untracked = passed_untracked.wrapping_add(1);
+        if *passed_untracked % REFRESH_EVERY == 0 {
+            if let Some(set) = Set::of(conn) {
+                let _ = set.find(conn);
+            }
+        }
+        return Ok(());
+    }
     // Ports take part in policy for these only (ICMP echo's identifier does not).
     let has_ports = matches!(packet.l4, L4::Plain | L4::LaterFragment);
     let port = if has_ports { packet.dport } else { 0 };
@@ -173,7 +203,7 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     let opens = packet.opens_tcp();
     let mut opened = None;
     if opens {
-        let Some((peer, decision)) = judge_new(conn, direction, port)? else {
+        let Some((peer, decision)) = judge_new(endpoint, conn, direction, port)? else {
             return Ok(());
         };
         if decision.verdict != verdict::ALLOW {
@@ -198,7 +228,7 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
     // A new connection.
     let (peer, mut decision) = match opened {
         Some(opened) => opened,
-        None => match judge_new(conn, direction, port)? {
+        None => match judge_new(endpoint, conn, direction, port)? {
             Some(judged) => judged,
             None => return Ok(()),
         },
@@ -259,12 +289,52 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
 /// the node itself, which Kubernetes requires to reach its pods (kubelet
 /// probes).
 #[inline(always)]
-fn judge_new(conn: &ConnKey, direction: u8, port: u16) -> Result<Option<(u32, PolicyValue)>, u8> {
+fn judge_new(
+    endpoint: &EndpointInfo,
+    conn: &ConnKey,
+    direction: u8,
+    port: u16,
+) -> Result<Option<(u32, PolicyValue)>, u8> {
     let peer = peer_identity(&conn.remote)?;
     if peer == identity::HOST {
         return Ok(None);
     }
+    if endpoint.is_open(direction) {
+        return Ok(Some((peer, PolicyValue::UNRESTRICTED)));
+    }
     Ok(Some((peer, lookup_policy(conn.endpoint, direction, peer, conn.protocol, port)?)))
+}
+
+/// Whether policy allows the TCP connection `conn` belongs to both ways:
+/// opened by the endpoint to the remote's port, and by the remote to the
+/// endpoint's. Then conntrack would pass its packets whichever way it was
+/// opened, and need not be asked. Told only where it is cheap: for an
+/// endpoint one of whose directions no policy restricts. That direction
+/// allows its way at once; the other way's entry is the same for every
+/// connection between the two (the endpoint's own port when it is connected
+/// to, the peer's when it connects), so it is in cache. An entry an
+/// Audit-mode rule marks is left to conntrack, which reports a connection
+/// it picks up.
+#[inline(always)]
+fn tcp_allowed_both_ways(endpoint: &EndpointInfo, conn: &ConnKey) -> bool {
+    let (open_egress, open_ingress) = (endpoint.is_open(EGRESS), endpoint.is_open(INGRESS));
+    if !open_egress && !open_ingress {
+        return false;
+    }
+    if open_egress && open_ingress {
+        return true;
+    }
+    let Ok(peer) = peer_identity(&conn.remote) else {
+        return false;
+    };
+    if peer == identity::HOST {
+        return true;
+    }
+    let (direction, port) = if open_egress { (INGRESS, conn.local_port) } else { (EGRESS, conn.remote_port) };
+    matches!(
+        lookup_policy(conn.endpoint, direction, peer, proto::TCP, port),
+        Ok(value) if value.verdict == verdict::ALLOW && value.audit == 0
+    )
 }
 
 /// A connection policy refuses: counted and reported once, the first time;

@@ -3,10 +3,15 @@
 //! numbers. `compile` writes it, `diff` compares two of them, `lookup` reads
 //! one as the datapath would.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use bulkhead_crds::Protocol;
-use datapath_common::{ipv4_mapped, policy_prefix, proto, PolicyKey, PolicyValue, IPV4_MAPPED_PREFIX};
+use datapath_common::{
+    identity, ipv4_mapped, open_flag, policy_prefix, proto, PolicyKey, PolicyValue, EGRESS, INGRESS, IPV4_MAPPED_PREFIX,
+};
 use ipnet::IpNet;
 
 use crate::{
@@ -87,5 +92,35 @@ impl DesiredState {
             let first = (length, PolicyKey::new(endpoint, 0, 0, 0, 0));
             self.policy.range(first..).take_while(move |((l, key), _)| *l == length && key.endpoint() == endpoint)
         })
+    }
+
+    /// Every endpoint some policy entry belongs to.
+    pub fn endpoint_ids(&self) -> BTreeSet<u32> {
+        self.policy.keys().map(|(_, key)| key.endpoint()).collect()
+    }
+
+    /// The directions no policy restricts for `endpoint`, as
+    /// `ENDPOINT_FLAG_OPEN_*` flags: those whose only entry is the any-peer,
+    /// any-protocol `PolicyValue::UNRESTRICTED`, so that every lookup that
+    /// way answers it. The datapath then answers it without a lookup.
+    pub fn unrestricted_directions(&self, endpoint: u32) -> u32 {
+        // Per direction (`INGRESS` 0, `EGRESS` 1): entries seen, and whether
+        // all of them were the unrestricted one.
+        let mut seen = [0usize; 2];
+        let mut unrestricted = [true; 2];
+        for ((length, key), value) in self.entries_of(endpoint) {
+            let Some(direction) = [INGRESS, EGRESS].iter().position(|d| *d == key.direction()) else {
+                continue;
+            };
+            seen[direction] += 1;
+            unrestricted[direction] &= *length == policy_prefix::ANY_PROTOCOL
+                && key.identity() == identity::ANY
+                && *value == PolicyValue::UNRESTRICTED;
+        }
+        [INGRESS, EGRESS]
+            .iter()
+            .enumerate()
+            .filter(|(at, _)| seen[*at] == 1 && unrestricted[*at])
+            .fold(0, |flags, (_, direction)| flags | open_flag(*direction))
     }
 }

@@ -1,6 +1,7 @@
 //! Properties of the compiler, on random snapshots:
 //! - the verdict read from the compiled state (the datapath's lookups) equals
-//!   a small reference evaluator written directly from api.md;
+//!   a small reference evaluator written directly from api.md, and where a
+//!   direction is flagged open the flag answers as the lookups would;
 //! - applying `diff(a, b)` to `compile(a)` gives exactly `compile(b)`, and no
 //!   intermediate state allows what neither `a` nor `b` allows.
 
@@ -20,6 +21,7 @@ use bulkhead_policy::{
     state::protocol_number,
     ContainerPort, Namespace, Pod, PodRef, PolicyObject, PolicyRef, Snapshot,
 };
+use datapath_common::{open_flag, PolicyValue};
 use ipnet::IpNet;
 use k8s_openapi::{
     api::networking::v1 as net,
@@ -706,6 +708,14 @@ proptest! {
             let verdict = compiled_verdict(&state, src, dst, probe.protocol, probe.port);
             let egress = src.pod.map(|p| reference.direction_allows(p, false, dst, Some(probe.protocol), probe.port, false));
             let ingress = dst.pod.map(|p| reference.direction_allows(p, true, src, Some(probe.protocol), probe.port, false));
+            // Where a direction is flagged open, the datapath answers without
+            // a lookup what every lookup would have answered.
+            for hop in verdict.egress.iter().chain(verdict.ingress.iter()) {
+                let endpoint = state.endpoints[&hop.pod].id;
+                if state.unrestricted_directions(endpoint) & open_flag(hop.direction) != 0 {
+                    prop_assert_eq!(hop.value, PolicyValue::UNRESTRICTED, "open {:?} of {:?}", hop.direction, probe);
+                }
+            }
             prop_assert_eq!(verdict.egress.as_ref().map(|h| h.allowed()), egress, "egress of {:?}", probe);
             prop_assert_eq!(verdict.ingress.as_ref().map(|h| h.allowed()), ingress, "ingress of {:?}", probe);
             // Audit: reported exactly where the verdict allows and Audit

@@ -29,7 +29,7 @@ use datapath_common::{
     capacity, map_names, policy_prefix, prefixed_slot, program_names, Address, DropKey, EndpointInfo, Event,
     IpcacheSlot, IpcacheValue, PolicyExactKey, PolicyKey, PolicySlot, PolicyValue, TableSlot, VerdictKey, VerdictSlot,
     CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_HASH_SEED, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED,
-    NO_ENDPOINT, VERDICT_SLOTS_PER_CPU, VERDICT_SLOT_CPUS,
+    ENDPOINT_FLAG_OPEN_EGRESS, ENDPOINT_FLAG_OPEN_INGRESS, NO_ENDPOINT, VERDICT_SLOTS_PER_CPU, VERDICT_SLOT_CPUS,
 };
 
 use super::{
@@ -399,21 +399,44 @@ impl Datapath {
 
     /// Set the fail-closed flag of an endpoint's entries, keeping the rest.
     fn set_endpoint_flags(&mut self, endpoint_id: u32, flags: u32) -> Result<(), DatapathError> {
-        let with_flags =
-            |info: EndpointInfo| EndpointInfo { flags: (info.flags & !ENDPOINT_FLAG_FAIL_CLOSED) | flags, ..info };
-        let interfaces: Vec<(u32, EndpointInfo)> =
-            self.endpoints.iter().filter_map(Result::ok).filter(|(_, info)| info.endpoint_id == endpoint_id).collect();
+        self.rewrite_endpoint_flags(|info| {
+            (info.endpoint_id == endpoint_id).then_some((info.flags & !ENDPOINT_FLAG_FAIL_CLOSED) | flags)
+        })
+    }
+
+    /// Set the flags saying which directions no policy restricts
+    /// (`ENDPOINT_FLAG_OPEN_*`) on every endpoint's entries: `open` of its id.
+    pub fn set_open_directions(&mut self, open: impl Fn(u32) -> u32) -> Result<(), DatapathError> {
+        const OPEN: u32 = ENDPOINT_FLAG_OPEN_EGRESS | ENDPOINT_FLAG_OPEN_INGRESS;
+        self.rewrite_endpoint_flags(|info| {
+            (!info.is_pending()).then(|| (info.flags & !OPEN) | (open(info.endpoint_id) & OPEN))
+        })
+    }
+
+    /// Rewrite the interface and cgroup entries whose flags `new_flags`
+    /// changes (`None`: leave the entry be).
+    fn rewrite_endpoint_flags(
+        &mut self,
+        new_flags: impl Fn(&EndpointInfo) -> Option<u32>,
+    ) -> Result<(), DatapathError> {
+        let changed = |info: &EndpointInfo| new_flags(info).filter(|flags| *flags != info.flags);
+        let interfaces: Vec<(u32, EndpointInfo)> = self
+            .endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(ifindex, info)| Some((ifindex, EndpointInfo { flags: changed(&info)?, ..info })))
+            .collect();
         for (ifindex, info) in interfaces {
-            self.set_endpoint(ifindex, with_flags(info))?;
+            self.set_endpoint(ifindex, info)?;
         }
         let cgroups: Vec<(u64, EndpointInfo)> = self
             .cgroup_endpoints
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, info)| info.endpoint_id == endpoint_id)
+            .filter_map(|(cgroup, info)| Some((cgroup, EndpointInfo { flags: changed(&info)?, ..info })))
             .collect();
         for (cgroup, info) in cgroups {
-            self.set_cgroup_endpoint(cgroup, with_flags(info))?;
+            self.set_cgroup_endpoint(cgroup, info)?;
         }
         Ok(())
     }

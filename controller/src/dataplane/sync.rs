@@ -43,6 +43,9 @@ pub struct Programmer {
     /// application; their endpoints are failed closed meanwhile.
     unwritten: BTreeMap<PolicyEntryKey, PolicyValue>,
     failed_closed: BTreeSet<u32>,
+    /// Per endpoint, the directions no policy restricts
+    /// (`ENDPOINT_FLAG_OPEN_*`; endpoints without any left out).
+    open_directions: BTreeMap<u32, u32>,
     /// Map writes and deletions since the start.
     writes: u64,
 }
@@ -65,6 +68,7 @@ impl Programmer {
             pending: Vec::new(),
             unwritten: BTreeMap::new(),
             failed_closed,
+            open_directions: BTreeMap::new(),
             writes: 0,
         }
     }
@@ -103,10 +107,20 @@ impl Programmer {
         };
         let mut ops = std::mem::take(&mut self.pending).into_iter().chain(ops);
         let mut report = SyncReport::default();
+        // Endpoints whose entries change, for their open directions. The
+        // first time, every one: the adopted entries may carry a previous
+        // agent's flags.
+        let mut touched: BTreeSet<u32> = match &adopted {
+            Some(adopted) => {
+                desired.endpoints.values().map(|endpoint| endpoint.id).chain(adopted.endpoint_ids()).collect()
+            }
+            None => BTreeSet::new(),
+        };
         while let Some(op) = ops.next() {
             if let MapOp::PolicyUpsert(key, _) | MapOp::PolicyDelete(key) = &op {
                 // A newer operation on an entry that did not fit supersedes it.
                 self.unwritten.remove(key);
+                touched.insert(key.1.endpoint());
             }
             match self.write(&op) {
                 Ok(()) => report.operations += 1,
@@ -145,10 +159,36 @@ impl Programmer {
             self.failed_closed.remove(&endpoint);
             report.reopened.push(endpoint);
         }
+        self.refresh_open_directions(desired, touched, adopted.is_some())?;
         if report.operations > 0 {
             self.datapath.bump_policy_revision()?;
         }
         Ok(report)
+    }
+
+    /// Recompute the open directions of `touched` endpoints from `desired`,
+    /// and rewrite the entries of those that changed (all, when `all`).
+    fn refresh_open_directions(
+        &mut self,
+        desired: &DesiredState,
+        touched: BTreeSet<u32>,
+        all: bool,
+    ) -> Result<(), DatapathError> {
+        let mut changed = all;
+        for endpoint in touched {
+            let open = desired.unrestricted_directions(endpoint);
+            let before = if open == 0 {
+                self.open_directions.remove(&endpoint)
+            } else {
+                self.open_directions.insert(endpoint, open)
+            };
+            changed |= before.unwrap_or(0) != open;
+        }
+        if changed {
+            let open_directions = &self.open_directions;
+            self.datapath.set_open_directions(|endpoint| open_directions.get(&endpoint).copied().unwrap_or(0))?;
+        }
+        Ok(())
     }
 
     fn write(&mut self, op: &MapOp) -> Result<(), DatapathError> {
@@ -177,8 +217,9 @@ impl Programmer {
         cgroup: Option<&Path>,
     ) -> Result<(), EndpointError> {
         // An endpoint whose allowlist did not fit starts closed, not open.
-        let flags =
+        let failed_closed =
             if self.failed_closed.contains(&endpoint_id) { datapath_common::ENDPOINT_FLAG_FAIL_CLOSED } else { 0 };
+        let flags = failed_closed | self.open_directions.get(&endpoint_id).copied().unwrap_or(0);
         let keys: Vec<[u8; 16]> = addresses.iter().map(|a| address_key(*a)).collect();
         let info = EndpointInfo::new(endpoint_id, flags, &keys);
         for address in addresses {

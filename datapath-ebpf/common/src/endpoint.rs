@@ -32,15 +32,32 @@ pub const ENDPOINT_FLAG_PENDING: u32 = 8;
 /// The id a pending entry carries: outside the range endpoint ids are
 /// numbered in, and not `NO_ENDPOINT`, so the array slot reads as held.
 pub const PENDING_ENDPOINT: u32 = u32::MAX;
+/// No policy restricts the endpoint's egress (or ingress): its only entry
+/// that way is an any-peer, any-port `PolicyValue::UNRESTRICTED`, so every
+/// lookup that way would answer that; the datapath answers it without one.
+/// The agent derives these from the compiled entries
+/// (`DesiredState::unrestricted_directions`).
+pub const ENDPOINT_FLAG_OPEN_EGRESS: u32 = 16;
+pub const ENDPOINT_FLAG_OPEN_INGRESS: u32 = 32;
+/// The flags the agent keeps per endpoint, as opposed to per entry.
+pub const ENDPOINT_FLAGS_OF_POLICY: u32 =
+    ENDPOINT_FLAG_FAIL_CLOSED | ENDPOINT_FLAG_OPEN_EGRESS | ENDPOINT_FLAG_OPEN_INGRESS;
+
+/// The flag saying no policy restricts `direction` (`EGRESS` or `INGRESS`).
+#[inline(always)]
+pub const fn open_flag(direction: u8) -> u32 {
+    if direction == crate::EGRESS {
+        ENDPOINT_FLAG_OPEN_EGRESS
+    } else {
+        ENDPOINT_FLAG_OPEN_INGRESS
+    }
+}
 
 impl EndpointInfo {
     /// An endpoint carrying (up to) its first two addresses.
     pub fn new(endpoint_id: u32, flags: u32, addresses: &[[u8; 16]]) -> Self {
-        let mut info = EndpointInfo {
-            endpoint_id,
-            flags: flags & ENDPOINT_FLAG_FAIL_CLOSED,
-            addresses: [Address::UNSPECIFIED; 2],
-        };
+        let mut info =
+            EndpointInfo { endpoint_id, flags: flags & ENDPOINT_FLAGS_OF_POLICY, addresses: [Address::UNSPECIFIED; 2] };
         for (slot, (address, flag)) in
             addresses.iter().zip([ENDPOINT_FLAG_ADDRESS_0, ENDPOINT_FLAG_ADDRESS_1]).enumerate()
         {
@@ -63,6 +80,12 @@ impl EndpointInfo {
     #[inline(always)]
     pub fn is_pending(&self) -> bool {
         self.flags & ENDPOINT_FLAG_PENDING != 0
+    }
+
+    /// Whether no policy restricts `direction` (see `ENDPOINT_FLAG_OPEN_EGRESS`).
+    #[inline(always)]
+    pub fn is_open(&self, direction: u8) -> bool {
+        self.flags & open_flag(direction) != 0
     }
 
     /// Whether `address` is one of the addresses carried here.

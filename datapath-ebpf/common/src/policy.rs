@@ -152,6 +152,10 @@ impl PolicyValue {
     /// What a lookup that finds no entry answers: deny, decided by no policy.
     pub const NO_ENTRY: PolicyValue = PolicyValue::new(verdict::DENY, 0, RULE_DEFAULT_DENY);
 
+    /// What every lookup of a direction no policy restricts answers: allow,
+    /// decided by no policy (`ENDPOINT_FLAG_OPEN_EGRESS`).
+    pub const UNRESTRICTED: PolicyValue = PolicyValue::new(verdict::ALLOW, 0, 0);
+
     /// A verdict and the policy and rule that decided it.
     pub const fn new(verdict: u8, policy_id: u32, rule: u32) -> Self {
         PolicyValue { verdict, audit: 0, _pad: [0; 2], policy_id, rule, audit_policy_id: 0, audit_rule: 0 }

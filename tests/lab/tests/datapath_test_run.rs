@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use bulkhead_lab::testbed::packet::{self, PacketSpec, L4, TCP_ACK, TCP_SYN};
 use common::{TestDatapath, TC_ACT_OK, TC_ACT_SHOT};
 use datapath_common::{
-    capacity, identity, map_names, proto, reason, verdict, EndpointInfo, PolicyValue, VerdictKey, EGRESS, EVENT_DENY,
-    INGRESS, IPV4_MAPPED_PREFIX, TABLE_WAYS, VERDICT_SLOTS_PER_CPU,
+    capacity, identity, map_names, proto, reason, verdict, EndpointInfo, PolicyValue, VerdictKey, EGRESS,
+    ENDPOINT_FLAG_OPEN_EGRESS, EVENT_DENY, INGRESS, IPV4_MAPPED_PREFIX, TABLE_WAYS, VERDICT_SLOTS_PER_CPU,
 };
 
 const POD: &str = "10.244.1.10";
@@ -575,6 +575,47 @@ fn revoked_allow_cuts_an_established_connection() {
     dp.rule(7, EGRESS, PEER_ID, Some((proto::TCP, 80, 16)), PolicyValue::new(verdict::ALLOW, 11, 0));
     dp.bump_revision();
     assert_eq!(dp.sent_by_pod(&ack), TC_ACT_OK);
+}
+
+#[test]
+fn a_direction_no_policy_restricts_passes_without_entries_and_revocations_still_cut() {
+    let dp = TestDatapath::new("open");
+    dp.endpoint_on_loopback(9, &[POD]);
+    dp.identity(PEER, PEER_ID);
+    let open_egress = || {
+        let flags = |endpoint| if endpoint == 9 { ENDPOINT_FLAG_OPEN_EGRESS } else { 0 };
+        dp.dp.borrow_mut().set_open_directions(flags).unwrap();
+    };
+    let syn_out = |sport| out(POD, PEER, L4::Tcp { sport, dport: 443, flags: TCP_SYN });
+    assert_eq!(dp.sent_by_pod(&syn_out(47000)), TC_ACT_SHOT, "no entries: refused");
+    open_egress();
+    assert_eq!(dp.sent_by_pod(&syn_out(47001)), TC_ACT_OK, "egress no policy restricts");
+    // Ingress is still judged by its entries: the peer may open port 80 only.
+    dp.rule(9, INGRESS, PEER_ID, Some((proto::TCP, 80, 16)), PolicyValue::new(verdict::ALLOW, 21, 0));
+    assert_eq!(dp.sent_to_pod(&out(PEER, POD, L4::Tcp { sport: 47002, dport: 22, flags: TCP_SYN })), TC_ACT_SHOT);
+    let syn_in = out(PEER, POD, L4::Tcp { sport: 47003, dport: 80, flags: TCP_SYN });
+    let ack_in = out(PEER, POD, L4::Tcp { sport: 47003, dport: 80, flags: TCP_ACK });
+    let reply = out(POD, PEER, L4::Tcp { sport: 80, dport: 47003, flags: TCP_ACK });
+    assert_eq!(dp.sent_to_pod(&syn_in), TC_ACT_OK);
+    assert_eq!(dp.sent_to_pod(&ack_in), TC_ACT_OK);
+    assert_eq!(dp.sent_by_pod(&reply), TC_ACT_OK);
+    // Revoked: the connection was opened to the pod, so it is cut both
+    // ways, though the pod's egress is open and would allow it opened the
+    // other way.
+    dp.rule(9, INGRESS, PEER_ID, Some((proto::TCP, 80, 16)), PolicyValue::new(verdict::DENY, 22, 1));
+    dp.bump_revision();
+    assert_eq!(dp.sent_to_pod(&ack_in), TC_ACT_SHOT);
+    assert_eq!(dp.sent_by_pod(&reply), TC_ACT_SHOT);
+    assert_eq!(dp.drops(INGRESS, reason::POLICY_REVOKED), 1);
+    assert_eq!(dp.drops(EGRESS, reason::POLICY_REVOKED), 1);
+    // Without the flag, egress is judged by its entries again: none.
+    dp.dp.borrow_mut().set_open_directions(|_| 0).unwrap();
+    assert_eq!(dp.sent_by_pod(&syn_out(47004)), TC_ACT_SHOT);
+    // A failed-closed endpoint stays closed whatever the flag says.
+    open_egress();
+    dp.fail_closed(9);
+    assert_eq!(dp.sent_by_pod(&syn_out(47005)), TC_ACT_SHOT);
+    assert_eq!(dp.drops(EGRESS, reason::ENDPOINT_FAIL_CLOSED), 1);
 }
 
 #[test]

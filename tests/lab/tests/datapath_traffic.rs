@@ -20,7 +20,9 @@ use bulkhead::dataplane::{sync::Programmer, Datapath};
 use bulkhead_crds::Protocol;
 use bulkhead_lab::testbed::{self, Topology};
 use bulkhead_policy::{self as policy, manifest, Change, ContainerPort, Namespace, Pod, PodRef, Snapshot};
-use datapath_common::{DropKey, VerdictKey, EVENT_DENY, INGRESS, RULE_DEFAULT_DENY};
+use datapath_common::{
+    DropKey, VerdictKey, ENDPOINT_FLAG_OPEN_EGRESS, ENDPOINT_FLAG_OPEN_INGRESS, EVENT_DENY, INGRESS, RULE_DEFAULT_DENY,
+};
 
 const SERVED: [&str; 6] = ["80/TCP", "81/TCP", "80/UDP", "81/UDP", "80/SCTP", "81/SCTP"];
 
@@ -186,6 +188,46 @@ fn allowed_and_denied_tcp_udp_sctp_and_ping_over_both_families() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "allow", "node -> b TCP/81");
+}
+
+/// The directions no policy restricts, as the agent flagged them on a pod's
+/// interface.
+fn open_directions(cluster: &Cluster, pod: &str) -> u32 {
+    let ifindex = cluster.topology.ifindex(&cluster.topology.pod(pod).host_interface);
+    let info = cluster.programmer.as_ref().unwrap().datapath().endpoint(ifindex).expect("an endpoint entry");
+    info.flags & (ENDPOINT_FLAG_OPEN_EGRESS | ENDPOINT_FLAG_OPEN_INGRESS)
+}
+
+#[test]
+fn directions_no_policy_restricts_are_flagged_open_until_a_policy_restricts_them() {
+    const BOTH: u32 = ENDPOINT_FLAG_OPEN_EGRESS | ENDPOINT_FLAG_OPEN_INGRESS;
+    const C_INGRESS: &str = r#"
+apiVersion: bulkhead.io/v1alpha1
+kind: ConnectionPolicy
+metadata: {name: c-ingress, namespace: app}
+spec:
+  podSelector: {matchLabels: {pod: c}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {pod: a}}}]
+"#;
+    let mut cluster = Cluster::new("tr7", 207, &["a", "b", "c"]);
+    cluster.set_policies(POLICIES);
+    cluster.enforce();
+    // a's egress and b's ingress are isolated; c is not isolated at all.
+    assert_eq!(open_directions(&cluster, "a"), ENDPOINT_FLAG_OPEN_INGRESS);
+    assert_eq!(open_directions(&cluster, "b"), ENDPOINT_FLAG_OPEN_EGRESS);
+    assert_eq!(open_directions(&cluster, "c"), BOTH);
+    let c = cluster.ip("c", false);
+    assert_eq!(cluster.topology.probe("b", "TCP", c, 80), "allow");
+    cluster.set_policies(&format!("{POLICIES}---{C_INGRESS}"));
+    cluster.enforce();
+    assert_eq!(open_directions(&cluster, "c"), ENDPOINT_FLAG_OPEN_EGRESS);
+    assert_eq!(cluster.topology.probe("b", "TCP", c, 80), "deny", "c accepts a only");
+    assert_eq!(cluster.topology.probe("a", "TCP", c, 80), "allow");
+    cluster.set_policies(POLICIES);
+    cluster.enforce();
+    assert_eq!(open_directions(&cluster, "c"), BOTH);
+    assert_eq!(cluster.topology.probe("b", "TCP", c, 80), "allow");
 }
 
 #[test]
