@@ -189,6 +189,7 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
                 let _ = set.find(conn);
             }
         }
+        remember_if_first_fragment(packet);
         return Ok(());
     }
     // Ports take part in policy for these only (ICMP echo's identifier does not).
@@ -221,7 +222,12 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
         // one, allowed above: a picked-up connection (below) never lets a
         // peer open what policy refuses it.
         Ok(found) if opens && found.value.origin != direction => return Ok(()),
-        Ok(found) => return recheck(&set, &found, conn, has_ports, revision),
+        Ok(found) => {
+            recheck(&set, &found, conn, has_ports, revision)?;
+            // A reply's later fragments find their ports as a new flow's do.
+            remember_if_first_fragment(packet);
+            return Ok(());
+        }
         Err(vacancy) => vacancy,
     };
 
@@ -252,9 +258,7 @@ fn judge_ip(ctx: &TcContext, endpoint: &EndpointInfo, direction: u8, scratch: &m
             Stored::Free => {}
             Stored::Displaced | Stored::NotStored => count_drop(direction, reason::CONNTRACK_FULL),
         }
-        if packet.fragment.kind == FRAG_FIRST {
-            remember_fragment(packet);
-        }
+        remember_if_first_fragment(packet);
         if decision.audit != 0 {
             report(
                 conn,
@@ -357,6 +361,13 @@ fn fragment_key(packet: &Packet) -> FragmentKey {
         protocol: packet.protocol,
         _pad: 0,
         _pad2: 0,
+    }
+}
+
+#[inline(always)]
+fn remember_if_first_fragment(packet: &Packet) {
+    if packet.fragment.kind == FRAG_FIRST {
+        remember_fragment(packet);
     }
 }
 

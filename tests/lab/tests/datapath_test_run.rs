@@ -267,6 +267,15 @@ fn later_fragments_pass_only_when_their_flow_is_known() {
     assert_eq!(dp.drops(EGRESS, reason::UNKNOWN_FRAGMENT), 1);
     assert_eq!(dp.sent_by_pod(&first.frame()), TC_ACT_OK);
     assert_eq!(dp.sent_by_pod(&later.frame()), TC_ACT_OK);
+    // The answer's fragments: its first finds the flow in conntrack, and
+    // its later ones find the first's ports.
+    let mut answer = PacketSpec::new(ip(PEER), ip(POD), L4::Udp { sport: 53, dport: 6000 });
+    answer.ipv4_fragment = Some((true, 0, 0x5678));
+    let mut answer_later = answer.clone();
+    answer_later.ipv4_fragment = Some((false, 3, 0x5678));
+    assert_eq!(dp.sent_to_pod(&answer.frame()), TC_ACT_OK);
+    assert_eq!(dp.sent_to_pod(&answer_later.frame()), TC_ACT_OK);
+    assert_eq!(dp.drops(INGRESS, reason::UNKNOWN_FRAGMENT), 0);
 
     // The same over IPv6's fragment header.
     let mut first6 = PacketSpec::new(ip(POD6), ip(PEER6), L4::Udp { sport: 6001, dport: 53 });
