@@ -46,6 +46,12 @@ pub struct Programmer {
     /// Per endpoint, the directions no policy restricts
     /// (`ENDPOINT_FLAG_OPEN_*`; endpoints without any left out).
     open_directions: BTreeMap<u32, u32>,
+    /// Endpoints whose entries were written since their open directions
+    /// were last refreshed: kept across an application that fails midway,
+    /// so a direction a written entry restricts never stays flagged open.
+    unrefreshed: BTreeSet<u32>,
+    /// A rewrite of the flags failed midway: the next one rewrites them all.
+    open_flags_stale: bool,
     /// Map writes and deletions since the start.
     writes: u64,
 }
@@ -69,6 +75,8 @@ impl Programmer {
             unwritten: BTreeMap::new(),
             failed_closed,
             open_directions: BTreeMap::new(),
+            unrefreshed: BTreeSet::new(),
+            open_flags_stale: false,
             writes: 0,
         }
     }
@@ -110,17 +118,15 @@ impl Programmer {
         // Endpoints whose entries change, for their open directions. The
         // first time, every one: the adopted entries may carry a previous
         // agent's flags.
-        let mut touched: BTreeSet<u32> = match &adopted {
-            Some(adopted) => {
-                desired.endpoints.values().map(|endpoint| endpoint.id).chain(adopted.endpoint_ids()).collect()
-            }
-            None => BTreeSet::new(),
-        };
+        if let Some(adopted) = &adopted {
+            self.unrefreshed.extend(desired.endpoints.values().map(|endpoint| endpoint.id));
+            self.unrefreshed.extend(adopted.endpoint_ids());
+        }
         while let Some(op) = ops.next() {
             if let MapOp::PolicyUpsert(key, _) | MapOp::PolicyDelete(key) = &op {
                 // A newer operation on an entry that did not fit supersedes it.
                 self.unwritten.remove(key);
-                touched.insert(key.1.endpoint());
+                self.unrefreshed.insert(key.1.endpoint());
             }
             match self.write(&op) {
                 Ok(()) => report.operations += 1,
@@ -159,23 +165,19 @@ impl Programmer {
             self.failed_closed.remove(&endpoint);
             report.reopened.push(endpoint);
         }
-        self.refresh_open_directions(desired, touched, adopted.is_some())?;
+        self.refresh_open_directions(desired, adopted.is_some())?;
         if report.operations > 0 {
             self.datapath.bump_policy_revision()?;
         }
         Ok(report)
     }
 
-    /// Recompute the open directions of `touched` endpoints from `desired`,
-    /// and rewrite the entries of those that changed (all, when `all`).
-    fn refresh_open_directions(
-        &mut self,
-        desired: &DesiredState,
-        touched: BTreeSet<u32>,
-        all: bool,
-    ) -> Result<(), DatapathError> {
-        let mut changed = all;
-        for endpoint in touched {
+    /// Recompute the open directions of the endpoints whose entries were
+    /// written, from `desired`, and rewrite the entries of those that
+    /// changed (all, when `all`).
+    fn refresh_open_directions(&mut self, desired: &DesiredState, all: bool) -> Result<(), DatapathError> {
+        let mut changed = all || self.open_flags_stale;
+        for endpoint in std::mem::take(&mut self.unrefreshed) {
             let open = desired.unrestricted_directions(endpoint);
             let before = if open == 0 {
                 self.open_directions.remove(&endpoint)
@@ -185,8 +187,10 @@ impl Programmer {
             changed |= before.unwrap_or(0) != open;
         }
         if changed {
+            self.open_flags_stale = true;
             let open_directions = &self.open_directions;
             self.datapath.set_open_directions(|endpoint| open_directions.get(&endpoint).copied().unwrap_or(0))?;
+            self.open_flags_stale = false;
         }
         Ok(())
     }
