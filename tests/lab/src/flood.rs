@@ -135,6 +135,9 @@ fn flood(flooder: &TestPod, target: IpAddr, gateway_mac: [u8; 6], stop: &AtomicB
     let mut total = 0u64;
     while !stop.load(Ordering::Relaxed) {
         generator.send(ifindex, &frame, FRAMES_PER_RUN)?;
+        if total == 0 {
+            println!("the flood is sent by {}", generator.engine());
+        }
         total += u64::from(FRAMES_PER_RUN);
         sent.store(total, Ordering::Relaxed);
         // Paced to the flood's rate: ahead of it, wait.

@@ -402,9 +402,10 @@ fn programs_attached_ahead_of_the_compile_pass_until_it_lands_and_never_reopen_a
     assert_eq!(cluster.topology.probe("a", "SCTP", b, 81), "deny", "still enforced");
 }
 
-/// The flood bench's generator (XDP live frames through a pod's veth)
-/// delivers every frame to the datapath: each one is judged, refused and
-/// counted at the flooding pod's own veth.
+/// The flood bench's generator (XDP live frames through a pod's veth, or
+/// a packet socket where the kernel refuses live frames) delivers every
+/// frame to the datapath: each one is judged, refused and counted at the
+/// flooding pod's own veth.
 #[test]
 fn every_frame_of_the_flood_generator_is_judged_at_the_senders_veth() {
     const FRAMES: u32 = 20_000;
@@ -428,6 +429,7 @@ fn every_frame_of_the_flood_generator_is_judged_at_the_senders_veth() {
         )
         .frame();
         generator.send(ifindex, &frame, FRAMES).expect("send");
+        eprintln!("the frames were sent by {}", generator.engine());
     });
     sender.join().expect("the sending thread");
     let programmer = cluster.programmer.as_mut().unwrap();
