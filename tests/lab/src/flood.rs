@@ -5,7 +5,8 @@
 //! how much of it the datapath counted, and the CPU the agent spent.
 //!
 //! The flooding thread sends from the flooder pod with the XDP generator
-//! (`testbed::generator`), each packet a TCP SYN from a random source port.
+//! (`testbed::generator`; clones of one socket buffer where the kernel
+//! refuses live frames), each packet a TCP SYN from a random source port.
 //! Every one is refused and counted. One whose port the refusal set does
 //! not remember is also a blocked connection, reported within the event
 //! budget. A packet sent through a veth is

@@ -23,6 +23,8 @@ pub mod opcode {
     pub const LDX_W: u8 = 0x61;
     /// `BPF_STX | BPF_MEM | BPF_H`
     pub const STX_H: u8 = 0x6b;
+    /// `BPF_STX | BPF_MEM | BPF_W`
+    pub const STX_W: u8 = 0x63;
     pub const MOV64_X: u8 = 0xbf;
     pub const MOV64_K: u8 = 0xb7;
     pub const ADD64_K: u8 = 0x07;
