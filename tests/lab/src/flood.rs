@@ -122,8 +122,15 @@ fn mac_of(topology: &Topology, interface: &str) -> Result<[u8; 6]> {
     Ok(mac)
 }
 
-/// Sends SYNs from `flooder` to `target` until `stop`, counting them in `sent`.
-fn flood(flooder: &TestPod, target: IpAddr, gateway_mac: [u8; 6], stop: &AtomicBool, sent: &AtomicU64) -> Result<()> {
+/// Sends SYNs from `flooder` to `target` until `stop`, counting them in
+/// `sent`; says what sent them.
+fn flood(
+    flooder: &TestPod,
+    target: IpAddr,
+    gateway_mac: [u8; 6],
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+) -> Result<&'static str> {
     enter_netns(&flooder.netns)?;
     pin_to_cpu(cpus() - 1)?;
     let generator = Generator::load()?;
@@ -136,9 +143,6 @@ fn flood(flooder: &TestPod, target: IpAddr, gateway_mac: [u8; 6], stop: &AtomicB
     let mut total = 0u64;
     while !stop.load(Ordering::Relaxed) {
         generator.send(ifindex, &frame, FRAMES_PER_RUN)?;
-        if total == 0 {
-            println!("the flood is sent by {}", generator.engine());
-        }
         total += u64::from(FRAMES_PER_RUN);
         sent.store(total, Ordering::Relaxed);
         // Paced to the flood's rate: ahead of it, wait.
@@ -147,7 +151,7 @@ fn flood(flooder: &TestPod, target: IpAddr, gateway_mac: [u8; 6], stop: &AtomicB
             std::thread::sleep(early);
         }
     }
-    Ok(())
+    Ok(generator.engine())
 }
 
 /// CPU seconds (user and system) a process has used.
@@ -261,6 +265,7 @@ fn measure(
 
     let (mut quiet, mut flooded) = (Vec::new(), Vec::new());
     let (mut sent_total, mut counted_total, mut flood_seconds) = (0u64, 0f64, 0f64);
+    let mut engine = "";
     for round in 0..ROUNDS {
         for flooding in if round % 2 == 0 { [false, true] } else { [true, false] } {
             let cpu_before = cpu_seconds(agent_pid)?;
@@ -275,7 +280,7 @@ fn measure(
             let latencies = latencies_us(client, server_address);
             stop.store(true, Ordering::Relaxed);
             if let Some(thread) = flooding_thread {
-                thread.join().map_err(|_| anyhow::anyhow!("the flooding thread panicked"))??;
+                engine = thread.join().map_err(|_| anyhow::anyhow!("the flooding thread panicked"))??;
             }
             let seconds = started.elapsed().as_secs_f64();
             let latencies = latencies?;
@@ -325,7 +330,7 @@ fn measure(
         flood_p99 / quiet_p99
     );
     println!(
-        "flood: {rate:.0} refused packets/s offered, {:.1}% counted as policy drops; agent {:.4} cores quiet, {:.4} cores flooded",
+        "flood (sent by {engine}): {rate:.0} refused packets/s offered, {:.1}% counted as policy drops; agent {:.4} cores quiet, {:.4} cores flooded",
         counted_share * 100.0,
         agent_cores(&quiet),
         agent_cores(&flooded)
@@ -337,6 +342,7 @@ fn measure(
         json!({
             "flood": {
                 "packets_per_s": rate.round(),
+                "generator": engine,
                 "counted_share": (counted_share * 1000.0).round() / 1000.0,
                 "p50_us": {"quiet": quiet_p50.round(), "flood": flood_p50.round()},
                 "p99_us": {"quiet": quiet_p99.round(), "flood": flood_p99.round()},
