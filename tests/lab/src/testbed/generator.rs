@@ -10,9 +10,9 @@
 //! random source port into the TCP or UDP header, so each frame is (almost
 //! always) a new flow.
 //!
-//! Some kernels refuse live frames to a process without `CAP_SYS_RESOURCE`
-//! (EPERM, even for a two-instruction program, while the same run without
-//! the flag works): sandboxes drop that capability. There the generator
+//! Some hosts refuse live frames (EPERM, even for a two-instruction
+//! program, while the same run without the flag works; the only capability
+//! a root process lacks on those we met is `CAP_SYS_RESOURCE`). There the generator
 //! runs a TC program instead, without the flag: each repetition writes a
 //! random source port into the run's one socket buffer and sends a clone
 //! of it out of the interface (`bpf_clone_redirect`). Each frame then
