@@ -28,8 +28,8 @@ use aya::{
 use datapath_common::{
     capacity, map_names, policy_prefix, prefixed_slot, program_names, Address, DropKey, EndpointInfo, Event,
     IpcacheSlot, IpcacheValue, PolicyExactKey, PolicyKey, PolicySlot, PolicyValue, TableSlot, VerdictKey, VerdictSlot,
-    CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_HASH_SEED, CONFIG_POLICY_REVISION, ENDPOINT_FLAG_FAIL_CLOSED,
-    ENDPOINT_FLAG_OPEN_EGRESS, ENDPOINT_FLAG_OPEN_INGRESS, NO_ENDPOINT, VERDICT_SLOTS_PER_CPU, VERDICT_SLOT_CPUS,
+    CONFIG_EVENTS_PER_SECOND, CONFIG_FLOW_EVENTS, CONFIG_HASH_SEED, CONFIG_POLICY_REVISION, ENDPOINT_FLAGS_OPEN,
+    ENDPOINT_FLAG_FAIL_CLOSED, NO_ENDPOINT, VERDICT_SLOTS_PER_CPU, VERDICT_SLOT_CPUS,
 };
 
 use super::{
@@ -407,9 +407,9 @@ impl Datapath {
     /// Set the flags saying which directions no policy restricts
     /// (`ENDPOINT_FLAG_OPEN_*`) on every endpoint's entries: `open` of its id.
     pub fn set_open_directions(&mut self, open: impl Fn(u32) -> u32) -> Result<(), DatapathError> {
-        const OPEN: u32 = ENDPOINT_FLAG_OPEN_EGRESS | ENDPOINT_FLAG_OPEN_INGRESS;
         self.rewrite_endpoint_flags(|info| {
-            (!info.is_pending()).then(|| (info.flags & !OPEN) | (open(info.endpoint_id) & OPEN))
+            (!info.is_pending())
+                .then(|| (info.flags & !ENDPOINT_FLAGS_OPEN) | (open(info.endpoint_id) & ENDPOINT_FLAGS_OPEN))
         })
     }
 

@@ -39,9 +39,10 @@ pub const PENDING_ENDPOINT: u32 = u32::MAX;
 /// (`DesiredState::unrestricted_directions`).
 pub const ENDPOINT_FLAG_OPEN_EGRESS: u32 = 16;
 pub const ENDPOINT_FLAG_OPEN_INGRESS: u32 = 32;
+/// Both directions' open flags.
+pub const ENDPOINT_FLAGS_OPEN: u32 = ENDPOINT_FLAG_OPEN_EGRESS | ENDPOINT_FLAG_OPEN_INGRESS;
 /// The flags the agent keeps per endpoint, as opposed to per entry.
-pub const ENDPOINT_FLAGS_OF_POLICY: u32 =
-    ENDPOINT_FLAG_FAIL_CLOSED | ENDPOINT_FLAG_OPEN_EGRESS | ENDPOINT_FLAG_OPEN_INGRESS;
+pub const ENDPOINT_FLAGS_OF_POLICY: u32 = ENDPOINT_FLAG_FAIL_CLOSED | ENDPOINT_FLAGS_OPEN;
 
 /// The flag saying no policy restricts `direction` (`EGRESS` or `INGRESS`).
 #[inline(always)]

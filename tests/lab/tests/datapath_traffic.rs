@@ -21,7 +21,8 @@ use bulkhead_crds::Protocol;
 use bulkhead_lab::testbed::{self, Topology};
 use bulkhead_policy::{self as policy, manifest, Change, ContainerPort, Namespace, Pod, PodRef, Snapshot};
 use datapath_common::{
-    DropKey, VerdictKey, ENDPOINT_FLAG_OPEN_EGRESS, ENDPOINT_FLAG_OPEN_INGRESS, EVENT_DENY, INGRESS, RULE_DEFAULT_DENY,
+    DropKey, VerdictKey, ENDPOINT_FLAGS_OPEN, ENDPOINT_FLAG_OPEN_EGRESS, ENDPOINT_FLAG_OPEN_INGRESS, EVENT_DENY,
+    INGRESS, RULE_DEFAULT_DENY,
 };
 
 const SERVED: [&str; 6] = ["80/TCP", "81/TCP", "80/UDP", "81/UDP", "80/SCTP", "81/SCTP"];
@@ -195,12 +196,11 @@ fn allowed_and_denied_tcp_udp_sctp_and_ping_over_both_families() {
 fn open_directions(cluster: &Cluster, pod: &str) -> u32 {
     let ifindex = cluster.topology.ifindex(&cluster.topology.pod(pod).host_interface);
     let info = cluster.programmer.as_ref().unwrap().datapath().endpoint(ifindex).expect("an endpoint entry");
-    info.flags & (ENDPOINT_FLAG_OPEN_EGRESS | ENDPOINT_FLAG_OPEN_INGRESS)
+    info.flags & ENDPOINT_FLAGS_OPEN
 }
 
 #[test]
 fn directions_no_policy_restricts_are_flagged_open_until_a_policy_restricts_them() {
-    const BOTH: u32 = ENDPOINT_FLAG_OPEN_EGRESS | ENDPOINT_FLAG_OPEN_INGRESS;
     const C_INGRESS: &str = r#"
 apiVersion: bulkhead.io/v1alpha1
 kind: ConnectionPolicy
@@ -216,7 +216,7 @@ spec:
     // a's egress and b's ingress are isolated; c is not isolated at all.
     assert_eq!(open_directions(&cluster, "a"), ENDPOINT_FLAG_OPEN_INGRESS);
     assert_eq!(open_directions(&cluster, "b"), ENDPOINT_FLAG_OPEN_EGRESS);
-    assert_eq!(open_directions(&cluster, "c"), BOTH);
+    assert_eq!(open_directions(&cluster, "c"), ENDPOINT_FLAGS_OPEN);
     let c = cluster.ip("c", false);
     assert_eq!(cluster.topology.probe("b", "TCP", c, 80), "allow");
     cluster.set_policies(&format!("{POLICIES}---{C_INGRESS}"));
@@ -226,7 +226,7 @@ spec:
     assert_eq!(cluster.topology.probe("a", "TCP", c, 80), "allow");
     cluster.set_policies(POLICIES);
     cluster.enforce();
-    assert_eq!(open_directions(&cluster, "c"), BOTH);
+    assert_eq!(open_directions(&cluster, "c"), ENDPOINT_FLAGS_OPEN);
     assert_eq!(cluster.topology.probe("b", "TCP", c, 80), "allow");
 }
 
@@ -403,7 +403,7 @@ fn programs_attached_ahead_of_the_compile_pass_until_it_lands_and_never_reopen_a
 }
 
 /// The flood bench's generator (XDP live frames through a pod's veth, or
-/// a packet socket where the kernel refuses live frames) delivers every
+/// clones of one socket buffer where the kernel refuses live frames) delivers every
 /// frame to the datapath: each one is judged, refused and counted at the
 /// flooding pod's own veth.
 #[test]
