@@ -28,6 +28,7 @@ pub mod opcode {
     pub const MOV64_X: u8 = 0xbf;
     pub const MOV64_K: u8 = 0xb7;
     pub const ADD64_K: u8 = 0x07;
+    pub const OR64_X: u8 = 0x4f;
     pub const JGT_X: u8 = 0x2d;
     pub const CALL: u8 = 0x85;
     pub const EXIT: u8 = 0x95;
@@ -61,16 +62,19 @@ impl RawProgram {
     /// Load `instructions` as a program of `program_type`; `what` names it in errors.
     pub fn load(what: &str, program_type: u32, instructions: &[Instruction]) -> Result<Self> {
         let license = CString::new("GPL")?;
-        let mut log = vec![0u8; 4096];
         let mut attr = [0u64; 16];
         attr[0] = u64::from(program_type) | ((instructions.len() as u64) << 32);
         attr[1] = instructions.as_ptr() as u64;
         attr[2] = license.as_ptr() as u64;
-        attr[3] = 1 | ((log.len() as u64) << 32); // log_level, log_size
-        attr[4] = log.as_mut_ptr() as u64;
+        // Without a log first, as libbpf does: a verifier log longer than
+        // its buffer fails a load that would succeed (ENOSPC).
         let fd = bpf(BPF_PROG_LOAD, &mut attr);
         if fd < 0 {
             let error = std::io::Error::last_os_error();
+            let mut log = vec![0u8; 1 << 20];
+            attr[3] = 1 | ((log.len() as u64) << 32); // log_level, log_size
+            attr[4] = log.as_mut_ptr() as u64;
+            bpf(BPF_PROG_LOAD, &mut attr);
             let log = String::from_utf8_lossy(&log);
             bail!("loading {what}: {error}\n{}", log.trim_end_matches('\0'));
         }
