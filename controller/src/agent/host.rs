@@ -55,6 +55,9 @@ pub enum VethEvent {
     Added(HostInterface),
     /// An interface went away (any kind: the message may lack the veth's details).
     Removed(HostInterface),
+    /// The kernel dropped announcements (the socket's buffer overflowed):
+    /// what came and went meanwhile is unknown.
+    Lost,
 }
 
 /// Follow the veths of this network namespace as they come and go: the
@@ -78,6 +81,7 @@ pub fn veth_events() -> std::io::Result<tokio::sync::mpsc::UnboundedReceiver<Vet
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
                     Some(VethEvent::Removed(HostInterface { name: name_of(&link), ifindex: link.header.index }))
                 }
+                NetlinkPayload::Overrun(_) => Some(VethEvent::Lost),
                 _ => None,
             };
             if event.is_some_and(|event| events.send(event).is_err()) {
@@ -176,6 +180,12 @@ impl Host {
         };
         let mut links = self.netlink.link().get().match_index(ifindex).execute();
         links.try_next().await
+    }
+
+    /// The host sides of this node's veths whose other end is in another
+    /// namespace.
+    pub async fn veth_interfaces(&self) -> Result<Vec<HostInterface>, rtnetlink::Error> {
+        Ok(self.veths().await?.into_iter().map(|veth| veth.interface).collect())
     }
 
     /// Every veth of this node whose other end is in another namespace.

@@ -29,10 +29,11 @@ pub struct Metrics {
 
 /// What `bulkhead_sync_errors_total{operation}` counts: datapath writes
 /// (`sync`, `map_full`), attaching and detaching pods' programs, sweeping
-/// what gone pods left, publishing Events, the state directory, and
-/// labelling a pod for quarantine.
-pub const SYNC_OPERATIONS: [&str; 8] =
-    ["sync", "map_full", "attach", "detach", "sweep", "event", "state", "quarantine"];
+/// what gone pods left, publishing Events, the state directory, labelling
+/// a pod for quarantine, and announcements of the node's links the kernel
+/// dropped (`link_events`, each followed by a resync).
+pub const SYNC_OPERATIONS: [&str; 9] =
+    ["sync", "map_full", "attach", "detach", "sweep", "event", "state", "quarantine", "link_events"];
 
 impl Metrics {
     pub fn new() -> Self {

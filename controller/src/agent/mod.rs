@@ -393,6 +393,10 @@ pub struct Agent {
     /// Veths given programs behind a pending entry as they appeared, by
     /// ifindex, until a pod claims them or they go.
     attached_ahead: BTreeMap<u32, HostInterface>,
+    /// The kernel dropped announcements of the node's links: the veths are
+    /// listed again at the next housekeeping, once those it had queued
+    /// before the loss are read (read after the listing, they would undo it).
+    veths_lost: bool,
     /// The `bulkhead_endpoints` series last published, so gone ones are removed.
     published_endpoints: BTreeSet<(String, &'static str)>,
     /// Local pods not enforced yet, since when and why.
@@ -478,6 +482,7 @@ impl Agent {
             attached: BTreeMap::new(),
             attached_pending: Vec::new(),
             attached_ahead: BTreeMap::new(),
+            veths_lost: false,
             published_endpoints: BTreeSet::new(),
             waiting: BTreeMap::new(),
             source_synced: false,
@@ -553,33 +558,70 @@ impl Agent {
     /// pending one (`attach_missing`); a veth that goes unclaimed loses them.
     fn veth_event(&mut self, event: VethEvent) {
         match event {
-            VethEvent::Added(interface) => {
-                let prefixes = &self.config.pod_interface_prefixes;
-                if !prefixes.iter().any(|prefix| interface.name.starts_with(prefix.as_str()))
-                    || self.attached_ahead.contains_key(&interface.ifindex)
-                {
-                    return;
-                }
-                // False when links are pinned for it already: a pod's, or a previous agent's.
-                match self.programmer.attach_pending(&interface.name, interface.ifindex) {
-                    Ok(true) => {
-                        tracing::info!(interface = %interface.name, "attached ahead of its pod");
-                        self.attached_ahead.insert(interface.ifindex, interface);
-                    }
-                    Ok(false) => {}
-                    Err(error) => {
-                        tracing::warn!(interface = %interface.name, %error, "attaching ahead of the pod failed; retrying at its first reconcile");
-                        self.shared.metrics.sync_errors.with_label_values(&["attach"]).inc();
-                    }
-                }
+            VethEvent::Added(interface) => self.attach_ahead(interface),
+            VethEvent::Removed(gone) => self.forget_ahead(&gone),
+            VethEvent::Lost => {
+                self.shared.metrics.sync_errors.with_label_values(&["link_events"]).inc();
+                self.veths_lost = true;
             }
-            VethEvent::Removed(gone) => {
-                let Some(interface) = self.attached_ahead.remove(&gone.ifindex) else { return };
-                if let Err(error) = self.programmer.detach_pending(&interface.name, interface.ifindex) {
-                    tracing::warn!(interface = %interface.name, %error, "removing the programs of a veth gone unclaimed failed");
-                    self.shared.metrics.sync_errors.with_label_values(&["detach"]).inc();
-                }
+        }
+    }
+
+    fn attach_ahead(&mut self, interface: HostInterface) {
+        let prefixes = &self.config.pod_interface_prefixes;
+        if !prefixes.iter().any(|prefix| interface.name.starts_with(prefix.as_str()))
+            || self.attached_ahead.contains_key(&interface.ifindex)
+        {
+            return;
+        }
+        // False when links are pinned for it already: a pod's, or a previous agent's.
+        match self.programmer.attach_pending(&interface.name, interface.ifindex) {
+            Ok(true) => {
+                tracing::info!(interface = %interface.name, "attached ahead of its pod");
+                self.attached_ahead.insert(interface.ifindex, interface);
             }
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(interface = %interface.name, %error, "attaching ahead of the pod failed; retrying at its first reconcile");
+                self.shared.metrics.sync_errors.with_label_values(&["attach"]).inc();
+            }
+        }
+    }
+
+    fn forget_ahead(&mut self, gone: &HostInterface) {
+        let Some(interface) = self.attached_ahead.remove(&gone.ifindex) else { return };
+        if let Err(error) = self.programmer.detach_pending(&interface.name, interface.ifindex) {
+            tracing::warn!(interface = %interface.name, %error, "removing the programs of a veth gone unclaimed failed");
+            self.shared.metrics.sync_errors.with_label_values(&["detach"]).inc();
+        }
+    }
+
+    /// After lost announcements, the node's veths as they are: those
+    /// attached ahead that went (or whose ifindex a new veth took) let go
+    /// of their programs, and those that came unannounced get theirs.
+    /// Enforcement never waited on the announcements (each reconcile
+    /// attaches what is missing), so nothing was open meanwhile; this only
+    /// restores the head start and the clean-up.
+    async fn resync_veths(&mut self) {
+        let veths = match self.host.veth_interfaces().await {
+            Ok(veths) => veths,
+            Err(error) => {
+                tracing::warn!(%error, "the kernel dropped announcements of the node's links, and listing its veths failed: pods get their programs at their first reconcile");
+                return;
+            }
+        };
+        let gone: Vec<HostInterface> =
+            self.attached_ahead.values().filter(|interface| !veths.contains(interface)).cloned().collect();
+        tracing::warn!(
+            veths = veths.len(),
+            gone_unclaimed = gone.len(),
+            "the kernel dropped announcements of the node's links (its buffer overflowed); resynchronised the veths"
+        );
+        for interface in &gone {
+            self.forget_ahead(interface);
+        }
+        for interface in veths {
+            self.attach_ahead(interface);
         }
     }
 
@@ -987,6 +1029,9 @@ impl Agent {
         self.keep_state();
         if self.swept.is_some_and(|at| at.elapsed() >= SWEEP_EVERY) {
             self.sweep().await;
+        }
+        if std::mem::take(&mut self.veths_lost) {
+            self.resync_veths().await;
         }
         if self.retry && self.pending.is_none() {
             self.pending = Some(Pending { first_observed: Instant::now(), last_change: Instant::now() });

@@ -326,6 +326,53 @@ fn veths_named_as_pods_get_their_programs_as_they_appear() {
     assert!(agent.log().lines().filter(complaints).count() == 0, "{}", agent.log());
 }
 
+/// When the kernel drops announcements of the node's links (the agent's
+/// netlink buffer overflowed), the agent lists the veths again: one that
+/// went unannounced lets go of its programs, and one that came unannounced
+/// gets them ahead of its pod.
+#[test]
+fn lost_link_announcements_are_made_good_by_a_resync() {
+    assert!(common::require_root(), "not root");
+    const PINS: &str = "/sys/fs/bpf/bulkhead-test-overrun";
+    let (folder, _cleanup) = fresh_folder("bulkhead-test-overrun-objects", PINS);
+    let log = folder.join("agent.log.txt");
+
+    let mut topology = Topology::new("ovr", 193);
+    write(&folder.join("cluster.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
+    let agent = Agent::start_with(&topology, &folder, &log, PINS, &["--pod-interface-prefix=bhovr"]);
+    eventually("the agent is ready", Duration::from_secs(20), || get(&topology, "/readyz").0 == 200);
+    let pins_of = |interface: &str| Datapath::interface_link_pins(PINS, interface).len();
+    let early = topology.add_pod("early");
+    eventually("early's veth has both TC programs", Duration::from_secs(5), || pins_of(&early.host_interface) == 2);
+    let early_ifindex = topology.node_ifindex(&early.host_interface);
+
+    // Stopped, the agent reads nothing: the announcements of a thousand veth
+    // pairs (well over a megabyte) overflow its socket's buffer (208 KiB
+    // here), and the kernel drops those of early's going and late's coming.
+    let agent_pid = agent.child.id() as libc::pid_t;
+    // SAFETY: signals to a child this test owns (and kills when it drops).
+    assert_eq!(unsafe { libc::kill(agent_pid, libc::SIGSTOP) }, 0, "stopping the agent");
+    let pairs: String = (0..1000).map(|i| format!("link add ovrf{i} type veth peer name ovrg{i}\n")).collect();
+    let mut ip = topology.node_command("ip").args(["-batch", "-"]).stdin(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut ip.stdin.take().unwrap(), pairs.as_bytes()).unwrap();
+    assert!(ip.wait().unwrap().success(), "adding the veth pairs");
+    let late = topology.add_pod("late");
+    topology.delete_pod("early");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(agent_pid, libc::SIGCONT) }, 0, "resuming the agent");
+
+    eventually("the agent resynchronises", Duration::from_secs(10), || {
+        agent.log().contains("resynchronised the veths")
+    });
+    eventually("early's pins are removed", Duration::from_secs(5), || pins_of(&early.host_interface) == 0);
+    let pending = |ifindex: u32| Datapath::load(PINS).unwrap().endpoint(ifindex).map(|entry| entry.is_pending());
+    assert_eq!(pending(early_ifindex), None, "early's entry is removed");
+    eventually("late's veth has both TC programs", Duration::from_secs(5), || pins_of(&late.host_interface) == 2);
+    assert_eq!(pending(topology.node_ifindex(&late.host_interface)), Some(true), "late's entry is the pending one");
+    let lost = metric(&get(&topology, "/metrics").1, "bulkhead_sync_errors_total{operation=\"link_events\"}");
+    assert!(lost.is_some_and(|count| count >= 1.0), "lost announcements are counted: {lost:?}");
+}
+
 #[test]
 fn the_probe_runner_passes_every_scenario_and_agrees_with_check() {
     assert!(common::require_root(), "not root");
