@@ -17,8 +17,9 @@
 //! random source port into the run's one socket buffer and sends a clone
 //! of it out of the interface (`bpf_clone_redirect`), eight times over.
 //! Each frame then costs a clone and a copy of its head, but it takes the
-//! same path from the veth on: the peer's TC programs judge every frame. (A packet socket with `sendmmsg` was tried first: it sent
-//! 0.6–0.8× as many frames a second as the clones, side by side.)
+//! same path from the veth on: the peer's TC programs judge every frame.
+//! (A packet socket with `sendmmsg` was tried first: it sent 0.6–0.8× as
+//! many frames a second as single clones, side by side.)
 //! [`Generator::engine`] says which one sent.
 
 use std::{
