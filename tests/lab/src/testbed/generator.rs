@@ -226,7 +226,7 @@ pub fn enable_veth_napi(interface: &str) -> Result<()> {
             *to = *from as libc::c_char;
         }
         request.ifr_ifru.ifru_data = value.as_mut_ptr().cast();
-        if libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL, &mut request) != 0 {
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL as _, &mut request) != 0 {
             bail!("turning GRO on for {interface}: {}", std::io::Error::last_os_error());
         }
     }
