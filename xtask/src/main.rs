@@ -69,7 +69,7 @@ fn main() -> Result<()> {
             setup::run()?;
             image::build().map(|_| ())
         }
-        Task::Demo => lab(&["demo"]),
+        Task::Demo => lab(&[], &["demo"]),
         Task::E2e => {
             setup::run()?;
             image::build()?;
@@ -78,13 +78,13 @@ fn main() -> Result<()> {
         Task::Probe { dirs } => {
             let mut args = vec!["probe"];
             args.extend(dirs.iter().map(String::as_str));
-            lab(&args)
+            lab(&[], &args)
         }
         Task::Bench { what } => match what.as_str() {
             "datapath" | "datapath:test_run" | "compile" | "connections" | "convergence" | "flood" | "scale" => {
-                bench(&what)
+                lab(&SHIPPED, &["bench", &what])
             }
-            other if other.starts_with("scale:") => bench(&what),
+            other if other.starts_with("scale:") => lab(&SHIPPED, &["bench", &what]),
             other => bail!("unknown benchmark {other:?}: datapath[:test_run], compile, connections, convergence, flood or scale[:sizes]"),
         },
     }
@@ -117,26 +117,19 @@ fn check_policy_purity() -> Result<()> {
 }
 
 /// Set up, then run the lab (`bulkhead-lab`) with the product binary it
-/// drives built beside it.
-fn lab(args: &[&str]) -> Result<()> {
+/// drives built beside it; `build` adds to both cargo commands.
+fn lab(build: &[&str], args: &[&str]) -> Result<()> {
     setup::run()?;
-    cargo(&["build", "--release", "-p", "bulkhead", "-p", "bulkhead-lab"])?;
-    let mut run = vec!["run", "--release", "-p", "bulkhead-lab", "--"];
-    run.extend(args);
-    cargo(&run)
+    cargo(&[&["build", "--release", "-p", "bulkhead", "-p", "bulkhead-lab"][..], build].concat())?;
+    cargo(&[&["run", "--release", "-p", "bulkhead-lab"][..], build, &["--"], args].concat())
 }
 
-/// Run a benchmark on what the image ships: the agent, and the lab that
-/// links the policy compiler, built for its static musl target. (Built for
-/// glibc, the compiler measured 1.5x slower here, two thirds of its time in
+/// Benchmarks run what the image ships: the agent, and the lab that links
+/// the policy compiler, built for its static musl target. (Built for glibc,
+/// the compiler measured 1.5x slower here, two thirds of its time in
 /// `memcmp` under the maps' searches of pods' names: most likely misses on
 /// names glibc's allocator scattered, which musl's size classes keep close.)
-fn bench(what: &str) -> Result<()> {
-    setup::run()?;
-    let target = ["--target", image::TARGET];
-    cargo(&[&["build", "--release", "-p", "bulkhead", "-p", "bulkhead-lab"][..], &target].concat())?;
-    cargo(&[&["run", "--release", "-p", "bulkhead-lab"][..], &target, &["--", "bench", what]].concat())
-}
+const SHIPPED: [&str; 2] = ["--target", image::TARGET];
 
 pub fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ is in the workspace").to_path_buf()
