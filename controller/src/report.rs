@@ -5,6 +5,11 @@
 //! why, and the audit flows it saw (the newest few hundred). Its size follows
 //! the node, not the cluster. The agent writes it
 //! (`agent::report`), the controller reads it (`controller`).
+//!
+//! Each agent's egress baselines go on a second Lease
+//! (`bulkhead-baselines-<node>`), written only when they change. Every agent
+//! watches every other agent's baselines; on the renewed Lease, each renewal
+//! would send every node's baselines to every node, N² a `RENEW`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -23,11 +28,13 @@ pub const UNENFORCED_ANNOTATION: &str = "bulkhead.io/unenforced";
 /// `{"flows": [...], "omitted": n}`: the audit flows the node saw most
 /// recently (`bulkhead_policy::audit::Flow`), and how many more it keeps.
 pub const AUDIT_FLOWS_ANNOTATION: &str = "bulkhead.io/audit-flows";
-/// `[{"workload": ..., "since": ..., "destinations": [...]}]`: the egress
-/// baselines of the workloads enforced on the node (at most
-/// `REPORTED_DESTINATIONS` destinations in all).
+/// On the baselines Lease, `[{"workload": ..., "since": ...,
+/// "destinations": [...]}]`: the egress baselines of the workloads enforced
+/// on the node (at most `REPORTED_DESTINATIONS` destinations in all).
 pub const EGRESS_BASELINES_ANNOTATION: &str = "bulkhead.io/egress-baselines";
-/// The Lease's annotations must stay well under the API server's 256 KiB.
+/// The label of the baselines Leases, which the agents watch.
+pub const BASELINES_LEASE_LABEL: &str = "bulkhead.io/egress-baselines";
+/// The annotation must stay well under the API server's 256 KiB.
 pub const REPORTED_DESTINATIONS: usize = 2000;
 /// The ConfigMap (in the agents' namespace) holding the operator's baseline
 /// edits, key `edits.json`.
@@ -41,6 +48,10 @@ pub fn lease_name(node: &str) -> String {
     format!("bulkhead-agent-{node}")
 }
 
+pub fn baselines_lease_name(node: &str) -> String {
+    format!("bulkhead-baselines-{node}")
+}
+
 /// What one agent says its datapath holds.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeReport {
@@ -51,7 +62,6 @@ pub struct NodeReport {
     pub enforced: BTreeSet<String>,
     pub unenforced: BTreeMap<String, String>,
     pub audit_flows: ReportedFlows,
-    pub egress_baselines: Vec<Learned>,
 }
 
 /// The audit flows in a report.
@@ -71,7 +81,6 @@ impl NodeReport {
             (ENFORCED_ANNOTATION, json(serde_json::json!(self.enforced))),
             (UNENFORCED_ANNOTATION, json(serde_json::json!(self.unenforced))),
             (AUDIT_FLOWS_ANNOTATION, json(serde_json::json!(self.audit_flows))),
-            (EGRESS_BASELINES_ANNOTATION, json(serde_json::json!(self.egress_baselines))),
         ]
         .into()
     }
@@ -83,16 +92,23 @@ pub fn node_report(lease: &Lease, now: Timestamp) -> Option<(String, NodeReport)
     let renewed = lease.spec.as_ref()?.renew_time.as_ref()?.0;
     let age = now.duration_since(renewed).unsigned_abs();
     let annotations = lease.metadata.annotations.as_ref()?;
-    fn read<T: serde::de::DeserializeOwned + Default>(annotations: &BTreeMap<String, String>, name: &str) -> T {
-        annotations.get(name).and_then(|text| serde_json::from_str(text).ok()).unwrap_or_default()
-    }
     let report = NodeReport {
         age,
         programmed: read(annotations, PROGRAMMED_ANNOTATION),
         enforced: read(annotations, ENFORCED_ANNOTATION),
         unenforced: read(annotations, UNENFORCED_ANNOTATION),
         audit_flows: read(annotations, AUDIT_FLOWS_ANNOTATION),
-        egress_baselines: read(annotations, EGRESS_BASELINES_ANNOTATION),
     };
     Some((node, report))
+}
+
+/// The node and its egress baselines, from its baselines Lease.
+pub fn reported_baselines(lease: &Lease) -> Option<(String, Vec<Learned>)> {
+    let node = lease.spec.as_ref()?.holder_identity.clone()?;
+    Some((node, read(lease.metadata.annotations.as_ref()?, EGRESS_BASELINES_ANNOTATION)))
+}
+
+/// An annotation's JSON, or the default when absent or unreadable.
+fn read<T: serde::de::DeserializeOwned + Default>(annotations: &BTreeMap<String, String>, name: &str) -> T {
+    annotations.get(name).and_then(|text| serde_json::from_str(text).ok()).unwrap_or_default()
 }

@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use bulkhead_crds::{QUARANTINE_LABEL, QUARANTINE_REASON_ANNOTATION};
 use bulkhead_policy::baseline::Learned;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
@@ -15,40 +16,82 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{
-    api::{ListParams, Patch, PatchParams},
-    runtime::events::{Event, EventType, Recorder, Reporter},
+    api::{Patch, PatchParams},
+    runtime::{
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{self, reflector, Store},
+        watcher, WatchStreamExt,
+    },
     Api, Client,
 };
 use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::{Anomaly, Shared};
-use crate::report::{
-    lease_name, node_report, ReportedFlows, AGENT_LEASE_LABEL, BASELINE_EDITS_CONFIGMAP, RENEW, REPORTED_DESTINATIONS,
-    STALE,
+use crate::{
+    report::{
+        baselines_lease_name, lease_name, reported_baselines, ReportedFlows, AGENT_LEASE_LABEL, BASELINES_LEASE_LABEL,
+        BASELINE_EDITS_CONFIGMAP, EGRESS_BASELINES_ANNOTATION, RENEW, REPORTED_DESTINATIONS, STALE,
+    },
+    source::kubernetes::Reconnect,
 };
 
-/// The other agents' egress baselines (their reports) and the operator's
-/// edits (the ConfigMap), offered to the loop: one baseline per workload
-/// across nodes. Read at each renewal; a failure waits for the next.
-async fn share_baselines(client: &Client, namespace: &str, node: &str, shared: &Shared) {
+/// Every agent's baselines Lease, as the watch last saw it: the initial
+/// list, then only the baselines that change. Kept whole, for a workload
+/// may come to this node at any time; their managed fields are dropped.
+fn watch_baselines(client: &Client, namespace: &str) -> Store<Lease> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
-    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let listed = leases.list(&ListParams::default().labels(&format!("{AGENT_LEASE_LABEL}=true"))).await;
-    let edits = configmaps.get_opt(BASELINE_EDITS_CONFIGMAP).await;
-    let (listed, edits) = match (listed, edits) {
-        (Ok(listed), Ok(edits)) => (listed, edits),
-        (Err(error), _) | (_, Err(error)) => {
-            tracing::debug!(%error, "reading the other agents' baselines; at the next renewal");
+    let (store, writer) = reflector::store();
+    let events = watcher(leases, watcher::Config::default().labels(BASELINES_LEASE_LABEL))
+        .backoff(Reconnect::new())
+        .modify(|lease| lease.metadata.managed_fields = None);
+    tokio::spawn(reflector(writer, events).for_each(|event| {
+        if let Err(error) = event {
+            tracing::warn!(%error, "watching the other agents' baselines failed; retrying");
+        }
+        std::future::ready(())
+    }));
+    store
+}
+
+/// Write this node's baselines Lease when they differ from what it holds.
+async fn publish_baselines(leases: &Api<Lease>, node: &str, baselines: &Store<Lease>, shared: &Shared) {
+    let name = baselines_lease_name(node);
+    let desired = serde_json::json!(within(shared.baselines(), REPORTED_DESTINATIONS)).to_string();
+    let held = baselines.find(|lease| lease.metadata.name.as_deref() == Some(name.as_str()));
+    let held = held.as_ref().and_then(|lease| lease.metadata.annotations.as_ref()?.get(EGRESS_BASELINES_ANNOTATION));
+    if held.map_or("[]", String::as_str) == desired {
+        return;
+    }
+    let lease = json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": { "name": name, "labels": { BASELINES_LEASE_LABEL: "true" }, "annotations": { EGRESS_BASELINES_ANNOTATION: desired } },
+        "spec": { "holderIdentity": node, "renewTime": MicroTime(Timestamp::now()) },
+    });
+    if let Err(error) = leases.patch(&name, &PatchParams::apply("bulkhead-agent").force(), &Patch::Apply(&lease)).await
+    {
+        tracing::warn!(%error, lease = %name, "publishing the egress baselines failed; at the next renewal");
+    }
+}
+
+/// The other agents' egress baselines and the operator's edits (the
+/// ConfigMap), offered to the loop: one baseline per workload across
+/// nodes. A failure waits for the next renewal.
+async fn share_baselines(configmaps: &Api<ConfigMap>, node: &str, baselines: &Store<Lease>, shared: &Shared) {
+    let edits = match configmaps.get_opt(BASELINE_EDITS_CONFIGMAP).await {
+        Ok(edits) => edits,
+        Err(error) => {
+            tracing::debug!(%error, "reading the baseline edits; at the next renewal");
             return;
         }
     };
-    let others = listed
-        .items
+    let others = baselines
+        .state()
         .iter()
-        .filter_map(|lease| node_report(lease, Timestamp::now()))
+        .filter_map(|lease| reported_baselines(lease))
         .filter(|(other, _)| other != node)
-        .flat_map(|(_, report)| report.egress_baselines)
+        .flat_map(|(_, learned)| learned)
         .collect();
     let edits = edits
         .and_then(|cm| cm.data?.get("edits.json").cloned())
@@ -75,6 +118,8 @@ fn within(baselines: Vec<Learned>, limit: usize) -> Vec<Learned> {
 /// holds: renewed every `RENEW`, at once when that changes.
 pub async fn report_programmed(client: Client, namespace: String, node: String, shared: Arc<Shared>) {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    let baselines = watch_baselines(&client, &namespace);
     let name = lease_name(&node);
     let mut reported: Option<u64> = None;
     let mut renewed = std::time::Instant::now() - RENEW;
@@ -91,7 +136,6 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
         // version: they change with every audit verdict.
         let (flows, omitted) = shared.audit_flows();
         report.audit_flows = ReportedFlows { flows, omitted };
-        report.egress_baselines = within(shared.baselines(), REPORTED_DESTINATIONS);
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
@@ -102,7 +146,12 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
             Ok(_) => {
                 reported = Some(version);
                 renewed = std::time::Instant::now();
-                share_baselines(&client, &namespace, &node, &shared).await;
+                // Until the watch has listed them all, what this node holds
+                // and what the others learned are unknown.
+                if baselines.wait_until_ready().now_or_never().is_some() {
+                    publish_baselines(&leases, &node, &baselines, &shared).await;
+                    share_baselines(&configmaps, &node, &baselines, &shared).await;
+                }
             }
             Err(error) => {
                 tracing::warn!(%error, lease = %name, "reporting to the API server failed; retrying");

@@ -33,11 +33,7 @@ pub async fn list(place: &Place) -> Result<Vec<Learned>> {
                 .map_err(anyhow::Error::msg)?
                 .with_context(|| format!("{}: no baselines", path.display()))?
         }
-        Place::Cluster { report_namespace } => cluster::reports(&cluster::client().await?, report_namespace)
-            .await?
-            .into_iter()
-            .flat_map(|(_, report)| report.egress_baselines)
-            .collect(),
+        Place::Cluster { report_namespace } => cluster::baselines(&cluster::client().await?, report_namespace).await?,
     };
     let mut merged: BTreeMap<Workload, Learned> = BTreeMap::new();
     for learned in reported {

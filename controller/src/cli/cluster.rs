@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Context, Result};
 use bulkhead_crds::{policy_networking::ClusterNetworkPolicy, ClusterConnectionPolicy, ConnectionPolicy};
 use bulkhead_policy::{
+    baseline::Learned,
     coverage::{self, NamespaceCoverage},
     Object, Snapshot,
 };
@@ -22,7 +23,7 @@ use kube::{
 };
 
 use crate::{
-    report::{node_report, NodeReport, AGENT_LEASE_LABEL, STALE},
+    report::{node_report, reported_baselines, NodeReport, AGENT_LEASE_LABEL, BASELINES_LEASE_LABEL, STALE},
     source::kubernetes::Watched,
 };
 
@@ -75,6 +76,16 @@ pub async fn reports(client: &Client, report_namespace: &str) -> Result<Vec<(Str
         .await
         .with_context(|| format!("listing the agents' reports (Leases in {report_namespace})"))?;
     Ok(listed.items.iter().filter_map(|lease| node_report(lease, Timestamp::now())).collect())
+}
+
+/// Every agent's egress baselines (its baselines Lease in `report_namespace`).
+pub async fn baselines(client: &Client, report_namespace: &str) -> Result<Vec<Learned>> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), report_namespace);
+    let listed = leases
+        .list(&ListParams::default().labels(BASELINES_LEASE_LABEL))
+        .await
+        .with_context(|| format!("listing the agents' egress baselines (Leases in {report_namespace})"))?;
+    Ok(listed.items.iter().filter_map(reported_baselines).flat_map(|(_, learned)| learned).collect())
 }
 
 /// Coverage of the cluster, with the pods each live agent (its report

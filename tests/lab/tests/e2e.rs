@@ -345,6 +345,9 @@ fn scale_up_and_down(cluster: &Cluster, cni: Cni, client: &str) {
         cluster.kubectl(&["-n", "bulkhead-system", "logs", "-l", "app.kubernetes.io/component=agent", "--tail=-1"]);
     let ahead = logs.lines().filter(|line| line.contains("attached ahead of its pod")).count();
     assert!(ahead >= 8, "{ahead} veths attached ahead for 8 new pods; the agent's log:\n{logs}");
+    // The shipped RBAC grants all the agent asks of the API server.
+    let refused: Vec<&str> = logs.lines().filter(|line| line.to_lowercase().contains("forbidden")).collect();
+    assert!(refused.is_empty(), "the API server refused the agent:\n{}", refused.join("\n"));
     let mut millis: Vec<u128> = latency.values().map(Duration::as_millis).collect();
     millis.sort();
     eprintln!(

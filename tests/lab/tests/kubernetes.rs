@@ -475,7 +475,6 @@ fn kubernetes_mode_follows_the_api_server() {
     // the agent through the edits ConfigMap; anything else is an anomaly.
     let out = plane.kubectl(&["label", "namespace", "shop", "bulkhead.io/on-anomaly-"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let renewed = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.%6fZ").to_string();
     let other_node = serde_json::json!([{
         "workload": {"namespace": "shop", "name": "frontend"},
         "since": 1,
@@ -486,19 +485,23 @@ fn kubernetes_mode_follows_the_api_server() {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
             "metadata": {
-                "name": "bulkhead-agent-node-b", "namespace": "bulkhead-system",
-                "labels": {"bulkhead.io/agent-report": "true"},
+                "name": "bulkhead-baselines-node-b", "namespace": "bulkhead-system",
+                "labels": {"bulkhead.io/egress-baselines": "true"},
                 "annotations": {"bulkhead.io/egress-baselines": other_node.to_string()},
             },
-            "spec": {"holderIdentity": "node-b", "renewTime": renewed, "leaseDurationSeconds": 45},
+            "spec": {"holderIdentity": "node-b"},
         })
         .to_string(),
     );
     let (ok, out) = bulkhead(&["baseline", "allow", "frontend", "203.0.113.60:443/TCP", "-n", "shop"]);
     assert!(ok, "{out}");
+    let baselines_lease =
+        || plane.json(&["get", "lease", &format!("bulkhead-baselines-{NODE}"), "-n", "bulkhead-system"]);
+    let published = |lease: &serde_json::Value| {
+        lease["metadata"]["annotations"]["bulkhead.io/egress-baselines"].as_str().unwrap_or_default().to_string()
+    };
     eventually("frontend's baseline on this node has both", Duration::from_secs(40), || {
-        let lease = plane.json(&["get", "lease", &format!("bulkhead-agent-{NODE}"), "-n", "bulkhead-system"]);
-        let baselines = lease["metadata"]["annotations"]["bulkhead.io/egress-baselines"].as_str().unwrap_or_default();
+        let baselines = published(&baselines_lease());
         baselines.contains("203.0.113.50") && baselines.contains("203.0.113.60")
     });
     let anomalies = "bulkhead_egress_anomalies_total{namespace=\"shop\",workload=\"frontend\"}";
@@ -515,6 +518,19 @@ fn kubernetes_mode_follows_the_api_server() {
         let (ok, listed) = bulkhead(&["baseline", "list", "-n", "shop"]);
         ok && listed.contains("shop/frontend") && listed.contains("203.0.113.61:443/TCP")
     });
+
+    // The baselines Lease is written when they change, not at each renewal:
+    // every agent watches it.
+    eventually("the learned destination is published", Duration::from_secs(30), || {
+        published(&baselines_lease()).contains("203.0.113.61")
+    });
+    let version =
+        |lease: serde_json::Value| lease["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_string();
+    let report_lease = || plane.json(&["get", "lease", &format!("bulkhead-agent-{NODE}"), "-n", "bulkhead-system"]);
+    let (baselines_before, report_before) = (version(baselines_lease()), version(report_lease()));
+    std::thread::sleep(Duration::from_secs(12));
+    assert_ne!(version(report_lease()), report_before, "the report Lease is renewed every 10 s");
+    assert_eq!(version(baselines_lease()), baselines_before, "unchanged baselines are not written again");
 }
 
 const WEBHOOK_CONFIGURATION: &str = "apiVersion: admissionregistration.k8s.io/v1
