@@ -32,8 +32,8 @@ pub struct Metrics {
 /// what gone pods left, publishing Events, the state directory, labelling
 /// a pod for quarantine, and announcements of the node's links the kernel
 /// dropped (`link_events`, each followed by a resync).
-pub const SYNC_OPERATIONS: [&str; 9] =
-    ["sync", "map_full", "attach", "detach", "sweep", "event", "state", "quarantine", "link_events"];
+pub const SYNC_OPERATIONS: [&str; 10] =
+    ["sync", "map_full", "attach", "detach", "sweep", "event", "state", "quarantine", "link_events", "baselines"];
 
 impl Metrics {
     pub fn new() -> Self {

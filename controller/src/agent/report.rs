@@ -71,6 +71,7 @@ async fn publish_baselines(leases: &Api<Lease>, node: &str, baselines: &Store<Le
     });
     if let Err(error) = leases.patch(&name, &PatchParams::apply("bulkhead-agent").force(), &Patch::Apply(&lease)).await
     {
+        shared.metrics.sync_errors.with_label_values(&["baselines"]).inc();
         tracing::warn!(%error, lease = %name, "publishing the egress baselines failed; at the next renewal");
     }
 }
