@@ -53,6 +53,24 @@ pub fn run(what: &str) -> Result<()> {
     }
 }
 
+/// splitmix64: the same sequence every run, for generated clusters and
+/// resampling.
+pub(crate) struct Rng(pub(crate) u64);
+
+impl Rng {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
 /// Of an even count, the mean of the two middle values.
 pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
@@ -677,8 +695,8 @@ fn compile() -> Result<()> {
 const CONVERGENCE_PIN_DIR: &str = "/sys/fs/bpf/bulkhead-bench-convergence";
 
 pub(crate) fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    values[((values.len() - 1) as f64 * p).round() as usize]
+    let rank = ((values.len() - 1) as f64 * p).round() as usize;
+    *values.select_nth_unstable_by(rank, |a, b| a.partial_cmp(b).expect("no NaN")).1
 }
 
 pub(crate) fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Result<()> {

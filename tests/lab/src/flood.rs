@@ -31,7 +31,7 @@ use bulkhead::dataplane::Datapath;
 use serde_json::json;
 
 use crate::{
-    bench::percentile,
+    bench::{percentile, Rng},
     connections::{one_connection, Server, PORT},
     testbed::{
         enter_netns,
@@ -324,10 +324,11 @@ fn measure(
     // and a pooled p99 takes the slowest rounds of either kind.
     let p99 = |phase: &Phase| percentile(phase.latencies.clone(), 0.99);
     let round_ratio = crate::bench::median(quiet.iter().zip(&flooded).map(|(q, f)| p99(f) / p99(q)).collect());
+    let (low, high) = pooled_ratio_interval(&quiet, &flooded);
     let rate = sent_total as f64 / flood_seconds;
     let counted_share = counted_total / sent_total as f64;
     println!(
-        "allowed connections: quiet p50 {quiet_p50:.0} us p99 {quiet_p99:.0} us; under the flood p50 {flood_p50:.0} us p99 {flood_p99:.0} us ({:.2}x); median of the rounds' p99 ratios {round_ratio:.2}x",
+        "allowed connections: quiet p50 {quiet_p50:.0} us p99 {quiet_p99:.0} us; under the flood p50 {flood_p50:.0} us p99 {flood_p99:.0} us ({:.2}x, rounds resampled: 90% within {low:.2}-{high:.2}x); median of the rounds' p99 ratios {round_ratio:.2}x",
         flood_p99 / quiet_p99
     );
     println!(
@@ -348,10 +349,29 @@ fn measure(
                 "p50_us": {"quiet": quiet_p50.round(), "flood": flood_p50.round()},
                 "p99_us": {"quiet": quiet_p99.round(), "flood": flood_p99.round()},
                 "p99_ratio": ((flood_p99 / quiet_p99) * 100.0).round() / 100.0,
+                "p99_ratio_interval_90": [(low * 100.0).round() / 100.0, (high * 100.0).round() / 100.0],
                 "p99_ratio_median_of_rounds": (round_ratio * 100.0).round() / 100.0,
                 "agent_cores": {"quiet": (agent_cores(&quiet) * 1e4).round() / 1e4, "flood": (agent_cores(&flooded) * 1e4).round() / 1e4},
             }
         })
     )?;
     Ok(())
+}
+
+/// How far the pooled p99 ratio moves with the rounds drawn: the rounds
+/// resampled with replacement (a round's quiet and flooded phases
+/// together, as they ran back to back), 200 times; the 5th and 95th
+/// percentiles of the ratio.
+fn pooled_ratio_interval(quiet: &[Phase], flooded: &[Phase]) -> (f64, f64) {
+    let mut rng = Rng(0xf100d);
+    let ratios: Vec<f64> = (0..200)
+        .map(|_| {
+            let drawn: Vec<usize> = (0..quiet.len()).map(|_| rng.below(quiet.len())).collect();
+            let p99 = |phases: &[Phase]| {
+                percentile(drawn.iter().flat_map(|&round| phases[round].latencies.iter().copied()).collect(), 0.99)
+            };
+            p99(flooded) / p99(quiet)
+        })
+        .collect();
+    (percentile(ratios.clone(), 0.05), percentile(ratios, 0.95))
 }

@@ -26,7 +26,10 @@ use anyhow::{bail, Context, Result};
 use bulkhead::{dataplane::Datapath, source::dir::DirSource};
 use serde_json::json;
 
-use crate::testbed::{self, Process, TestPod, Topology, AGENT_ADDRESS};
+use crate::{
+    bench::Rng,
+    testbed::{self, Process, TestPod, Topology, AGENT_ADDRESS},
+};
 
 mod api_server;
 
@@ -37,23 +40,6 @@ const POLICIES: usize = 2_000;
 const ROUNDS: usize = 20;
 const CHURN_PER_SECOND: usize = 100;
 const CHURN_SECONDS: u64 = 60;
-
-/// splitmix64: the same cluster every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 const APPS: [(&str, &str); 6] =
     [("web", "front"), ("api", "back"), ("worker", "back"), ("cache", "data"), ("db", "data"), ("batch", "back")];
