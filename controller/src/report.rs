@@ -6,17 +6,21 @@
 //! the node, not the cluster. The agent writes it
 //! (`agent::report`), the controller reads it (`controller`).
 //!
-//! Each agent's egress baselines go on a second Lease
-//! (`bulkhead-baselines-<node>`), written only when they change. Every agent
-//! watches every other agent's baselines; on the renewed Lease, each renewal
-//! would send every node's baselines to every node, N² a `RENEW`.
+//! What changes less often, or more, than the datapath goes on Leases of
+//! its own, written only when it changed (checked at each renewal) and
+//! labelled with their annotation's name: the egress baselines
+//! (`bulkhead-baselines-<node>`), which every agent watches, and the audit
+//! flows (`bulkhead-audit-<node>`), which `bulkhead rollout` reads. On the
+//! renewed Lease, each renewal would rewrite them in etcd, send them to the
+//! controller and, for the baselines, send every node's to every node: N² a
+//! `RENEW`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::Duration,
 };
 
-use bulkhead_policy::{audit::Flow, baseline::Learned};
+use bulkhead_policy::audit::Flow;
 use k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp};
 
 /// The annotation on an agent's Lease: `{"<Kind> <namespace>/<name>": generation}`.
@@ -25,15 +29,14 @@ pub const PROGRAMMED_ANNOTATION: &str = "bulkhead.io/programmed";
 pub const ENFORCED_ANNOTATION: &str = "bulkhead.io/enforced";
 /// `{"<namespace>/<pod>": "why"}`: local pods unenforced past the grace.
 pub const UNENFORCED_ANNOTATION: &str = "bulkhead.io/unenforced";
-/// `{"flows": [...], "omitted": n}`: the audit flows the node saw most
-/// recently (`bulkhead_policy::audit::Flow`), and how many more it keeps.
+/// On the audit Lease, `{"flows": [...], "omitted": n}`: the audit flows
+/// the node saw most recently (`bulkhead_policy::audit::Flow`), and how
+/// many more it keeps.
 pub const AUDIT_FLOWS_ANNOTATION: &str = "bulkhead.io/audit-flows";
 /// On the baselines Lease, `[{"workload": ..., "since": ...,
 /// "destinations": [...]}]`: the egress baselines of the workloads enforced
 /// on the node (at most `REPORTED_DESTINATIONS` destinations in all).
 pub const EGRESS_BASELINES_ANNOTATION: &str = "bulkhead.io/egress-baselines";
-/// The label of the baselines Leases, which the agents watch.
-pub const BASELINES_LEASE_LABEL: &str = "bulkhead.io/egress-baselines";
 /// The annotation must stay well under the API server's 256 KiB.
 pub const REPORTED_DESTINATIONS: usize = 2000;
 /// The ConfigMap (in the agents' namespace) holding the operator's baseline
@@ -52,6 +55,10 @@ pub fn baselines_lease_name(node: &str) -> String {
     format!("bulkhead-baselines-{node}")
 }
 
+pub fn audit_lease_name(node: &str) -> String {
+    format!("bulkhead-audit-{node}")
+}
+
 /// What one agent says its datapath holds.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeReport {
@@ -61,7 +68,6 @@ pub struct NodeReport {
     pub programmed: BTreeMap<String, i64>,
     pub enforced: BTreeSet<String>,
     pub unenforced: BTreeMap<String, String>,
-    pub audit_flows: ReportedFlows,
 }
 
 /// The audit flows in a report.
@@ -80,7 +86,6 @@ impl NodeReport {
             (PROGRAMMED_ANNOTATION, json(serde_json::json!(self.programmed))),
             (ENFORCED_ANNOTATION, json(serde_json::json!(self.enforced))),
             (UNENFORCED_ANNOTATION, json(serde_json::json!(self.unenforced))),
-            (AUDIT_FLOWS_ANNOTATION, json(serde_json::json!(self.audit_flows))),
         ]
         .into()
     }
@@ -97,18 +102,47 @@ pub fn node_report(lease: &Lease, now: Timestamp) -> Option<(String, NodeReport)
         programmed: read(annotations, PROGRAMMED_ANNOTATION),
         enforced: read(annotations, ENFORCED_ANNOTATION),
         unenforced: read(annotations, UNENFORCED_ANNOTATION),
-        audit_flows: read(annotations, AUDIT_FLOWS_ANNOTATION),
     };
     Some((node, report))
 }
 
-/// The node and its egress baselines, from its baselines Lease.
-pub fn reported_baselines(lease: &Lease) -> Option<(String, Vec<Learned>)> {
+/// The node and what one of its Leases carries under `annotation`.
+pub fn reported<T: serde::de::DeserializeOwned + Default>(lease: &Lease, annotation: &str) -> Option<(String, T)> {
     let node = lease.spec.as_ref()?.holder_identity.clone()?;
-    Some((node, read(lease.metadata.annotations.as_ref()?, EGRESS_BASELINES_ANNOTATION)))
+    Some((node, read(lease.metadata.annotations.as_ref()?, annotation)))
 }
 
 /// An annotation's JSON, or the default when absent or unreadable.
 fn read<T: serde::de::DeserializeOwned + Default>(annotations: &BTreeMap<String, String>, name: &str) -> T {
     annotations.get(name).and_then(|text| serde_json::from_str(text).ok()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+
+    use super::*;
+
+    fn lease(holder: Option<&str>, annotation: Option<&str>) -> Lease {
+        let mut lease = Lease {
+            spec: Some(LeaseSpec { holder_identity: holder.map(String::from), ..Default::default() }),
+            ..Default::default()
+        };
+        lease.metadata.annotations =
+            annotation.map(|text| [(AUDIT_FLOWS_ANNOTATION.to_string(), text.to_string())].into());
+        lease
+    }
+
+    #[test]
+    fn a_lease_tells_its_node_and_what_it_carries() {
+        let carried = lease(Some("node-a"), Some(r#"{"flows": [], "omitted": 7}"#));
+        let (node, flows) = reported::<ReportedFlows>(&carried, AUDIT_FLOWS_ANNOTATION).unwrap();
+        assert_eq!((node.as_str(), flows.omitted), ("node-a", 7));
+        // Unreadable or absent, the value is empty; without a holder, no node.
+        let unreadable = lease(Some("node-a"), Some("{"));
+        assert_eq!(reported::<ReportedFlows>(&unreadable, AUDIT_FLOWS_ANNOTATION).unwrap().1, ReportedFlows::default());
+        let other = reported::<Vec<String>>(&carried, EGRESS_BASELINES_ANNOTATION).unwrap();
+        assert_eq!(other, ("node-a".to_string(), Vec::new()));
+        assert_eq!(reported::<ReportedFlows>(&lease(None, Some("{}")), AUDIT_FLOWS_ANNOTATION), None);
+    }
 }

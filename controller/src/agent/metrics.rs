@@ -33,7 +33,7 @@ pub struct Metrics {
 /// a pod for quarantine, and announcements of the node's links the kernel
 /// dropped (`link_events`, each followed by a resync).
 pub const SYNC_OPERATIONS: [&str; 10] =
-    ["sync", "map_full", "attach", "detach", "sweep", "event", "state", "quarantine", "link_events", "baselines"];
+    ["sync", "map_full", "attach", "detach", "sweep", "event", "state", "quarantine", "link_events", "report"];
 
 impl Metrics {
     pub fn new() -> Self {

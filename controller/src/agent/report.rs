@@ -30,8 +30,9 @@ use tokio::sync::mpsc;
 use super::{Anomaly, Shared};
 use crate::{
     report::{
-        baselines_lease_name, lease_name, reported_baselines, ReportedFlows, AGENT_LEASE_LABEL, BASELINES_LEASE_LABEL,
-        BASELINE_EDITS_CONFIGMAP, EGRESS_BASELINES_ANNOTATION, RENEW, REPORTED_DESTINATIONS, STALE,
+        audit_lease_name, baselines_lease_name, lease_name, reported, ReportedFlows, AGENT_LEASE_LABEL,
+        AUDIT_FLOWS_ANNOTATION, BASELINE_EDITS_CONFIGMAP, EGRESS_BASELINES_ANNOTATION, RENEW, REPORTED_DESTINATIONS,
+        STALE,
     },
     source::kubernetes::Reconnect,
 };
@@ -42,7 +43,7 @@ use crate::{
 fn watch_baselines(client: &Client, namespace: &str) -> Store<Lease> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
     let (store, writer) = reflector::store();
-    let events = watcher(leases, watcher::Config::default().labels(BASELINES_LEASE_LABEL))
+    let events = watcher(leases, watcher::Config::default().labels(EGRESS_BASELINES_ANNOTATION))
         .backoff(Reconnect::new())
         .modify(|lease| lease.metadata.managed_fields = None);
     tokio::spawn(reflector(writer, events).for_each(|event| {
@@ -54,25 +55,33 @@ fn watch_baselines(client: &Client, namespace: &str) -> Store<Lease> {
     store
 }
 
-/// Write this node's baselines Lease when they differ from what it holds.
+/// Write one of this node's Leases carrying `annotation` (its label
+/// the same), the value JSON; true once the API server has it.
+async fn publish(leases: &Api<Lease>, name: &str, annotation: &str, node: &str, value: &str, shared: &Shared) -> bool {
+    let lease = json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": { "name": name, "labels": { annotation: "true" }, "annotations": { annotation: value } },
+        "spec": { "holderIdentity": node, "renewTime": MicroTime(Timestamp::now()) },
+    });
+    match leases.patch(name, &PatchParams::apply("bulkhead-agent").force(), &Patch::Apply(&lease)).await {
+        Ok(_) => true,
+        Err(error) => {
+            shared.metrics.sync_errors.with_label_values(&["report"]).inc();
+            tracing::warn!(%error, lease = %name, "publishing {annotation} failed; at the next renewal");
+            false
+        }
+    }
+}
+
+/// This node's baselines, written when they differ from what its Lease holds.
 async fn publish_baselines(leases: &Api<Lease>, node: &str, baselines: &Store<Lease>, shared: &Shared) {
     let name = baselines_lease_name(node);
     let desired = serde_json::json!(within(shared.baselines(), REPORTED_DESTINATIONS)).to_string();
     let held = baselines.find(|lease| lease.metadata.name.as_deref() == Some(name.as_str()));
     let held = held.as_ref().and_then(|lease| lease.metadata.annotations.as_ref()?.get(EGRESS_BASELINES_ANNOTATION));
-    if held.map_or("[]", String::as_str) == desired {
-        return;
-    }
-    let lease = json!({
-        "apiVersion": "coordination.k8s.io/v1",
-        "kind": "Lease",
-        "metadata": { "name": name, "labels": { BASELINES_LEASE_LABEL: "true" }, "annotations": { EGRESS_BASELINES_ANNOTATION: desired } },
-        "spec": { "holderIdentity": node, "renewTime": MicroTime(Timestamp::now()) },
-    });
-    if let Err(error) = leases.patch(&name, &PatchParams::apply("bulkhead-agent").force(), &Patch::Apply(&lease)).await
-    {
-        shared.metrics.sync_errors.with_label_values(&["baselines"]).inc();
-        tracing::warn!(%error, lease = %name, "publishing the egress baselines failed; at the next renewal");
+    if held.map_or("[]", String::as_str) != desired {
+        publish(leases, &name, EGRESS_BASELINES_ANNOTATION, node, &desired, shared).await;
     }
 }
 
@@ -90,7 +99,7 @@ async fn share_baselines(configmaps: &Api<ConfigMap>, node: &str, baselines: &St
     let others = baselines
         .state()
         .iter()
-        .filter_map(|lease| reported_baselines(lease))
+        .filter_map(|lease| reported::<Vec<Learned>>(lease, EGRESS_BASELINES_ANNOTATION))
         .filter(|(other, _)| other != node)
         .flat_map(|(_, learned)| learned)
         .collect();
@@ -121,7 +130,8 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
     let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     let baselines = watch_baselines(&client, &namespace);
-    let name = lease_name(&node);
+    let (name, audit_name) = (lease_name(&node), audit_lease_name(&node));
+    let mut published_flows: Option<String> = None;
     let mut reported: Option<u64> = None;
     let mut renewed = std::time::Instant::now() - RENEW;
     loop {
@@ -129,14 +139,10 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
         if !shared.is_ready() {
             continue;
         }
-        let (version, mut report) = shared.report();
+        let (version, report) = shared.report();
         if reported == Some(version) && renewed.elapsed() < RENEW {
             continue;
         }
-        // The flows ride along with each renewal rather than move the
-        // version: they change with every audit verdict.
-        let (flows, omitted) = shared.audit_flows();
-        report.audit_flows = ReportedFlows { flows, omitted };
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
@@ -147,6 +153,15 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
             Ok(_) => {
                 reported = Some(version);
                 renewed = std::time::Instant::now();
+                // The flows change with every audit verdict: checked at
+                // each renewal rather than moving the version.
+                let (flows, omitted) = shared.audit_flows();
+                let flows = json!(ReportedFlows { flows, omitted }).to_string();
+                if published_flows.as_ref() != Some(&flows)
+                    && publish(&leases, &audit_name, AUDIT_FLOWS_ANNOTATION, &node, &flows, &shared).await
+                {
+                    published_flows = Some(flows);
+                }
                 // Until the watch has listed them all, what this node holds
                 // and what the others learned are unknown.
                 if baselines.wait_until_ready().now_or_never().is_some() {
@@ -155,6 +170,7 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
                 }
             }
             Err(error) => {
+                shared.metrics.sync_errors.with_label_values(&["report"]).inc();
                 tracing::warn!(%error, lease = %name, "reporting to the API server failed; retrying");
                 tokio::time::sleep(RENEW / 2).await;
             }

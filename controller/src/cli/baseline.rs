@@ -14,7 +14,7 @@ use kube::api::{Api, Patch, PatchParams};
 use super::cluster;
 use crate::{
     agent::state_file::{read_path, write_atomically, EDITS_FILE},
-    report::BASELINE_EDITS_CONFIGMAP,
+    report::{BASELINE_EDITS_CONFIGMAP, EGRESS_BASELINES_ANNOTATION},
 };
 
 /// Where baselines and edits live.
@@ -33,7 +33,13 @@ pub async fn list(place: &Place) -> Result<Vec<Learned>> {
                 .map_err(anyhow::Error::msg)?
                 .with_context(|| format!("{}: no baselines", path.display()))?
         }
-        Place::Cluster { report_namespace } => cluster::baselines(&cluster::client().await?, report_namespace).await?,
+        Place::Cluster { report_namespace } => {
+            cluster::reported::<Vec<Learned>>(&cluster::client().await?, report_namespace, EGRESS_BASELINES_ANNOTATION)
+                .await?
+                .into_iter()
+                .flatten()
+                .collect()
+        }
     };
     let mut merged: BTreeMap<Workload, Learned> = BTreeMap::new();
     for learned in reported {

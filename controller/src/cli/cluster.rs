@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Context, Result};
 use bulkhead_crds::{policy_networking::ClusterNetworkPolicy, ClusterConnectionPolicy, ConnectionPolicy};
 use bulkhead_policy::{
-    baseline::Learned,
     coverage::{self, NamespaceCoverage},
     Object, Snapshot,
 };
@@ -23,7 +22,7 @@ use kube::{
 };
 
 use crate::{
-    report::{node_report, reported_baselines, NodeReport, AGENT_LEASE_LABEL, BASELINES_LEASE_LABEL, STALE},
+    report::{self, node_report, NodeReport, AGENT_LEASE_LABEL, STALE},
     source::kubernetes::Watched,
 };
 
@@ -78,14 +77,19 @@ pub async fn reports(client: &Client, report_namespace: &str) -> Result<Vec<(Str
     Ok(listed.items.iter().filter_map(|lease| node_report(lease, Timestamp::now())).collect())
 }
 
-/// Every agent's egress baselines (its baselines Lease in `report_namespace`).
-pub async fn baselines(client: &Client, report_namespace: &str) -> Result<Vec<Learned>> {
+/// What every agent's Leases in `report_namespace` labelled `annotation`
+/// carry under it: its egress baselines or its audit flows.
+pub async fn reported<T: serde::de::DeserializeOwned + Default>(
+    client: &Client,
+    report_namespace: &str,
+    annotation: &str,
+) -> Result<Vec<T>> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), report_namespace);
     let listed = leases
-        .list(&ListParams::default().labels(BASELINES_LEASE_LABEL))
+        .list(&ListParams::default().labels(annotation))
         .await
-        .with_context(|| format!("listing the agents' egress baselines (Leases in {report_namespace})"))?;
-    Ok(listed.items.iter().filter_map(reported_baselines).flat_map(|(_, learned)| learned).collect())
+        .with_context(|| format!("listing the agents' {annotation} (Leases in {report_namespace})"))?;
+    Ok(listed.items.iter().filter_map(|lease| report::reported(lease, annotation)).map(|(_, value)| value).collect())
 }
 
 /// Coverage of the cluster, with the pods each live agent (its report

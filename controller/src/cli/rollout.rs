@@ -28,6 +28,7 @@ use k8s_openapi::{
 use kube::api::{Api, Patch, PatchParams};
 
 use super::cluster;
+use crate::report::{ReportedFlows, AUDIT_FLOWS_ANNOTATION};
 
 /// The policy's name in each namespace.
 pub const POLICY_NAME: &str = "bulkhead-default-deny";
@@ -179,9 +180,12 @@ pub async fn gather_flows(source: &FlowSource) -> Result<(Vec<Flow>, usize)> {
             }
         }
         FlowSource::Cluster { report_namespace } => {
-            for (_, report) in cluster::reports(&cluster::client().await?, report_namespace).await? {
-                omitted += report.audit_flows.omitted;
-                merged.merge(report.audit_flows.flows);
+            let client = cluster::client().await?;
+            for reported in
+                cluster::reported::<ReportedFlows>(&client, report_namespace, AUDIT_FLOWS_ANNOTATION).await?
+            {
+                omitted += reported.omitted;
+                merged.merge(reported.flows);
             }
         }
     }

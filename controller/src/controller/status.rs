@@ -439,7 +439,6 @@ mod tests {
             programmed: programmed.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             enforced: enforced.iter().map(|p| p.to_string()).collect(),
             unenforced: unenforced.iter().map(|(p, w)| (p.to_string(), w.to_string())).collect(),
-            ..Default::default()
         }
     }
 

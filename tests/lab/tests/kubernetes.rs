@@ -519,18 +519,22 @@ fn kubernetes_mode_follows_the_api_server() {
         ok && listed.contains("shop/frontend") && listed.contains("203.0.113.61:443/TCP")
     });
 
-    // The baselines Lease is written when they change, not at each renewal:
-    // every agent watches it.
+    // The baselines and audit Leases are written when they change, not at
+    // each renewal: every agent watches the first, and both are large.
     eventually("the learned destination is published", Duration::from_secs(30), || {
         published(&baselines_lease()).contains("203.0.113.61")
     });
     let version =
         |lease: serde_json::Value| lease["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_string();
     let report_lease = || plane.json(&["get", "lease", &format!("bulkhead-agent-{NODE}"), "-n", "bulkhead-system"]);
+    let audit_lease = || plane.json(&["get", "lease", &format!("bulkhead-audit-{NODE}"), "-n", "bulkhead-system"]);
     let (baselines_before, report_before) = (version(baselines_lease()), version(report_lease()));
+    let audit_before = version(audit_lease());
+    assert!(!audit_before.is_empty(), "the audit flows are published");
     std::thread::sleep(Duration::from_secs(12));
     assert_ne!(version(report_lease()), report_before, "the report Lease is renewed every 10 s");
     assert_eq!(version(baselines_lease()), baselines_before, "unchanged baselines are not written again");
+    assert_eq!(version(audit_lease()), audit_before, "unchanged audit flows are not written again");
 }
 
 const WEBHOOK_CONFIGURATION: &str = "apiVersion: admissionregistration.k8s.io/v1
