@@ -1,7 +1,8 @@
 //! What the agent tells the cluster: its report to the controller
 //! (`crate::report`), this node's Lease saying which policy generations the
-//! datapath holds; and egress anomalies, as Warning Events on their pods.
-
+//! datapath holds, with the Leases of its egress baselines and audit flows;
+//! the other agents' baselines, taken in; and egress anomalies, as Warning
+//! Events on their pods.
 use std::{sync::Arc, time::Duration};
 
 use bulkhead_crds::{QUARANTINE_LABEL, QUARANTINE_REASON_ANNOTATION};
@@ -125,7 +126,9 @@ fn within(baselines: Vec<Learned>, limit: usize) -> Vec<Learned> {
 }
 
 /// Keep this node's Lease saying which policy generations the datapath
-/// holds: renewed every `RENEW`, at once when that changes.
+/// holds: renewed every `RENEW`, at once when that changes. After each
+/// renewal, publish its baselines and audit flows if they changed, and
+/// take in the other agents' baselines.
 pub async fn report_programmed(client: Client, namespace: String, node: String, shared: Arc<Shared>) {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
