@@ -3,6 +3,7 @@
 //! datapath holds, with the Leases of its egress baselines and audit flows;
 //! the other agents' baselines, taken in; and egress anomalies, as Warning
 //! Events on their pods.
+
 use std::{sync::Arc, time::Duration};
 
 use bulkhead_crds::{QUARANTINE_LABEL, QUARANTINE_REASON_ANNOTATION};
