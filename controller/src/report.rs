@@ -2,8 +2,7 @@
 //! its own (`bulkhead-agent-<node>`), renewed every `RENEW`, annotated with
 //! the generation of every policy that selects one of its pods as its
 //! datapath holds it, the local pods it enforces, and those it cannot, with
-//! why, and the audit flows it saw (the newest few hundred). Its size follows
-//! the node, not the cluster. The agent writes it
+//! why. Its size follows the node, not the cluster. The agent writes it
 //! (`agent::report`), the controller reads it (`controller`).
 //!
 //! What changes less often, or more, than the datapath goes on Leases of
