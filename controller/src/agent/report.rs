@@ -57,33 +57,40 @@ fn watch_baselines(client: &Client, namespace: &str) -> Store<Lease> {
     store
 }
 
-/// Write one of this node's Leases carrying `annotation` (its label
-/// the same), the value JSON; true once the API server has it.
-async fn publish(leases: &Api<Lease>, name: &str, annotation: &str, node: &str, value: &str, shared: &Shared) -> bool {
-    let lease = json!({
-        "apiVersion": "coordination.k8s.io/v1",
-        "kind": "Lease",
-        "metadata": { "name": name, "labels": { annotation: "true" }, "annotations": { annotation: value } },
-        "spec": { "holderIdentity": node, "renewTime": MicroTime(Timestamp::now()) },
-    });
-    match leases.patch(name, &PatchParams::apply("bulkhead-agent").force(), &Patch::Apply(&lease)).await {
-        Ok(_) => true,
-        Err(error) => {
-            shared.metrics.sync_errors.with_label_values(&["report"]).inc();
-            tracing::warn!(%error, lease = %name, "publishing {annotation} failed; at the next renewal");
-            false
-        }
-    }
+/// One of this node's Leases carrying `annotation` (its label the same),
+/// written only when its value changed from what the API server has.
+struct PublishedLease {
+    name: String,
+    annotation: &'static str,
+    /// The value last written; none yet since the agent started.
+    written: Option<String>,
 }
 
-/// This node's baselines, written when they differ from what its Lease holds.
-async fn publish_baselines(leases: &Api<Lease>, node: &str, baselines: &Store<Lease>, shared: &Shared) {
-    let name = baselines_lease_name(node);
-    let desired = serde_json::json!(within(shared.baselines(), REPORTED_DESTINATIONS)).to_string();
-    let held = baselines.find(|lease| lease.metadata.name.as_deref() == Some(name.as_str()));
-    let held = held.as_ref().and_then(|lease| lease.metadata.annotations.as_ref()?.get(EGRESS_BASELINES_ANNOTATION));
-    if held.map_or("[]", String::as_str) != desired {
-        publish(leases, &name, EGRESS_BASELINES_ANNOTATION, node, &desired, shared).await;
+impl PublishedLease {
+    fn new(name: String, annotation: &'static str) -> Self {
+        Self { name, annotation, written: None }
+    }
+
+    /// Write `value` (JSON) unless it is what was last written. A failure
+    /// is counted and logged; the next offer tries again.
+    async fn offer(&mut self, leases: &Api<Lease>, node: &str, value: String, shared: &Shared) {
+        if self.written.as_ref() == Some(&value) {
+            return;
+        }
+        let (name, annotation) = (&self.name, self.annotation);
+        let lease = json!({
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": { "name": name, "labels": { annotation: "true" }, "annotations": { annotation: value } },
+            "spec": { "holderIdentity": node, "renewTime": MicroTime(Timestamp::now()) },
+        });
+        match leases.patch(name, &PatchParams::apply("bulkhead-agent").force(), &Patch::Apply(&lease)).await {
+            Ok(_) => self.written = Some(value),
+            Err(error) => {
+                shared.metrics.sync_errors.with_label_values(&["report"]).inc();
+                tracing::warn!(%error, lease = %name, "publishing {annotation} failed; at the next renewal");
+            }
+        }
     }
 }
 
@@ -134,8 +141,9 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
     let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     let baselines = watch_baselines(&client, &namespace);
-    let (name, audit_name) = (lease_name(&node), audit_lease_name(&node));
-    let mut published_flows: Option<String> = None;
+    let name = lease_name(&node);
+    let mut audit_lease = PublishedLease::new(audit_lease_name(&node), AUDIT_FLOWS_ANNOTATION);
+    let mut baselines_lease = PublishedLease::new(baselines_lease_name(&node), EGRESS_BASELINES_ANNOTATION);
     let mut reported: Option<u64> = None;
     let mut renewed = std::time::Instant::now() - RENEW;
     loop {
@@ -160,16 +168,12 @@ pub async fn report_programmed(client: Client, namespace: String, node: String, 
                 // The flows change with every audit verdict: checked at
                 // each renewal rather than moving the version.
                 let (flows, omitted) = shared.audit_flows();
-                let flows = json!(ReportedFlows { flows, omitted }).to_string();
-                if published_flows.as_ref() != Some(&flows)
-                    && publish(&leases, &audit_name, AUDIT_FLOWS_ANNOTATION, &node, &flows, &shared).await
-                {
-                    published_flows = Some(flows);
-                }
-                // Until the watch has listed them all, what this node holds
-                // and what the others learned are unknown.
+                audit_lease.offer(&leases, &node, json!(ReportedFlows { flows, omitted }).to_string(), &shared).await;
+                let learned = within(shared.baselines(), REPORTED_DESTINATIONS);
+                baselines_lease.offer(&leases, &node, json!(learned).to_string(), &shared).await;
+                // Until the watch has listed them all, what the others
+                // learned is unknown.
                 if baselines.wait_until_ready().now_or_never().is_some() {
-                    publish_baselines(&leases, &node, &baselines, &shared).await;
                     share_baselines(&configmaps, &node, &baselines, &shared).await;
                 }
             }
